@@ -1,0 +1,226 @@
+//! An async client for the glockd protocol, over any byte stream (TCP, unix socket…).
+//!
+//! One-line replies are parsed to their integer. Listings (`d`, `sd`, `who`) have no end marker
+//! in the protocol and may be empty, so the client sends `me` right behind a listing and reads
+//! until that reply comes back: its line (`1 <id> <name>`) cannot be mistaken for a listing row,
+//! which always ends in `: <holder>`.
+
+use std::collections::BTreeMap;
+use std::io;
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+/// A connection to a glockd server. Every lock it takes is held until it is released or the
+/// client is dropped.
+pub struct Client<S = TcpStream> {
+    stream: BufReader<S>,
+    /// This connection's `me` line, learnt on first use (reset by `iam`).
+    me_line: Option<Vec<u8>>,
+}
+
+fn invalid(what: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, what.into())
+}
+
+/// The integer at the start of a reply line.
+pub fn reply_code(line: &[u8]) -> io::Result<u64> {
+    let digits = line.split(|&b| b == b' ').next().unwrap_or_default();
+    std::str::from_utf8(digits)
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| invalid(format!("not a reply: {:?}", String::from_utf8_lossy(line))))
+}
+
+impl Client<TcpStream> {
+    /// Connects over TCP.
+    pub async fn connect(addr: impl ToSocketAddrs) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Client::new(stream))
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    /// Wraps a connected stream.
+    pub fn new(stream: S) -> Self {
+        Client {
+            stream: BufReader::new(stream),
+            me_line: None,
+        }
+    }
+
+    /// The underlying stream.
+    pub fn get_ref(&self) -> &S {
+        self.stream.get_ref()
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.get_mut().write_all(bytes).await
+    }
+
+    /// Reads one reply line, without its `\n`.
+    pub async fn read_line(&mut self) -> io::Result<Vec<u8>> {
+        let mut line = Vec::new();
+        self.stream.read_until(b'\n', &mut line).await?;
+        if line.pop() != Some(b'\n') {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed before a full reply",
+            ));
+        }
+        Ok(line)
+    }
+
+    /// Sends one command line (without `\n`) and returns its one-line reply.
+    pub async fn command(&mut self, line: &[u8]) -> io::Result<Vec<u8>> {
+        check_line(line)?;
+        let mut bytes = Vec::with_capacity(line.len() + 1);
+        bytes.extend_from_slice(line);
+        bytes.push(b'\n');
+        self.send(&bytes).await?;
+        self.read_line().await
+    }
+
+    /// Sends `verb name` and returns the reply's integer.
+    async fn lock_command(&mut self, verb: &str, name: &[u8]) -> io::Result<u64> {
+        let mut line = Vec::with_capacity(verb.len() + 1 + name.len());
+        line.extend_from_slice(verb.as_bytes());
+        line.push(b' ');
+        line.extend_from_slice(name);
+        reply_code(&self.command(&line).await?)
+    }
+
+    /// `g`: takes an exclusive lock; true if this connection holds it now.
+    pub async fn get(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        Ok(self.lock_command("g", name.as_ref()).await? == 1)
+    }
+
+    /// `r`: releases an exclusive lock; true if this connection held it.
+    pub async fn release(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        Ok(self.lock_command("r", name.as_ref()).await? == 1)
+    }
+
+    /// `i`: whether anyone holds the exclusive lock.
+    pub async fn inspect(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        Ok(self.lock_command("i", name.as_ref()).await? == 1)
+    }
+
+    /// `sg`: takes a shared lock; returns the number of holders now.
+    pub async fn shared_get(&mut self, name: impl AsRef<[u8]>) -> io::Result<u64> {
+        self.lock_command("sg", name.as_ref()).await
+    }
+
+    /// `sr`: releases a shared lock; true if this connection held it.
+    pub async fn shared_release(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        Ok(self.lock_command("sr", name.as_ref()).await? == 1)
+    }
+
+    /// `si`: the number of holders of a shared lock.
+    pub async fn shared_inspect(&mut self, name: impl AsRef<[u8]>) -> io::Result<u64> {
+        self.lock_command("si", name.as_ref()).await
+    }
+
+    /// `iam`: registers a name for this connection (empty clears it). False if the server has
+    /// the registry disabled.
+    pub async fn iam(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        self.me_line = None;
+        Ok(self.lock_command("iam", name.as_ref()).await? == 1)
+    }
+
+    /// `me`: this connection's (id, registered name or id).
+    pub async fn me(&mut self) -> io::Result<(String, Vec<u8>)> {
+        let line = self.command(b"me").await?;
+        self.me_line = Some(line.clone());
+        let rest = line
+            .strip_prefix(b"1 ")
+            .ok_or_else(|| invalid("bad me reply"))?;
+        let at = rest
+            .iter()
+            .position(|&b| b == b' ')
+            .ok_or_else(|| invalid("bad me reply"))?;
+        let id = String::from_utf8_lossy(&rest[..at]).into_owned();
+        Ok((id, rest[at + 1..].to_vec()))
+    }
+
+    /// `q`: every stat by name.
+    pub async fn stats(&mut self) -> io::Result<BTreeMap<String, u64>> {
+        self.send(b"q\n").await?;
+        let mut stats = BTreeMap::new();
+        loop {
+            let line = self.read_line().await?;
+            let text = String::from_utf8(line).map_err(|_| invalid("stats are not text"))?;
+            let (key, value) = text
+                .split_once(": ")
+                .ok_or_else(|| invalid(format!("bad stats line {text:?}")))?;
+            let value = value
+                .parse()
+                .map_err(|_| invalid(format!("bad stats value {text:?}")))?;
+            let last = key == "shared_orphans";
+            stats.insert(key.to_owned(), value);
+            if last {
+                return Ok(stats);
+            }
+        }
+    }
+
+    /// A listing command (`d`, `d NAME`, `sd`, `who`…): its lines, each without `\n`. A server
+    /// that has listings disabled answers one `0 disabled` line.
+    pub async fn listing(&mut self, command: &[u8]) -> io::Result<Vec<Vec<u8>>> {
+        check_line(command)?;
+        if self.me_line.is_none() {
+            self.me().await?;
+        }
+        let mut bytes = command.to_vec();
+        bytes.extend_from_slice(b"\nme\n");
+        self.send(&bytes).await?;
+        let mut lines = Vec::new();
+        loop {
+            let line = self.read_line().await?;
+            if Some(&line) == self.me_line.as_ref() {
+                return Ok(lines);
+            }
+            lines.push(line);
+        }
+    }
+
+    /// Sends every line in one write and reads one reply line for each: the pipelined form of
+    /// one-line commands.
+    pub async fn pipeline<L: AsRef<[u8]>>(&mut self, lines: &[L]) -> io::Result<Vec<Vec<u8>>> {
+        let mut bytes = Vec::new();
+        for line in lines {
+            check_line(line.as_ref())?;
+            bytes.extend_from_slice(line.as_ref());
+            bytes.push(b'\n');
+        }
+        self.send(&bytes).await?;
+        let mut replies = Vec::with_capacity(lines.len());
+        for _ in lines {
+            replies.push(self.read_line().await?);
+        }
+        Ok(replies)
+    }
+}
+
+fn check_line(line: &[u8]) -> io::Result<()> {
+    if line.contains(&b'\n') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "a command cannot contain a newline",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reply_codes_parse() {
+        assert_eq!(reply_code(b"1 Got Lock").unwrap(), 1);
+        assert_eq!(reply_code(b"42 Got Shared Lock").unwrap(), 42);
+        assert!(reply_code(b"Got").is_err());
+        assert!(reply_code(b"").is_err());
+    }
+}

@@ -1,0 +1,196 @@
+//! The command line, compatible with the original's Go `flag` syntax.
+//!
+//! Go accepts `-port 9999`, `--port 9999`, `-port=9999` and, for booleans, `-dump`,
+//! `-dump=false`. clap speaks GNU style, so [`go_style_args`] first rewrites a single-dash long
+//! flag (`-port`) to its double-dash form; boolean flags take an optional `=value` exactly as Go
+//! does. Command lines written for the original keep working.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use clap::{CommandFactory, Parser};
+
+/// The server's settings. Every limit is here, named and documented.
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "glockd",
+    version,
+    about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them."
+)]
+pub struct Config {
+    /// TCP port to listen on; 0 disables TCP.
+    #[arg(long, default_value_t = 9999)]
+    pub port: u16,
+
+    /// Address to listen on.
+    #[arg(long, default_value = "0.0.0.0")]
+    pub bind: IpAddr,
+
+    /// Write the process id here and hold an exclusive lock (flock) on the file, so two servers
+    /// cannot share it. Removed on clean exit. Optional.
+    #[arg(long)]
+    pub pidfile: Option<PathBuf>,
+
+    /// Allow the registry commands `iam` and `who` (`-registry=false` answers `0 disabled`).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true")]
+    pub registry: bool,
+
+    /// Allow the listing commands `d`, `sd`, `dump` and `who` (`-dump=false` answers
+    /// `0 disabled`).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true")]
+    pub dump: bool,
+
+    /// Log connects, disconnects and orphaned locks to stderr.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true")]
+    pub verbose: bool,
+
+    /// Number of shard threads (each owns a slice of the lock table). Default: one per core.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub shards: Option<u16>,
+
+    /// Pin each shard thread to its own core (`-pin=false` lets the OS schedule them).
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true")]
+    pub pin: bool,
+
+    /// Longest accepted request line in bytes, newline included. A longer line gets
+    /// `0 Line Too Long` and the connection is closed (its locks are orphaned as usual).
+    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(64..=(1 << 30)))]
+    pub max_line_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config::parse_from(["glockd"])
+    }
+}
+
+impl Config {
+    /// Parses the process's command line (Go or GNU style); exits with usage on error.
+    pub fn from_args() -> Self {
+        Config::parse_from(go_style_args(std::env::args_os()))
+    }
+
+    /// Parses an explicit command line (first item is the program name).
+    pub fn try_from_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<OsString>,
+    {
+        Config::try_parse_from(go_style_args(args))
+    }
+
+    /// The number of shard threads to run.
+    pub fn shard_count(&self) -> usize {
+        match self.shards {
+            Some(n) => usize::from(n),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+fn go_bool(s: &str) -> Result<bool, String> {
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err(format!("invalid boolean value {s:?} (use true or false)")),
+    }
+}
+
+/// Rewrites Go-style single-dash long flags (`-port`, `-dump=false`) to clap's `--port`.
+/// Only names of real long flags are rewritten, so values such as `-1` pass through; `--`
+/// ends flag processing as in both conventions.
+pub fn go_style_args<I, T>(args: I) -> Vec<OsString>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString>,
+{
+    let command = Config::command();
+    let longs: Vec<String> = command
+        .get_arguments()
+        .filter_map(|a| a.get_long().map(str::to_owned))
+        .chain(["help", "version"].map(String::from))
+        .collect();
+    let mut done = false;
+    args.into_iter()
+        .map(Into::into)
+        .map(|arg| {
+            if done {
+                return arg;
+            }
+            let Some(text) = arg.to_str() else {
+                return arg;
+            };
+            if text == "--" {
+                done = true;
+                return arg;
+            }
+            match text.strip_prefix('-') {
+                Some(rest) if !rest.starts_with('-') => {
+                    let name = rest.split('=').next().unwrap_or(rest);
+                    if longs.iter().any(|l| l == name) {
+                        OsString::from(format!("-{text}"))
+                    } else {
+                        arg
+                    }
+                }
+                _ => arg,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["glockd"];
+        all.extend_from_slice(args);
+        Config::try_from_args(all).expect("parses")
+    }
+
+    #[test]
+    fn defaults_match_the_original() {
+        let c = parse(&[]);
+        assert_eq!(c.port, 9999);
+        assert!(c.registry && c.dump && !c.verbose && c.pin);
+        assert!(c.pidfile.is_none());
+        assert_eq!(c.bind.to_string(), "0.0.0.0");
+    }
+
+    #[test]
+    fn go_and_gnu_spellings_all_work() {
+        assert_eq!(parse(&["-port", "1234"]).port, 1234);
+        assert_eq!(parse(&["--port", "1234"]).port, 1234);
+        assert_eq!(parse(&["-port=1234"]).port, 1234);
+        assert_eq!(parse(&["--port=1234"]).port, 1234);
+        let c = parse(&["-pidfile", "my.pid", "--port", "9999"]);
+        assert_eq!(c.pidfile.as_deref(), Some(std::path::Path::new("my.pid")));
+        assert!(!parse(&["-dump=false"]).dump);
+        assert!(!parse(&["--dump=false"]).dump);
+        assert!(parse(&["-dump"]).dump);
+        assert!(!parse(&["-registry=0"]).registry);
+        assert!(parse(&["-verbose"]).verbose);
+        assert!(!parse(&["-pin=false"]).pin);
+        assert_eq!(parse(&["-shards", "4"]).shard_count(), 4);
+    }
+
+    #[test]
+    fn bad_values_are_errors_not_guesses() {
+        let bad = |args: &[&str]| {
+            let mut all = vec!["glockd"];
+            all.extend_from_slice(args);
+            Config::try_from_args(all).is_err()
+        };
+        assert!(bad(&["-port", "99999"]));
+        assert!(bad(&["-dump=maybe"]));
+        assert!(bad(&["-shards", "0"]));
+        assert!(bad(&["-nosuchflag"]));
+    }
+}

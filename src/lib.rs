@@ -1,0 +1,46 @@
+//! glockd: a network lock server whose locks live exactly as long as the connection that holds
+//! them. A drop-in replacement for the original Go glockd, sharded across pinned threads.
+//!
+//! The modules, from the wire inwards:
+//! - [`config`]: the command line, Go-style flags included.
+//! - [`server`]: binds listeners, starts one pinned shard thread per core, accepts connections
+//!   and deals them out to the shards.
+//! - [`connection`]: one client: reads batches of lines, runs them (locally or via the owning
+//!   shard's mailbox), writes the replies in order, orphans its locks when it ends.
+//! - [`protocol`]: parsing a request line and writing a reply line.
+//! - [`shard`]: a shard thread's state, its mailbox and the routing of names to shards.
+//! - [`table`]: one shard's lock table, the authority on who holds what.
+//! - [`name`]: `LockName`, bytes stored inline when short.
+//! - [`registry`]: connection ids and the names they registered with `iam`.
+//! - [`stats`]: the lock-free per-shard counters behind `q`.
+//! - [`pidfile`]: the flock'ed pidfile.
+//! - [`client`]: an async client, used by the tests and the load generator.
+
+pub mod client;
+pub mod config;
+mod connection;
+pub mod name;
+pub mod pidfile;
+pub mod protocol;
+pub mod registry;
+pub mod server;
+pub mod shard;
+pub mod stats;
+pub mod table;
+
+pub use config::Config;
+pub use name::LockName;
+pub use server::{start, start_with, ServerHandle};
+
+/// A connection's internal id: unique for the life of the server, never reused.
+pub type ConnId = u64;
+
+/// The hasher for lock names (routing and table indexes).
+pub type NameHasher = ahash::RandomState;
+
+/// A fresh keyed hasher for lock names. One is made per server at start and shared by the router
+/// and every shard's table, so a name routes and indexes the same way on every thread; the keys
+/// are random per process, so a client cannot precompute names that collide in the tables.
+pub fn name_hasher() -> NameHasher {
+    ahash::RandomState::new()
+}

@@ -1,0 +1,169 @@
+//! The registry of live connections: each one's protocol id (`ip:port`, `unix:N`) and the name
+//! it registered with `iam`.
+//!
+//! Lock tables store holders as compact [`ConnId`]s; listings (`d`, `sd`, `dump`, `who`, `me`)
+//! turn them into text here. The registry is only touched when a connection opens or closes and
+//! by those introspection commands, never by `g`/`r`/`sg`/`sr`, so a read-write lock split into
+//! parts (so opens and closes on different threads rarely meet) costs the hot path nothing.
+
+use std::collections::HashMap;
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use crossbeam_utils::CachePadded;
+
+use crate::ConnId;
+
+/// Parts the registry is split into (a power of two).
+const PARTS: usize = 64;
+
+/// What the registry knows of one connection.
+struct Record {
+    /// The protocol id: `ip:port` for TCP, `unix:N` for unix sockets.
+    id: Box<str>,
+    /// The name set with `iam`, if any.
+    name: Option<Box<[u8]>>,
+}
+
+type Part = HashMap<ConnId, Record>;
+
+/// Live connections, by [`ConnId`].
+pub struct Registry {
+    parts: Box<[CachePadded<RwLock<Part>>]>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            parts: (0..PARTS).map(|_| CachePadded::default()).collect(),
+        }
+    }
+}
+
+impl Registry {
+    fn part(&self, conn: ConnId) -> &RwLock<Part> {
+        &self.parts[(conn as usize) & (PARTS - 1)]
+    }
+
+    // A panic while a part is locked cannot leave a record half-written (every write is a
+    // single map operation), so a poisoned lock is still safe to use.
+    fn read(&self, conn: ConnId) -> RwLockReadGuard<'_, Part> {
+        self.part(conn).read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self, conn: ConnId) -> RwLockWriteGuard<'_, Part> {
+        self.part(conn).write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A connection opened with protocol id `id`.
+    pub fn insert(&self, conn: ConnId, id: String) {
+        self.write(conn).insert(
+            conn,
+            Record {
+                id: id.into(),
+                name: None,
+            },
+        );
+    }
+
+    /// A connection closed.
+    pub fn remove(&self, conn: ConnId) {
+        self.write(conn).remove(&conn);
+    }
+
+    /// `iam`: sets (or, with an empty name, clears) the registered name.
+    pub fn set_name(&self, conn: ConnId, name: &[u8]) {
+        if let Some(record) = self.write(conn).get_mut(&conn) {
+            record.name = (!name.is_empty()).then(|| name.into());
+        }
+    }
+
+    /// Appends the connection's protocol id (`raw`) or, if it has one and `raw` is false, its
+    /// registered name. A holder whose connection has just closed (its locks are being
+    /// orphaned) shows as `gone:N`.
+    pub fn write_holder(&self, conn: ConnId, raw: bool, out: &mut Vec<u8>) {
+        let part = self.read(conn);
+        match part.get(&conn) {
+            Some(Record {
+                name: Some(name), ..
+            }) if !raw => out.extend_from_slice(name),
+            Some(record) => out.extend_from_slice(record.id.as_bytes()),
+            None => {
+                out.extend_from_slice(b"gone:");
+                out.extend_from_slice(itoa::Buffer::new().format(conn).as_bytes());
+            }
+        }
+    }
+
+    /// `me`: `1 <id> <name>`, the name being the id when none is registered.
+    pub fn write_me(&self, conn: ConnId, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"1 ");
+        let part = self.read(conn);
+        if let Some(record) = part.get(&conn) {
+            out.extend_from_slice(record.id.as_bytes());
+            out.push(b' ');
+            match &record.name {
+                Some(name) => out.extend_from_slice(name),
+                None => out.extend_from_slice(record.id.as_bytes()),
+            }
+        }
+        out.push(b'\n');
+    }
+
+    /// `who [NAME]`: `<id>: <name>` for every registered connection (or those named `name`),
+    /// sorted by id.
+    pub fn write_who(&self, name: &[u8], out: &mut Vec<u8>) {
+        let mut rows: Vec<(Box<str>, Box<[u8]>)> = Vec::new();
+        for part in self.parts.iter() {
+            let part = part.read().unwrap_or_else(|e| e.into_inner());
+            for record in part.values() {
+                if let Some(registered) = &record.name {
+                    if name.is_empty() || **registered == *name {
+                        rows.push((record.id.clone(), registered.clone()));
+                    }
+                }
+            }
+        }
+        rows.sort();
+        for (id, registered) in rows {
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&registered);
+            out.push(b'\n');
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_replace_ids_in_listings_but_not_in_raw_dumps() {
+        let registry = Registry::default();
+        registry.insert(1, "127.0.0.1:5000".into());
+        let mut out = Vec::new();
+        registry.write_holder(1, false, &mut out);
+        assert_eq!(out, b"127.0.0.1:5000");
+        registry.set_name(1, b"worker 1");
+        out.clear();
+        registry.write_holder(1, false, &mut out);
+        assert_eq!(out, b"worker 1");
+        out.clear();
+        registry.write_holder(1, true, &mut out);
+        assert_eq!(out, b"127.0.0.1:5000");
+        out.clear();
+        registry.write_me(1, &mut out);
+        assert_eq!(out, b"1 127.0.0.1:5000 worker 1\n");
+        out.clear();
+        registry.write_who(b"", &mut out);
+        assert_eq!(out, b"127.0.0.1:5000: worker 1\n");
+        registry.set_name(1, b"");
+        out.clear();
+        registry.write_who(b"", &mut out);
+        assert!(out.is_empty());
+        registry.remove(1);
+        out.clear();
+        registry.write_holder(1, false, &mut out);
+        assert_eq!(out, b"gone:1");
+    }
+}

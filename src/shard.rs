@@ -1,0 +1,298 @@
+//! Shard threads: each owns one slice of the lock table, its mailbox, and the connections that
+//! were handed to it.
+//!
+//! A lock name is hashed (keyed ahash, fixed keys) onto one shard; only that shard's thread ever
+//! touches the name. A connection applies commands for its own thread's shard directly and sends
+//! the rest as one [`ShardMsg::Batch`] per shard per batch of pipelined lines. The mailbox loop
+//! drains every queued message per wake-up (`recv_many`), because the cost that matters in
+//! cross-thread messaging is the wake-up, not the copy.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::name::LockName;
+use crate::protocol::{LockOp, Reply};
+use crate::registry::Registry;
+use crate::stats::{ShardCell, Stats};
+use crate::table::ShardTable;
+use crate::{ConnId, NameHasher};
+
+/// Messages drained per wake-up of a shard's mailbox loop.
+const DRAIN: usize = 256;
+
+/// Where a lock name lives.
+#[derive(Clone)]
+pub struct Router {
+    /// The server's one name hasher (its keys are fixed for the life of the process), so a name
+    /// always lands on the same shard and the shard's table can reuse the hash.
+    hasher: NameHasher,
+    /// Number of shards.
+    shards: u64,
+}
+
+impl Router {
+    pub fn new(shards: usize, hasher: NameHasher) -> Self {
+        Router {
+            hasher,
+            shards: shards as u64,
+        }
+    }
+
+    /// The hasher, for tables that must index names with the routing hash.
+    pub fn hasher(&self) -> &NameHasher {
+        &self.hasher
+    }
+
+    /// The owning shard of `name`, and its hash (reused by the table's index).
+    ///
+    /// The shard comes from the hash's low 32 bits by multiply-shift; the table's index uses the
+    /// low bits of the same hash and its tags the top 7 bits, so within a shard the index still
+    /// sees well-spread hashes for any table smaller than 2^31 buckets.
+    #[inline]
+    pub fn route(&self, name: &[u8]) -> (usize, u64) {
+        let hash = self.hasher.hash_one(name);
+        let shard = ((hash & 0xffff_ffff) * self.shards) >> 32;
+        (shard as usize, hash)
+    }
+
+    pub fn shards(&self) -> usize {
+        self.shards as usize
+    }
+}
+
+/// One lock operation on its way to the owning shard.
+pub struct RoutedOp {
+    pub op: LockOp,
+    /// `Router::route`'s hash of `name`.
+    pub hash: u64,
+    pub name: LockName,
+}
+
+/// What a shard sends back for a [`ShardMsg::Batch`]: the replies, and the op vector (emptied)
+/// so the connection can reuse its capacity.
+pub struct BatchDone {
+    pub ops: Vec<RoutedOp>,
+    pub replies: Vec<Reply>,
+}
+
+/// A listing of (name, holder) pairs from one shard.
+pub type Listing = Vec<(LockName, ConnId)>;
+
+/// A stream handed from the accepting thread to the shard that will serve it.
+pub enum Incoming {
+    Tcp(std::net::TcpStream, std::net::SocketAddr),
+}
+
+/// What a shard's mailbox carries.
+pub enum ShardMsg {
+    /// Apply `ops` in order for `conn` and send back the replies.
+    Batch {
+        conn: ConnId,
+        ops: Vec<RoutedOp>,
+        /// Reply buffer to fill (sent empty, reused across batches).
+        replies: Vec<Reply>,
+        done: oneshot::Sender<BatchDone>,
+    },
+    /// `conn` is gone: release everything it holds here. Sent after every batch of that
+    /// connection, through the same FIFO, so a lock granted by an in-flight batch is released too.
+    Orphan {
+        conn: ConnId,
+        /// The connection's protocol id, for `-verbose` logging (None when not verbose).
+        label: Option<Arc<str>>,
+    },
+    /// List exclusive (or shared) locks, all or one name's.
+    List {
+        shared: bool,
+        name: Option<(u64, LockName)>,
+        done: oneshot::Sender<Listing>,
+    },
+    /// Serve a new connection on this thread.
+    Adopt(Incoming),
+    /// Leave the mailbox loop: the server is shutting down.
+    Stop,
+}
+
+pub type Mailbox = mpsc::UnboundedSender<ShardMsg>;
+
+/// State shared by every thread of one server.
+pub struct Shared {
+    pub config: Config,
+    pub router: Router,
+    pub mailboxes: Box<[Mailbox]>,
+    pub stats: Stats,
+    pub registry: Registry,
+    /// Source of connection ids; never reused, so a late orphan cannot hit a newer connection.
+    next_conn: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(config: Config, mailboxes: Vec<Mailbox>) -> Self {
+        let shards = mailboxes.len();
+        Shared {
+            config,
+            router: Router::new(shards, crate::name_hasher()),
+            mailboxes: mailboxes.into(),
+            stats: Stats::new(shards),
+            registry: Registry::default(),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Posts `msg` to `shard`. False if that shard has stopped (the server is shutting down).
+    pub fn post(&self, shard: usize, msg: ShardMsg) -> bool {
+        self.mailboxes[shard].send(msg).is_ok()
+    }
+}
+
+/// One shard thread's state, shared by the tasks on that thread (hence `Rc`/`RefCell`: nothing
+/// here crosses threads except through `shared`).
+pub struct ShardCore {
+    pub id: usize,
+    pub shared: Arc<Shared>,
+    table: RefCell<ShardTable>,
+}
+
+impl ShardCore {
+    pub fn new(id: usize, shared: Arc<Shared>) -> Self {
+        ShardCore {
+            id,
+            table: RefCell::new(ShardTable::new(shared.router.hasher().clone())),
+            shared,
+        }
+    }
+
+    /// This thread's stats cell.
+    #[inline]
+    pub fn cell(&self) -> &ShardCell {
+        self.shared.stats.cell(self.id)
+    }
+
+    fn publish_sizes(&self, table: &ShardTable) {
+        let cell = self.cell();
+        cell.locks.set(table.exclusive_len() as u64);
+        cell.shared_locks.set(table.shared_len() as u64);
+    }
+
+    /// Applies one operation to this shard's table.
+    #[inline]
+    pub fn apply(&self, conn: ConnId, op: LockOp, hash: u64, name: &LockName) -> Reply {
+        let mut table = self.table.borrow_mut();
+        let reply = table.apply(conn, op, hash, name);
+        self.publish_sizes(&table);
+        reply
+    }
+
+    /// Applies `ops` in order, appending a reply for each.
+    pub fn apply_batch(&self, conn: ConnId, ops: &[RoutedOp], replies: &mut Vec<Reply>) {
+        let mut table = self.table.borrow_mut();
+        replies.extend(
+            ops.iter()
+                .map(|op| table.apply(conn, op.op, op.hash, &op.name)),
+        );
+        self.publish_sizes(&table);
+    }
+
+    /// Releases everything `conn` held in this shard.
+    pub fn orphan(&self, conn: ConnId, label: Option<&str>) {
+        let mut table = self.table.borrow_mut();
+        if let Some(label) = label {
+            for name in table.exclusive_names_of(conn) {
+                eprintln!(
+                    "{label} orphaned lock {}",
+                    String::from_utf8_lossy(name.as_bytes())
+                );
+            }
+        }
+        let orphaned = table.orphan_all(conn);
+        let cell = self.cell();
+        cell.orphans.add(orphaned.exclusive);
+        cell.shared_orphans.add(orphaned.shared);
+        if let Some(label) = label {
+            if orphaned.shared > 0 {
+                eprintln!("{label} orphaned {} shared locks", orphaned.shared);
+            }
+        }
+        self.publish_sizes(&table);
+    }
+
+    /// Lists locks held in this shard.
+    pub fn list(&self, shared: bool, name: Option<(u64, &[u8])>) -> Listing {
+        let table = self.table.borrow();
+        if shared {
+            table.list_shared(name.map(|(_, n)| n))
+        } else {
+            table.list_exclusive(name)
+        }
+    }
+
+    /// Handles one mailbox message. Returns false on `Stop`.
+    pub fn handle(self: &Rc<Self>, msg: ShardMsg) -> bool {
+        match msg {
+            ShardMsg::Batch {
+                conn,
+                mut ops,
+                mut replies,
+                done,
+            } => {
+                self.apply_batch(conn, &ops, &mut replies);
+                ops.clear();
+                // The connection may be gone (its orphan message is queued behind this one);
+                // then nobody wants the replies.
+                let _ = done.send(BatchDone { ops, replies });
+            }
+            ShardMsg::Orphan { conn, label } => self.orphan(conn, label.as_deref()),
+            ShardMsg::List { shared, name, done } => {
+                let listing = self.list(shared, name.as_ref().map(|(h, n)| (*h, n.as_bytes())));
+                let _ = done.send(listing);
+            }
+            ShardMsg::Adopt(incoming) => crate::server::adopt(self, incoming),
+            ShardMsg::Stop => return false,
+        }
+        true
+    }
+
+    /// The mailbox loop: drains every queued message per wake-up until `Stop`.
+    pub async fn run_mailbox(self: Rc<Self>, mut inbox: mpsc::UnboundedReceiver<ShardMsg>) {
+        let mut msgs = Vec::with_capacity(DRAIN);
+        loop {
+            if inbox.recv_many(&mut msgs, DRAIN).await == 0 {
+                return;
+            }
+            for msg in msgs.drain(..) {
+                if !self.handle(msg) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routing_is_stable_and_spreads_names() {
+        let router = Router::new(4, crate::name_hasher());
+        let mut per_shard = [0usize; 4];
+        for i in 0..10_000 {
+            let name = format!("lock-{i}");
+            let (shard, hash) = router.route(name.as_bytes());
+            assert_eq!(router.route(name.as_bytes()), (shard, hash));
+            per_shard[shard] += 1;
+        }
+        for count in per_shard {
+            assert!((2_000..3_000).contains(&count), "{per_shard:?}");
+        }
+        assert_eq!(Router::new(1, crate::name_hasher()).route(b"x").0, 0);
+    }
+}

@@ -1,0 +1,171 @@
+//! Lock-free stats: one cache-padded cell of counters per shard thread, summed when read.
+//!
+//! Every cell has exactly one writer, the shard thread that owns it (a connection's commands
+//! are counted by the thread the connection lives on; lock and orphan counts by the thread that
+//! owns the table shard). A single writer needs no read-modify-write instruction: a counter is
+//! bumped with a plain load and store, and readers on other threads see each store whole. `q`
+//! reads every cell without sending any message, so it never waits behind a busy shard.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crossbeam_utils::CachePadded;
+
+use crate::protocol::Verb;
+
+/// A counter written by one thread only (see the module docs), read by any.
+#[derive(Default)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Must only be called from the cell's owning thread: two writers would lose
+    /// updates (never memory safety, only counts).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        let now = self.0.load(Ordering::Relaxed);
+        self.0.store(now.wrapping_add(n), Ordering::Release);
+    }
+
+    /// Sets the value (for gauges the owner recomputes, like table sizes).
+    #[inline]
+    pub fn set(&self, n: u64) {
+        self.0.store(n, Ordering::Release);
+    }
+
+    #[inline]
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// The counters one shard thread owns.
+#[derive(Default)]
+pub struct ShardCell {
+    /// Commands by verb, counted where they were read.
+    pub commands: [Counter; Verb::COUNT],
+    /// Lines whose command word is unknown.
+    pub invalid_commands: Counter,
+    /// Connections that began on this thread.
+    pub connections_opened: Counter,
+    /// Connections that ended on this thread.
+    pub connections_closed: Counter,
+    /// Exclusive locks held in this shard's table (a gauge the shard sets after each change).
+    pub locks: Counter,
+    /// Shared lock names with holders in this shard's table (a gauge).
+    pub shared_locks: Counter,
+    /// Exclusive locks this shard released because their holder went away.
+    pub orphans: Counter,
+    /// Shared locks this shard released because their holder went away.
+    pub shared_orphans: Counter,
+}
+
+/// All shards' cells.
+pub struct Stats {
+    cells: Box<[CachePadded<ShardCell>]>,
+}
+
+/// The stats summed over every shard at one moment.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub commands: [u64; Verb::COUNT],
+    pub invalid_commands: u64,
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    pub locks: u64,
+    pub shared_locks: u64,
+    pub orphans: u64,
+    pub shared_orphans: u64,
+}
+
+impl Stats {
+    pub fn new(shards: usize) -> Self {
+        Stats {
+            cells: (0..shards).map(|_| CachePadded::default()).collect(),
+        }
+    }
+
+    /// Shard `shard`'s cell. Only that shard's thread may write to it.
+    #[inline]
+    pub fn cell(&self, shard: usize) -> &ShardCell {
+        &self.cells[shard]
+    }
+
+    /// Number of cells (shards).
+    pub fn shards(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// Sums every cell.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut s = Snapshot::default();
+        let mut closed = 0u64;
+        for cell in self.cells.iter() {
+            for (sum, counter) in s.commands.iter_mut().zip(cell.commands.iter()) {
+                *sum += counter.get();
+            }
+            s.invalid_commands += cell.invalid_commands.get();
+            // Read "closed" before "opened" everywhere so a connection that opens and closes
+            // during the read can only make the open count look higher, never underflow.
+            closed += cell.connections_closed.get();
+            s.connections_total += cell.connections_opened.get();
+            s.locks += cell.locks.get();
+            s.shared_locks += cell.shared_locks.get();
+            s.orphans += cell.orphans.get();
+            s.shared_orphans += cell.shared_orphans.get();
+        }
+        s.connections = s.connections_total.saturating_sub(closed);
+        s
+    }
+}
+
+impl Snapshot {
+    /// The `q` reply: sorted `key: value` lines.
+    pub fn render(&self, out: &mut Vec<u8>) {
+        let mut line = |key: &str, value: u64| {
+            out.extend_from_slice(key.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+            out.push(b'\n');
+        };
+        // Verb::ALL is sorted by word, and every "command_" key sorts before the others.
+        for verb in Verb::ALL {
+            let mut key = String::with_capacity(16);
+            key.push_str("command_");
+            key.push_str(verb.word());
+            line(&key, self.commands[verb.index()]);
+        }
+        line("connections", self.connections);
+        line("invalid_commands", self.invalid_commands);
+        line("locks", self.locks);
+        line("orphans", self.orphans);
+        line("shared_locks", self.shared_locks);
+        line("shared_orphans", self.shared_orphans);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn q_lists_every_key_sorted() {
+        let stats = Stats::new(2);
+        stats.cell(0).commands[Verb::Get.index()].add(2);
+        stats.cell(1).commands[Verb::Get.index()].add(3);
+        stats.cell(1).connections_opened.add(2);
+        stats.cell(1).connections_closed.add(1);
+        stats.cell(0).locks.set(7);
+        let mut out = Vec::new();
+        stats.snapshot().render(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        let keys: Vec<&str> = text.lines().map(|l| l.split(':').next().unwrap()).collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        assert_eq!(keys.len(), Verb::COUNT + 6);
+        assert!(text.contains("command_g: 5\n"));
+        assert!(text.contains("connections: 1\n"));
+        assert!(text.contains("locks: 7\n"));
+    }
+}

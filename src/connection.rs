@@ -275,25 +275,24 @@ impl Session {
                 let shared_locks = verb == Verb::SharedDump;
                 let name = (!arg.is_empty()).then_some(arg);
                 let rows = self.collect(shared_locks, name).await?;
-                for (name, holder) in rows {
+                for (name, holder) in with_holder_text(&shared, rows, false) {
                     out.extend_from_slice(name.as_bytes());
                     out.extend_from_slice(b": ");
-                    shared.registry.write_holder(holder, false, out);
+                    out.extend_from_slice(&holder);
                     out.push(b'\n');
                 }
             }
             Verb::FullDump => {
                 let shared_locks = arg.as_bytes() == b"shared";
                 let rows = self.collect(shared_locks, None).await?;
-                write_go_map(&shared, &rows, shared_locks, out);
+                write_go_map(&with_holder_text(&shared, rows, true), shared_locks, out);
             }
             _ => unreachable!("lock operations are routed, not run here"),
         }
         Ok(())
     }
 
-    /// Gathers (name, holder) rows from every shard (or from `name`'s shard), sorted by name,
-    /// then by holder.
+    /// Gathers (name, holder) rows from every shard (or from `name`'s shard).
     async fn collect(
         &mut self,
         shared_locks: bool,
@@ -327,24 +326,36 @@ impl Session {
         for rx in waiting {
             rows.extend(rx.await.map_err(|_| ServerGone)?);
         }
-        rows.sort_unstable();
         Ok(rows)
     }
 }
 
+/// Turns holders into their text (registered name, or with `raw` the connection id) and sorts
+/// the rows by name, then holder text, so listings are stable and readable.
+fn with_holder_text(
+    shared: &crate::shard::Shared,
+    rows: Listing,
+    raw: bool,
+) -> Vec<(LockName, Vec<u8>)> {
+    let mut rows: Vec<(LockName, Vec<u8>)> = rows
+        .into_iter()
+        .map(|(name, holder)| {
+            let mut text = Vec::new();
+            shared.registry.write_holder(holder, raw, &mut text);
+            (name, text)
+        })
+        .collect();
+    rows.sort_unstable();
+    rows
+}
+
 /// `dump` / `dump shared`: one line in Go's `%v` map syntax, keys sorted, raw connection ids:
 /// `map[a:x b:y]`, or for shared locks `map[a:[x y]]`.
-fn write_go_map(
-    shared: &crate::shard::Shared,
-    rows: &Listing,
-    shared_locks: bool,
-    out: &mut Vec<u8>,
-) {
+fn write_go_map(rows: &[(LockName, Vec<u8>)], shared_locks: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(b"map[");
     let mut previous: Option<&LockName> = None;
     for (name, holder) in rows {
-        let same_name = previous == Some(name);
-        if same_name {
+        if previous == Some(name) {
             out.push(b' ');
         } else {
             if previous.is_some() {
@@ -359,7 +370,7 @@ fn write_go_map(
                 out.push(b'[');
             }
         }
-        shared.registry.write_holder(*holder, true, out);
+        out.extend_from_slice(holder);
         previous = Some(name);
     }
     if shared_locks && previous.is_some() {

@@ -61,6 +61,55 @@ pub struct Config {
     /// `0 Line Too Long` and the connection is closed (its locks are orphaned as usual).
     #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(64..=(1 << 30)))]
     pub max_line_bytes: u64,
+
+    /// Most connections served at once. The next one gets `0 Too Many Connections` and is
+    /// closed; the rest are served as usual.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// Most locks (exclusive plus shared) one connection may hold; 0 means no limit. Beyond it
+    /// `g` and `sg` answer `0 Lock Limit Reached`.
+    #[arg(long, default_value_t = 0)]
+    pub max_locks_per_conn: u64,
+
+    /// Most reply bytes a connection may leave unread. A client that keeps sending without
+    /// reading is disconnected (and its locks orphaned) when its unread replies pass this.
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub max_unsent_bytes: u64,
+
+    /// Seconds a reply write may make no progress before the connection is closed as dead;
+    /// 0 waits forever.
+    #[arg(long, default_value_t = 30)]
+    pub write_timeout: u64,
+
+    /// Seconds a connection may send nothing before it is closed; 0 (the default) never closes
+    /// an idle connection, since holding a lock quietly is the normal case.
+    #[arg(long, default_value_t = 0)]
+    pub idle_timeout: u64,
+
+    /// TCP keepalive: seconds of silence before the first probe; 0 turns keepalive off. With
+    /// the interval and count below, a holder whose machine vanished is found and its locks
+    /// released after idle + interval x count seconds.
+    #[arg(long, default_value_t = 60)]
+    pub keepalive_idle: u64,
+
+    /// TCP keepalive: seconds between probes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keepalive_interval: u64,
+
+    /// TCP keepalive: unanswered probes before the connection is dropped.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..))]
+    pub keepalive_count: u32,
+
+    /// Seconds shutdown waits for connections to receive the replies to what they already sent
+    /// before closing them anyway.
+    #[arg(long, default_value_t = 5)]
+    pub shutdown_timeout: u64,
+
+    /// Fault injection for tests only (not a flag): a connection that sends exactly this line
+    /// panics while handling it.
+    #[arg(skip)]
+    pub panic_on_line: Option<Vec<u8>>,
 }
 
 impl Default for Config {

@@ -1,478 +1,286 @@
-//! One client connection: read a batch of lines, run them, write every reply at once.
+//! One client connection's I/O: read lines, run them (see [`crate::session`]), write replies,
+//! and decide when the connection ends.
 //!
-//! Commands on lock names whose shard is this thread run inline. The rest are queued per shard
-//! and sent as one message per shard when the batch ends, or earlier when a command that must see
-//! everything before it (`d`, `q`, `iam`…) comes up. Replies are assembled in request order, so a
-//! pipelining client gets exactly one answer per command, in order, however its lines arrive.
-//!
-//! The connection never keeps its own list of locks: when it ends, for whatever reason, its
-//! [`Presence`] guard asks every shard it ever sent a lock command to to orphan its locks, through
-//! the same FIFO mailbox as its commands, so a lock granted while it was going away is released
-//! too.
+//! Reading and writing proceed together: while replies wait for a slow reader, the connection
+//! keeps reading and answering, and a client whose unread replies pass `--max-unsent-bytes` is
+//! disconnected instead of being buffered without end. A write that makes no progress for
+//! `--write-timeout` seconds, input silent for `--idle-timeout`, or a line longer than
+//! `--max-line-bytes` also end the connection; in every case its locks are orphaned.
 
+use std::future::Future;
+use std::io;
+use std::pin::{pin, Pin};
 use std::rc::Rc;
-use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::oneshot;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::time::{Instant, Sleep};
 
-use crate::name::LockName;
-use crate::protocol::{self, LockOp, Reply, Request, Verb};
-use crate::shard::{BatchDone, Listing, RoutedOp, ShardCore, ShardMsg};
-use crate::ConnId;
+use crate::protocol;
+use crate::session::Session;
+use crate::shard::{Admission, ShardCore};
 
-/// Most lines run per batch before their replies are written: bounds the reply buffer and the
-/// messages of one batch, and lets a client that pipelines a million commands share its thread.
+/// Most lines run per batch before their replies are written: bounds the work between two
+/// writes, and lets a client that pipelines a million commands share its thread.
 const MAX_BATCH: usize = 1024;
 
-/// Initial read buffer size.
+/// Read buffer growth step.
 const READ_CHUNK: usize = 16 * 1024;
 
-/// The server went away under a connection (it is shutting down): close it.
-#[derive(Debug)]
-struct ServerGone;
-
-/// Where one command's reply comes from.
-enum Slot {
-    /// Already known.
-    Ready(Reply),
-    /// The `index`-th reply of the batch sent to `shard`.
-    Remote { shard: usize, index: usize },
+/// The connection's limits, from the config.
+struct Limits {
+    max_line: usize,
+    max_unsent: usize,
+    write_timeout: Option<Duration>,
+    idle_timeout: Option<Duration>,
 }
 
-/// A batch being built for one remote shard.
+impl Limits {
+    fn new(core: &ShardCore) -> Self {
+        let config = &core.shared.config;
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        Limits {
+            max_line: usize::try_from(config.max_line_bytes).unwrap_or(usize::MAX),
+            max_unsent: usize::try_from(config.max_unsent_bytes).unwrap_or(usize::MAX),
+            write_timeout: secs(config.write_timeout),
+            idle_timeout: secs(config.idle_timeout),
+        }
+    }
+}
+
+/// Why a connection stops running lines.
+enum Stop {
+    /// A line (or unfinished input) is longer than `--max-line-bytes`.
+    LineTooLong,
+    /// The server is gone (shutdown): close without a word.
+    ServerGone,
+}
+
+/// What happened while waiting for I/O.
 #[derive(Default)]
-struct Outgoing {
-    ops: Vec<RoutedOp>,
-    replies: Vec<Reply>,
-    waiting: Option<oneshot::Receiver<BatchDone>>,
+struct Event {
+    read: bool,
+    eof: bool,
+    closing: bool,
+    idle: bool,
+    stalled: bool,
 }
 
-/// A small set of shard numbers.
-struct ShardSet(Vec<u64>);
-
-impl ShardSet {
-    fn new(shards: usize) -> Self {
-        ShardSet(vec![0; shards.div_ceil(64)])
-    }
-
-    #[inline]
-    fn insert(&mut self, shard: usize) {
-        self.0[shard / 64] |= 1 << (shard % 64);
-    }
-
-    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(word, bits)| {
-            (0..64).filter_map(move |bit| (bits & (1 << bit) != 0).then_some(word * 64 + bit))
-        })
-    }
+/// The connection's buffers.
+struct Buffers {
+    /// Bytes read and not yet run.
+    input: BytesMut,
+    /// Bytes at the front of `input` already searched for a newline without finding one, so
+    /// a long line arriving in small pieces is scanned once, not once per piece.
+    searched: usize,
+    /// Replies not yet written.
+    out: Vec<u8>,
+    /// How much of `out` is written.
+    written: usize,
 }
 
-/// A connection's existence as the server sees it. Dropping it (the connection ended, failed,
-/// panicked or was cancelled at shutdown) orphans the connection's locks.
-struct Presence {
-    conn: ConnId,
-    core: Rc<ShardCore>,
-    /// Protocol id, kept for `-verbose` logging.
-    label: Option<Arc<str>>,
-    /// Shards this connection sent a lock command to: only they can hold its locks.
-    touched: ShardSet,
-}
-
-impl Presence {
-    fn open(core: Rc<ShardCore>, id_text: String) -> Self {
-        let shared = &core.shared;
-        let conn = shared.next_conn_id();
-        let label = shared
-            .config
-            .verbose
-            .then(|| Arc::<str>::from(id_text.as_str()));
-        if let Some(label) = &label {
-            eprintln!("{label} connected");
-        }
-        shared.registry.insert(conn, id_text);
-        core.cell().connections_opened.add(1);
-        let touched = ShardSet::new(shared.router.shards());
-        Presence {
-            conn,
-            core,
-            label,
-            touched,
-        }
-    }
-}
-
-impl Drop for Presence {
-    fn drop(&mut self) {
-        let shared = &self.core.shared;
-        for shard in self.touched.iter() {
-            // A stopped shard is a server shutting down: nothing left to release.
-            let _ = shared.post(
-                shard,
-                ShardMsg::Orphan {
-                    conn: self.conn,
-                    label: self.label.clone(),
-                },
-            );
-        }
-        shared.registry.remove(self.conn);
-        self.core.cell().connections_closed.add(1);
-        if let Some(label) = &self.label {
-            eprintln!("{label} disconnected");
-        }
-    }
-}
-
-/// Runs the commands of one connection.
-struct Session {
-    presence: Presence,
-    /// Replies of the current batch that wait on other shards, in request order. Empty when
-    /// nothing is pending, which lets local replies go straight to the output.
-    slots: Vec<Slot>,
-    /// Per shard, the batch being built (unused for this thread's own shard).
-    outgoing: Vec<Outgoing>,
-    /// Per shard, the replies of the last sent batch.
-    results: Vec<Vec<Reply>>,
-}
-
-impl Session {
-    fn new(core: Rc<ShardCore>, id_text: String) -> Self {
-        let shards = core.shared.router.shards();
-        Session {
-            presence: Presence::open(core, id_text),
-            slots: Vec::new(),
-            outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
-            results: vec![Vec::new(); shards],
-        }
+impl Buffers {
+    fn unsent(&self) -> usize {
+        self.out.len() - self.written
     }
 
-    fn core(&self) -> &ShardCore {
-        &self.presence.core
-    }
-
-    /// Runs one line, writing its reply to `out` or queueing it behind pending remote replies.
-    async fn run_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), ServerGone> {
-        let (verb, arg) = match protocol::parse(line) {
-            Request::Empty => return Ok(()),
-            Request::Invalid => {
-                self.core().cell().invalid_commands.add(1);
-                self.reply(Reply::Invalid, out);
-                return Ok(());
-            }
-            Request::Command { verb, arg } => (verb, arg),
-        };
-        self.core().cell().commands[verb.index()].add(1);
-        match verb.lock_op() {
-            Some(op) => {
-                self.run_lock_op(op, arg, out);
-                Ok(())
-            }
-            None => {
-                // Everything else must see the effects of every command before it.
-                self.flush(out).await?;
-                self.run_global(verb, arg, out).await
-            }
-        }
-    }
-
-    #[inline]
-    fn reply(&mut self, reply: Reply, out: &mut Vec<u8>) {
-        if self.slots.is_empty() {
-            reply.write_to(out);
-        } else {
-            self.slots.push(Slot::Ready(reply));
-        }
-    }
-
-    #[inline]
-    fn run_lock_op(&mut self, op: LockOp, name: LockName, out: &mut Vec<u8>) {
-        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
-        self.presence.touched.insert(shard);
-        if shard == self.core().id {
-            let reply = self.core().apply(self.presence.conn, op, hash, &name);
-            self.reply(reply, out);
-        } else {
-            let batch = &mut self.outgoing[shard];
-            let index = batch.ops.len();
-            batch.ops.push(RoutedOp { op, hash, name });
-            self.slots.push(Slot::Remote { shard, index });
-        }
-    }
-
-    /// Sends every queued remote batch, waits for the replies and writes all pending replies to
-    /// `out` in request order.
-    async fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), ServerGone> {
-        if self.slots.is_empty() {
-            return Ok(());
-        }
-        let conn = self.presence.conn;
-        let shared = self.presence.core.shared.clone();
-        for (shard, batch) in self.outgoing.iter_mut().enumerate() {
-            if batch.ops.is_empty() {
-                continue;
-            }
-            let (done, waiting) = oneshot::channel();
-            let msg = ShardMsg::Batch {
-                conn,
-                ops: std::mem::take(&mut batch.ops),
-                replies: std::mem::take(&mut batch.replies),
-                done,
-            };
-            if !shared.post(shard, msg) {
-                return Err(ServerGone);
-            }
-            batch.waiting = Some(waiting);
-        }
-        for (shard, batch) in self.outgoing.iter_mut().enumerate() {
-            if let Some(waiting) = batch.waiting.take() {
-                let BatchDone { ops, replies } = waiting.await.map_err(|_| ServerGone)?;
-                batch.ops = ops;
-                let spent = std::mem::replace(&mut self.results[shard], replies);
-                batch.replies = spent;
-                batch.replies.clear();
-            }
-        }
-        for slot in self.slots.drain(..) {
-            match slot {
-                Slot::Ready(reply) => reply.write_to(out),
-                Slot::Remote { shard, index } => self.results[shard][index].write_to(out),
-            }
-        }
-        Ok(())
-    }
-
-    /// Commands that are not about one lock: listings, stats and the registry.
-    async fn run_global(
-        &mut self,
-        verb: Verb,
-        arg: LockName,
-        out: &mut Vec<u8>,
-    ) -> Result<(), ServerGone> {
-        let shared = self.core().shared.clone();
-        let config = &shared.config;
-        let conn = self.presence.conn;
-        match verb {
-            Verb::Stats => shared.stats.snapshot().render(out),
-            Verb::Me => shared.registry.write_me(conn, out),
-            Verb::Iam if !config.registry => Reply::Disabled.write_to(out),
-            Verb::Iam => {
-                shared.registry.set_name(conn, arg.as_bytes());
-                if let Some(label) = &self.presence.label {
-                    eprintln!(
-                        "{label} changed their name to '{}'",
-                        String::from_utf8_lossy(arg.as_bytes())
-                    );
-                }
-                Reply::RegisteredName.write_to(out);
-            }
-            Verb::Who if !(config.registry && config.dump) => Reply::Disabled.write_to(out),
-            Verb::Who => shared.registry.write_who(arg.as_bytes(), out),
-            Verb::Dump | Verb::SharedDump | Verb::FullDump if !config.dump => {
-                Reply::Disabled.write_to(out)
-            }
-            Verb::Dump | Verb::SharedDump => {
-                let shared_locks = verb == Verb::SharedDump;
-                let name = (!arg.is_empty()).then_some(arg);
-                let rows = self.collect(shared_locks, name).await?;
-                for (name, holder) in with_holder_text(&shared, rows, false) {
-                    out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(&holder);
-                    out.push(b'\n');
-                }
-            }
-            Verb::FullDump => {
-                let shared_locks = arg.as_bytes() == b"shared";
-                let rows = self.collect(shared_locks, None).await?;
-                write_go_map(&with_holder_text(&shared, rows, true), shared_locks, out);
-            }
-            _ => unreachable!("lock operations are routed, not run here"),
-        }
-        Ok(())
-    }
-
-    /// Gathers (name, holder) rows from every shard (or from `name`'s shard).
-    async fn collect(
-        &mut self,
-        shared_locks: bool,
-        name: Option<LockName>,
-    ) -> Result<Listing, ServerGone> {
-        let core = self.presence.core.clone();
-        let shared = &core.shared;
-        let mut rows = Vec::new();
-        let targets: Vec<usize> = match &name {
-            Some(name) => vec![shared.router.route(name.as_bytes()).0],
-            None => (0..shared.router.shards()).collect(),
-        };
-        let key = name.map(|n| (shared.router.route(n.as_bytes()).1, n));
-        let mut waiting = Vec::new();
-        for shard in targets {
-            if shard == core.id {
-                rows.extend(core.list(shared_locks, key.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
-            } else {
-                let (done, rx) = oneshot::channel();
-                let msg = ShardMsg::List {
-                    shared: shared_locks,
-                    name: key.clone(),
-                    done,
-                };
-                if !shared.post(shard, msg) {
-                    return Err(ServerGone);
-                }
-                waiting.push(rx);
-            }
-        }
-        for rx in waiting {
-            rows.extend(rx.await.map_err(|_| ServerGone)?);
-        }
-        Ok(rows)
-    }
-}
-
-/// Turns holders into their text (registered name, or with `raw` the connection id) and sorts
-/// the rows by name, then holder text, so listings are stable and readable.
-fn with_holder_text(
-    shared: &crate::shard::Shared,
-    rows: Listing,
-    raw: bool,
-) -> Vec<(LockName, Vec<u8>)> {
-    let mut rows: Vec<(LockName, Vec<u8>)> = rows
-        .into_iter()
-        .map(|(name, holder)| {
-            let mut text = Vec::new();
-            shared.registry.write_holder(holder, raw, &mut text);
-            (name, text)
-        })
-        .collect();
-    rows.sort_unstable();
-    rows
-}
-
-/// `dump` / `dump shared`: one line in Go's `%v` map syntax, keys sorted, raw connection ids:
-/// `map[a:x b:y]`, or for shared locks `map[a:[x y]]`.
-fn write_go_map(rows: &[(LockName, Vec<u8>)], shared_locks: bool, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"map[");
-    let mut previous: Option<&LockName> = None;
-    for (name, holder) in rows {
-        if previous == Some(name) {
-            out.push(b' ');
-        } else {
-            if previous.is_some() {
-                if shared_locks {
-                    out.push(b']');
-                }
-                out.push(b' ');
-            }
-            out.extend_from_slice(name.as_bytes());
-            out.push(b':');
-            if shared_locks {
-                out.push(b'[');
-            }
-        }
-        out.extend_from_slice(holder);
-        previous = Some(name);
-    }
-    if shared_locks && previous.is_some() {
-        out.push(b']');
-    }
-    out.extend_from_slice(b"]\n");
-}
-
-/// Serves one connection until it closes. `id_text` is its protocol id (`ip:port`).
-pub async fn serve<S>(core: Rc<ShardCore>, mut stream: S, id_text: String)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let max_line = usize::try_from(core.shared.config.max_line_bytes).unwrap_or(usize::MAX);
-    let mut session = Session::new(core, id_text);
-    let mut input = BytesMut::with_capacity(READ_CHUNK);
-    let mut out = Vec::with_capacity(READ_CHUNK);
-    // Bytes at the front of `input` already searched for a newline without finding one.
-    let mut searched = 0;
-    loop {
-        // Run every complete line in the buffer, MAX_BATCH at a time.
+    /// Runs up to MAX_BATCH complete lines. Returns whether complete lines remain.
+    async fn run_lines(&mut self, session: &mut Session, max_line: usize) -> Result<bool, Stop> {
         let mut start = 0;
         let mut ran = 0;
-        while let Some(at) = memchr::memchr(b'\n', &input[start + searched..]) {
-            let end = start + searched + at;
-            searched = 0;
+        while let Some(at) = memchr::memchr(b'\n', &self.input[start + self.searched..]) {
+            let end = start + self.searched + at;
+            self.searched = 0;
             if end + 1 - start > max_line {
-                return refuse_long_line(&mut session, &mut stream, &mut out).await;
+                return Err(Stop::LineTooLong);
             }
-            if session
-                .run_line(&input[start..end], &mut out)
+            session
+                .run_line(&self.input[start..end], &mut self.out)
                 .await
-                .is_err()
-            {
-                return;
-            }
+                .map_err(|_| Stop::ServerGone)?;
             start = end + 1;
             ran += 1;
             if ran == MAX_BATCH {
                 break;
             }
         }
-        if session.flush(&mut out).await.is_err() {
+        session
+            .flush(&mut self.out)
+            .await
+            .map_err(|_| Stop::ServerGone)?;
+        self.input.advance(start);
+        if ran == MAX_BATCH {
+            return Ok(true);
+        }
+        self.searched = self.input.len();
+        if self.input.len() >= max_line {
+            return Err(Stop::LineTooLong);
+        }
+        Ok(false)
+    }
+
+    /// Writes as much of `out` as the stream takes now; true if anything was written.
+    fn poll_write_out<S: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        cx: &mut Context<'_>,
+    ) -> io::Result<bool> {
+        let mut wrote = false;
+        while self.written < self.out.len() {
+            match Pin::new(&mut *stream).poll_write(cx, &self.out[self.written..]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => {
+                    self.written += n;
+                    wrote = true;
+                }
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => break,
+            }
+        }
+        if self.written == self.out.len() {
+            self.out.clear();
+            self.written = 0;
+            // Transports that buffer (websocket frames) send now; a TCP flush is a no-op.
+            if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+                return Err(e);
+            }
+        }
+        Ok(wrote)
+    }
+}
+
+/// Polls an optional timer.
+fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
+    timer
+        .as_mut()
+        .is_some_and(|t| t.as_mut().poll(cx).is_ready())
+}
+
+/// Serves one connection until it closes. `id_text` is its protocol id (`ip:port`).
+pub async fn serve<S>(core: Rc<ShardCore>, mut stream: S, id_text: String, admission: Admission)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let limits = Limits::new(&core);
+    let mut session = Session::new(core.clone(), id_text, admission);
+    let mut buffers = Buffers {
+        input: BytesMut::with_capacity(READ_CHUNK),
+        searched: 0,
+        out: Vec::with_capacity(READ_CHUNK),
+        written: 0,
+    };
+    let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
+    // Armed while replies wait for a reader that does not read.
+    let mut stall: Option<Pin<Box<Sleep>>> = None;
+    let mut eof = false;
+    loop {
+        let more = match buffers.run_lines(&mut session, limits.max_line).await {
+            Ok(more) => more,
+            Err(Stop::LineTooLong) => {
+                session.core().cell().invalid_commands.add(1);
+                buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
+                return finish(&mut stream, &mut buffers, &limits).await;
+            }
+            Err(Stop::ServerGone) => return,
+        };
+        if buffers.unsent() > limits.max_unsent {
+            if core.shared.config.verbose {
+                eprintln!("glockd: a client left more than --max-unsent-bytes unread; closing it");
+            }
             return;
         }
-        input.advance(start);
-        if !out.is_empty() {
-            if stream.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-        if ran == MAX_BATCH {
-            continue;
-        }
-        searched = input.len();
-        if input.len() >= max_line {
-            return refuse_long_line(&mut session, &mut stream, &mut out).await;
-        }
-        input.reserve(READ_CHUNK);
-        match stream.read_buf(&mut input).await {
-            Ok(0) => {
-                // End of input: a last line without a newline still counts (the original
-                // server answered it too), then the connection is done.
-                if !input.is_empty() {
-                    let _ = session.run_line(&input, &mut out).await;
-                    let _ = session.flush(&mut out).await;
-                    let _ = stream.write_all(&out).await;
+        if !more && (eof || core.is_closing()) {
+            if eof && !buffers.input.is_empty() {
+                // A last line without a newline still counts (the original answered it too).
+                let last = buffers.input.split();
+                if session.run_line(&last, &mut buffers.out).await.is_err()
+                    || session.flush(&mut buffers.out).await.is_err()
+                {
+                    return;
                 }
-                let _ = stream.shutdown().await;
-                return;
             }
-            Ok(_) => {}
-            Err(_) => return,
+            return finish(&mut stream, &mut buffers, &limits).await;
         }
+
+        let want_read = !more && !eof;
+        let mut closing = pin!(core.closing());
+        let event = std::future::poll_fn(|cx| {
+            let mut event = Event::default();
+            match buffers.poll_write_out(&mut stream, cx) {
+                Ok(true) => {
+                    if let (Some(timer), Some(d)) = (stall.as_mut(), limits.write_timeout) {
+                        timer.as_mut().reset(Instant::now() + d);
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+            if buffers.unsent() == 0 {
+                stall = None;
+            } else if stall.is_none() {
+                stall = limits
+                    .write_timeout
+                    .map(|d| Box::pin(tokio::time::sleep(d)));
+            }
+            if want_read {
+                buffers.input.reserve(READ_CHUNK);
+                match tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut buffers.input) {
+                    Poll::Ready(Ok(0)) => event.eof = true,
+                    Poll::Ready(Ok(_)) => event.read = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                    Poll::Pending => {}
+                }
+            }
+            event.closing = closing.as_mut().poll(cx).is_ready();
+            event.idle = poll_timer(&mut idle, cx);
+            event.stalled = poll_timer(&mut stall, cx);
+            let any = event.read || event.eof || event.closing || event.idle || event.stalled;
+            if any || more {
+                Poll::Ready(Ok(event))
+            } else {
+                Poll::Pending
+            }
+        })
+        .await;
+        let event = match event {
+            Ok(event) => event,
+            Err(_) => return, // reset, broken pipe…: the client is gone.
+        };
+        if event.stalled {
+            if core.shared.config.verbose {
+                eprintln!(
+                    "glockd: a client did not read its replies for --write-timeout; closing it"
+                );
+            }
+            return;
+        }
+        if event.idle {
+            return finish(&mut stream, &mut buffers, &limits).await;
+        }
+        if event.read {
+            if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
+                timer.as_mut().reset(Instant::now() + d);
+            }
+        }
+        eof |= event.eof;
     }
 }
 
-/// Answers a too-long line with one error line and ends the connection.
-async fn refuse_long_line<S>(session: &mut Session, stream: &mut S, out: &mut Vec<u8>)
-where
-    S: AsyncWrite + Unpin,
-{
-    session.core().cell().invalid_commands.add(1);
-    if session.flush(out).await.is_ok() {
-        out.extend_from_slice(protocol::LINE_TOO_LONG);
-        let _ = stream.write_all(out).await;
-    }
-    let _ = stream.shutdown().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shard_sets_list_their_members() {
-        let mut set = ShardSet::new(130);
-        for shard in [0, 5, 64, 129] {
-            set.insert(shard);
+/// Writes what is left of the replies (bounded by the write timeout), then closes the stream.
+async fn finish<S: AsyncWrite + Unpin>(stream: &mut S, buffers: &mut Buffers, limits: &Limits) {
+    let rest = &buffers.out[buffers.written..];
+    let done = async {
+        stream.write_all(rest).await?;
+        stream.shutdown().await
+    };
+    match limits.write_timeout {
+        Some(limit) => {
+            let _ = tokio::time::timeout(limit, done).await;
         }
-        set.insert(5);
-        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 5, 64, 129]);
+        None => {
+            let _ = done.await;
+        }
     }
 }

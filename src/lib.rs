@@ -5,8 +5,10 @@
 //! - [`config`]: the command line, Go-style flags included.
 //! - [`server`]: binds listeners, starts one pinned shard thread per core, accepts connections
 //!   and deals them out to the shards.
-//! - [`connection`]: one client: reads batches of lines, runs them (locally or via the owning
-//!   shard's mailbox), writes the replies in order, orphans its locks when it ends.
+//! - [`connection`]: one client's I/O: reads lines, writes replies, enforces the per-connection
+//!   limits and timeouts.
+//! - [`session`]: runs a connection's commands, locally or via the owning shard's mailbox,
+//!   keeps replies in order, and orphans the connection's locks when it ends.
 //! - [`protocol`]: parsing a request line and writing a reply line.
 //! - [`shard`]: a shard thread's state, its mailbox and the routing of names to shards.
 //! - [`table`]: one shard's lock table, the authority on who holds what.
@@ -24,6 +26,7 @@ pub mod pidfile;
 pub mod protocol;
 pub mod registry;
 pub mod server;
+mod session;
 pub mod shard;
 pub mod stats;
 pub mod table;

@@ -15,6 +15,17 @@ fn main() -> ExitCode {
             return ExitCode::from(4);
         }
     };
+    // Every connection is a file descriptor: raise the soft limit to the hard one, as Redis
+    // does, and say so if that still cannot hold --max-connections.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < config.max_connections + 32 => eprintln!(
+            "glockd: warning: open-file limit is {limit}, below --max-connections {}; \
+             connections past it will be refused by the OS",
+            config.max_connections
+        ),
+        Ok(_) => {}
+        Err(e) => eprintln!("glockd: warning: could not raise the open-file limit: {e}"),
+    }
     let shards = config.shard_count();
     let server = match glockd::start(config) {
         Ok(server) => server,

@@ -233,6 +233,8 @@ pub enum Reply {
     Invalid,
     Disabled,
     RegisteredName,
+    /// `g`/`sg` refused: the connection holds `--max-locks-per-conn` locks already.
+    LimitReached,
 }
 
 impl Reply {
@@ -254,6 +256,7 @@ impl Reply {
             Reply::Invalid => b"0 Invalid Command\n",
             Reply::Disabled => b"0 disabled\n",
             Reply::RegisteredName => b"1 ok\n",
+            Reply::LimitReached => b"0 Lock Limit Reached\n",
         };
         out.extend_from_slice(text);
     }
@@ -276,6 +279,9 @@ fn write_count(out: &mut Vec<u8>, n: u64, text: &[u8]) {
 
 /// The reply line for a line longer than the configured limit (the connection is then closed).
 pub const LINE_TOO_LONG: &[u8] = b"0 Line Too Long\n";
+
+/// The one line a connection over `--max-connections` gets before it is closed.
+pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,8 @@ use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use crate::config::Config;
-use crate::shard::{Incoming, ShardCore, ShardMsg, Shared};
+use crate::protocol;
+use crate::shard::{Admission, Incoming, ShardCore, ShardMsg, Shared};
 use crate::stats::Snapshot;
 
 /// A running server. Dropping it shuts the server down.
@@ -45,6 +46,28 @@ impl ServerHandle {
     }
 
     fn stop(&mut self) {
+        if self.threads.is_empty() {
+            return;
+        }
+        // First every shard stops accepting and lets its connections answer what they already
+        // read; mailboxes keep running meanwhile, since a closing connection may still wait on
+        // another shard. Then, all drained (or out of time), the shard threads end.
+        let grace = Duration::from_secs(self.shared.config.shutdown_timeout);
+        let deadline = std::time::Instant::now() + grace;
+        let (drained_tx, drained_rx) = std::sync::mpsc::channel();
+        let mut closing = 0;
+        for shard in 0..self.shared.mailboxes.len() {
+            let drained = drained_tx.clone();
+            if self.shared.post(shard, ShardMsg::Close { drained }) {
+                closing += 1;
+            }
+        }
+        for _ in 0..closing {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if drained_rx.recv_timeout(left).is_err() {
+                break;
+            }
+        }
         for shard in 0..self.shared.mailboxes.len() {
             self.shared.post(shard, ShardMsg::Stop);
         }
@@ -173,13 +196,20 @@ fn run_shard(
     drop(local);
 }
 
-/// Accepts TCP connections and deals them out to the shards in turn.
+/// Accepts TCP connections and deals them out to the shards in turn, until shutdown.
 async fn accept_loop(core: Rc<ShardCore>, listener: TcpListener) {
     let shards = core.shared.router.shards();
     let mut next = 0usize;
     let mut backoff = Duration::from_millis(1);
     loop {
-        let (stream, peer) = match listener.accept().await {
+        if core.is_closing() {
+            return;
+        }
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = core.closing() => return,
+        };
+        let (stream, peer) = match accepted {
             Ok(accepted) => {
                 backoff = Duration::from_millis(1);
                 accepted
@@ -187,24 +217,33 @@ async fn accept_loop(core: Rc<ShardCore>, listener: TcpListener) {
             Err(e) => {
                 // Out of file descriptors or memory, or a connection reset before we got to it:
                 // none is fatal. Back off so a persistent error does not spin the thread.
-                if core.shared.config.verbose {
-                    eprintln!("glockd: accept failed: {e}");
-                }
+                eprintln!("glockd: accept failed: {e}");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
         };
+        let Some(admission) = Admission::try_new(&core.shared) else {
+            // Full: one line of explanation, best effort (never wait on this client), then
+            // close.
+            let _ = stream.try_write(protocol::TOO_MANY_CONNECTIONS);
+            if core.shared.config.verbose {
+                eprintln!("glockd: refused {peer}: --max-connections reached");
+            }
+            continue;
+        };
         let target = next;
         next = (next + 1) % shards;
         if target == core.id {
-            serve_tcp(&core, stream, peer);
+            serve_tcp(&core, stream, peer, admission);
             continue;
         }
         match stream.into_std() {
             Ok(stream) => {
-                core.shared
-                    .post(target, ShardMsg::Adopt(Incoming::Tcp(stream, peer)));
+                core.shared.post(
+                    target,
+                    ShardMsg::Adopt(Incoming::Tcp(stream, peer, admission)),
+                );
             }
             Err(e) => eprintln!("glockd: could not hand over a connection: {e}"),
         }
@@ -213,23 +252,36 @@ async fn accept_loop(core: Rc<ShardCore>, listener: TcpListener) {
 
 /// Starts serving a connection handed to this shard.
 pub(crate) fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
+    if core.is_closing() {
+        return; // shutting down: dropping the stream closes it
+    }
     match incoming {
-        Incoming::Tcp(stream, peer) => match TcpStream::from_std(stream) {
-            Ok(stream) => serve_tcp(core, stream, peer),
+        Incoming::Tcp(stream, peer, admission) => match TcpStream::from_std(stream) {
+            Ok(stream) => serve_tcp(core, stream, peer, admission),
             Err(e) => eprintln!("glockd: could not adopt a connection: {e}"),
         },
     }
 }
 
-fn serve_tcp(core: &Rc<ShardCore>, stream: TcpStream, peer: SocketAddr) {
+fn serve_tcp(core: &Rc<ShardCore>, stream: TcpStream, peer: SocketAddr, admission: Admission) {
     // Replies are written once per batch; never hold one back waiting for more.
     let _ = stream.set_nodelay(true);
-    // Half-open connections (a holder whose machine vanished) are found by keepalive, as in the
-    // original server.
-    let _ = socket2::SockRef::from(&stream).set_keepalive(true);
+    // A holder whose machine vanished leaves a half-open connection; keepalive finds it so its
+    // locks are released.
+    let config = &core.shared.config;
+    if config.keepalive_idle > 0 {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(Duration::from_secs(config.keepalive_idle))
+            .with_interval(Duration::from_secs(config.keepalive_interval))
+            .with_retries(config.keepalive_count);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            eprintln!("glockd: could not enable keepalive for {peer}: {e}");
+        }
+    }
     tokio::task::spawn_local(crate::connection::serve(
         core.clone(),
         stream,
         peer.to_string(),
+        admission,
     ));
 }

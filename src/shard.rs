@@ -7,23 +7,27 @@
 //! drains every queued message per wake-up (`recv_many`), because the cost that matters in
 //! cross-thread messaging is the wake-up, not the copy.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::config::Config;
 use crate::name::LockName;
 use crate::protocol::{LockOp, Reply};
 use crate::registry::Registry;
 use crate::stats::{ShardCell, Stats};
-use crate::table::ShardTable;
+use crate::table::{Quota, ShardTable};
 use crate::{ConnId, NameHasher};
 
 /// Messages drained per wake-up of a shard's mailbox loop.
 const DRAIN: usize = 256;
+
+/// Locks released per slice when orphaning: a connection that held a million locks is released
+/// a slice at a time, with the shard serving everyone else in between.
+pub const ORPHAN_SLICE: usize = 4096;
 
 /// Where a lock name lives.
 #[derive(Clone)]
@@ -83,9 +87,47 @@ pub struct BatchDone {
 /// A listing of (name, holder) pairs from one shard.
 pub type Listing = Vec<(LockName, ConnId)>;
 
+/// A connection's place under `--max-connections`: taken when the connection is accepted,
+/// given back when it ends (whichever thread that happens on).
+pub struct Admission {
+    shared: Arc<Shared>,
+}
+
+impl Admission {
+    /// Takes a place, or None when the server is full.
+    pub fn try_new(shared: &Arc<Shared>) -> Option<Admission> {
+        let max = shared.config.max_connections;
+        let mut live = shared.live_connections.load(Ordering::Relaxed);
+        loop {
+            if live >= max {
+                return None;
+            }
+            match shared.live_connections.compare_exchange_weak(
+                live,
+                live + 1,
+                Ordering::AcqRel,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => {
+                    return Some(Admission {
+                        shared: shared.clone(),
+                    })
+                }
+                Err(now) => live = now,
+            }
+        }
+    }
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.shared.live_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// A stream handed from the accepting thread to the shard that will serve it.
 pub enum Incoming {
-    Tcp(std::net::TcpStream, std::net::SocketAddr),
+    Tcp(std::net::TcpStream, std::net::SocketAddr, Admission),
 }
 
 /// What a shard's mailbox carries.
@@ -93,6 +135,8 @@ pub enum ShardMsg {
     /// Apply `ops` in order for `conn` and send back the replies.
     Batch {
         conn: ConnId,
+        /// The connection's lock allowance, when `--max-locks-per-conn` is set.
+        quota: Option<Arc<Quota>>,
         ops: Vec<RoutedOp>,
         /// Reply buffer to fill (sent empty, reused across batches).
         replies: Vec<Reply>,
@@ -113,7 +157,13 @@ pub enum ShardMsg {
     },
     /// Serve a new connection on this thread.
     Adopt(Incoming),
-    /// Leave the mailbox loop: the server is shutting down.
+    /// Shutdown, first step: stop accepting, let every connection on this thread answer what
+    /// it already read and close; report on `drained` when none is left. Mailboxes keep
+    /// running meanwhile, since a closing connection may still wait on another shard.
+    Close {
+        drained: std::sync::mpsc::Sender<()>,
+    },
+    /// Shutdown, last step: leave the mailbox loop.
     Stop,
 }
 
@@ -128,6 +178,8 @@ pub struct Shared {
     pub registry: Registry,
     /// Source of connection ids; never reused, so a late orphan cannot hit a newer connection.
     next_conn: AtomicU64,
+    /// Connections open now, for `--max-connections` (see [`Admission`]).
+    live_connections: AtomicU64,
 }
 
 impl Shared {
@@ -140,6 +192,7 @@ impl Shared {
             stats: Stats::new(shards),
             registry: Registry::default(),
             next_conn: AtomicU64::new(1),
+            live_connections: AtomicU64::new(0),
         }
     }
 
@@ -159,6 +212,14 @@ pub struct ShardCore {
     pub id: usize,
     pub shared: Arc<Shared>,
     table: RefCell<ShardTable>,
+    /// Set once shutdown begins: connections answer what they read, then close.
+    closing: Cell<bool>,
+    /// Wakes connections (and the accept loop) when `closing` is set.
+    closing_notify: Notify,
+    /// Connections living on this thread.
+    live: Cell<usize>,
+    /// Wakes the shutdown drain when `live` drops to zero.
+    drained_notify: Notify,
 }
 
 impl ShardCore {
@@ -167,6 +228,34 @@ impl ShardCore {
             id,
             table: RefCell::new(ShardTable::new(shared.router.hasher().clone())),
             shared,
+            closing: Cell::new(false),
+            closing_notify: Notify::new(),
+            live: Cell::new(0),
+            drained_notify: Notify::new(),
+        }
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    /// Completes when shutdown begins (check [`Self::is_closing`] first: this only sees the
+    /// start of shutdown if it happens after the call).
+    pub fn closing(&self) -> tokio::sync::futures::Notified<'_> {
+        self.closing_notify.notified()
+    }
+
+    /// A connection began on this thread.
+    pub fn connection_opened(&self) {
+        self.live.set(self.live.get() + 1);
+    }
+
+    /// A connection on this thread ended.
+    pub fn connection_closed(&self) {
+        self.live.set(self.live.get() - 1);
+        if self.live.get() == 0 {
+            self.drained_notify.notify_waiters();
         }
     }
 
@@ -184,35 +273,53 @@ impl ShardCore {
 
     /// Applies one operation to this shard's table.
     #[inline]
-    pub fn apply(&self, conn: ConnId, op: LockOp, hash: u64, name: &LockName) -> Reply {
+    pub fn apply(
+        &self,
+        conn: ConnId,
+        quota: Option<&Quota>,
+        op: LockOp,
+        hash: u64,
+        name: &LockName,
+    ) -> Reply {
         let mut table = self.table.borrow_mut();
-        let reply = table.apply(conn, op, hash, name);
+        let guard = AbortOnPanic;
+        let reply = table.apply(conn, op, hash, name, quota);
+        std::mem::forget(guard);
         self.publish_sizes(&table);
         reply
     }
 
     /// Applies `ops` in order, appending a reply for each.
-    pub fn apply_batch(&self, conn: ConnId, ops: &[RoutedOp], replies: &mut Vec<Reply>) {
+    pub fn apply_batch(
+        &self,
+        conn: ConnId,
+        quota: Option<&Quota>,
+        ops: &[RoutedOp],
+        replies: &mut Vec<Reply>,
+    ) {
         let mut table = self.table.borrow_mut();
+        let guard = AbortOnPanic;
         replies.extend(
             ops.iter()
-                .map(|op| table.apply(conn, op.op, op.hash, &op.name)),
+                .map(|op| table.apply(conn, op.op, op.hash, &op.name, quota)),
         );
+        std::mem::forget(guard);
         self.publish_sizes(&table);
     }
 
-    /// Releases everything `conn` held in this shard.
-    pub fn orphan(&self, conn: ConnId, label: Option<&str>) {
+    /// Releases up to one slice of what `conn` held in this shard; true when nothing is left.
+    fn orphan_slice(&self, conn: ConnId, label: Option<&str>) -> bool {
         let mut table = self.table.borrow_mut();
-        if let Some(label) = label {
-            for name in table.exclusive_names_of(conn) {
+        let guard = AbortOnPanic;
+        let (orphaned, done) = table.orphan_some(conn, ORPHAN_SLICE, |name| {
+            if let Some(label) = label {
                 eprintln!(
                     "{label} orphaned lock {}",
                     String::from_utf8_lossy(name.as_bytes())
                 );
             }
-        }
-        let orphaned = table.orphan_all(conn);
+        });
+        std::mem::forget(guard);
         let cell = self.cell();
         cell.orphans.add(orphaned.exclusive);
         cell.shared_orphans.add(orphaned.shared);
@@ -222,6 +329,24 @@ impl ShardCore {
             }
         }
         self.publish_sizes(&table);
+        done
+    }
+
+    /// Releases everything `conn` held in this shard: the first slice now, the rest (if any) in
+    /// a task that yields between slices so other clients keep being served.
+    pub fn orphan(self: &Rc<Self>, conn: ConnId, label: Option<Arc<str>>) {
+        if self.orphan_slice(conn, label.as_deref()) {
+            return;
+        }
+        let core = self.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::task::yield_now().await;
+                if core.orphan_slice(conn, label.as_deref()) {
+                    return;
+                }
+            }
+        });
     }
 
     /// Lists locks held in this shard.
@@ -239,25 +364,45 @@ impl ShardCore {
         match msg {
             ShardMsg::Batch {
                 conn,
+                quota,
                 mut ops,
                 mut replies,
                 done,
             } => {
-                self.apply_batch(conn, &ops, &mut replies);
+                self.apply_batch(conn, quota.as_deref(), &ops, &mut replies);
                 ops.clear();
                 // The connection may be gone (its orphan message is queued behind this one);
                 // then nobody wants the replies.
                 let _ = done.send(BatchDone { ops, replies });
             }
-            ShardMsg::Orphan { conn, label } => self.orphan(conn, label.as_deref()),
+            ShardMsg::Orphan { conn, label } => self.orphan(conn, label),
             ShardMsg::List { shared, name, done } => {
                 let listing = self.list(shared, name.as_ref().map(|(h, n)| (*h, n.as_bytes())));
                 let _ = done.send(listing);
             }
             ShardMsg::Adopt(incoming) => crate::server::adopt(self, incoming),
+            ShardMsg::Close { drained } => self.close(drained),
             ShardMsg::Stop => return false,
         }
         true
+    }
+
+    /// Begins shutdown on this thread: wakes every connection (and the accept loop) to finish
+    /// up, and reports on `drained` once the last connection here has gone.
+    fn close(self: &Rc<Self>, drained: std::sync::mpsc::Sender<()>) {
+        self.closing.set(true);
+        self.closing_notify.notify_waiters();
+        let core = self.clone();
+        tokio::task::spawn_local(async move {
+            while core.live.get() > 0 {
+                let notified = core.drained_notify.notified();
+                if core.live.get() == 0 {
+                    break;
+                }
+                notified.await;
+            }
+            let _ = drained.send(());
+        });
     }
 
     /// The mailbox loop: drains every queued message per wake-up until `Stop`.
@@ -273,6 +418,20 @@ impl ShardCore {
                 }
             }
         }
+    }
+}
+
+/// Aborts the process if dropped, which only happens when a panic unwinds out of a lock table
+/// operation. A table interrupted half-way through an update cannot be trusted to tell who holds
+/// what, and a lock server that might grant one lock twice must not keep serving: exit loudly
+/// (the panic message is already on stderr) and let the supervisor restart it, which releases
+/// every lock exactly as if every client had disconnected.
+struct AbortOnPanic;
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        eprintln!("glockd: a lock table operation panicked; aborting");
+        std::process::abort();
     }
 }
 

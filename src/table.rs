@@ -13,6 +13,7 @@
 //! connection.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use hashbrown::hash_table::{Entry, HashTable};
 use smallvec::SmallVec;
@@ -89,6 +90,13 @@ impl Holders {
         }
     }
 
+    fn contains(&self, conn: ConnId) -> bool {
+        match self {
+            Holders::Few(v) => v.contains(&conn),
+            Holders::Many(s) => s.contains(&conn),
+        }
+    }
+
     fn iter(&self) -> Box<dyn Iterator<Item = ConnId> + '_> {
         match self {
             Holders::Few(v) => Box::new(v.iter().copied()),
@@ -112,6 +120,58 @@ impl Holdings {
             shared: Default::default(),
         }
     }
+}
+
+/// A connection's allowance of locks (`--max-locks-per-conn`), shared by every shard the
+/// connection sends to, so the limit holds across shards exactly: a grant first takes one unit,
+/// and gives it back if the limit was already reached.
+#[derive(Debug)]
+pub struct Quota {
+    /// Locks the connection holds now, over all shards.
+    held: AtomicU64,
+    /// The most it may hold.
+    limit: u64,
+}
+
+impl Quota {
+    pub fn new(limit: u64) -> Self {
+        Quota {
+            held: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// Takes one unit; false (and nothing taken) at the limit.
+    fn try_take(&self) -> bool {
+        if self.held.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.held.fetch_sub(1, Ordering::AcqRel);
+            false
+        } else {
+            true
+        }
+    }
+
+    fn give_back(&self) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Locks held now.
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Acquire)
+    }
+}
+
+/// What `get` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GetOutcome {
+    /// The lock was free and is now held by the caller.
+    Granted,
+    /// The caller already held it.
+    AlreadyHeld,
+    /// Another connection holds it.
+    Busy,
+    /// The caller is at its lock limit.
+    OverLimit,
 }
 
 /// What `orphan_all` released.
@@ -157,18 +217,24 @@ impl ShardTable {
     }
 
     /// Applies one lock operation for `conn`; `hash` is `self.hash(name)`, computed once by the
-    /// router.
-    pub fn apply(&mut self, conn: ConnId, op: LockOp, hash: u64, name: &LockName) -> Reply {
+    /// router. `quota` is the connection's lock allowance, if limited.
+    pub fn apply(
+        &mut self,
+        conn: ConnId,
+        op: LockOp,
+        hash: u64,
+        name: &LockName,
+        quota: Option<&Quota>,
+    ) -> Reply {
         match op {
-            LockOp::Get => {
-                if self.get(conn, hash, name) {
-                    Reply::Got
-                } else {
-                    Reply::NotGot
-                }
-            }
+            LockOp::Get => match self.get(conn, hash, name, quota) {
+                GetOutcome::Granted | GetOutcome::AlreadyHeld => Reply::Got,
+                GetOutcome::Busy => Reply::NotGot,
+                GetOutcome::OverLimit => Reply::LimitReached,
+            },
             LockOp::Release => {
                 if self.release(conn, hash, name.as_bytes()) {
+                    quota.inspect(|q| q.give_back());
                     Reply::Released
                 } else {
                     Reply::NotReleased
@@ -181,9 +247,13 @@ impl ShardTable {
                     Reply::NotLocked
                 }
             }
-            LockOp::SharedGet => Reply::SharedGot(self.shared_get(conn, name)),
+            LockOp::SharedGet => match self.shared_get(conn, name, quota) {
+                Some(count) => Reply::SharedGot(count),
+                None => Reply::LimitReached,
+            },
             LockOp::SharedRelease => {
                 if self.shared_release(conn, name.as_bytes()) {
+                    quota.inspect(|q| q.give_back());
                     Reply::SharedReleased
                 } else {
                     Reply::SharedNotReleased
@@ -206,9 +276,15 @@ impl ShardTable {
             .map(|at| self.slots[at as usize].holder)
     }
 
-    /// Takes the exclusive lock for `conn`. True if `conn` holds it afterwards (re-getting a lock
-    /// you hold succeeds, as in the original).
-    pub fn get(&mut self, conn: ConnId, hash: u64, name: &LockName) -> bool {
+    /// Takes the exclusive lock for `conn` (re-getting a lock you hold succeeds, as in the
+    /// original).
+    pub fn get(
+        &mut self,
+        conn: ConnId,
+        hash: u64,
+        name: &LockName,
+        quota: Option<&Quota>,
+    ) -> GetOutcome {
         let slots = &self.slots;
         let hasher = &self.hasher;
         let entry = self.index.entry(
@@ -217,9 +293,15 @@ impl ShardTable {
             |&at| hasher.hash_one(slots[at as usize].name.as_bytes()),
         );
         let vacant = match entry {
-            Entry::Occupied(found) => return self.slots[*found.get() as usize].holder == conn,
+            Entry::Occupied(found) if self.slots[*found.get() as usize].holder == conn => {
+                return GetOutcome::AlreadyHeld
+            }
+            Entry::Occupied(_) => return GetOutcome::Busy,
             Entry::Vacant(vacant) => vacant,
         };
+        if quota.is_some_and(|q| !q.try_take()) {
+            return GetOutcome::OverLimit;
+        }
         let holdings = self.holdings.entry(conn).or_insert_with(Holdings::new);
         let head = holdings.exclusive_head;
         let slot = Slot {
@@ -242,7 +324,7 @@ impl ShardTable {
             self.slots[head as usize].prev = at;
         }
         holdings.exclusive_head = at;
-        true
+        GetOutcome::Granted
     }
 
     /// Releases the exclusive lock if `conn` holds it.
@@ -288,8 +370,22 @@ impl ShardTable {
         self.free_head = at;
     }
 
-    /// Takes a shared lock; returns the holder count afterwards (a holder is counted once).
-    pub fn shared_get(&mut self, conn: ConnId, name: &LockName) -> u64 {
+    /// Takes a shared lock; returns the holder count afterwards (a holder is counted once), or
+    /// None if `conn` is at its lock limit.
+    pub fn shared_get(
+        &mut self,
+        conn: ConnId,
+        name: &LockName,
+        quota: Option<&Quota>,
+    ) -> Option<u64> {
+        if let Some(holders) = self.shared.get(name.as_bytes()) {
+            if holders.contains(conn) {
+                return Some(holders.len() as u64);
+            }
+        }
+        if quota.is_some_and(|q| !q.try_take()) {
+            return None;
+        }
         let holders = match self.shared.get_mut(name.as_bytes()) {
             Some(holders) => holders,
             None => self
@@ -297,14 +393,14 @@ impl ShardTable {
                 .entry(name.clone())
                 .or_insert_with(|| Holders::Few(SmallVec::new())),
         };
-        if holders.insert(conn) {
-            let count = holders.len() as u64;
-            let holdings = self.holdings.entry(conn).or_insert_with(Holdings::new);
-            holdings.shared.insert(name.clone());
-            count
-        } else {
-            holders.len() as u64
-        }
+        holders.insert(conn);
+        let count = holders.len() as u64;
+        self.holdings
+            .entry(conn)
+            .or_insert_with(Holdings::new)
+            .shared
+            .insert(name.clone());
+        Some(count)
     }
 
     /// Releases a shared lock if `conn` holds it.
@@ -331,46 +427,61 @@ impl ShardTable {
 
     /// Releases everything `conn` holds in this shard, because it is gone.
     pub fn orphan_all(&mut self, conn: ConnId) -> Orphaned {
-        let Some(holdings) = self.holdings.remove(&conn) else {
-            return Orphaned::default();
-        };
+        self.orphan_some(conn, usize::MAX, |_| {}).0
+    }
+
+    /// Releases at most `budget` of the locks `conn` holds here (exclusive first), calling
+    /// `on_exclusive` with the name of each exclusive lock released. Returns what it released and
+    /// whether `conn` now holds nothing here. Orphaning a million locks in slices lets the shard
+    /// serve other clients in between; `conn` is gone, so nothing is added to its set meanwhile.
+    pub fn orphan_some(
+        &mut self,
+        conn: ConnId,
+        budget: usize,
+        mut on_exclusive: impl FnMut(&LockName),
+    ) -> (Orphaned, bool) {
         let mut orphaned = Orphaned::default();
+        let Some(holdings) = self.holdings.get_mut(&conn) else {
+            return (orphaned, true);
+        };
+        let mut budget = budget;
         let mut at = holdings.exclusive_head;
-        while at != NIL {
-            let next = self.slots[at as usize].next;
-            let hash = self.hash(self.slots[at as usize].name.as_bytes());
+        while at != NIL && budget > 0 {
+            let slot = &mut self.slots[at as usize];
+            let next = slot.next;
+            on_exclusive(&slot.name);
+            let hash = self.hasher.hash_one(slot.name.as_bytes());
+            // Free the slot in place (`self.free` would borrow all of `self`).
+            slot.name = LockName::empty();
+            slot.next = self.free_head;
+            self.free_head = at;
             if let Ok(found) = self.index.find_entry(hash, |&other| other == at) {
                 found.remove();
             }
-            self.free(at);
             orphaned.exclusive += 1;
+            budget -= 1;
             at = next;
         }
-        for name in holdings.shared {
-            if let Some(holders) = self.shared.get_mut(name.as_bytes()) {
-                if holders.remove(conn) {
-                    orphaned.shared += 1;
-                }
-                if holders.len() == 0 {
-                    self.shared.remove(name.as_bytes());
+        holdings.exclusive_head = at;
+        if at == NIL && budget > 0 {
+            let names: Vec<LockName> = holdings.shared.iter().take(budget).cloned().collect();
+            for name in names {
+                holdings.shared.remove(name.as_bytes());
+                if let Some(holders) = self.shared.get_mut(name.as_bytes()) {
+                    if holders.remove(conn) {
+                        orphaned.shared += 1;
+                    }
+                    if holders.len() == 0 {
+                        self.shared.remove(name.as_bytes());
+                    }
                 }
             }
         }
-        orphaned
-    }
-
-    /// The names (not holders) of `conn`'s exclusive locks here, for verbose logging.
-    pub fn exclusive_names_of(&self, conn: ConnId) -> Vec<LockName> {
-        let mut names = Vec::new();
-        let mut at = self
-            .holdings
-            .get(&conn)
-            .map_or(NIL, |holdings| holdings.exclusive_head);
-        while at != NIL {
-            names.push(self.slots[at as usize].name.clone());
-            at = self.slots[at as usize].next;
+        let done = holdings.exclusive_head == NIL && holdings.shared.is_empty();
+        if done {
+            self.holdings.remove(&conn);
         }
-        names
+        (orphaned, done)
     }
 
     /// How many exclusive locks are held.
@@ -432,7 +543,15 @@ mod tests {
 
     fn get(t: &mut ShardTable, conn: ConnId, name: &str) -> bool {
         let hash = t.hash(name.as_bytes());
-        t.get(conn, hash, &LockName::from(name))
+        matches!(
+            t.get(conn, hash, &LockName::from(name), None),
+            GetOutcome::Granted | GetOutcome::AlreadyHeld
+        )
+    }
+
+    fn sg(t: &mut ShardTable, conn: ConnId, name: &str) -> u64 {
+        t.shared_get(conn, &LockName::from(name), None)
+            .expect("no quota")
     }
 
     fn release(t: &mut ShardTable, conn: ConnId, name: &str) -> bool {
@@ -477,8 +596,8 @@ mod tests {
         for i in [0, 50, 99] {
             assert!(release(&mut t, 1, &format!("one-{i}")));
         }
-        t.shared_get(1, &LockName::from("s"));
-        t.shared_get(2, &LockName::from("s"));
+        sg(&mut t, 1, "s");
+        sg(&mut t, 2, "s");
         let orphaned = t.orphan_all(1);
         assert_eq!(
             orphaned,
@@ -506,12 +625,46 @@ mod tests {
     }
 
     #[test]
+    fn orphaning_in_slices_releases_everything_once() {
+        let mut t = table();
+        for i in 0..1000 {
+            assert!(get(&mut t, 1, &format!("x{i}")));
+            sg(&mut t, 1, &format!("s{i}"));
+        }
+        assert!(get(&mut t, 2, "other"));
+        let mut total = Orphaned::default();
+        let mut names = 0;
+        let mut slices = 0;
+        loop {
+            let (orphaned, done) = t.orphan_some(1, 300, |_| names += 1);
+            total.exclusive += orphaned.exclusive;
+            total.shared += orphaned.shared;
+            slices += 1;
+            // Between slices the table stays consistent and serves others.
+            assert_eq!(holder(&t, "other"), Some(2));
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            total,
+            Orphaned {
+                exclusive: 1000,
+                shared: 1000
+            }
+        );
+        assert_eq!(names, 1000);
+        assert_eq!(slices, 7);
+        assert_eq!(t.exclusive_len(), 1);
+        assert_eq!(t.shared_len(), 0);
+    }
+
+    #[test]
     fn shared_locks_count_each_holder_once() {
         let mut t = table();
-        let s = LockName::from("s");
-        assert_eq!(t.shared_get(1, &s), 1);
-        assert_eq!(t.shared_get(1, &s), 1);
-        assert_eq!(t.shared_get(2, &s), 2);
+        assert_eq!(sg(&mut t, 1, "s"), 1);
+        assert_eq!(sg(&mut t, 1, "s"), 1);
+        assert_eq!(sg(&mut t, 2, "s"), 2);
         assert_eq!(t.shared_count(b"s"), 2);
         assert!(!t.shared_release(3, b"s"));
         assert!(t.shared_release(1, b"s"));
@@ -524,11 +677,10 @@ mod tests {
     #[test]
     fn shared_holder_sets_grow_past_the_inline_size() {
         let mut t = table();
-        let s = LockName::from("popular");
         for conn in 0..1000 {
-            assert_eq!(t.shared_get(conn, &s), conn + 1);
+            assert_eq!(sg(&mut t, conn, "popular"), conn + 1);
         }
-        assert_eq!(t.shared_get(5, &s), 1000);
+        assert_eq!(sg(&mut t, 5, "popular"), 1000);
         for conn in (0..1000).step_by(2) {
             assert!(t.shared_release(conn, b"popular"));
         }
@@ -541,10 +693,35 @@ mod tests {
     }
 
     #[test]
+    fn a_quota_limits_new_locks_but_not_regets() {
+        let mut t = table();
+        let quota = Quota::new(2);
+        let name = |n: &str| LockName::from(n);
+        let get_q = |t: &mut ShardTable, n: &str| {
+            let hash = t.hash(n.as_bytes());
+            t.get(1, hash, &name(n), Some(&quota))
+        };
+        assert_eq!(get_q(&mut t, "a"), GetOutcome::Granted);
+        assert_eq!(t.shared_get(1, &name("s"), Some(&quota)), Some(1));
+        assert_eq!(get_q(&mut t, "b"), GetOutcome::OverLimit);
+        assert_eq!(t.shared_get(1, &name("t"), Some(&quota)), None);
+        assert_eq!(get_q(&mut t, "a"), GetOutcome::AlreadyHeld);
+        assert_eq!(t.shared_get(1, &name("s"), Some(&quota)), Some(1));
+        assert!(!t.shared.contains_key(b"t".as_slice()));
+        let hash = t.hash(b"a");
+        assert_eq!(
+            t.apply(1, LockOp::Release, hash, &name("a"), Some(&quota)),
+            Reply::Released
+        );
+        assert_eq!(quota.held(), 1);
+        assert_eq!(get_q(&mut t, "b"), GetOutcome::Granted);
+    }
+
+    #[test]
     fn exclusive_and_shared_are_separate_namespaces() {
         let mut t = table();
         assert!(get(&mut t, 1, "x"));
-        assert_eq!(t.shared_get(2, &LockName::from("x")), 1);
+        assert_eq!(sg(&mut t, 2, "x"), 1);
         assert_eq!(holder(&t, "x"), Some(1));
     }
 

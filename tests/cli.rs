@@ -42,8 +42,16 @@ impl Glockd {
             .expect("spawn glockd");
         let stderr = child.stderr.take().expect("stderr");
         let mut lines = BufReader::new(stderr).lines();
-        let first = lines.next().expect("a line").expect("read stderr");
-        assert!(first.contains("listening on tcp"), "unexpected: {first}");
+        // Warnings (a low open-file limit, say) may come first.
+        let mut seen = Vec::new();
+        loop {
+            let line = lines.next().expect("a line").expect("read stderr");
+            if line.contains("listening on tcp") {
+                break;
+            }
+            seen.push(line);
+            assert!(seen.len() < 10, "no listening line: {seen:?}");
+        }
         // Keep draining stderr so the server never blocks on it.
         std::thread::spawn(move || lines.for_each(drop));
         Glockd { child: Some(child) }

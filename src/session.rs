@@ -1,0 +1,405 @@
+//! Running one connection's commands: inline on this thread's shard, or batched per shard
+//! through the mailboxes, with replies assembled in request order.
+//!
+//! Commands on lock names whose shard is this thread run inline. The rest are queued per shard
+//! and sent as one message per shard when the batch ends, or earlier when a command that must see
+//! everything before it (`d`, `q`, `iam`…) comes up. So a pipelining client gets exactly one
+//! answer per command, in order, and every command sees the effects of those before it.
+//!
+//! The connection never keeps its own list of locks: when it ends, for whatever reason, its
+//! [`Presence`] guard asks every shard it ever sent a lock command to to orphan its locks, through
+//! the same FIFO mailbox as its commands, so a lock granted while it was going away is released
+//! too.
+
+use std::rc::Rc;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::name::LockName;
+use crate::protocol::{self, LockOp, Reply, Request, Verb};
+use crate::shard::{Admission, BatchDone, Listing, RoutedOp, ShardCore, ShardMsg};
+use crate::table::Quota;
+use crate::ConnId;
+
+/// The server went away under a connection (it is shutting down): close it.
+#[derive(Debug)]
+pub struct ServerGone;
+
+/// Where one command's reply comes from.
+enum Slot {
+    /// Already known.
+    Ready(Reply),
+    /// The `index`-th reply of the batch sent to `shard`.
+    Remote { shard: usize, index: usize },
+}
+
+/// A batch being built for one remote shard.
+#[derive(Default)]
+struct Outgoing {
+    ops: Vec<RoutedOp>,
+    replies: Vec<Reply>,
+    waiting: Option<oneshot::Receiver<BatchDone>>,
+}
+
+/// A small set of shard numbers.
+struct ShardSet(Vec<u64>);
+
+impl ShardSet {
+    fn new(shards: usize) -> Self {
+        ShardSet(vec![0; shards.div_ceil(64)])
+    }
+
+    #[inline]
+    fn insert(&mut self, shard: usize) {
+        self.0[shard / 64] |= 1 << (shard % 64);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().flat_map(|(word, bits)| {
+            (0..64).filter_map(move |bit| (bits & (1 << bit) != 0).then_some(word * 64 + bit))
+        })
+    }
+}
+
+/// A connection's existence as the server sees it. Dropping it (the connection ended, failed,
+/// panicked or was cancelled at shutdown) orphans the connection's locks.
+struct Presence {
+    conn: ConnId,
+    core: Rc<ShardCore>,
+    /// Protocol id, kept for `-verbose` logging.
+    label: Option<Arc<str>>,
+    /// Shards this connection sent a lock command to: only they can hold its locks.
+    touched: ShardSet,
+    /// Its place under `--max-connections`, given back when it ends.
+    _admission: Admission,
+}
+
+impl Presence {
+    fn open(core: Rc<ShardCore>, id_text: String, admission: Admission) -> Self {
+        let shared = &core.shared;
+        let conn = shared.next_conn_id();
+        let label = shared
+            .config
+            .verbose
+            .then(|| Arc::<str>::from(id_text.as_str()));
+        if let Some(label) = &label {
+            eprintln!("{label} connected");
+        }
+        shared.registry.insert(conn, id_text);
+        core.cell().connections_opened.add(1);
+        core.connection_opened();
+        let touched = ShardSet::new(shared.router.shards());
+        Presence {
+            conn,
+            core,
+            label,
+            touched,
+            _admission: admission,
+        }
+    }
+}
+
+impl Drop for Presence {
+    fn drop(&mut self) {
+        let shared = &self.core.shared;
+        for shard in self.touched.iter() {
+            // A stopped shard is a server shutting down: nothing left to release.
+            let _ = shared.post(
+                shard,
+                ShardMsg::Orphan {
+                    conn: self.conn,
+                    label: self.label.clone(),
+                },
+            );
+        }
+        shared.registry.remove(self.conn);
+        self.core.cell().connections_closed.add(1);
+        self.core.connection_closed();
+        if let Some(label) = &self.label {
+            eprintln!("{label} disconnected");
+        }
+    }
+}
+
+/// Runs the commands of one connection.
+pub struct Session {
+    presence: Presence,
+    /// The connection's lock allowance, when `--max-locks-per-conn` is set.
+    quota: Option<Arc<Quota>>,
+    /// Replies of the current batch that wait on other shards, in request order. Empty when
+    /// nothing is pending, which lets local replies go straight to the output.
+    slots: Vec<Slot>,
+    /// Per shard, the batch being built (unused for this thread's own shard).
+    outgoing: Vec<Outgoing>,
+    /// Per shard, the replies of the last sent batch.
+    results: Vec<Vec<Reply>>,
+}
+
+impl Session {
+    pub fn new(core: Rc<ShardCore>, id_text: String, admission: Admission) -> Self {
+        let shards = core.shared.router.shards();
+        let limit = core.shared.config.max_locks_per_conn;
+        Session {
+            quota: (limit > 0).then(|| Arc::new(Quota::new(limit))),
+            presence: Presence::open(core, id_text, admission),
+            slots: Vec::new(),
+            outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
+            results: vec![Vec::new(); shards],
+        }
+    }
+
+    pub fn core(&self) -> &ShardCore {
+        &self.presence.core
+    }
+
+    /// Runs one line, writing its reply to `out` or queueing it behind pending remote replies.
+    pub async fn run_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), ServerGone> {
+        if let Some(fault) = &self.core().shared.config.panic_on_line {
+            if line == fault.as_slice() {
+                panic!("fault injected by the panic_on_line setting");
+            }
+        }
+        let (verb, arg) = match protocol::parse(line) {
+            Request::Empty => return Ok(()),
+            Request::Invalid => {
+                self.core().cell().invalid_commands.add(1);
+                self.reply(Reply::Invalid, out);
+                return Ok(());
+            }
+            Request::Command { verb, arg } => (verb, arg),
+        };
+        self.core().cell().commands[verb.index()].add(1);
+        match verb.lock_op() {
+            Some(op) => {
+                self.run_lock_op(op, arg, out);
+                Ok(())
+            }
+            None => {
+                // Everything else must see the effects of every command before it.
+                self.flush(out).await?;
+                self.run_global(verb, arg, out).await
+            }
+        }
+    }
+
+    #[inline]
+    fn reply(&mut self, reply: Reply, out: &mut Vec<u8>) {
+        if self.slots.is_empty() {
+            reply.write_to(out);
+        } else {
+            self.slots.push(Slot::Ready(reply));
+        }
+    }
+
+    #[inline]
+    fn run_lock_op(&mut self, op: LockOp, name: LockName, out: &mut Vec<u8>) {
+        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+        self.presence.touched.insert(shard);
+        if shard == self.core().id {
+            let reply =
+                self.core()
+                    .apply(self.presence.conn, self.quota.as_deref(), op, hash, &name);
+            self.reply(reply, out);
+        } else {
+            let batch = &mut self.outgoing[shard];
+            let index = batch.ops.len();
+            batch.ops.push(RoutedOp { op, hash, name });
+            self.slots.push(Slot::Remote { shard, index });
+        }
+    }
+
+    /// Sends every queued remote batch, waits for the replies and writes all pending replies to
+    /// `out` in request order.
+    pub async fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), ServerGone> {
+        if self.slots.is_empty() {
+            return Ok(());
+        }
+        let conn = self.presence.conn;
+        let shared = self.presence.core.shared.clone();
+        for (shard, batch) in self.outgoing.iter_mut().enumerate() {
+            if batch.ops.is_empty() {
+                continue;
+            }
+            let (done, waiting) = oneshot::channel();
+            let msg = ShardMsg::Batch {
+                conn,
+                quota: self.quota.clone(),
+                ops: std::mem::take(&mut batch.ops),
+                replies: std::mem::take(&mut batch.replies),
+                done,
+            };
+            if !shared.post(shard, msg) {
+                return Err(ServerGone);
+            }
+            batch.waiting = Some(waiting);
+        }
+        for (shard, batch) in self.outgoing.iter_mut().enumerate() {
+            if let Some(waiting) = batch.waiting.take() {
+                let BatchDone { ops, replies } = waiting.await.map_err(|_| ServerGone)?;
+                batch.ops = ops;
+                let spent = std::mem::replace(&mut self.results[shard], replies);
+                batch.replies = spent;
+                batch.replies.clear();
+            }
+        }
+        for slot in self.slots.drain(..) {
+            match slot {
+                Slot::Ready(reply) => reply.write_to(out),
+                Slot::Remote { shard, index } => self.results[shard][index].write_to(out),
+            }
+        }
+        Ok(())
+    }
+
+    /// Commands that are not about one lock: listings, stats and the registry.
+    async fn run_global(
+        &mut self,
+        verb: Verb,
+        arg: LockName,
+        out: &mut Vec<u8>,
+    ) -> Result<(), ServerGone> {
+        let shared = self.core().shared.clone();
+        let config = &shared.config;
+        let conn = self.presence.conn;
+        match verb {
+            Verb::Stats => shared.stats.snapshot().render(out),
+            Verb::Me => shared.registry.write_me(conn, out),
+            Verb::Iam if !config.registry => Reply::Disabled.write_to(out),
+            Verb::Iam => {
+                shared.registry.set_name(conn, arg.as_bytes());
+                if let Some(label) = &self.presence.label {
+                    eprintln!(
+                        "{label} changed their name to '{}'",
+                        String::from_utf8_lossy(arg.as_bytes())
+                    );
+                }
+                Reply::RegisteredName.write_to(out);
+            }
+            Verb::Who if !(config.registry && config.dump) => Reply::Disabled.write_to(out),
+            Verb::Who => shared.registry.write_who(arg.as_bytes(), out),
+            Verb::Dump | Verb::SharedDump | Verb::FullDump if !config.dump => {
+                Reply::Disabled.write_to(out)
+            }
+            Verb::Dump | Verb::SharedDump => {
+                let shared_locks = verb == Verb::SharedDump;
+                let name = (!arg.is_empty()).then_some(arg);
+                let rows = self.collect(shared_locks, name).await?;
+                for (name, holder) in with_holder_text(&shared, rows, false) {
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(&holder);
+                    out.push(b'\n');
+                }
+            }
+            Verb::FullDump => {
+                let shared_locks = arg.as_bytes() == b"shared";
+                let rows = self.collect(shared_locks, None).await?;
+                write_go_map(&with_holder_text(&shared, rows, true), shared_locks, out);
+            }
+            _ => unreachable!("lock operations are routed, not run here"),
+        }
+        Ok(())
+    }
+
+    /// Gathers (name, holder) rows from every shard (or from `name`'s shard).
+    async fn collect(
+        &mut self,
+        shared_locks: bool,
+        name: Option<LockName>,
+    ) -> Result<Listing, ServerGone> {
+        let core = self.presence.core.clone();
+        let shared = &core.shared;
+        let mut rows = Vec::new();
+        let targets: Vec<usize> = match &name {
+            Some(name) => vec![shared.router.route(name.as_bytes()).0],
+            None => (0..shared.router.shards()).collect(),
+        };
+        let key = name.map(|n| (shared.router.route(n.as_bytes()).1, n));
+        let mut waiting = Vec::new();
+        for shard in targets {
+            if shard == core.id {
+                rows.extend(core.list(shared_locks, key.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
+            } else {
+                let (done, rx) = oneshot::channel();
+                let msg = ShardMsg::List {
+                    shared: shared_locks,
+                    name: key.clone(),
+                    done,
+                };
+                if !shared.post(shard, msg) {
+                    return Err(ServerGone);
+                }
+                waiting.push(rx);
+            }
+        }
+        for rx in waiting {
+            rows.extend(rx.await.map_err(|_| ServerGone)?);
+        }
+        Ok(rows)
+    }
+}
+
+/// Turns holders into their text (registered name, or with `raw` the connection id) and sorts
+/// the rows by name, then holder text, so listings are stable and readable.
+fn with_holder_text(
+    shared: &crate::shard::Shared,
+    rows: Listing,
+    raw: bool,
+) -> Vec<(LockName, Vec<u8>)> {
+    let mut rows: Vec<(LockName, Vec<u8>)> = rows
+        .into_iter()
+        .map(|(name, holder)| {
+            let mut text = Vec::new();
+            shared.registry.write_holder(holder, raw, &mut text);
+            (name, text)
+        })
+        .collect();
+    rows.sort_unstable();
+    rows
+}
+
+/// `dump` / `dump shared`: one line in Go's `%v` map syntax, keys sorted, raw connection ids:
+/// `map[a:x b:y]`, or for shared locks `map[a:[x y]]`.
+fn write_go_map(rows: &[(LockName, Vec<u8>)], shared_locks: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"map[");
+    let mut previous: Option<&LockName> = None;
+    for (name, holder) in rows {
+        if previous == Some(name) {
+            out.push(b' ');
+        } else {
+            if previous.is_some() {
+                if shared_locks {
+                    out.push(b']');
+                }
+                out.push(b' ');
+            }
+            out.extend_from_slice(name.as_bytes());
+            out.push(b':');
+            if shared_locks {
+                out.push(b'[');
+            }
+        }
+        out.extend_from_slice(holder);
+        previous = Some(name);
+    }
+    if shared_locks && previous.is_some() {
+        out.push(b']');
+    }
+    out.extend_from_slice(b"]\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_sets_list_their_members() {
+        let mut set = ShardSet::new(130);
+        for shard in [0, 5, 64, 129] {
+            set.insert(shard);
+        }
+        set.insert(5);
+        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 5, 64, 129]);
+    }
+}

@@ -72,9 +72,10 @@ pub struct Config {
     #[arg(long, default_value_t = 0)]
     pub max_locks_per_conn: u64,
 
-    /// Most reply bytes a connection may leave unread. A client that keeps sending without
-    /// reading is disconnected (and its locks orphaned) when its unread replies pass this.
-    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    /// Most reply bytes a connection may leave unread. A client that keeps sending while its
+    /// unread replies pass this is disconnected (and its locks orphaned); one that has stopped
+    /// sending (waiting on a big listing, say) is simply not read from until it catches up.
+    #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
     pub max_unsent_bytes: u64,
 
     /// Seconds a reply write may make no progress before the connection is closed as dead;

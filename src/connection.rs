@@ -2,8 +2,8 @@
 //! and decide when the connection ends.
 //!
 //! Reading and writing proceed together: while replies wait for a slow reader, the connection
-//! keeps reading and answering, and a client whose unread replies pass `--max-unsent-bytes` is
-//! disconnected instead of being buffered without end. A write that makes no progress for
+//! keeps reading and answering, and a client that keeps sending while its unread replies pass
+//! `--max-unsent-bytes` is disconnected instead of being buffered without end. A write that makes no progress for
 //! `--write-timeout` seconds, input silent for `--idle-timeout`, or a line longer than
 //! `--max-line-bytes` also end the connection; in every case its locks are orphaned.
 
@@ -185,7 +185,11 @@ where
             }
             Err(Stop::ServerGone) => return,
         };
-        if buffers.unsent() > limits.max_unsent {
+        // Over the unread-reply limit: a client that still sends more is not reading its
+        // replies, so cut it off; one that waits (say, for a big `d`) gets its replies at its
+        // own pace, and no more input is read until it has caught up.
+        let backlogged = buffers.unsent() > limits.max_unsent;
+        if backlogged && (more || !buffers.input.is_empty()) {
             if core.shared.config.verbose {
                 eprintln!("glockd: a client left more than --max-unsent-bytes unread; closing it");
             }
@@ -204,7 +208,7 @@ where
             return finish(&mut stream, &mut buffers, &limits).await;
         }
 
-        let want_read = !more && !eof;
+        let want_read = !more && !eof && !backlogged;
         let mut closing = pin!(core.closing());
         let event = std::future::poll_fn(|cx| {
             let mut event = Event::default();

@@ -172,7 +172,14 @@ impl Session {
         self.core().cell().commands[verb.index()].add(1);
         match verb.lock_op() {
             Some(op) => {
-                self.run_lock_op(op, arg, out);
+                let (shard, hash) = self.core().shared.router.route(arg.as_bytes());
+                // A lock allowance is shared by all shards, so with one, commands on different
+                // shards are no longer independent (`sr a` must free its unit before `sg b`
+                // asks for one): run them in order, batching only within one shard.
+                if self.quota.is_some() && self.pending_elsewhere(shard) {
+                    self.flush(out).await?;
+                }
+                self.run_lock_op(op, arg, shard, hash, out);
                 Ok(())
             }
             None => {
@@ -180,6 +187,17 @@ impl Session {
                 self.flush(out).await?;
                 self.run_global(verb, arg, out).await
             }
+        }
+    }
+
+    /// Whether replies are pending from a shard other than `shard`. Only used while commands
+    /// are kept in order (with a lock allowance), when every pending reply comes from the one
+    /// shard of the first.
+    fn pending_elsewhere(&self, shard: usize) -> bool {
+        match self.slots.first() {
+            None => false,
+            Some(Slot::Remote { shard: pending, .. }) => *pending != shard,
+            Some(Slot::Ready(_)) => true,
         }
     }
 
@@ -193,8 +211,14 @@ impl Session {
     }
 
     #[inline]
-    fn run_lock_op(&mut self, op: LockOp, name: LockName, out: &mut Vec<u8>) {
-        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+    fn run_lock_op(
+        &mut self,
+        op: LockOp,
+        name: LockName,
+        shard: usize,
+        hash: u64,
+        out: &mut Vec<u8>,
+    ) {
         self.presence.touched.insert(shard);
         if shard == self.core().id {
             let reply =

@@ -122,7 +122,8 @@ impl Stats {
 impl Snapshot {
     /// The `q` reply: sorted `key: value` lines.
     pub fn render(&self, out: &mut Vec<u8>) {
-        let mut line = |key: &str, value: u64| {
+        let mut line = |prefix: &str, key: &str, value: u64| {
+            out.extend_from_slice(prefix.as_bytes());
             out.extend_from_slice(key.as_bytes());
             out.extend_from_slice(b": ");
             out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
@@ -130,17 +131,14 @@ impl Snapshot {
         };
         // Verb::ALL is sorted by word, and every "command_" key sorts before the others.
         for verb in Verb::ALL {
-            let mut key = String::with_capacity(16);
-            key.push_str("command_");
-            key.push_str(verb.word());
-            line(&key, self.commands[verb.index()]);
+            line("command_", verb.word(), self.commands[verb.index()]);
         }
-        line("connections", self.connections);
-        line("invalid_commands", self.invalid_commands);
-        line("locks", self.locks);
-        line("orphans", self.orphans);
-        line("shared_locks", self.shared_locks);
-        line("shared_orphans", self.shared_orphans);
+        line("", "connections", self.connections);
+        line("", "invalid_commands", self.invalid_commands);
+        line("", "locks", self.locks);
+        line("", "orphans", self.orphans);
+        line("", "shared_locks", self.shared_locks);
+        line("", "shared_orphans", self.shared_orphans);
     }
 }
 

@@ -58,19 +58,27 @@ impl TestServer {
 
     /// Waits (bounded) until `done(stats)` holds; panics with the last stats otherwise.
     pub async fn wait_for_stats(&self, what: &str, done: impl Fn(&BTreeMap<String, u64>) -> bool) {
-        let deadline = Instant::now() + REPLY_TIMEOUT;
         let mut client = self.client().await;
-        loop {
-            let stats = client.stats().await.expect("q");
-            if done(&stats) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}: {stats:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        wait_for_stats_on(&mut client, what, done).await
+    }
+}
+
+async fn wait_for_stats_on(
+    client: &mut glockd::client::Client,
+    what: &str,
+    done: impl Fn(&BTreeMap<String, u64>) -> bool,
+) {
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let stats = client.stats().await.expect("q");
+        if done(&stats) {
+            return;
         }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -155,6 +163,20 @@ impl Raw {
             "unexpected bytes: {:?}",
             String::from_utf8_lossy(&rest)
         );
+    }
+
+    /// `q` over this connection.
+    pub async fn stats(&mut self) -> BTreeMap<String, u64> {
+        self.send("q\n").await;
+        let mut stats = BTreeMap::new();
+        loop {
+            let line = self.line().await;
+            let (key, value) = line.trim_end().split_once(": ").expect("a stats line");
+            stats.insert(key.to_owned(), value.parse().expect("a number"));
+            if key == "shared_orphans" {
+                return stats;
+            }
+        }
     }
 
     /// This connection's protocol id (`ip:port`), as the server sees it.

@@ -1,0 +1,331 @@
+//! The command line of `loadgen`, and the checks that turn it into a run's settings.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::keys::{Dist, Keys};
+use crate::wire::Target;
+
+/// What each connection does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Take a lock on a random name, release it if granted (Redis: `SET NX` / `DEL`).
+    Churn,
+    /// Like churn, on few names shared by many connections; mutual exclusion is checked.
+    Contention,
+    /// Ask whether a random name is locked (`i` / `EXISTS`).
+    Inspect,
+    /// Take a counted shared lock (`sg` / `INCR`); release it at once when the count is over
+    /// `--limit`, else after `--think-ms` (`sr` / `DECR`).
+    Ratelimit,
+    /// Connect, take `--locks-per-conn` locks, disconnect without releasing, repeat (glockd only:
+    /// the server releases them).
+    OrphanStorm,
+    /// Take every one of `--keys` locks once, spread over the connections, hold them for
+    /// `--duration`, then disconnect: for measuring the server's memory per held lock.
+    Hold,
+    /// Open `--conns` connections, send one inspection on each, and keep them idle for
+    /// `--duration`: for measuring the server's memory per connection.
+    Idle,
+}
+
+/// Drives a glockd server (or Redis, or the no-op server) with a closed- or open-loop load and
+/// reports throughput, latency percentiles and every unexpected reply.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "loadgen", version, args_override_self = true)]
+pub struct Args {
+    /// The server's protocol.
+    #[arg(long, value_enum, default_value_t = Target::Glockd)]
+    pub target: Target,
+
+    /// Shorthand for `--target redis`.
+    #[arg(long, conflicts_with = "target")]
+    pub redis: bool,
+
+    /// Server address (default 127.0.0.1:9999, or 127.0.0.1:6379 for Redis).
+    #[arg(long)]
+    pub addr: Option<SocketAddr>,
+
+    /// Connect to this unix socket instead of TCP.
+    #[arg(long, conflicts_with = "addr")]
+    pub unix: Option<PathBuf>,
+
+    /// What each connection does.
+    #[arg(long, value_enum, default_value_t = Workload::Churn)]
+    pub workload: Workload,
+
+    /// Connections, spread over the client threads.
+    #[arg(long, default_value_t = 50)]
+    pub conns: usize,
+
+    /// Commands in flight per connection (closed loop), or the pipeline window per connection
+    /// for orphan-storm and hold.
+    #[arg(long, default_value_t = 1)]
+    pub pipeline: usize,
+
+    /// Client threads, each with its own single-threaded runtime.
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+
+    /// Open loop: send this many commands per second in total, on a fixed schedule, and measure
+    /// latency from each command's scheduled time (no coordinated omission).
+    #[arg(long)]
+    pub rate: Option<f64>,
+
+    /// Measured run time (e.g. `10s`, `500ms`, `2m`); the hold time for hold and idle. Default
+    /// 10s, or a 300s safety bound when `--requests` is given.
+    #[arg(long, value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Stop after this many commands (measured ones, after the warm-up).
+    #[arg(long)]
+    pub requests: Option<u64>,
+
+    /// Unmeasured run time before the measured part.
+    #[arg(long, value_parser = parse_duration, default_value = "0s")]
+    pub warmup: Duration,
+
+    /// Number of distinct lock names.
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: u64,
+
+    /// How names are drawn from the key space.
+    #[arg(long, value_enum, default_value_t = Dist::Uniform)]
+    pub dist: Dist,
+
+    /// Zipf exponent for `--dist zipf`.
+    #[arg(long, default_value_t = 0.99)]
+    pub zipf_s: f64,
+
+    /// Bytes in every lock name.
+    #[arg(long, default_value_t = 16)]
+    pub key_size: usize,
+
+    /// Ratelimit: holder count above which a shared lock is given back at once.
+    #[arg(long, default_value_t = 10)]
+    pub limit: u64,
+
+    /// Ratelimit: how long a shared lock within the limit is held.
+    #[arg(long, default_value_t = 1)]
+    pub think_ms: u64,
+
+    /// Orphan-storm: locks taken per connection before it disconnects.
+    #[arg(long, default_value_t = 10)]
+    pub locks_per_conn: u64,
+
+    /// Seed for the key choices (default: from the clock), for repeatable runs.
+    #[arg(long)]
+    pub seed: Option<u64>,
+
+    /// Print the report as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+
+    /// No progress line, even on a terminal.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Where the server listens.
+#[derive(Clone, Debug)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => write!(f, "tcp {addr}"),
+            Endpoint::Unix(path) => write!(f, "unix {}", path.display()),
+        }
+    }
+}
+
+/// A run's settings, checked.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The server's protocol.
+    pub target: Target,
+    /// Where it listens.
+    pub endpoint: Endpoint,
+    /// What each connection does.
+    pub workload: Workload,
+    /// Number of connections.
+    pub conns: usize,
+    /// Commands in flight per connection.
+    pub pipeline: usize,
+    /// Client threads.
+    pub threads: usize,
+    /// Open-loop rate in commands per second, if open loop.
+    pub rate: Option<f64>,
+    /// Measured time (hold time for hold and idle).
+    pub duration: Duration,
+    /// Command budget, if bounded by count.
+    pub requests: Option<u64>,
+    /// Unmeasured lead-in.
+    pub warmup: Duration,
+    /// The key space.
+    pub keys: Keys,
+    /// Ratelimit threshold.
+    pub limit: u64,
+    /// Ratelimit hold time.
+    pub think: Duration,
+    /// Orphan-storm locks per connection.
+    pub locks_per_conn: u64,
+    /// Seed for every connection's key choices.
+    pub seed: u64,
+    /// Show a progress line (only honoured on a terminal).
+    pub progress: bool,
+}
+
+impl Config {
+    /// Checks the command line.
+    pub fn from_args(args: Args) -> Result<Self, String> {
+        let target = if args.redis {
+            Target::Redis
+        } else {
+            args.target
+        };
+        let endpoint = match (args.unix, args.addr) {
+            (Some(path), _) => Endpoint::Unix(path),
+            (None, Some(addr)) => Endpoint::Tcp(addr),
+            (None, None) => Endpoint::Tcp(SocketAddr::from((
+                [127, 0, 0, 1],
+                if target == Target::Redis { 6379 } else { 9999 },
+            ))),
+        };
+        let keys = Keys::new(args.keys, args.key_size, args.dist, args.zipf_s)?;
+        let seed = args.seed.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+        });
+        let duration = args.duration.unwrap_or(if args.requests.is_some() {
+            Duration::from_secs(300)
+        } else {
+            Duration::from_secs(10)
+        });
+        let config = Config {
+            target,
+            endpoint,
+            workload: args.workload,
+            conns: args.conns,
+            pipeline: args.pipeline,
+            threads: args.threads,
+            rate: args.rate,
+            duration,
+            requests: args.requests,
+            warmup: args.warmup,
+            keys,
+            limit: args.limit,
+            think: Duration::from_millis(args.think_ms),
+            locks_per_conn: args.locks_per_conn,
+            seed,
+            progress: !args.quiet,
+        };
+        config.check()?;
+        Ok(config)
+    }
+
+    /// The rules that no single flag can check by itself.
+    pub fn check(&self) -> Result<(), String> {
+        if self.conns == 0 || self.pipeline == 0 || self.threads == 0 {
+            return Err("--conns, --pipeline and --threads must be at least 1".into());
+        }
+        if let Some(rate) = self.rate {
+            if !(rate > 0.0 && rate.is_finite()) {
+                return Err("--rate must be a positive number".into());
+            }
+            if matches!(
+                self.workload,
+                Workload::OrphanStorm | Workload::Hold | Workload::Idle
+            ) {
+                return Err("--rate applies to churn, contention, inspect and ratelimit".into());
+            }
+        }
+        if self.target == Target::Redis && self.workload == Workload::OrphanStorm {
+            return Err(
+                "orphan-storm needs a server that releases a connection's locks when it \
+                        goes away; Redis does not"
+                    .into(),
+            );
+        }
+        // A connection never runs two operations on one key at once (glockd would answer the
+        // second `g` with 1, since the connection already holds the lock), so it needs at least
+        // as many keys as operations in flight.
+        let per_conn = match self.workload {
+            Workload::OrphanStorm => self.locks_per_conn,
+            _ => self.pipeline as u64,
+        };
+        if self.workload != Workload::Hold && self.keys.count() < per_conn {
+            return Err(format!(
+                "--keys {} is fewer than the {per_conn} operations a connection runs at once",
+                self.keys.count()
+            ));
+        }
+        if self.workload == Workload::Hold && self.keys.count() < self.conns as u64 {
+            return Err("hold needs at least one key per connection".into());
+        }
+        Ok(())
+    }
+}
+
+/// Parses `10s`, `250ms`, `2m`, `1.5s`, `100us` or a bare number of seconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("bad duration {text:?} (try 10s or 500ms)"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => {
+            return Err(format!(
+                "bad duration unit in {text:?} (use s, ms, us, m or h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("bad duration {text:?}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("ten").is_err());
+        assert!(parse_duration("5d").is_err());
+    }
+
+    #[test]
+    fn flags_are_checked_together() {
+        let parse = |line: &str| {
+            Args::try_parse_from(line.split_whitespace())
+                .map_err(|e| e.to_string())
+                .and_then(Config::from_args)
+        };
+        assert!(parse("loadgen --redis --workload orphan-storm").is_err());
+        assert!(parse("loadgen --keys 4 --pipeline 8").is_err());
+        assert!(parse("loadgen --conns 0").is_err());
+        let config = parse("loadgen --redis").unwrap();
+        assert_eq!(config.target, Target::Redis);
+        assert!(matches!(config.endpoint, Endpoint::Tcp(a) if a.port() == 6379));
+    }
+}

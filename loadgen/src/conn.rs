@@ -1,0 +1,190 @@
+//! Driving one connection: write a whole window of commands in one write, read whatever replies
+//! have arrived, parse them in place, repeat.
+//!
+//! Generic over the byte stream, so TCP and unix sockets share every line of it. Buffers are
+//! reused for the life of the connection; one clock reading serves a whole write (its send time)
+//! and a whole read (its receipt time), so the client's cost per command stays a few dozen
+//! nanoseconds.
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::report::Recorder;
+use crate::session::{RunShared, Schedule, Session};
+use crate::wire::{self, Parsed, Target};
+
+/// How long replies may keep coming after the run's end before the connection is given up.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
+/// Open loop: when the next tick is closer than this, poll instead of arming a timer, because
+/// the runtime's timers tick in milliseconds and would smear the schedule.
+const SPIN: Duration = Duration::from_millis(2);
+
+/// Free space kept in the read buffer before each read.
+const READ_SPACE: usize = 16 * 1024;
+
+/// Opens connections to the server.
+pub trait Dial: Clone + 'static {
+    /// The byte stream of one connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + 'static;
+    /// Connects once.
+    fn dial(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>>;
+}
+
+/// TCP, with Nagle off: a pipelined window is one write and must leave at once.
+#[derive(Clone)]
+pub struct TcpDial(pub SocketAddr);
+
+impl Dial for TcpDial {
+    type Stream = TcpStream;
+    async fn dial(&self) -> io::Result<TcpStream> {
+        let stream = TcpStream::connect(self.0).await?;
+        stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+}
+
+/// A unix socket.
+#[derive(Clone)]
+pub struct UnixDial(pub PathBuf);
+
+impl Dial for UnixDial {
+    type Stream = UnixStream;
+    async fn dial(&self) -> io::Result<UnixStream> {
+        UnixStream::connect(&self.0).await
+    }
+}
+
+/// A connection's reusable buffers.
+#[derive(Default)]
+pub struct Buffers {
+    /// Bytes read and not yet parsed.
+    read: Vec<u8>,
+    /// Commands built and not yet written.
+    write: Vec<u8>,
+}
+
+/// What every connection of one client thread works with.
+pub struct Env<'a> {
+    /// The thread's measurements.
+    pub rec: &'a RefCell<Recorder>,
+    /// What all connections of the run share.
+    pub run: &'a RunShared,
+    /// The server's protocol.
+    pub target: Target,
+    /// When the run's time is up.
+    pub end: Instant,
+}
+
+/// Runs `session` on `stream` until the session is done, the run's time is up and its replies
+/// are in, or the connection fails. Errors are described for the report.
+pub async fn drive<S>(
+    stream: &mut S,
+    session: &mut Session,
+    bufs: &mut Buffers,
+    env: &Env<'_>,
+    mut schedule: Option<&mut Schedule>,
+) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let Env {
+        rec,
+        run,
+        target,
+        end,
+    } = *env;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            session.stopping = true;
+        }
+        match schedule.as_deref_mut() {
+            Some(schedule) => {
+                schedule.issue(now);
+                session.fill_open(now, &mut schedule.ticks, &mut bufs.write);
+            }
+            None => session.fill_closed(now, &mut bufs.write),
+        }
+        if !bufs.write.is_empty() {
+            stream
+                .write_all(&bufs.write)
+                .await
+                .map_err(|e| format!("write failed: {e}"))?;
+            bufs.write.clear();
+        }
+        if session.done() {
+            return Ok(());
+        }
+
+        // Wait for replies, or until the next thing this connection must do on its own.
+        let mut wake = if session.stopping { end + DRAIN } else { end };
+        if let Some(at) = session.next_think() {
+            wake = wake.min(at);
+        }
+        if let (Some(schedule), false) = (schedule.as_deref(), session.stopping) {
+            wake = wake.min(schedule.next);
+        }
+        let now = Instant::now();
+        if session.stopping && now >= end + DRAIN {
+            return Err(format!(
+                "{} replies still missing {DRAIN:?} after the end of the run",
+                session.inflight()
+            ));
+        }
+        if bufs.read.capacity() - bufs.read.len() < READ_SPACE {
+            bufs.read.reserve(READ_SPACE);
+        }
+        let spin = schedule.is_some() && wake.saturating_duration_since(now) < SPIN;
+        let read = if spin {
+            tokio::select! {
+                biased;
+                read = stream.read_buf(&mut bufs.read) => read,
+                _ = tokio::task::yield_now() => continue,
+            }
+        } else {
+            tokio::select! {
+                biased;
+                read = stream.read_buf(&mut bufs.read) => read,
+                _ = tokio::time::sleep_until(wake.into()) => continue,
+            }
+        };
+        match read {
+            Ok(0) if session.inflight() > 0 => {
+                return Err(format!(
+                    "the server closed the connection with {} replies outstanding",
+                    session.inflight()
+                ))
+            }
+            Ok(0) => return Err("the server closed the connection".into()),
+            Ok(_) => {}
+            Err(e) => return Err(format!("read failed: {e}")),
+        }
+        let now = Instant::now();
+        let mut at = 0;
+        let mut replies = 0;
+        {
+            let mut rec = rec.borrow_mut();
+            loop {
+                match wire::parse(target, &bufs.read[at..]) {
+                    Parsed::Incomplete => break,
+                    Parsed::Malformed(what) => return Err(format!("malformed reply: {what}")),
+                    Parsed::Reply(raw, used) => {
+                        session.on_reply(&raw, now, &mut rec)?;
+                        at += used;
+                        replies += 1;
+                    }
+                }
+            }
+        }
+        bufs.read.drain(..at);
+        run.progress.fetch_add(replies, Ordering::Relaxed);
+    }
+}

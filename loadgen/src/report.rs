@@ -1,0 +1,258 @@
+//! What a run measured: per-thread recorders while it runs, one merged report at the end, shown
+//! as a table or as JSON.
+
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::cli::{Config, Workload};
+use crate::keys::Dist;
+use crate::wire::Target;
+
+/// Error examples kept per run: enough to see what went wrong, not a flood.
+const EXAMPLES: usize = 5;
+
+/// Longest latency the histograms hold (longer ones are clamped): one minute, in nanoseconds.
+const MAX_LATENCY_NS: u64 = 60_000_000_000;
+
+/// One client thread's measurements. Connections on a thread share it (they run on one thread,
+/// one at a time), so recording needs no synchronisation.
+pub struct Recorder {
+    /// Latency of every measured command, in nanoseconds.
+    pub latency: Histogram<u64>,
+    /// Replies received within the measured window.
+    pub commands: u64,
+    /// Unexpected or malformed replies, failed connections and exclusion violations.
+    pub errors: u64,
+    /// The first few error descriptions.
+    pub examples: Vec<String>,
+    /// Exclusive locks granted (contention, churn, orphan-storm, hold).
+    pub granted: u64,
+    /// Exclusive locks refused because someone else held them.
+    pub refused: u64,
+    /// Times two connections were both told they hold the same lock.
+    pub violations: u64,
+    /// Connections opened (orphan-storm opens many).
+    pub connections: u64,
+    /// Start of the measured window: replies before it are checked but not counted.
+    pub measure_from: Instant,
+    /// End of the measured window.
+    pub measure_until: Instant,
+    /// Receipt time of the last counted reply.
+    pub last_reply: Option<Instant>,
+}
+
+impl Recorder {
+    pub fn new(measure_from: Instant, measure_until: Instant) -> Self {
+        Recorder {
+            // Three significant digits over 1 ns..60 s: about 400 KB, once per thread.
+            latency: Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3)
+                .unwrap_or_else(|_| Histogram::new(3).expect("3 significant figures is valid")),
+            commands: 0,
+            errors: 0,
+            examples: Vec::new(),
+            granted: 0,
+            refused: 0,
+            violations: 0,
+            connections: 0,
+            measure_from,
+            measure_until,
+            last_reply: None,
+        }
+    }
+
+    /// Whether a reply received at `now` is inside the measured window.
+    #[inline]
+    pub fn measuring(&self, now: Instant) -> bool {
+        now >= self.measure_from && now <= self.measure_until
+    }
+
+    /// Records one reply to a command sent (or scheduled) at `sent`, received at `now`.
+    #[inline]
+    pub fn reply(&mut self, sent: Instant, now: Instant) {
+        if self.measuring(now) {
+            let ns = now.saturating_duration_since(sent).as_nanos() as u64;
+            self.latency.saturating_record(ns.clamp(1, MAX_LATENCY_NS));
+            self.commands += 1;
+            self.last_reply = Some(now);
+        }
+    }
+
+    /// Counts an error and keeps its description if it is one of the first.
+    pub fn error(&mut self, what: impl FnOnce() -> String) {
+        self.errors += 1;
+        if self.examples.len() < EXAMPLES {
+            self.examples.push(what());
+        }
+    }
+
+    /// Folds another thread's measurements into this one.
+    pub fn merge(&mut self, other: Recorder) {
+        // Both histograms have the same bounds, so adding cannot fail.
+        let _ = self.latency.add(&other.latency);
+        self.commands += other.commands;
+        self.errors += other.errors;
+        for example in other.examples {
+            if self.examples.len() < EXAMPLES {
+                self.examples.push(example);
+            }
+        }
+        self.granted += other.granted;
+        self.refused += other.refused;
+        self.violations += other.violations;
+        self.connections += other.connections;
+        self.last_reply = self.last_reply.max(other.last_reply);
+    }
+}
+
+/// Latency percentiles in microseconds.
+#[derive(Debug, Clone, Serialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+/// The result of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub target: Target,
+    pub endpoint: String,
+    pub workload: Workload,
+    pub conns: usize,
+    pub pipeline: usize,
+    pub threads: usize,
+    /// Open-loop rate asked for (commands/s), if open loop.
+    pub rate: Option<f64>,
+    pub keys: u64,
+    pub dist: Dist,
+    pub key_size: usize,
+    /// Length of the measured window in seconds.
+    pub seconds: f64,
+    /// Replies counted in the measured window.
+    pub commands: u64,
+    /// Commands per second over the measured window.
+    pub ops_per_sec: f64,
+    pub latency_us: Latency,
+    pub errors: u64,
+    pub error_examples: Vec<String>,
+    pub granted: u64,
+    pub refused: u64,
+    pub violations: u64,
+    pub connections: u64,
+}
+
+impl Report {
+    /// Builds the report from the merged recorder. `window` is the measured time when the run
+    /// went to its deadline; a run that ended early (by `--requests`) is measured up to its last
+    /// reply.
+    pub fn new(config: &Config, rec: &Recorder, reached_deadline: bool) -> Self {
+        let window = if reached_deadline {
+            rec.measure_until
+                .saturating_duration_since(rec.measure_from)
+        } else {
+            rec.last_reply.map_or(Duration::ZERO, |t| {
+                t.saturating_duration_since(rec.measure_from)
+            })
+        };
+        let seconds = window.as_secs_f64();
+        let us = |ns: u64| ns as f64 / 1e3;
+        let h = &rec.latency;
+        let latency = Latency {
+            p50: us(h.value_at_quantile(0.50)),
+            p90: us(h.value_at_quantile(0.90)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean() / 1e3,
+        };
+        Report {
+            target: config.target,
+            endpoint: config.endpoint.to_string(),
+            workload: config.workload,
+            conns: config.conns,
+            pipeline: config.pipeline,
+            threads: config.threads,
+            rate: config.rate,
+            keys: config.keys.count(),
+            dist: config.keys.dist(),
+            key_size: config.keys.size(),
+            seconds,
+            commands: rec.commands,
+            ops_per_sec: if seconds > 0.0 {
+                rec.commands as f64 / seconds
+            } else {
+                0.0
+            },
+            latency_us: latency,
+            errors: rec.errors,
+            error_examples: rec.examples.clone(),
+            granted: rec.granted,
+            refused: rec.refused,
+            violations: rec.violations,
+            connections: rec.connections,
+        }
+    }
+
+    /// The report as a small aligned table for people.
+    pub fn table(&self) -> String {
+        let mode = match self.rate {
+            Some(rate) => format!("open loop at {rate:.0}/s"),
+            None => format!("closed loop, pipeline {}", self.pipeline),
+        };
+        let l = &self.latency_us;
+        let mut rows = vec![
+            (
+                "target",
+                format!("{:?} ({})", self.target, self.endpoint).to_lowercase(),
+            ),
+            (
+                "workload",
+                format!(
+                    "{:?}, {} conns, {} threads, {mode}, {} keys {:?} of {} bytes",
+                    self.workload, self.conns, self.threads, self.keys, self.dist, self.key_size
+                )
+                .to_lowercase(),
+            ),
+            (
+                "throughput",
+                format!(
+                    "{:.0} ops/s ({} commands in {:.2} s)",
+                    self.ops_per_sec, self.commands, self.seconds
+                ),
+            ),
+            (
+                "latency µs",
+                format!(
+                    "p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
+                    l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+                ),
+            ),
+        ];
+        if self.granted + self.refused > 0 {
+            rows.push((
+                "locks",
+                format!(
+                    "{} granted, {} refused, {} exclusion violations",
+                    self.granted, self.refused, self.violations
+                ),
+            ));
+        }
+        if self.connections > self.conns as u64 {
+            rows.push(("connections", format!("{} opened", self.connections)));
+        }
+        rows.push(("errors", self.errors.to_string()));
+        for example in &self.error_examples {
+            rows.push(("  e.g.", example.clone()));
+        }
+        let mut out = String::new();
+        for (key, value) in rows {
+            out.push_str(&format!("{key:<12} {value}\n"));
+        }
+        out
+    }
+}

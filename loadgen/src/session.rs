@@ -1,0 +1,479 @@
+//! One connection's workload: which command to send next, what each reply must be, and what
+//! follows from it.
+//!
+//! A workload is a sequence of *operations*, each a short chain of commands on one key: churn's
+//! operation is `g k`, then `r k` if the lock was granted; ratelimit's is `sg k`, then `sr k`
+//! (at once over the limit, else after the think time). In a closed loop a connection keeps
+//! `--pipeline` operations going at once; in an open loop it sends one command per tick of its
+//! schedule, a pending follow-up first. A connection never runs two operations on one key at
+//! once: glockd answers a second `g` of a lock the connection already holds with `1 Got Lock`, so
+//! overlapping operations would make correct replies look wrong.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::rngs::SmallRng;
+use rand::SeedableRng;
+
+use crate::cli::{Config, Workload};
+use crate::report::Recorder;
+use crate::wire::{self, Cmd, Outcome, Raw};
+
+/// Commands a connection takes from the shared `--requests` budget at a time, so connections
+/// on different threads do not fight over one counter for every command.
+const BUDGET_CHUNK: i64 = 64;
+
+/// State shared by every connection of a run.
+pub struct RunShared {
+    /// Replies received so far, for the progress line.
+    pub progress: AtomicU64,
+    /// Commands left to send, when the run is bounded by `--requests`.
+    budget: Option<AtomicI64>,
+    /// Contention: for each key, the connection that was told it holds the lock (0: nobody).
+    holders: Vec<AtomicU64>,
+    /// Hold and idle: set when the connections should let go.
+    pub stop: AtomicBool,
+    /// Source of connection numbers for the exclusion check (0 means "nobody").
+    next_conn: AtomicU64,
+}
+
+impl RunShared {
+    pub fn new(config: &Config) -> Self {
+        let holders = if config.workload == Workload::Contention {
+            (0..config.keys.count())
+                .map(|_| AtomicU64::new(0))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        RunShared {
+            progress: AtomicU64::new(0),
+            budget: config.requests.map(|n| AtomicI64::new(n as i64)),
+            holders,
+            stop: AtomicBool::new(false),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+}
+
+impl RunShared {
+    /// Whether the `--requests` budget is used up (never, without one).
+    pub fn budget_spent(&self) -> bool {
+        self.budget
+            .as_ref()
+            .is_some_and(|budget| budget.load(Ordering::Relaxed) <= 0)
+    }
+}
+
+/// A hasher for key ids: they are already well spread (or small), so one multiply will do.
+#[derive(Default)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+}
+
+/// How a connection chooses keys.
+#[derive(Clone, Copy, Debug)]
+pub enum KeyPlan {
+    /// Drawn from the key space (`--dist`).
+    Random,
+    /// `next`, `next + step`, … below `end`: hold gives every connection its own keys.
+    Sequence { next: u64, step: u64, end: u64 },
+}
+
+/// A command sent and not yet answered.
+struct Pending {
+    /// What was sent.
+    cmd: Cmd,
+    /// On which key.
+    key: u64,
+    /// When it was sent, or in an open loop when it was scheduled: latency counts from here.
+    sent: Instant,
+}
+
+/// One connection's workload state.
+pub struct Session {
+    /// The run's settings.
+    config: Rc<Config>,
+    /// What all connections share.
+    run: Arc<RunShared>,
+    /// This connection's number in the exclusion check.
+    me: u64,
+    /// Key choices.
+    rng: SmallRng,
+    /// How keys are chosen.
+    plan: KeyPlan,
+    /// Sent commands, oldest first: replies come back in this order.
+    inflight: VecDeque<Pending>,
+    /// Follow-up commands ready to send (a release after a grant).
+    ready: VecDeque<(Cmd, u64)>,
+    /// Ratelimit: shared locks held until their think time is over, earliest first (one think
+    /// time for all, so arrival order is deadline order).
+    thinking: VecDeque<(Instant, u64)>,
+    /// Operations started and not finished.
+    active: usize,
+    /// Keys of the active operations (needed only when several run at once).
+    in_use: Option<HashSet<u64, BuildHasherDefault<IdHasher>>>,
+    /// Contention: keys this connection is recorded as holding.
+    held: Vec<u64>,
+    /// Operations this session may start in all (orphan-storm, hold, idle).
+    op_limit: Option<u64>,
+    /// Operations started.
+    started: u64,
+    /// Budget taken from the shared `--requests` counter and not yet spent.
+    local_budget: i64,
+    /// No more operations may start (budget or limit reached).
+    exhausted: bool,
+    /// The run's time is up: send nothing more, only collect replies.
+    pub stopping: bool,
+}
+
+impl Session {
+    /// A session for connection number `index` of the run.
+    pub fn new(
+        config: Rc<Config>,
+        run: Arc<RunShared>,
+        index: u64,
+        plan: KeyPlan,
+        op_limit: Option<u64>,
+    ) -> Self {
+        let concurrent = match config.workload {
+            Workload::OrphanStorm => config.locks_per_conn > 1 && config.pipeline > 1,
+            Workload::Hold | Workload::Idle => false,
+            _ => config.pipeline > 1 || config.rate.is_some(),
+        };
+        let me = run.next_conn.fetch_add(1, Ordering::Relaxed);
+        let seed = config.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ me;
+        Session {
+            rng: SmallRng::seed_from_u64(seed),
+            config,
+            run,
+            me,
+            plan,
+            inflight: VecDeque::new(),
+            ready: VecDeque::new(),
+            thinking: VecDeque::new(),
+            active: 0,
+            in_use: concurrent.then(HashSet::default),
+            held: Vec::new(),
+            op_limit,
+            started: 0,
+            local_budget: 0,
+            exhausted: false,
+            stopping: false,
+        }
+    }
+
+    /// Commands sent and not yet answered.
+    pub fn inflight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// True when this session has nothing more to do: every operation it may start has
+    /// finished, or the run is over and every reply is in.
+    pub fn done(&self) -> bool {
+        if self.stopping {
+            self.inflight.is_empty()
+        } else {
+            self.exhausted && self.active == 0
+        }
+    }
+
+    /// When the next think time ends, if any shared lock is being held.
+    pub fn next_think(&self) -> Option<Instant> {
+        self.thinking.front().map(|&(at, _)| at)
+    }
+
+    /// Takes one command from the `--requests` budget; false when it is spent.
+    fn claim(&mut self) -> bool {
+        let Some(budget) = &self.run.budget else {
+            return true;
+        };
+        if self.local_budget == 0 {
+            let before = budget.fetch_sub(BUDGET_CHUNK, Ordering::Relaxed);
+            if before <= 0 {
+                return false;
+            }
+            self.local_budget = before.min(BUDGET_CHUNK);
+        }
+        self.local_budget -= 1;
+        true
+    }
+
+    /// A key no active operation of this connection uses.
+    fn pick_key(&mut self) -> Option<u64> {
+        if let KeyPlan::Sequence { next, step, end } = &mut self.plan {
+            let key = *next;
+            *next += *step;
+            return (key < *end).then_some(key);
+        }
+        let keys = &self.config.keys;
+        let Some(in_use) = &mut self.in_use else {
+            return Some(keys.pick(&mut self.rng));
+        };
+        for _ in 0..16 {
+            let key = keys.pick(&mut self.rng);
+            if in_use.insert(key) {
+                return Some(key);
+            }
+        }
+        // A hot or small key space: look for a free key from a random start.
+        if keys.count() <= 1 << 16 {
+            let start = keys.pick(&mut self.rng);
+            for step in 0..keys.count() {
+                let key = (start + step) % keys.count();
+                if in_use.insert(key) {
+                    return Some(key);
+                }
+            }
+        }
+        None
+    }
+
+    /// Starts an operation: its first command and key.
+    fn start_op(&mut self) -> Option<(Cmd, u64)> {
+        if self.exhausted || self.stopping {
+            return None;
+        }
+        if self.op_limit.is_some_and(|limit| self.started >= limit) || !self.claim() {
+            self.exhausted = true;
+            return None;
+        }
+        let Some(key) = self.pick_key() else {
+            // Every key is busy on this connection; give the command back and wait.
+            self.local_budget += i64::from(self.run.budget.is_some());
+            return None;
+        };
+        self.started += 1;
+        self.active += 1;
+        let cmd = match self.config.workload {
+            Workload::Churn | Workload::Contention | Workload::OrphanStorm | Workload::Hold => {
+                Cmd::Get
+            }
+            Workload::Inspect | Workload::Idle => Cmd::Inspect,
+            Workload::Ratelimit => Cmd::SharedGet,
+        };
+        Some((cmd, key))
+    }
+
+    /// An operation is over.
+    fn finish(&mut self, key: u64) {
+        if let Some(in_use) = &mut self.in_use {
+            in_use.remove(&key);
+        }
+        self.active -= 1;
+    }
+
+    /// Appends a command to `out` and remembers it as in flight since `sent`.
+    fn send(&mut self, cmd: Cmd, key: u64, sent: Instant, out: &mut Vec<u8>) {
+        if cmd == Cmd::Release && !self.run.holders.is_empty() {
+            // From the moment the release leaves, another connection may rightly be granted
+            // the lock: this connection no longer counts as its holder.
+            self.forget_held(key);
+        }
+        wire::encode(self.config.target, cmd, &self.config.keys, key, out);
+        self.inflight.push_back(Pending { cmd, key, sent });
+    }
+
+    fn forget_held(&mut self, key: u64) {
+        if let Some(at) = self.held.iter().position(|&k| k == key) {
+            self.held.swap_remove(at);
+            let _ = self.run.holders[key as usize].compare_exchange(
+                self.me,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// Moves shared locks whose think time is over to the ready follow-ups.
+    fn promote(&mut self, now: Instant) {
+        while let Some(&(at, key)) = self.thinking.front() {
+            if at > now {
+                break;
+            }
+            self.thinking.pop_front();
+            self.ready.push_back((Cmd::SharedRelease, key));
+        }
+    }
+
+    /// Closed loop: sends ready follow-ups and starts operations up to the pipeline depth.
+    pub fn fill_closed(&mut self, now: Instant, out: &mut Vec<u8>) {
+        if self.stopping {
+            return;
+        }
+        self.promote(now);
+        while let Some((cmd, key)) = self.ready.pop_front() {
+            // A follow-up goes out even past the budget: it finishes what was started.
+            let _ = self.claim();
+            self.send(cmd, key, now, out);
+        }
+        while self.active < self.config.pipeline {
+            match self.start_op() {
+                Some((cmd, key)) => self.send(cmd, key, now, out),
+                None => break,
+            }
+        }
+    }
+
+    /// Open loop: spends due ticks (scheduled send times), one command each: a ready follow-up
+    /// first, else a new operation. Ticks that find nothing to send wait for the next call.
+    pub fn fill_open(&mut self, now: Instant, ticks: &mut VecDeque<Instant>, out: &mut Vec<u8>) {
+        if self.stopping {
+            return;
+        }
+        self.promote(now);
+        while let Some(&tick) = ticks.front() {
+            let next = match self.ready.pop_front() {
+                Some(follow_up) => {
+                    let _ = self.claim();
+                    Some(follow_up)
+                }
+                None => self.start_op(),
+            };
+            let Some((cmd, key)) = next else { break };
+            ticks.pop_front();
+            self.send(cmd, key, tick, out);
+        }
+    }
+
+    /// Handles one reply received at `now`. An error means the reply cannot be matched to a
+    /// command at all, so the stream can no longer be trusted.
+    pub fn on_reply(
+        &mut self,
+        raw: &Raw<'_>,
+        now: Instant,
+        rec: &mut Recorder,
+    ) -> Result<(), String> {
+        let Some(Pending { cmd, key, sent }) = self.inflight.pop_front() else {
+            return Err(format!(
+                "a reply with no command outstanding: {}",
+                wire::show_raw(raw)
+            ));
+        };
+        rec.reply(sent, now);
+        let Some(outcome) = wire::classify(self.config.target, cmd, raw) else {
+            rec.error(|| self.describe(cmd, key, "unexpected reply", raw));
+            self.finish(key);
+            return Ok(());
+        };
+        match (cmd, outcome) {
+            (Cmd::Get, Outcome::Granted) => {
+                rec.granted += 1;
+                if !self.run.holders.is_empty() {
+                    self.check_exclusion(key, rec);
+                }
+                match self.config.workload {
+                    Workload::Churn | Workload::Contention => {
+                        self.ready.push_back((Cmd::Release, key))
+                    }
+                    // Orphan-storm leaves its locks for the server to release; hold keeps them.
+                    _ => self.finish(key),
+                }
+            }
+            (Cmd::Get, Outcome::Refused) => {
+                rec.refused += 1;
+                if self.config.workload == Workload::Hold {
+                    rec.error(|| {
+                        self.describe(cmd, key, "a lock nobody else takes was refused", raw)
+                    });
+                }
+                self.finish(key);
+            }
+            (Cmd::SharedGet, Outcome::Count(count)) => {
+                if count > self.config.limit || self.config.think.is_zero() {
+                    self.ready.push_back((Cmd::SharedRelease, key));
+                } else {
+                    self.thinking.push_back((now + self.config.think, key));
+                }
+            }
+            (Cmd::Release | Cmd::SharedRelease, Outcome::NotReleased) => {
+                rec.error(|| self.describe(cmd, key, "a lock we held was not released", raw));
+                self.finish(key);
+            }
+            _ => self.finish(key),
+        }
+        Ok(())
+    }
+
+    /// Contention: this connection was just told it holds `key`; nobody else may be recorded as
+    /// holding it (a holder is recorded from its grant's receipt until its release is sent).
+    fn check_exclusion(&mut self, key: u64, rec: &mut Recorder) {
+        let slot = &self.run.holders[key as usize];
+        if let Err(other) = slot.compare_exchange(0, self.me, Ordering::AcqRel, Ordering::Acquire) {
+            rec.violations += 1;
+            let mut name = Vec::new();
+            self.config.keys.write_name(key, &mut name);
+            let me = self.me;
+            rec.error(|| {
+                format!(
+                    "mutual exclusion violated: connections {other} and {me} were both granted {} \
+                     with no release between",
+                    wire::show(&name)
+                )
+            });
+            slot.store(self.me, Ordering::Release);
+        }
+        self.held.push(key);
+    }
+
+    fn describe(&self, cmd: Cmd, key: u64, what: &str, raw: &Raw<'_>) -> String {
+        let mut name = Vec::new();
+        self.config.keys.write_name(key, &mut name);
+        format!(
+            "{cmd:?} {}: {what}: {}",
+            String::from_utf8_lossy(&name),
+            wire::show_raw(raw)
+        )
+    }
+}
+
+impl Drop for Session {
+    /// The connection is going away, and its locks with it: it no longer holds anything.
+    fn drop(&mut self) {
+        for key in std::mem::take(&mut self.held) {
+            let _ = self.run.holders[key as usize].compare_exchange(
+                self.me,
+                0,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+}
+
+/// An open-loop schedule: one tick every `interval`.
+pub struct Schedule {
+    /// Time between ticks of this connection.
+    pub interval: Duration,
+    /// The next tick not yet issued.
+    pub next: Instant,
+    /// Ticks issued and not yet spent on a command, oldest first.
+    pub ticks: VecDeque<Instant>,
+}
+
+impl Schedule {
+    /// Issues every tick due by `now`.
+    pub fn issue(&mut self, now: Instant) {
+        while self.next <= now {
+            self.ticks.push_back(self.next);
+            self.next += self.interval;
+        }
+    }
+}

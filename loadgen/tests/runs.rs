@@ -1,0 +1,182 @@
+//! Short, bounded runs of the load generator against an in-process glockd and the no-op server:
+//! every workload must finish with zero errors and a nonzero throughput.
+
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use glockd_loadgen::{noop, run, Args, Config, Report};
+
+fn glockd(shards: u16) -> (glockd::ServerHandle, SocketAddr) {
+    let config = glockd::Config {
+        shards: Some(shards),
+        pin: false,
+        ..glockd::Config::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = glockd::start_with(config, Some(listener)).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    (server, addr)
+}
+
+/// Runs `loadgen` with these flags (bounded: a small request count and a 2 s cap).
+fn loadgen(flags: &str) -> Report {
+    let line = format!("loadgen --quiet --duration 2s --threads 2 {flags}");
+    let args = Args::try_parse_from(line.split_whitespace()).unwrap();
+    let config = Config::from_args(args).unwrap();
+    run(config).unwrap()
+}
+
+fn assert_clean(report: &Report) {
+    assert_eq!(report.errors, 0, "{}", report.table());
+    assert!(report.commands > 0, "{}", report.table());
+    assert!(report.ops_per_sec > 0.0, "{}", report.table());
+}
+
+#[test]
+fn churn_pipelined_and_not() {
+    let (_server, addr) = glockd(2);
+    for pipeline in [1, 16] {
+        let report = loadgen(&format!(
+            "--addr {addr} --workload churn --conns 8 --pipeline {pipeline} --requests 20000"
+        ));
+        assert_clean(&report);
+        assert!(report.granted > 0);
+        assert!(report.commands >= 20_000, "{}", report.table());
+    }
+}
+
+#[test]
+fn contention_keeps_mutual_exclusion() {
+    let (_server, addr) = glockd(2);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload contention --conns 24 --keys 4 --pipeline 2 --requests 20000"
+    ));
+    assert_clean(&report);
+    assert_eq!(report.violations, 0);
+    assert!(
+        report.granted > 0 && report.refused > 0,
+        "{}",
+        report.table()
+    );
+}
+
+#[test]
+fn ratelimit_and_inspect() {
+    let (_server, addr) = glockd(2);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload ratelimit --conns 16 --keys 8 --limit 3 --think-ms 1 \
+         --pipeline 4 --requests 5000"
+    ));
+    assert_clean(&report);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload inspect --conns 4 --pipeline 8 --dist zipf --requests 5000"
+    ));
+    assert_clean(&report);
+}
+
+#[test]
+fn orphan_storm_leaves_no_lock_behind() {
+    let (server, addr) = glockd(2);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload orphan-storm --conns 8 --locks-per-conn 20 --pipeline 8 \
+         --keys 1000 --requests 8000"
+    ));
+    assert_clean(&report);
+    assert!(report.connections > 8, "{}", report.table());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.stats().locks != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "locks left: {}",
+            server.stats().locks
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(server.stats().orphans > 0);
+}
+
+#[test]
+fn open_loop_at_a_fixed_rate() {
+    let (_server, addr) = glockd(1);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload churn --conns 4 --rate 4000 --duration 1s"
+    ));
+    assert_clean(&report);
+    // About 4000 commands in one second; allow for a slow machine.
+    assert!(report.commands > 1000, "{}", report.table());
+    assert!(report.commands < 6000, "{}", report.table());
+}
+
+#[test]
+fn hold_takes_every_key_once() {
+    let (server, addr) = glockd(2);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload hold --conns 4 --keys 2000 --pipeline 64 --duration 100ms"
+    ));
+    assert_eq!(report.errors, 0, "{}", report.table());
+    assert_eq!(report.granted, 2000);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server.stats().locks != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "locks left: {}",
+            server.stats().locks
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn noop_server_over_tcp_and_unix() {
+    let dir = std::env::temp_dir().join(format!("loadgen-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("noop.sock");
+    let _ = std::fs::remove_file(&path);
+    let unix = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = noop::start(Some(tcp), Some(unix), 2).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let report = loadgen(&format!(
+        "--target noop --addr {addr} --conns 8 --pipeline 32 --requests 50000"
+    ));
+    assert_clean(&report);
+    let report = loadgen(&format!(
+        "--target noop --unix {} --conns 4 --pipeline 8 --requests 20000",
+        path.display()
+    ));
+    assert_clean(&report);
+    assert!(report.endpoint.starts_with("unix"));
+    drop(server);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_wrong_reply_is_an_error() {
+    // The no-op server's `1 Got Lock` is not what glockd answers to `r`.
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = noop::start(Some(tcp), None, 1).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let report = loadgen(&format!(
+        "--target glockd --addr {addr} --conns 2 --requests 200"
+    ));
+    assert!(report.errors > 0, "{}", report.table());
+    assert!(
+        report.error_examples[0].contains("unexpected reply"),
+        "{:?}",
+        report.error_examples
+    );
+}
+
+#[test]
+fn a_server_that_grants_everything_is_caught() {
+    // The no-op server says `1 Got Lock` to everyone: contention must see two holders at once.
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = noop::start(Some(tcp), None, 1).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let report = loadgen(&format!(
+        "--target noop --workload contention --addr {addr} --conns 8 --keys 2 --requests 2000"
+    ));
+    assert!(report.violations > 0, "{}", report.table());
+    assert!(report.errors >= report.violations);
+}

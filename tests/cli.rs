@@ -232,3 +232,36 @@ fn an_address_in_use_is_a_startup_error() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot start"));
 }
+
+#[test]
+fn a_second_signal_during_shutdown_exits_at_once() {
+    use std::io::Write;
+    let port = free_port();
+    // A client that never reads keeps the graceful shutdown waiting for up to a minute.
+    let server = Glockd::start(&[
+        "-port",
+        &port.to_string(),
+        "-shutdown-timeout",
+        "60",
+        "-write-timeout",
+        "0",
+    ]);
+    let mut stuck = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    // Many long-named locks, then a listing far bigger than the socket buffers, never read.
+    let pad = "p".repeat(300);
+    for chunk in 0..5 {
+        let batch: String = (0..10_000)
+            .map(|i| format!("g {pad}-{chunk}-{i}\n"))
+            .collect();
+        stuck.write_all(batch.as_bytes()).unwrap();
+        let mut replies = vec![0u8; 10_000 * 11];
+        stuck.read_exact(&mut replies).unwrap();
+    }
+    stuck.write_all(b"d\n").unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    kill(server.pid(), Signal::SIGTERM).expect("first signal");
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    assert_eq!(server.stop_with(Signal::SIGTERM), Some(130));
+    assert!(started.elapsed() < Duration::from_secs(20));
+}

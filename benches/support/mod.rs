@@ -1,0 +1,144 @@
+//! Helpers shared by the end-to-end benches: in-process servers and a blocking pipelining client.
+#![allow(dead_code)]
+
+pub mod mutex_server;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A glockd server in this process, on an ephemeral loopback port, unpinned (the bench shares
+/// the machine's cores with its client threads).
+pub fn start_glockd(shards: u16) -> (glockd::ServerHandle, SocketAddr) {
+    let config = glockd::Config {
+        shards: Some(shards),
+        pin: false,
+        ..glockd::Config::default()
+    };
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+    let server = glockd::start_with(config, Some(listener)).expect("glockd starts");
+    let addr = server.tcp_addr().expect("tcp enabled");
+    (server, addr)
+}
+
+/// A blocking connection that writes a whole batch at once and reads its replies.
+pub struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        Conn {
+            stream,
+            buf: vec![0; 64 * 1024],
+        }
+    }
+
+    /// Sends `batch` (complete lines) and waits for `replies` reply lines; returns how many of
+    /// them start with `1`.
+    pub fn roundtrip(&mut self, batch: &[u8], replies: usize) -> usize {
+        self.stream.write_all(batch).expect("write");
+        let mut lines = 0;
+        let mut ones = 0;
+        let mut line_start = true;
+        while lines < replies {
+            let n = self.stream.read(&mut self.buf).expect("read");
+            assert!(n > 0, "server closed the connection");
+            for &b in &self.buf[..n] {
+                if line_start && b == b'1' {
+                    ones += 1;
+                }
+                line_start = b == b'\n';
+                lines += usize::from(line_start);
+            }
+        }
+        ones
+    }
+}
+
+/// A churn window of `pipeline` commands: `g` and `r` of distinct names, in pairs, so every `g`
+/// is granted and every `r` releases (a pipeline of 1 re-takes one name this connection holds).
+pub fn churn_window(prefix: &str, pipeline: usize) -> Vec<u8> {
+    let mut batch = Vec::new();
+    if pipeline == 1 {
+        batch.extend_from_slice(format!("g {prefix}-0\n").as_bytes());
+        return batch;
+    }
+    for i in 0..pipeline / 2 {
+        batch.extend_from_slice(format!("g {prefix}-{i:08}\nr {prefix}-{i:08}\n").as_bytes());
+    }
+    batch
+}
+
+/// `conns` client threads, each on its own connection, each sending `windows` churn windows of
+/// `pipeline` commands and waiting for their replies; returns the wall time of the whole.
+pub fn churn(addr: SocketAddr, conns: usize, windows: u64, pipeline: usize) -> Duration {
+    let barrier = std::sync::Barrier::new(conns + 1);
+    std::thread::scope(|scope| {
+        for c in 0..conns {
+            let barrier = &barrier;
+            scope.spawn(move || {
+                let mut conn = Conn::connect(addr);
+                let batch = churn_window(&format!("c{c:03}"), pipeline);
+                let expect = pipeline.max(1);
+                barrier.wait();
+                for _ in 0..windows {
+                    let ones = conn.roundtrip(&batch, expect);
+                    assert_eq!(ones, expect, "every command of a churn window succeeds");
+                }
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        barrier.wait();
+        start.elapsed()
+    })
+}
+
+/// PLACEHOLDER until the server can say which shard owns a name (see the bench's doc): sorts
+/// candidate names into those served on `conn`'s own shard and the rest, by round-trip time.
+/// A name on the connection's own shard is answered inline; any other goes through a mailbox
+/// and back, two cross-thread wake-ups, which shows as a clearly longer minimum round trip on an
+/// otherwise idle machine. Returns (local, remote).
+pub fn placeholder_split_by_shard(conn: &mut Conn, count: usize) -> (Vec<String>, Vec<String>) {
+    let mut timed: Vec<(Duration, String)> = (0..count)
+        .map(|i| {
+            let name = format!("probe-{i:010}");
+            let line = format!("i {name}\n");
+            let best = (0..15)
+                .map(|_| {
+                    let start = Instant::now();
+                    conn.roundtrip(line.as_bytes(), 1);
+                    start.elapsed()
+                })
+                .min()
+                .unwrap_or_default();
+            (best, name)
+        })
+        .collect();
+    timed.sort();
+    // Two shards: about half the names are local. Cut at the largest gap in the middle half.
+    let (lo, hi) = (count / 4, count * 3 / 4);
+    let cut = (lo..hi)
+        .max_by_key(|&i| timed[i + 1].0.saturating_sub(timed[i].0))
+        .unwrap_or(count / 2)
+        + 1;
+    let gap = timed[cut].0.saturating_sub(timed[cut - 1].0);
+    eprintln!(
+        "shard split by round trip: {} local (fastest {:?}), {} remote (fastest {:?}), gap {:?}",
+        cut,
+        timed[0].0,
+        count - cut,
+        timed[cut].0,
+        gap
+    );
+    let remote = timed.split_off(cut);
+    (
+        timed.into_iter().map(|(_, n)| n).collect(),
+        remote.into_iter().map(|(_, n)| n).collect(),
+    )
+}

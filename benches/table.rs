@@ -1,0 +1,127 @@
+//! One shard's lock table (`glockd::table::ShardTable`): taking, releasing, sharing and orphaning
+//! 1000 locks, without any I/O.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use glockd::table::ShardTable;
+use glockd::LockName;
+
+const LOCKS: usize = 1000;
+
+/// 1000 distinct 16-byte names and their hashes in `table`.
+fn names(table: &ShardTable) -> Vec<(u64, LockName)> {
+    (0..LOCKS)
+        .map(|i| {
+            let name = format!("k{i:015}");
+            (table.hash(name.as_bytes()), LockName::new(name.as_bytes()))
+        })
+        .collect()
+}
+
+/// A table in which connection 1 holds every name, exclusively and shared.
+fn held() -> (ShardTable, Vec<(u64, LockName)>) {
+    let mut table = ShardTable::new(glockd::name_hasher());
+    let names = names(&table);
+    for (hash, name) in &names {
+        table.get(1, *hash, name, None);
+        table.shared_get(1, name, None);
+    }
+    (table, names)
+}
+
+fn table(c: &mut Criterion) {
+    let mut group = c.benchmark_group("shard table, 1000 locks");
+    group.throughput(Throughput::Elements(LOCKS as u64));
+
+    group.bench_function("get", |b| {
+        b.iter_batched(
+            || {
+                let table = ShardTable::new(glockd::name_hasher());
+                let names = names(&table);
+                (table, names)
+            },
+            |(mut table, names)| {
+                for (hash, name) in &names {
+                    black_box(table.get(1, *hash, name, None));
+                }
+                table
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    group.bench_function("get then release (warm table)", |b| {
+        let mut table = ShardTable::new(glockd::name_hasher());
+        let names = names(&table);
+        b.iter(|| {
+            for (hash, name) in &names {
+                black_box(table.get(1, *hash, name, None));
+            }
+            for (hash, name) in &names {
+                black_box(table.release(1, *hash, name.as_bytes()));
+            }
+        })
+    });
+
+    group.bench_function("release", |b| {
+        b.iter_batched(
+            held,
+            |(mut table, names)| {
+                for (hash, name) in &names {
+                    black_box(table.release(1, *hash, name.as_bytes()));
+                }
+                table
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    group.bench_function("get refused (held by another)", |b| {
+        let (mut table, names) = held();
+        b.iter(|| {
+            for (hash, name) in &names {
+                black_box(table.get(2, *hash, name, None));
+            }
+        })
+    });
+
+    group.bench_function("shared get", |b| {
+        b.iter_batched(
+            || {
+                let table = ShardTable::new(glockd::name_hasher());
+                let names = names(&table);
+                (table, names)
+            },
+            |(mut table, names)| {
+                for (_, name) in &names {
+                    black_box(table.shared_get(1, name, None));
+                }
+                table
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
+    group.bench_function("orphan_all (1000 exclusive + 1000 shared)", |b| {
+        b.iter_batched(
+            held,
+            |(mut table, _names)| {
+                black_box(table.orphan_all(1));
+                table
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = table
+}
+criterion_main!(benches);

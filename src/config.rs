@@ -23,9 +23,29 @@ pub struct Config {
     #[arg(long, default_value_t = 9999)]
     pub port: u16,
 
-    /// Address to listen on.
+    /// Address to listen on (TCP and websocket).
     #[arg(long, default_value = "0.0.0.0")]
     pub bind: IpAddr,
+
+    /// Websocket port (`ws://HOST:PORT/`, one command per message); 0 disables websockets.
+    #[arg(long, default_value_t = 9998)]
+    pub ws: u16,
+
+    /// Origins allowed to open websocket connections, comma-separated (e.g.
+    /// `https://ops.example.com`). Empty (the default, as in the original) allows every origin;
+    /// set it so that a page on another site cannot take locks through a user's browser.
+    #[arg(long, value_delimiter = ',', default_value = "")]
+    pub ws_origins: Vec<String>,
+
+    /// Unix socket path to listen on; empty (the default) disables it. A stale socket file
+    /// is replaced; any other file at that path is an error.
+    #[arg(long, value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub unix: Option<OsString>,
+
+    /// Permissions of the unix socket file, in octal. The default lets every local user
+    /// connect, as the original did; `0660` limits it to the owner and group.
+    #[arg(long, default_value = "0666", value_parser = octal_mode)]
+    pub unix_mode: u32,
 
     /// Write the process id here and hold an exclusive lock (flock) on the file, so two servers
     /// cannot share it. Removed on clean exit. Optional.
@@ -134,6 +154,22 @@ impl Config {
         Config::try_parse_from(go_style_args(args))
     }
 
+    /// The unix socket path, if enabled (`-unix ''` disables it, as in the original).
+    pub fn unix_path(&self) -> Option<&std::path::Path> {
+        self.unix
+            .as_deref()
+            .filter(|path| !path.is_empty())
+            .map(std::path::Path::new)
+    }
+
+    /// The allowed websocket origins (empty: any).
+    pub fn allowed_origins(&self) -> impl Iterator<Item = &str> {
+        self.ws_origins
+            .iter()
+            .map(|o| o.trim())
+            .filter(|o| !o.is_empty())
+    }
+
     /// The number of shard threads to run.
     pub fn shard_count(&self) -> usize {
         match self.shards {
@@ -141,6 +177,14 @@ impl Config {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
+}
+
+/// A file mode in octal (`0660`, `660`).
+fn octal_mode(s: &str) -> Result<u32, String> {
+    u32::from_str_radix(s.trim_start_matches("0o"), 8)
+        .ok()
+        .filter(|mode| *mode <= 0o7777)
+        .ok_or_else(|| format!("invalid file mode {s:?} (use octal, like 0660)"))
 }
 
 /// Go's `strconv.ParseBool`.
@@ -212,6 +256,27 @@ mod tests {
         assert!(c.registry && c.dump && !c.verbose && c.pin);
         assert!(c.pidfile.is_none());
         assert_eq!(c.bind.to_string(), "0.0.0.0");
+        assert_eq!(c.ws, 9998);
+        assert!(c.unix_path().is_none());
+        assert_eq!(c.allowed_origins().count(), 0);
+        assert_eq!(c.unix_mode, 0o666);
+    }
+
+    #[test]
+    fn doors_are_configured_like_the_original() {
+        let c = parse(&["-ws=0", "-unix", "/run/glockd.sock", "-unix-mode", "0660"]);
+        assert_eq!(c.ws, 0);
+        assert_eq!(
+            c.unix_path(),
+            Some(std::path::Path::new("/run/glockd.sock"))
+        );
+        assert_eq!(c.unix_mode, 0o660);
+        assert!(parse(&["-unix", ""]).unix_path().is_none());
+        let c = parse(&["-ws-origins", "https://a.example, https://b.example"]);
+        assert_eq!(
+            c.allowed_origins().collect::<Vec<_>>(),
+            ["https://a.example", "https://b.example"]
+        );
     }
 
     #[test]

@@ -3,8 +3,10 @@
 //!
 //! The modules, from the wire inwards:
 //! - [`config`]: the command line, Go-style flags included.
-//! - [`server`]: binds listeners, starts one pinned shard thread per core, accepts connections
-//!   and deals them out to the shards.
+//! - [`server`]: starts one pinned shard thread per core and shuts them down in order.
+//! - [`doors`]: the TCP, websocket and unix socket listeners; accepts connections and deals them
+//!   out to the shards.
+//! - [`websocket`]: a websocket client: one command per message, one reply per message.
 //! - [`connection`]: one client's I/O: reads lines, writes replies, enforces the per-connection
 //!   limits and timeouts.
 //! - [`session`]: runs a connection's commands, locally or via the owning shard's mailbox,
@@ -21,6 +23,7 @@
 pub mod client;
 pub mod config;
 mod connection;
+pub mod doors;
 pub mod name;
 pub mod pidfile;
 pub mod protocol;
@@ -30,10 +33,12 @@ mod session;
 pub mod shard;
 pub mod stats;
 pub mod table;
+mod websocket;
 
 pub use config::Config;
+pub use doors::Listeners;
 pub use name::LockName;
-pub use server::{start, start_with, ServerHandle};
+pub use server::{start, start_with, start_with_listeners, ServerHandle};
 
 /// A connection's internal id: unique for the life of the server, never reused.
 pub type ConnId = u64;

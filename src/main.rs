@@ -3,8 +3,8 @@
 use std::process::ExitCode;
 
 use glockd::pidfile::Pidfile;
-use glockd::Config;
-use tokio::signal::unix::{signal, SignalKind};
+use glockd::{Config, ServerHandle};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 
 fn main() -> ExitCode {
     let config = Config::from_args();
@@ -15,8 +15,59 @@ fn main() -> ExitCode {
             return ExitCode::from(4);
         }
     };
-    // Every connection is a file descriptor: raise the soft limit to the hard one, as Redis
-    // does, and say so if that still cannot hold --max-connections.
+    raise_open_file_limit(&config);
+
+    // Signal handlers go in before anything is served, so a SIGTERM that arrives the moment
+    // the server is up still shuts it down cleanly.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("glockd: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let signals = runtime.block_on(async {
+        Ok::<_, std::io::Error>((
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        ))
+    });
+    let (term, int) = match signals {
+        Ok(signals) => signals,
+        Err(e) => {
+            eprintln!("glockd: cannot install signal handlers: {e}");
+            return ExitCode::from(1);
+        }
+    };
+
+    let shards = config.shard_count();
+    let server = match glockd::start(config) {
+        Ok(server) => server,
+        Err(e) => {
+            eprintln!("glockd: cannot start: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    announce(&server, shards);
+
+    let clean = runtime.block_on(serve_until_signalled(server, term, int));
+    drop(pidfile);
+    if clean {
+        ExitCode::SUCCESS
+    } else {
+        // A second signal means "now": do not wait for the shards (dropping the runtime would
+        // wait for the shutdown still running on its blocking pool).
+        eprintln!("glockd: second signal; exiting at once");
+        std::process::exit(130);
+    }
+}
+
+/// Every connection is a file descriptor: raise the soft limit to the hard one, as Redis does,
+/// and say so if that still cannot hold --max-connections.
+fn raise_open_file_limit(config: &Config) {
     match rlimit::increase_nofile_limit(u64::MAX) {
         Ok(limit) if limit < config.max_connections + 32 => eprintln!(
             "glockd: warning: open-file limit is {limit}, below --max-connections {}; \
@@ -26,59 +77,41 @@ fn main() -> ExitCode {
         Ok(_) => {}
         Err(e) => eprintln!("glockd: warning: could not raise the open-file limit: {e}"),
     }
-    let shards = config.shard_count();
-    let server = match glockd::start(config) {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("glockd: cannot start: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match server.tcp_addr() {
-        Some(addr) => eprintln!("glockd: listening on tcp {addr} with {shards} shards"),
-        None => eprintln!("glockd: tcp disabled; running with {shards} shards"),
-    }
+}
 
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("glockd: cannot wait for signals: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let clean = runtime.block_on(async move {
-        let (mut term, mut int) = match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
-            (Ok(term), Ok(int)) => (term, int),
-            (Err(e), _) | (_, Err(e)) => {
-                eprintln!("glockd: cannot install signal handlers: {e}");
-                return false;
-            }
-        };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        eprintln!("glockd: shutting down");
-        let stopping = tokio::task::spawn_blocking(move || server.shutdown());
-        tokio::select! {
-            _ = stopping => true,
-            _ = term.recv() => false,
-            _ = int.recv() => false,
-        }
-    });
-    drop(pidfile);
-    if clean {
-        ExitCode::SUCCESS
-    } else {
-        // A second signal means "now": do not wait for the shards (dropping the runtime would
-        // wait for the shutdown still running on its blocking pool).
-        eprintln!("glockd: second signal; exiting at once");
-        std::process::exit(130);
+/// One line on stderr saying where the server listens (tests and scripts wait for it).
+fn announce(server: &ServerHandle, shards: usize) {
+    let mut doors = Vec::new();
+    if let Some(addr) = server.tcp_addr() {
+        doors.push(format!("tcp {addr}"));
+    }
+    if let Some(addr) = server.ws_addr() {
+        doors.push(format!("ws {addr}"));
+    }
+    if let Some(path) = server.unix_path() {
+        doors.push(format!("unix {}", path.display()));
+    }
+    if doors.is_empty() {
+        eprintln!("glockd: warning: every door is disabled (-port=0 -ws=0, no -unix)");
+    }
+    eprintln!(
+        "glockd: listening on {} with {shards} shards",
+        doors.join(", ")
+    );
+}
+
+/// Waits for SIGTERM or SIGINT, then shuts down gracefully; true unless a second signal cut
+/// the shutdown short.
+async fn serve_until_signalled(server: ServerHandle, mut term: Signal, mut int: Signal) -> bool {
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    eprintln!("glockd: shutting down");
+    let stopping = tokio::task::spawn_blocking(move || server.shutdown());
+    tokio::select! {
+        _ = stopping => true,
+        _ = term.recv() => false,
+        _ = int.recv() => false,
     }
 }

@@ -125,9 +125,12 @@ impl Drop for Admission {
     }
 }
 
-/// A stream handed from the accepting thread to the shard that will serve it.
+/// A stream handed from the accepting thread to the shard that will serve it, with its
+/// protocol id (`ip:port`, `unix:N`) and its place under `--max-connections`.
 pub enum Incoming {
-    Tcp(std::net::TcpStream, std::net::SocketAddr, Admission),
+    Tcp(std::net::TcpStream, String, Admission),
+    Ws(std::net::TcpStream, String, Admission),
+    Unix(std::os::unix::net::UnixStream, String, Admission),
 }
 
 /// What a shard's mailbox carries.
@@ -180,6 +183,8 @@ pub struct Shared {
     next_conn: AtomicU64,
     /// Connections open now, for `--max-connections` (see [`Admission`]).
     live_connections: AtomicU64,
+    /// Unix socket connections so far: their ids are `unix:1`, `unix:2`… as in the original.
+    unix_connections: AtomicU64,
 }
 
 impl Shared {
@@ -193,11 +198,20 @@ impl Shared {
             registry: Registry::default(),
             next_conn: AtomicU64::new(1),
             live_connections: AtomicU64::new(0),
+            unix_connections: AtomicU64::new(0),
         }
     }
 
     pub fn next_conn_id(&self) -> ConnId {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The protocol id of the next unix socket connection.
+    pub fn next_unix_id(&self) -> String {
+        format!(
+            "unix:{}",
+            self.unix_connections.fetch_add(1, Ordering::Relaxed) + 1
+        )
     }
 
     /// Posts `msg` to `shard`. False if that shard has stopped (the server is shutting down).
@@ -380,7 +394,7 @@ impl ShardCore {
                 let listing = self.list(shared, name.as_ref().map(|(h, n)| (*h, n.as_bytes())));
                 let _ = done.send(listing);
             }
-            ShardMsg::Adopt(incoming) => crate::server::adopt(self, incoming),
+            ShardMsg::Adopt(incoming) => crate::doors::adopt(self, incoming),
             ShardMsg::Close { drained } => self.close(drained),
             ShardMsg::Stop => return false,
         }

@@ -8,10 +8,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use common::TestServer;
+use common::{Setup, TestServer};
 
-async fn orphans_on_clean_close(shards: u16) {
-    let server = TestServer::start(shards);
+async fn orphans_on_clean_close(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     for name in ["a", "b", "c"] {
         a.check(&format!("g {name}\n"), "1 Got Lock\n").await;
@@ -36,8 +36,8 @@ async fn orphans_on_clean_close(shards: u16) {
     assert_eq!(stats["connections"], 2); // b and the stats client
 }
 
-async fn orphans_on_reset(shards: u16) {
-    let server = TestServer::start(shards);
+async fn orphans_on_reset(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     a.check(
         "g r1\ng r2\nsg rs\n",
@@ -57,8 +57,8 @@ async fn orphans_on_reset(shards: u16) {
     b.check("g r1\n", "1 Got Lock\n").await;
 }
 
-async fn locks_granted_while_disconnecting_are_orphaned(shards: u16) {
-    let server = TestServer::start(shards);
+async fn locks_granted_while_disconnecting_are_orphaned(setup: Setup) {
+    let server = TestServer::start(setup);
     for round in 0..20 {
         let mut a = server.connect().await;
         let batch: String = (0..500)
@@ -138,8 +138,8 @@ impl Model {
     }
 }
 
-async fn ten_thousand_pipelined_commands_match_a_sequential_model(shards: u16) {
-    let server = TestServer::start(shards);
+async fn ten_thousand_pipelined_commands_match_a_sequential_model(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut model = Model::default();
     let mut other = server.connect().await;
     let mut setup = String::new();
@@ -172,8 +172,8 @@ async fn ten_thousand_pipelined_commands_match_a_sequential_model(shards: u16) {
     me.expect(expected).await;
 }
 
-async fn fifty_connections_racing_for_ten_names_never_share_one(shards: u16) {
-    let server = TestServer::start(shards);
+async fn fifty_connections_racing_for_ten_names_never_share_one(setup: Setup) {
+    let server = TestServer::start(setup);
     let holders: Arc<Vec<AtomicUsize>> = Arc::new((0..10).map(|_| AtomicUsize::new(0)).collect());
     let grants = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -208,8 +208,8 @@ async fn fifty_connections_racing_for_ten_names_never_share_one(shards: u16) {
     assert_eq!(stats["locks"], 0);
 }
 
-async fn q_counts_are_exact(shards: u16) {
-    let server = TestServer::start(shards);
+async fn q_counts_are_exact(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     let mut b = server.connect().await;
     a.check("g x\ng y\nr y\ni x\nsg s\nsi s\nsr s\nnope\nd\n", "1 Got Lock\n1 Got Lock\n1 Released Lock\n1 Locked\n1 Got Shared Lock\n1 Shared Locked\n1 Released Shared Lock\n0 Invalid Command\n")
@@ -257,7 +257,7 @@ async fn q_counts_are_exact(shards: u16) {
     assert_eq!(server.stats().connections_total, 4);
 }
 
-for_each_shard_count!(
+for_each_transport!(
     orphans_on_clean_close,
     orphans_on_reset,
     locks_granted_while_disconnecting_are_orphaned,

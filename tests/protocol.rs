@@ -3,12 +3,11 @@
 
 mod common;
 
-use common::TestServer;
-use tokio::io::AsyncWriteExt;
+use common::{Setup, TestServer};
 
 /// Every example of the original README, with its documented integers.
-async fn seed_readme_examples(shards: u16) {
-    let server = TestServer::start(shards);
+async fn seed_readme_examples(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut other = server.connect().await;
     other.check("g bar\n", "1 Got Lock\n").await;
     let mut c = server.connect().await;
@@ -27,8 +26,8 @@ async fn seed_readme_examples(shards: u16) {
         .await;
 }
 
-async fn exclusive_locks(shards: u16) {
-    let server = TestServer::start(shards);
+async fn exclusive_locks(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     let mut b = server.connect().await;
     a.check("g x\n", "1 Got Lock\n").await;
@@ -43,8 +42,8 @@ async fn exclusive_locks(shards: u16) {
     a.check("g x\n", "0 Cannot Get Lock\n").await;
 }
 
-async fn shared_locks_count_holders(shards: u16) {
-    let server = TestServer::start(shards);
+async fn shared_locks_count_holders(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     let mut b = server.connect().await;
     let mut c = server.connect().await;
@@ -77,8 +76,8 @@ async fn shared_locks_count_holders(shards: u16) {
     a.check("dump\n", &format!("map[s:{cid}]\n")).await;
 }
 
-async fn whitespace_is_normalised(shards: u16) {
-    let server = TestServer::start(shards);
+async fn whitespace_is_normalised(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     // What the original Go client really sends.
     a.check(" g  foo   bar \n", "1 Got Lock\n").await;
@@ -89,8 +88,8 @@ async fn whitespace_is_normalised(shards: u16) {
     a.check("r foo bar\n", "1 Released Lock\n").await;
 }
 
-async fn empty_lines_get_nothing_and_unknown_commands_an_error(shards: u16) {
-    let server = TestServer::start(shards);
+async fn empty_lines_get_nothing_and_unknown_commands_an_error(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     a.check(
         "\n\r\n   \nbogus thing\nG x\ng x\n",
@@ -102,16 +101,16 @@ async fn empty_lines_get_nothing_and_unknown_commands_an_error(shards: u16) {
     assert_eq!(stats["command_g"], 1);
 }
 
-async fn empty_listings_are_empty(shards: u16) {
-    let server = TestServer::start(shards);
+async fn empty_listings_are_empty(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     // Nothing is held: d, sd and who print nothing, so the next reply comes first.
     a.check("d\nsd\nd nope\nwho\ni x\n", "0 Not Locked\n").await;
     a.check("dump\ndump shared\n", "map[]\nmap[]\n").await;
 }
 
-async fn registry_names_show_in_listings(shards: u16) {
-    let server = TestServer::start(shards);
+async fn registry_names_show_in_listings(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     let mut b = server.connect().await;
     let (aid, bid) = (a.id(), b.id());
@@ -139,8 +138,8 @@ async fn registry_names_show_in_listings(shards: u16) {
     b.check("d job\n", &format!("job: {aid}\n")).await;
 }
 
-async fn pipelined_commands_see_earlier_effects(shards: u16) {
-    let server = TestServer::start(shards);
+async fn pipelined_commands_see_earlier_effects(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     let id = a.id();
     // Names spread over every shard; d must list them all, sorted.
@@ -167,18 +166,8 @@ async fn pipelined_commands_see_earlier_effects(shards: u16) {
     assert!(q.contains("command_q: 1\n"), "{q}");
 }
 
-async fn a_line_split_across_writes_is_one_command(shards: u16) {
-    let server = TestServer::start(shards);
-    let mut a = server.connect().await;
-    for piece in ["g", " spl", "it-na", "me\r", "\ni split-name", "\n"] {
-        a.send(piece).await;
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-    }
-    a.expect("1 Got Lock\n1 Locked\n").await;
-}
-
-async fn long_and_binary_names_round_trip(shards: u16) {
-    let server = TestServer::start(shards);
+async fn long_and_binary_names_round_trip(setup: Setup) {
+    let server = TestServer::start(setup);
     let mut a = server.connect().await;
     let long = "L".repeat(100_000);
     a.check(&format!("g {long}\n"), "1 Got Lock\n").await;
@@ -196,17 +185,8 @@ async fn long_and_binary_names_round_trip(shards: u16) {
     b.expect(expected).await;
 }
 
-async fn last_line_without_newline_is_answered_at_end_of_input(shards: u16) {
-    let server = TestServer::start(shards);
-    let mut a = server.connect().await;
-    a.send("g tail").await;
-    a.stream.shutdown().await.unwrap();
-    a.expect("1 Got Lock\n").await;
-    a.expect_closed().await;
-}
-
-async fn disabled_commands_answer_disabled(shards: u16) {
-    let server = TestServer::start_with(shards, |c| {
+async fn disabled_commands_answer_disabled(setup: Setup) {
+    let server = TestServer::start_with(setup, |c| {
         c.dump = false;
         c.registry = false;
     });
@@ -219,7 +199,7 @@ async fn disabled_commands_answer_disabled(shards: u16) {
     let id = a.id();
     a.check("me\n", &format!("1 {id} {id}\n")).await;
 
-    let registry_only_off = TestServer::start_with(shards, |c| c.registry = false);
+    let registry_only_off = TestServer::start_with(setup, |c| c.registry = false);
     let mut b = registry_only_off.connect().await;
     b.check("iam x\nwho\ng a\n", "0 disabled\n0 disabled\n1 Got Lock\n")
         .await;
@@ -227,26 +207,7 @@ async fn disabled_commands_answer_disabled(shards: u16) {
     b.check("d\n", &format!("a: {id}\n")).await;
 }
 
-async fn overlong_line_is_refused_and_its_locks_orphaned(shards: u16) {
-    let server = TestServer::start_with(shards, |c| c.max_line_bytes = 1024);
-    let mut a = server.connect().await;
-    a.check("g held\n", "1 Got Lock\n").await;
-    a.send(format!("g {}\n", "x".repeat(2000))).await;
-    a.expect("0 Line Too Long\n").await;
-    a.expect_closed().await;
-    server
-        .wait_for_stats("the orphan", |s| s["orphans"] == 1 && s["locks"] == 0)
-        .await;
-    // A line at the limit is fine; so is endless input without a newline, up to the limit.
-    let mut b = server.connect().await;
-    b.check(&format!("g {}\n", "y".repeat(1021)), "1 Got Lock\n")
-        .await;
-    b.send("z".repeat(5000)).await;
-    b.expect("0 Line Too Long\n").await;
-    b.expect_closed().await;
-}
-
-for_each_shard_count!(
+for_each_transport!(
     seed_readme_examples,
     exclusive_locks,
     shared_locks_count_holders,
@@ -255,9 +216,57 @@ for_each_shard_count!(
     empty_listings_are_empty,
     registry_names_show_in_listings,
     pipelined_commands_see_earlier_effects,
-    a_line_split_across_writes_is_one_command,
     long_and_binary_names_round_trip,
-    last_line_without_newline_is_answered_at_end_of_input,
     disabled_commands_answer_disabled,
-    overlong_line_is_refused_and_its_locks_orphaned,
 );
+
+/// Byte-stream behaviour (TCP and unix sockets): over a websocket every message is a whole
+/// command, and its size limit is the protocol's own.
+mod byte_streams {
+    use super::common::{self, Setup, TestServer};
+    use tokio::io::AsyncWriteExt;
+
+    async fn a_line_split_across_writes_is_one_command(setup: Setup) {
+        let server = TestServer::start(setup);
+        let mut a = server.connect().await;
+        for piece in ["g", " spl", "it-na", "me\r", "\ni split-name", "\n"] {
+            a.send(piece).await;
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        a.expect("1 Got Lock\n1 Locked\n").await;
+    }
+
+    async fn last_line_without_newline_is_answered_at_end_of_input(setup: Setup) {
+        let server = TestServer::start(setup);
+        let mut a = server.connect().await;
+        a.send("g tail").await;
+        a.stream.shutdown().await.unwrap();
+        a.expect("1 Got Lock\n").await;
+        a.expect_closed().await;
+    }
+
+    async fn overlong_line_is_refused_and_its_locks_orphaned(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.max_line_bytes = 1024);
+        let mut a = server.connect().await;
+        a.check("g held\n", "1 Got Lock\n").await;
+        a.send(format!("g {}\n", "x".repeat(2000))).await;
+        a.expect("0 Line Too Long\n").await;
+        a.expect_closed().await;
+        server
+            .wait_for_stats("the orphan", |s| s["orphans"] == 1 && s["locks"] == 0)
+            .await;
+        // A line at the limit is fine; so is endless input without a newline, up to the limit.
+        let mut b = server.connect().await;
+        b.check(&format!("g {}\n", "y".repeat(1021)), "1 Got Lock\n")
+            .await;
+        b.send("z".repeat(5000)).await;
+        b.expect("0 Line Too Long\n").await;
+        b.expect_closed().await;
+    }
+
+    crate::for_each_byte_stream!(
+        a_line_split_across_writes_is_one_command,
+        last_line_without_newline_is_answered_at_end_of_input,
+        overlong_line_is_refused_and_its_locks_orphaned,
+    );
+}

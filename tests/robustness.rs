@@ -182,7 +182,7 @@ async fn endless_input_without_a_newline_is_refused_early(shards: u16) {
 async fn a_million_pipelined_commands_are_all_answered(shards: u16) {
     let server = TestServer::start(shards);
     let a = server.connect().await;
-    let (mut read, mut write) = a.stream.into_split();
+    let (mut read, mut write) = tokio::io::split(a.stream);
     const N: usize = 1_000_000;
     let writer = tokio::spawn(async move {
         let batch = "i pipelined\n".repeat(10_000);

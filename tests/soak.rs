@@ -40,6 +40,7 @@ impl Server {
                 "-shards",
                 "2",
                 "-pin=false",
+                "-ws=0",
             ])
             .args(["-max-unsent-bytes", "65536", "-write-timeout", "2"])
             .stdin(Stdio::null())

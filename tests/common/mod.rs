@@ -1,48 +1,151 @@
-//! Shared test harness: a real server on an ephemeral loopback port, and a raw client that
-//! asserts exact bytes.
+//! Shared test harness: a real server on ephemeral loopback doors, and a raw client of any
+//! transport that asserts exact bytes.
 #![allow(dead_code)]
+
+pub mod transport;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use glockd::{Config, ServerHandle};
+use glockd::{Config, Listeners, ServerHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+pub use transport::{Stream, Transport};
 
 /// How long any single expected reply may take before the test fails (a hang is a failure, not
 /// a timing assertion).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A server running in this process, stopped when dropped.
+/// How a test server is set up: its shard count, and the door test connections use.
+#[derive(Clone, Copy, Debug)]
+pub struct Setup {
+    pub shards: u16,
+    pub transport: Transport,
+}
+
+impl From<u16> for Setup {
+    fn from(shards: u16) -> Self {
+        Setup {
+            shards,
+            transport: Transport::Tcp,
+        }
+    }
+}
+
+/// A server running in this process, stopped when dropped. It always listens on TCP (used by
+/// the stats helpers); test connections use the setup's transport.
 pub struct TestServer {
     handle: Option<ServerHandle>,
     pub addr: SocketAddr,
+    pub ws_addr: Option<SocketAddr>,
+    pub unix_path: Option<PathBuf>,
+    pub transport: Transport,
+    /// Unix connections made so far: the server numbers them `unix:1`, `unix:2`… in order.
+    unix_connections: AtomicU64,
+}
+
+static SOCKETS: AtomicU64 = AtomicU64::new(0);
+
+/// A fresh unix socket path for this test process.
+pub fn socket_path() -> PathBuf {
+    std::env::temp_dir().join(format!(
+        "glockd-test-{}-{}.sock",
+        std::process::id(),
+        SOCKETS.fetch_add(1, Ordering::Relaxed)
+    ))
 }
 
 impl TestServer {
-    pub fn start(shards: u16) -> Self {
-        Self::start_with(shards, |_| {})
+    pub fn start(setup: impl Into<Setup>) -> Self {
+        Self::start_with(setup, |_| {})
     }
 
-    pub fn start_with(shards: u16, tweak: impl FnOnce(&mut Config)) -> Self {
+    pub fn start_with(setup: impl Into<Setup>, tweak: impl FnOnce(&mut Config)) -> Self {
+        let setup = setup.into();
+        Self::start_doors(setup, &[setup.transport], tweak)
+    }
+
+    /// A server with every door open; test connections default to `setup.transport`.
+    pub fn start_all_doors(setup: impl Into<Setup>, tweak: impl FnOnce(&mut Config)) -> Self {
+        let setup = setup.into();
+        Self::start_doors(
+            setup,
+            &[Transport::Tcp, Transport::Unix, Transport::Ws],
+            tweak,
+        )
+    }
+
+    fn start_doors(setup: Setup, doors: &[Transport], tweak: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config {
-            shards: Some(shards),
+            shards: Some(setup.shards),
             pin: false,
             ..Config::default()
         };
         tweak(&mut config);
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
-        let handle = glockd::start_with(config, Some(listener)).expect("server starts");
-        let addr = handle.tcp_addr().expect("tcp enabled");
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let mut listeners = Listeners {
+            tcp: Some(bind()),
+            ..Listeners::default()
+        };
+        for door in doors {
+            match door {
+                Transport::Tcp => {}
+                Transport::Ws => listeners.ws = Some(bind()),
+                Transport::Unix => {
+                    let path = socket_path();
+                    let listener = glockd::doors::bind_unix(&path, 0o600).expect("bind unix");
+                    listeners.unix = Some((listener, path));
+                }
+            }
+        }
+        let handle = glockd::start_with_listeners(config, listeners).expect("server starts");
         TestServer {
+            addr: handle.tcp_addr().expect("tcp enabled"),
+            ws_addr: handle.ws_addr(),
+            unix_path: handle.unix_path().map(PathBuf::from),
+            transport: setup.transport,
+            unix_connections: AtomicU64::new(0),
             handle: Some(handle),
-            addr,
         }
     }
 
+    /// A raw connection through the setup's door.
     pub async fn connect(&self) -> Raw {
-        Raw::connect(self.addr).await
+        self.connect_via(self.transport).await
+    }
+
+    /// A raw connection through a given door (which this server must have).
+    pub async fn connect_via(&self, transport: Transport) -> Raw {
+        match transport {
+            Transport::Tcp => Raw::connect(self.addr).await,
+            Transport::Unix => {
+                let path = self.unix_path.as_ref().expect("unix door");
+                let stream = tokio::net::UnixStream::connect(path)
+                    .await
+                    .expect("connect unix");
+                let n = self.unix_connections.fetch_add(1, Ordering::SeqCst) + 1;
+                Raw {
+                    stream: Stream::Unix(stream),
+                    id: format!("unix:{n}"),
+                }
+            }
+            Transport::Ws => {
+                let addr = self.ws_addr.expect("websocket door");
+                let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
+                    .await
+                    .expect("websocket handshake");
+                let bytes = transport::WsBytes::new(ws);
+                let id = bytes.tcp().local_addr().expect("local addr").to_string();
+                Raw {
+                    stream: Stream::Ws(Box::new(bytes)),
+                    id,
+                }
+            }
+        }
     }
 
     pub async fn client(&self) -> glockd::client::Client {
@@ -92,14 +195,20 @@ impl Drop for TestServer {
 
 /// A raw protocol connection.
 pub struct Raw {
-    pub stream: TcpStream,
+    pub stream: Stream,
+    /// Its protocol id as the server shows it.
+    id: String,
 }
 
 impl Raw {
     pub async fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).expect("nodelay");
-        Raw { stream }
+        let id = stream.local_addr().expect("local addr").to_string();
+        Raw {
+            stream: Stream::Tcp(stream),
+            id,
+        }
     }
 
     pub async fn send(&mut self, bytes: impl AsRef<[u8]>) {
@@ -179,19 +288,76 @@ impl Raw {
         }
     }
 
-    /// This connection's protocol id (`ip:port`), as the server sees it.
+    /// This connection's protocol id (`ip:port`, `unix:N`), as the server sees it.
     pub fn id(&self) -> String {
-        self.stream.local_addr().expect("local addr").to_string()
+        self.id.clone()
     }
 
-    /// Closes with a TCP reset instead of a FIN.
+    /// Vanishes without a goodbye: a TCP reset (for a websocket, under it: no close frame);
+    /// a unix socket just closes.
     pub fn reset(self) {
-        let std = self.stream.into_std().expect("into std");
-        socket2::SockRef::from(&std)
-            .set_linger(Some(Duration::ZERO))
-            .expect("linger 0");
-        drop(std);
+        let tcp = match &self.stream {
+            Stream::Tcp(tcp) => Some(tcp),
+            Stream::Ws(ws) => Some(ws.tcp()),
+            Stream::Unix(_) => None,
+        };
+        if let Some(tcp) = tcp {
+            socket2::SockRef::from(tcp)
+                .set_linger(Some(Duration::ZERO))
+                .expect("linger 0");
+        }
+        drop(self);
     }
+}
+
+/// Generates, for every listed `async fn name(setup: Setup)`, a test per door (TCP, unix socket,
+/// websocket) and per shard count (1: everything local; 4: most commands cross a mailbox).
+#[macro_export]
+macro_rules! for_each_transport {
+    ($($name:ident),* $(,)?) => {
+        $crate::for_each_transport!(@mod tcp_1, Tcp, 1; $($name),*);
+        $crate::for_each_transport!(@mod tcp_4, Tcp, 4; $($name),*);
+        $crate::for_each_transport!(@mod unix_1, Unix, 1; $($name),*);
+        $crate::for_each_transport!(@mod unix_4, Unix, 4; $($name),*);
+        $crate::for_each_transport!(@mod ws_1, Ws, 1; $($name),*);
+        $crate::for_each_transport!(@mod ws_4, Ws, 4; $($name),*);
+    };
+    (@mod $module:ident, $transport:ident, $shards:expr; $($name:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::common::Setup {
+                        shards: $shards,
+                        transport: super::common::Transport::$transport,
+                    })
+                    .await
+                }
+            )*
+        }
+    };
+}
+
+/// Like `for_each_transport!`, for behaviour of byte streams only (TCP and unix sockets): how a
+/// line split over writes, or input ending without a newline, is read.
+#[macro_export]
+macro_rules! for_each_byte_stream {
+    ($($name:ident),* $(,)?) => {
+        $crate::for_each_transport!(@mod tcp_1, Tcp, 1; $($name),*);
+        $crate::for_each_transport!(@mod tcp_4, Tcp, 4; $($name),*);
+        $crate::for_each_transport!(@mod unix_1, Unix, 1; $($name),*);
+        $crate::for_each_transport!(@mod unix_4, Unix, 4; $($name),*);
+    };
+}
+
+/// Generates `mod shards_1` and `mod shards_4` tests for every listed `async fn name(setup:
+/// Setup)`, with TCP as the default door.
+#[macro_export]
+macro_rules! for_each_shard_count_setup {
+    ($($name:ident),* $(,)?) => {
+        $crate::for_each_transport!(@mod shards_1, Tcp, 1; $($name),*);
+        $crate::for_each_transport!(@mod shards_4, Tcp, 4; $($name),*);
+    };
 }
 
 /// Generates `mod shards_1 { #[tokio::test] fn name() }` and the same for 4 shards, for every

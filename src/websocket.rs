@@ -1,0 +1,154 @@
+//! A websocket client (`ws://HOST:PORT/`, any path): each text or binary message carries one
+//! command (or several, newline-separated, answered one by one in order), and each reply is one
+//! message with exactly the bytes a TCP client would get, a multi-line reply (`d`, `q`, `who`…)
+//! in one message. An empty listing is an empty message, so every command gets a message back.
+//!
+//! The commands run through the same [`Session`] as TCP ones, on a shard thread like any other
+//! connection, so the locks, replies and stats are the same whichever door a client used.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_tungstenite::WebSocketStream;
+
+use crate::protocol;
+use crate::session::Session;
+use crate::shard::{Admission, ShardCore};
+
+/// How long a client may take to finish the websocket handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one websocket connection until it closes.
+pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission: Admission) {
+    let config = &core.shared.config;
+    let max_message = usize::try_from(config.max_line_bytes).unwrap_or(usize::MAX);
+    let ws_config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+        .max_write_buffer_size(usize::try_from(config.max_unsent_bytes).unwrap_or(usize::MAX));
+    let allowed: Vec<String> = config.allowed_origins().map(str::to_owned).collect();
+    // The error type is the handshake library's own HTTP response; its size is not ours to
+    // choose, and it is built at most once per connection.
+    #[allow(clippy::result_large_err)]
+    let check_origin = move |request: &Request, response: Response| {
+        origin_allowed(&allowed, request)
+            .then_some(response)
+            .ok_or_else(forbidden)
+    };
+    let handshake =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(ws_config));
+    let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            if config.verbose {
+                eprintln!("glockd: websocket handshake with {id} failed: {e}");
+            }
+            return;
+        }
+        Err(_) => return,
+    };
+    let write_timeout =
+        (config.write_timeout > 0).then(|| Duration::from_secs(config.write_timeout));
+    let idle_timeout = (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout));
+    let mut session = Session::new(core.clone(), id, admission);
+    let mut out = Vec::new();
+    loop {
+        if core.is_closing() {
+            break;
+        }
+        let next = async {
+            match idle_timeout {
+                Some(limit) => tokio::time::timeout(limit, ws.next()).await.ok().flatten(),
+                None => ws.next().await,
+            }
+        };
+        let message = tokio::select! {
+            message = next => message,
+            _ = core.closing() => break,
+        };
+        let data = match message {
+            Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
+            Some(Ok(Message::Binary(data))) => data,
+            // Pings are answered by the library with the next write or read.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+            Some(Ok(Message::Close(_))) | None => break,
+            Some(Err(WsError::Capacity(_))) => {
+                session.core().cell().invalid_commands.add(1);
+                let reply = Message::binary(protocol::LINE_TOO_LONG);
+                let _ = send(&mut ws, reply, write_timeout).await;
+                break;
+            }
+            Some(Err(_)) => return,
+        };
+        for line in data.split(|&b| b == b'\n') {
+            if protocol::trim(line).is_empty() {
+                continue; // a blank line gets nothing, as over TCP
+            }
+            out.clear();
+            if session.run_line(line, &mut out).await.is_err()
+                || session.flush(&mut out).await.is_err()
+            {
+                return;
+            }
+            let reply = match std::str::from_utf8(&out) {
+                Ok(text) => Message::text(text),
+                // Lock names are bytes: a listing of non-UTF-8 names goes as binary.
+                Err(_) => Message::binary(out.clone()),
+            };
+            if ws.feed(reply).await.is_err() {
+                return; // more unread replies than --max-unsent-bytes, or the peer is gone
+            }
+        }
+        if flush(&mut ws, write_timeout).await.is_err() {
+            return;
+        }
+    }
+    let close = ws.close(None);
+    let _ = tokio::time::timeout(write_timeout.unwrap_or(HANDSHAKE_TIMEOUT), close).await;
+}
+
+/// Whether the request's `Origin` is allowed. Browsers always send one; a request without it
+/// comes from a program, which the allow-list (a defence against cross-site pages) does not
+/// concern.
+fn origin_allowed(allowed: &[String], request: &Request) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    match request.headers().get("origin") {
+        None => true,
+        Some(origin) => origin
+            .to_str()
+            .is_ok_and(|origin| allowed.iter().any(|a| a == origin)),
+    }
+}
+
+fn forbidden() -> ErrorResponse {
+    let mut response = ErrorResponse::new(Some("origin not allowed\n".to_owned()));
+    *response.status_mut() = StatusCode::FORBIDDEN;
+    response
+}
+
+async fn flush(ws: &mut WebSocketStream<TcpStream>, limit: Option<Duration>) -> Result<(), ()> {
+    match limit {
+        Some(limit) => match tokio::time::timeout(limit, ws.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        },
+        None => ws.flush().await.map_err(|_| ()),
+    }
+}
+
+async fn send(
+    ws: &mut WebSocketStream<TcpStream>,
+    message: Message,
+    limit: Option<Duration>,
+) -> Result<(), ()> {
+    ws.feed(message).await.map_err(|_| ())?;
+    flush(ws, limit).await
+}

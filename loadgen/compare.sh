@@ -1,0 +1,306 @@
+#!/usr/bin/env bash
+# Side-by-side comparison of glockd, Redis and the no-op line server on this machine, in one run,
+# with the same load generator. Prints a Markdown table of medians and ratios.
+#
+# Servers run pinned to core 0 and the load generator to core 1 (taskset), so the client never
+# competes with the server for a core; everything listens on 127.0.0.1 only, on free ports.
+#
+#   loadgen/compare.sh            # full matrix, about 10 minutes
+#   QUICK=1 loadgen/compare.sh    # smaller and shorter, under 2 minutes
+#
+# Knobs (environment): REPS (runs per cell, alternating targets), DUR (measured seconds per run),
+# WARMUP, CONNS, HOLD_LOCKS, IDLE_CONNS, NO_BUILD=1 (use the binaries already built), BIN (where
+# the binaries are; default target/release),
+# OUT (directory for raw JSON and logs; default: a fresh temporary directory).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ "${QUICK:-0}" == 1 ]]; then
+    REPS=${REPS:-1} DUR=${DUR:-2} WARMUP=${WARMUP:-0.5}
+    HOLD_LOCKS=${HOLD_LOCKS:-200000} IDLE_CONNS=${IDLE_CONNS:-2000}
+else
+    REPS=${REPS:-3} DUR=${DUR:-5} WARMUP=${WARMUP:-1}
+    HOLD_LOCKS=${HOLD_LOCKS:-1000000} IDLE_CONNS=${IDLE_CONNS:-10000}
+fi
+CONNS=${CONNS:-50}
+OUT=${OUT:-$(mktemp -d -t glockd-compare.XXXXXX)}
+mkdir -p "$OUT"
+BIN=${BIN:-target/release}
+CLK_TCK=$(getconf CLK_TCK)
+
+command -v redis-server >/dev/null || {
+    echo "compare.sh: redis-server is not installed (Debian: apt-get install redis-server)" >&2
+    exit 1
+}
+command -v taskset >/dev/null || { echo "compare.sh: taskset is missing (util-linux)" >&2; exit 1; }
+if [[ "$(nproc)" -lt 2 ]]; then
+    echo "compare.sh: needs 2 cores (server on core 0, load generator on core 1)" >&2
+    exit 1
+fi
+
+if [[ "${NO_BUILD:-0}" != 1 ]]; then
+    cargo build --release --quiet --bin glockd
+    cargo build --release --quiet -p glockd-loadgen --bin loadgen --bin noop-server
+fi
+
+# Ten thousand idle connections need as many descriptors in the client and in each server.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+
+PIDS=()
+cleanup() {
+    local pid
+    for pid in "${PIDS[@]}"; do
+        kill "$pid" 2>/dev/null || true
+    done
+    for pid in "${PIDS[@]}"; do
+        wait "$pid" 2>/dev/null || true
+    done
+    PIDS=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+log() { echo "compare.sh: $*" >&2; }
+
+# A TCP port nobody listens on now, below the kernel's ephemeral range (so no outgoing
+# connection holds it either).
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32768)
+free_port() {
+    local port
+    while :; do
+        port=$((10000 + RANDOM % (EPHEMERAL_LOW - 10000)))
+        if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            echo "$port"
+            return
+        fi
+    done
+}
+
+wait_port() {
+    local i
+    for i in $(seq 1 200); do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+            return 0
+        fi
+        sleep 0.05
+    done
+    log "nothing listens on port $1"
+    return 1
+}
+
+# start NAME PORT COMMAND...: starts a server in the background, sets SERVER_PID.
+start() {
+    local name=$1 port=$2
+    shift 2
+    "$@" >"$OUT/$name.log" 2>&1 &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    wait_port "$port"
+}
+
+stop() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+    local keep=() pid
+    for pid in "${PIDS[@]}"; do
+        [[ "$pid" == "$1" ]] || keep+=("$pid")
+    done
+    PIDS=("${keep[@]+"${keep[@]}"}")
+}
+
+start_glockd() { # PORT SHARDS CORE [extra flags...]; CORE "-" runs it on every core
+    local port=$1 shards=$2 core=$3 prefix=()
+    shift 3
+    [[ $core == - ]] || prefix=(taskset -c "$core")
+    start "glockd-$port" "$port" "${prefix[@]}" "$BIN/glockd" --bind 127.0.0.1 --port "$port" \
+        --shards "$shards" "$@"
+}
+start_redis() {
+    start redis-$1 "$1" taskset -c 0 redis-server --bind 127.0.0.1 --port "$1" --save '' \
+        --appendonly no --maxclients $((IDLE_CONNS + 1000)) --protected-mode no
+}
+start_noop() { start noop-$1 "$1" taskset -c 0 "$BIN/noop-server" --port "$1" --threads 1; }
+
+# One JSON field (numbers only) from a loadgen report.
+field() { grep -o "\"$1\":[^,}]*" | head -1 | cut -d: -f2; }
+
+# cpu_ticks PID: user + system time of a process so far, in clock ticks.
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status"; }
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
+fmt() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
+fmt1() { awk -v v="$1" 'BEGIN { printf "%.1f", v }'; }
+
+# lg NAME [loadgen flags...]: one run pinned to core 1; the JSON report goes to $OUT/NAME.json.
+lg() {
+    local name=$1
+    shift
+    if ! taskset -c 1 "$BIN/loadgen" --quiet --json "$@" >"$OUT/$name.json" 2>"$OUT/$name.err"; then
+        log "run $name reported errors or failed: $(head -c 400 "$OUT/$name.err") $(field error_examples <"$OUT/$name.json" || true)"
+    fi
+}
+
+log "raw results in $OUT"
+log "load before starting: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+GP=$(free_port); start_glockd "$GP" 1 0; GLOCKD=$SERVER_PID
+RP=$(free_port); start_redis "$RP"; REDIS=$SERVER_PID
+NP=$(free_port); start_noop "$NP"; NOOP=$SERVER_PID
+declare -A PORT=([glockd]=$GP [redis]=$RP [noop]=$NP)
+declare -A PID=([glockd]=$GLOCKD [redis]=$REDIS [noop]=$NOOP)
+target_flags() { # how loadgen talks to each server
+    case $1 in
+        glockd) echo "--target glockd --addr 127.0.0.1:${PORT[glockd]}" ;;
+        redis) echo "--target redis --addr 127.0.0.1:${PORT[redis]}" ;;
+        noop) echo "--target noop --addr 127.0.0.1:${PORT[noop]}" ;;
+    esac
+}
+
+# Closed-loop churn, pipeline 32 and 1, every target in turn, REPS times.
+for pipeline in 32 1; do
+    for rep in $(seq 1 "$REPS"); do
+        for t in glockd redis noop; do
+            before=$(cpu_ticks "${PID[$t]}")
+            # Pipeline 1 runs have no warm-up, so the server's CPU time covers exactly the run.
+            warm=$WARMUP
+            [[ $pipeline == 1 ]] && warm=0
+            # shellcheck disable=SC2046
+            lg "churn-p$pipeline-$t-$rep" $(target_flags "$t") --workload churn \
+                --conns "$CONNS" --pipeline "$pipeline" --duration "${DUR}s" --warmup "${warm}s"
+            after=$(cpu_ticks "${PID[$t]}")
+            echo $((after - before)) >"$OUT/churn-p$pipeline-$t-$rep.cpu"
+            log "churn p$pipeline $t #$rep: $(fmt "$(field ops_per_sec <"$OUT/churn-p$pipeline-$t-$rep.json")") ops/s"
+        done
+    done
+done
+
+# med FILE_PATTERN FIELD: median of a field over the repetitions.
+med() {
+    local f
+    for f in $OUT/$1-*.json; do field "$2" <"$f"; done | median
+}
+# Server CPU per command at pipeline 1, in nanoseconds (median over repetitions).
+cpu_per_cmd() {
+    local rep ticks cmds
+    for rep in $(seq 1 "$REPS"); do
+        ticks=$(cat "$OUT/churn-p1-$1-$rep.cpu")
+        cmds=$(field commands <"$OUT/churn-p1-$1-$rep.json")
+        awk -v t="$ticks" -v c="$cmds" -v hz="$CLK_TCK" 'BEGIN { if (c > 0) print t / hz * 1e9 / c }'
+    done | median
+}
+
+declare -A P32 P1 P1LAT CPU
+for t in glockd redis noop; do
+    P32[$t]=$(med "churn-p32-$t" ops_per_sec)
+    P1[$t]=$(med "churn-p1-$t" ops_per_sec)
+    P1LAT[$t]=$(med "churn-p1-$t" p99)
+    CPU[$t]=$(cpu_per_cmd "$t")
+done
+
+# Open loop at half of Redis's closed-loop pipeline-1 rate: p99 latency, glockd vs Redis.
+RATE=$(awk -v r="${P1[redis]}" 'BEGIN { printf "%.0f", r / 2 }')
+for rep in $(seq 1 "$REPS"); do
+    for t in glockd redis; do
+        # shellcheck disable=SC2046
+        lg "open-$t-$rep" $(target_flags "$t") --workload churn --conns "$CONNS" \
+            --rate "$RATE" --duration "${DUR}s" --warmup "${WARMUP}s"
+        log "open loop $RATE/s $t #$rep: p99 $(field p99 <"$OUT/open-$t-$rep.json") µs"
+    done
+done
+declare -A OPEN50 OPEN99
+for t in glockd redis; do
+    OPEN50[$t]=$(med "open-$t" p50)
+    OPEN99[$t]=$(med "open-$t" p99)
+done
+stop "$NOOP"
+
+# --shards 2, both cores, at pipeline 32 (load generator still on core 1): unpinned
+# (-pin=false, the OS places the shard threads) and with glockd's own pinning.
+stop "$GLOCKD"
+for variant in unpinned pinned; do
+    port=$(free_port)
+    if [[ $variant == unpinned ]]; then
+        start_glockd "$port" 2 - --pin=false
+    else
+        start_glockd "$port" 2 -
+    fi
+    pid=$SERVER_PID
+    for rep in $(seq 1 "$REPS"); do
+        lg "shards2-$variant-$rep" --target glockd --addr "127.0.0.1:$port" --workload churn \
+            --conns "$CONNS" --pipeline 32 --duration "${DUR}s" --warmup "${WARMUP}s"
+        log "shards 2 $variant #$rep: $(fmt "$(field ops_per_sec <"$OUT/shards2-$variant-$rep.json")") ops/s"
+    done
+    stop "$pid"
+done
+S2U=$(med shards2-unpinned ops_per_sec)
+S2P=$(med shards2-pinned ops_per_sec)
+
+# Memory per held lock: HOLD_LOCKS exclusive locks with 16-byte names, RSS before and while held.
+hold_rss() { # TARGET PID PORT → prints bytes per lock
+    local t=$1 pid=$2 port=$3 before during
+    before=$(rss_kib "$pid")
+    taskset -c 1 "$BIN/loadgen" --quiet --json --target "$t" --addr "127.0.0.1:$port" \
+        --workload hold --keys "$HOLD_LOCKS" --key-size 16 --conns 10 --pipeline 256 \
+        --duration 3s >"$OUT/hold-$t.json" 2>"$OUT/hold-$t.err" &
+    local lgpid=$!
+    PIDS+=("$lgpid")
+    while ! grep -q "loadgen: holding" "$OUT/hold-$t.err" 2>/dev/null; do
+        kill -0 "$lgpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    during=$(rss_kib "$pid")
+    stop "$lgpid"
+    awk -v a="$before" -v b="$during" -v n="$HOLD_LOCKS" 'BEGIN { printf "%.1f", (b - a) * 1024 / n }'
+}
+# Memory per idle connection: IDLE_CONNS connections that sent one command each.
+idle_rss() { # TARGET PID PORT → prints bytes per connection
+    local t=$1 pid=$2 port=$3 before during
+    before=$(rss_kib "$pid")
+    taskset -c 1 "$BIN/loadgen" --quiet --json --target "$t" --addr "127.0.0.1:$port" \
+        --workload idle --conns "$IDLE_CONNS" --duration 3s >"$OUT/idle-$t.json" 2>"$OUT/idle-$t.err" &
+    local lgpid=$!
+    PIDS+=("$lgpid")
+    while ! grep -q "loadgen: holding" "$OUT/idle-$t.err" 2>/dev/null; do
+        kill -0 "$lgpid" 2>/dev/null || break
+        sleep 0.05
+    done
+    during=$(rss_kib "$pid")
+    stop "$lgpid"
+    awk -v a="$before" -v b="$during" -v n="$IDLE_CONNS" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }'
+}
+
+port=$(free_port); start_glockd "$port" 1 0; pid=$SERVER_PID
+HOLD_G=$(hold_rss glockd "$pid" "$port")
+stop "$pid"
+port=$(free_port); start_glockd "$port" 1 0; pid=$SERVER_PID
+IDLE_G=$(idle_rss glockd "$pid" "$port")
+stop "$pid"
+HOLD_R=$(hold_rss redis "$REDIS" "${PORT[redis]}")
+stop "$REDIS"
+port=$(free_port); start_redis "$port"; pid=$SERVER_PID
+IDLE_R=$(idle_rss redis "$pid" "$port")
+stop "$pid"
+log "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
+
+ok() { awk -v c="$1" 'BEGIN { print (c ? "yes" : "**no**") }'; }
+cat <<EOF
+
+Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1); $REPS runs per cell, ${DUR}s each, medians; $CONNS connections; servers on core 0, load generator on core 1.
+
+| measure | glockd | Redis | no-op | ratio | goal | met |
+|---|---|---|---|---|---|---|
+| churn, pipeline 32 (ops/s) | $(fmt "${P32[glockd]}") | $(fmt "${P32[redis]}") | $(fmt "${P32[noop]}") | $(ratio "${P32[glockd]}" "${P32[redis]}")× Redis, $(ratio "${P32[glockd]}" "${P32[noop]}")× no-op | ≥ 2× Redis, ≥ 0.75× no-op | $(ok "$(awk -v g="${P32[glockd]}" -v r="${P32[redis]}" -v n="${P32[noop]}" 'BEGIN { print (g >= 2 * r && g >= 0.75 * n) }')") |
+| churn, pipeline 1 (ops/s) | $(fmt "${P1[glockd]}") | $(fmt "${P1[redis]}") | $(fmt "${P1[noop]}") | $(ratio "${P1[glockd]}" "${P1[redis]}")× Redis | ≥ Redis | $(ok "$(awk -v g="${P1[glockd]}" -v r="${P1[redis]}" 'BEGIN { print (g >= r) }')") |
+| churn, pipeline 1, p99 (µs) | $(fmt1 "${P1LAT[glockd]}") | $(fmt1 "${P1LAT[redis]}") | $(fmt1 "${P1LAT[noop]}") | | | |
+| server CPU per command, pipeline 1 (ns) | $(fmt "${CPU[glockd]}") | $(fmt "${CPU[redis]}") | $(fmt "${CPU[noop]}") | $(ratio "${CPU[glockd]}" "${CPU[noop]}")× no-op | ≤ 1.10× no-op | $(ok "$(awk -v g="${CPU[glockd]}" -v n="${CPU[noop]}" 'BEGIN { print (g <= 1.1 * n) }')") |
+| \`--shards 2 -pin=false\`, pipeline 32 (ops/s) | $(fmt "$S2U") | | | $(ratio "$S2U" "${P32[glockd]}")× shards 1 pinned | ≥ 0.90× | $(ok "$(awk -v a="$S2U" -v b="${P32[glockd]}" 'BEGIN { print (a >= 0.9 * b) }')") |
+| \`--shards 2\` (pinned by glockd), pipeline 32 (ops/s) | $(fmt "$S2P") | | | $(ratio "$S2P" "${P32[glockd]}")× shards 1 pinned | | |
+| memory per held lock, 16-byte names (bytes RSS) | $HOLD_G | $HOLD_R | | $(ratio "$HOLD_G" "$HOLD_R")× Redis | ≤ 60 | $(ok "$(awk -v g="$HOLD_G" 'BEGIN { print (g <= 60) }')") |
+| memory per idle connection (bytes RSS) | $IDLE_G | $IDLE_R | | $(ratio "$IDLE_G" "$IDLE_R")× Redis | ≤ 8192 | $(ok "$(awk -v g="$IDLE_G" 'BEGIN { print (g <= 8192) }')") |
+| open loop at $RATE/s (½ Redis max, p1), p50 µs | $(fmt1 "${OPEN50[glockd]}") | $(fmt1 "${OPEN50[redis]}") | | | | |
+| open loop at $RATE/s (½ Redis max, p1), p99 µs | $(fmt1 "${OPEN99[glockd]}") | $(fmt1 "${OPEN99[redis]}") | | $(ratio "${OPEN99[glockd]}" "${OPEN99[redis]}")× Redis | ≤ 1× Redis | $(ok "$(awk -v g="${OPEN99[glockd]}" -v r="${OPEN99[redis]}" 'BEGIN { print (g <= r) }')") |
+
+Held locks: $HOLD_LOCKS; idle connections: $IDLE_CONNS. Raw JSON reports: $OUT
+EOF

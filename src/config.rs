@@ -37,6 +37,11 @@ pub struct Config {
     #[arg(long, value_delimiter = ',', default_value = "")]
     pub ws_origins: Vec<String>,
 
+    /// Where to serve Prometheus metrics (`http://ADDR/metrics`); `off` or `0` disables the
+    /// endpoint (and the latency timing behind it).
+    #[arg(long, default_value = "127.0.0.1:9997", value_parser = metrics_addr)]
+    pub metrics: MetricsAddr,
+
     /// Unix socket path to listen on; empty (the default) disables it. A stale socket file
     /// is replaced; any other file at that path is an error.
     #[arg(long, value_parser = clap::value_parser!(std::ffi::OsString))]
@@ -154,6 +159,11 @@ impl Config {
         Config::try_parse_from(go_style_args(args))
     }
 
+    /// The metrics endpoint's address, if enabled.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.0
+    }
+
     /// The unix socket path, if enabled (`-unix ''` disables it, as in the original).
     pub fn unix_path(&self) -> Option<&std::path::Path> {
         self.unix
@@ -176,6 +186,20 @@ impl Config {
             Some(n) => usize::from(n),
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
+    }
+}
+
+/// The metrics endpoint's address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsAddr(pub Option<std::net::SocketAddr>);
+
+fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
+    match s {
+        "off" | "0" | "" | "false" => Ok(MetricsAddr(None)),
+        _ => s
+            .parse()
+            .map(|addr| MetricsAddr(Some(addr)))
+            .map_err(|_| format!("invalid metrics address {s:?} (use HOST:PORT, or off)")),
     }
 }
 
@@ -260,6 +284,13 @@ mod tests {
         assert!(c.unix_path().is_none());
         assert_eq!(c.allowed_origins().count(), 0);
         assert_eq!(c.unix_mode, 0o666);
+        assert_eq!(c.metrics_addr(), Some("127.0.0.1:9997".parse().unwrap()));
+        assert_eq!(parse(&["-metrics", "off"]).metrics_addr(), None);
+        assert_eq!(parse(&["--metrics=0"]).metrics_addr(), None);
+        assert_eq!(
+            parse(&["-metrics", "0.0.0.0:9100"]).metrics_addr(),
+            Some("0.0.0.0:9100".parse().unwrap())
+        );
     }
 
     #[test]

@@ -176,7 +176,12 @@ where
     let mut stall: Option<Pin<Box<Sleep>>> = None;
     let mut eof = false;
     loop {
-        let more = match buffers.run_lines(&mut session, limits.max_line).await {
+        let started = session.measures_latency().then(std::time::Instant::now);
+        let ran = buffers.run_lines(&mut session, limits.max_line).await;
+        if let Some(started) = started {
+            session.record_latency(started.elapsed());
+        }
+        let more = match ran {
             Ok(more) => more,
             Err(Stop::LineTooLong) => {
                 session.core().cell().invalid_commands.add(1);

@@ -27,6 +27,8 @@ pub struct Listeners {
     pub ws: Option<StdTcpListener>,
     /// The line protocol over a unix socket, and the socket file's path (removed at exit).
     pub unix: Option<(StdUnixListener, PathBuf)>,
+    /// The Prometheus metrics endpoint (HTTP).
+    pub metrics: Option<StdTcpListener>,
 }
 
 impl Listeners {
@@ -46,6 +48,13 @@ impl Listeners {
             unix: config
                 .unix_path()
                 .map(|path| bind_unix(path, config.unix_mode).map(|l| (l, path.to_owned())))
+                .transpose()?,
+            metrics: config
+                .metrics_addr()
+                .map(|addr| {
+                    StdTcpListener::bind(addr)
+                        .map_err(|e| io::Error::new(e.kind(), format!("metrics {addr}: {e}")))
+                })
                 .transpose()?,
         })
     }

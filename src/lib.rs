@@ -16,7 +16,8 @@
 //! - [`table`]: one shard's lock table, the authority on who holds what.
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
-//! - [`stats`]: the lock-free per-shard counters behind `q`.
+//! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
+//! - [`exporter`]: the Prometheus `/metrics` endpoint.
 //! - [`pidfile`]: the flock'ed pidfile.
 //! - [`client`]: an async client, used by the tests and the load generator.
 
@@ -24,6 +25,7 @@ pub mod client;
 pub mod config;
 mod connection;
 pub mod doors;
+pub mod exporter;
 pub mod name;
 pub mod pidfile;
 pub mod protocol;

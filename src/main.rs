@@ -91,6 +91,9 @@ fn announce(server: &ServerHandle, shards: usize) {
     if let Some(path) = server.unix_path() {
         doors.push(format!("unix {}", path.display()));
     }
+    if let Some(addr) = server.metrics_addr() {
+        doors.push(format!("metrics http://{addr}/metrics"));
+    }
     if doors.is_empty() {
         eprintln!("glockd: warning: every door is disabled (-port=0 -ws=0, no -unix)");
     }

@@ -78,8 +78,8 @@ impl Registry {
     }
 
     /// Appends the connection's protocol id (`raw`) or, if it has one and `raw` is false, its
-    /// registered name. A holder whose connection has just closed (its locks are being
-    /// orphaned) shows as `gone:N`.
+    /// registered name. A connection's record outlives the release of its locks, so a holder
+    /// is always found; `gone:N` would only show an internal inconsistency.
     pub fn write_holder(&self, conn: ConnId, raw: bool, out: &mut Vec<u8>) {
         let part = self.read(conn);
         match part.get(&conn) {

@@ -28,7 +28,10 @@ pub struct ServerHandle {
     tcp_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
+    metrics_addr: Option<SocketAddr>,
     threads: Vec<JoinHandle<()>>,
+    /// The Prometheus endpoint's thread, if on.
+    metrics: Option<crate::exporter::Endpoint>,
 }
 
 impl ServerHandle {
@@ -47,6 +50,11 @@ impl ServerHandle {
         self.unix_path.as_deref()
     }
 
+    /// The metrics endpoint's address, if enabled.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// The stats as `q` would show them now.
     pub fn stats(&self) -> Snapshot {
         self.shared.stats.snapshot()
@@ -59,6 +67,9 @@ impl ServerHandle {
     }
 
     fn stop(&mut self) {
+        if let Some(metrics) = &mut self.metrics {
+            metrics.stop();
+        }
         if self.threads.is_empty() {
             return;
         }
@@ -121,15 +132,20 @@ pub fn start_with(config: Config, tcp: Option<StdTcpListener>) -> io::Result<Ser
 }
 
 /// Starts a server on listeners bound by the caller, ignoring the config's door settings.
-pub fn start_with_listeners(config: Config, listeners: Listeners) -> io::Result<ServerHandle> {
+pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Result<ServerHandle> {
     let shards = config.shard_count();
+    let metrics_listener = listeners.metrics.take();
+    let metrics_addr = metrics_listener
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let tcp_addr = listeners.tcp.as_ref().map(|l| l.local_addr()).transpose()?;
     let ws_addr = listeners.ws.as_ref().map(|l| l.local_addr()).transpose()?;
     let unix_path = listeners.unix.as_ref().map(|(_, path)| path.clone());
 
     let (mailboxes, inboxes): (Vec<_>, Vec<_>) =
         (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
-    let shared = Arc::new(Shared::new(config, mailboxes));
+    let shared = Arc::new(Shared::new(config, mailboxes, metrics_listener.is_some()));
     let cores = if shared.config.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -151,11 +167,13 @@ pub fn start_with_listeners(config: Config, listeners: Listeners) -> io::Result<
     }
     drop(ready_tx);
     let mut handle = ServerHandle {
-        shared,
+        shared: shared.clone(),
         tcp_addr,
         ws_addr,
         unix_path,
+        metrics_addr,
         threads,
+        metrics: None,
     };
     for _ in 0..shards {
         match ready_rx.recv() {
@@ -169,6 +187,9 @@ pub fn start_with_listeners(config: Config, listeners: Listeners) -> io::Result<
                 return Err(io::Error::other("a shard thread died while starting"));
             }
         }
+    }
+    if let Some(listener) = metrics_listener {
+        handle.metrics = Some(crate::exporter::Endpoint::start(shared, listener)?);
     }
     Ok(handle)
 }

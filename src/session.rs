@@ -18,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::name::LockName;
 use crate::protocol::{self, LockOp, Reply, Request, Verb};
-use crate::shard::{Admission, BatchDone, Listing, RoutedOp, ShardCore, ShardMsg};
+use crate::shard::{Admission, BatchDone, Departure, Listing, RoutedOp, ShardCore, ShardMsg};
 use crate::table::Quota;
 use crate::ConnId;
 
@@ -103,17 +103,23 @@ impl Presence {
 impl Drop for Presence {
     fn drop(&mut self) {
         let shared = &self.core.shared;
+        // The registry record stays until every shard has released this connection's locks
+        // (see `Departure`), so listings never show a holder without its id.
+        let departure = Arc::new(Departure {
+            shared: shared.clone(),
+            conn: self.conn,
+            label: self.label.clone(),
+        });
         for shard in self.touched.iter() {
             // A stopped shard is a server shutting down: nothing left to release.
             let _ = shared.post(
                 shard,
                 ShardMsg::Orphan {
                     conn: self.conn,
-                    label: self.label.clone(),
+                    departure: departure.clone(),
                 },
             );
         }
-        shared.registry.remove(self.conn);
         self.core.cell().connections_closed.add(1);
         self.core.connection_closed();
         if let Some(label) = &self.label {
@@ -134,18 +140,22 @@ pub struct Session {
     outgoing: Vec<Outgoing>,
     /// Per shard, the replies of the last sent batch.
     results: Vec<Vec<Reply>>,
+    /// Commands per verb since the last `record_latency`, when latency is being measured.
+    batch_verbs: Option<[u32; Verb::COUNT]>,
 }
 
 impl Session {
     pub fn new(core: Rc<ShardCore>, id_text: String, admission: Admission) -> Self {
         let shards = core.shared.router.shards();
         let limit = core.shared.config.max_locks_per_conn;
+        let measure = core.shared.measure_latency;
         Session {
             quota: (limit > 0).then(|| Arc::new(Quota::new(limit))),
             presence: Presence::open(core, id_text, admission),
             slots: Vec::new(),
             outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
             results: vec![Vec::new(); shards],
+            batch_verbs: measure.then_some([0; Verb::COUNT]),
         }
     }
 
@@ -170,6 +180,9 @@ impl Session {
             Request::Command { verb, arg } => (verb, arg),
         };
         self.core().cell().commands[verb.index()].add(1);
+        if let Some(counts) = &mut self.batch_verbs {
+            counts[verb.index()] += 1;
+        }
         match verb.lock_op() {
             Some(op) => {
                 let (shard, hash) = self.core().shared.router.route(arg.as_bytes());
@@ -186,6 +199,27 @@ impl Session {
                 // Everything else must see the effects of every command before it.
                 self.flush(out).await?;
                 self.run_global(verb, arg, out).await
+            }
+        }
+    }
+
+    /// Whether command latency is being measured (the metrics endpoint is on).
+    pub fn measures_latency(&self) -> bool {
+        self.batch_verbs.is_some()
+    }
+
+    /// Records the commands run since the last call as having taken `elapsed` each: the time
+    /// from reading their batch to all of its replies being ready, mailbox hops included.
+    pub fn record_latency(&mut self, elapsed: std::time::Duration) {
+        let Some(counts) = &mut self.batch_verbs else {
+            return;
+        };
+        let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let cell = self.presence.core.cell();
+        for (verb, count) in counts.iter_mut().enumerate() {
+            if *count > 0 {
+                cell.latency[verb].record(u64::from(*count), ns);
+                *count = 0;
             }
         }
     }
@@ -221,11 +255,13 @@ impl Session {
     ) {
         self.presence.touched.insert(shard);
         if shard == self.core().id {
+            self.core().cell().local_commands.add(1);
             let reply =
                 self.core()
                     .apply(self.presence.conn, self.quota.as_deref(), op, hash, &name);
             self.reply(reply, out);
         } else {
+            self.presence.core.cell().remote_commands.add(1);
             let batch = &mut self.outgoing[shard];
             let index = batch.ops.len();
             batch.ops.push(RoutedOp { op, hash, name });
@@ -308,8 +344,8 @@ impl Session {
             Verb::Dump | Verb::SharedDump => {
                 let shared_locks = verb == Verb::SharedDump;
                 let name = (!arg.is_empty()).then_some(arg);
-                let rows = self.collect(shared_locks, name).await?;
-                for (name, holder) in with_holder_text(&shared, rows, false) {
+                let rows = self.collect(shared_locks, name, false).await?;
+                for (name, holder) in rows {
                     out.extend_from_slice(name.as_bytes());
                     out.extend_from_slice(b": ");
                     out.extend_from_slice(&holder);
@@ -318,19 +354,21 @@ impl Session {
             }
             Verb::FullDump => {
                 let shared_locks = arg.as_bytes() == b"shared";
-                let rows = self.collect(shared_locks, None).await?;
-                write_go_map(&with_holder_text(&shared, rows, true), shared_locks, out);
+                let rows = self.collect(shared_locks, None, true).await?;
+                write_go_map(&rows, shared_locks, out);
             }
             _ => unreachable!("lock operations are routed, not run here"),
         }
         Ok(())
     }
 
-    /// Gathers (name, holder) rows from every shard (or from `name`'s shard).
+    /// Gathers (name, holder text) rows from every shard (or from `name`'s shard), sorted by
+    /// name, then holder, so listings are stable and readable.
     async fn collect(
         &mut self,
         shared_locks: bool,
         name: Option<LockName>,
+        raw: bool,
     ) -> Result<Listing, ServerGone> {
         let core = self.presence.core.clone();
         let shared = &core.shared;
@@ -343,12 +381,14 @@ impl Session {
         let mut waiting = Vec::new();
         for shard in targets {
             if shard == core.id {
-                rows.extend(core.list(shared_locks, key.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
+                let key = key.as_ref().map(|(h, n)| (*h, n.as_bytes()));
+                rows.extend(core.list(shared_locks, key, raw));
             } else {
                 let (done, rx) = oneshot::channel();
                 let msg = ShardMsg::List {
                     shared: shared_locks,
                     name: key.clone(),
+                    raw,
                     done,
                 };
                 if !shared.post(shard, msg) {
@@ -360,27 +400,9 @@ impl Session {
         for rx in waiting {
             rows.extend(rx.await.map_err(|_| ServerGone)?);
         }
+        rows.sort_unstable();
         Ok(rows)
     }
-}
-
-/// Turns holders into their text (registered name, or with `raw` the connection id) and sorts
-/// the rows by name, then holder text, so listings are stable and readable.
-fn with_holder_text(
-    shared: &crate::shard::Shared,
-    rows: Listing,
-    raw: bool,
-) -> Vec<(LockName, Vec<u8>)> {
-    let mut rows: Vec<(LockName, Vec<u8>)> = rows
-        .into_iter()
-        .map(|(name, holder)| {
-            let mut text = Vec::new();
-            shared.registry.write_holder(holder, raw, &mut text);
-            (name, text)
-        })
-        .collect();
-    rows.sort_unstable();
-    rows
 }
 
 /// `dump` / `dump shared`: one line in Go's `%v` map syntax, keys sorted, raw connection ids:

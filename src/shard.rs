@@ -84,8 +84,8 @@ pub struct BatchDone {
     pub replies: Vec<Reply>,
 }
 
-/// A listing of (name, holder) pairs from one shard.
-pub type Listing = Vec<(LockName, ConnId)>;
+/// A listing of (name, holder text) pairs from one shard.
+pub type Listing = Vec<(LockName, Vec<u8>)>;
 
 /// A connection's place under `--max-connections`: taken when the connection is accepted,
 /// given back when it ends (whichever thread that happens on).
@@ -125,6 +125,22 @@ impl Drop for Admission {
     }
 }
 
+/// A connection that has gone, while its locks are being released. Until every shard is done,
+/// listings still show its locks under its real id (or registered name); when the last shard
+/// drops its reference, the registry forgets the connection.
+pub struct Departure {
+    pub shared: Arc<Shared>,
+    pub conn: ConnId,
+    /// The connection's protocol id, for `-verbose` logging (None when not verbose).
+    pub label: Option<Arc<str>>,
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        self.shared.registry.remove(self.conn);
+    }
+}
+
 /// A stream handed from the accepting thread to the shard that will serve it, with its
 /// protocol id (`ip:port`, `unix:N`) and its place under `--max-connections`.
 pub enum Incoming {
@@ -149,13 +165,16 @@ pub enum ShardMsg {
     /// connection, through the same FIFO, so a lock granted by an in-flight batch is released too.
     Orphan {
         conn: ConnId,
-        /// The connection's protocol id, for `-verbose` logging (None when not verbose).
-        label: Option<Arc<str>>,
+        /// Held until this shard has released everything; the last holder forgets the
+        /// connection's registry record.
+        departure: Arc<Departure>,
     },
-    /// List exclusive (or shared) locks, all or one name's.
+    /// List exclusive (or shared) locks, all or one name's, with holders shown by registered
+    /// name or (`raw`) by connection id.
     List {
         shared: bool,
         name: Option<(u64, LockName)>,
+        raw: bool,
         done: oneshot::Sender<Listing>,
     },
     /// Serve a new connection on this thread.
@@ -185,10 +204,13 @@ pub struct Shared {
     live_connections: AtomicU64,
     /// Unix socket connections so far: their ids are `unix:1`, `unix:2`… as in the original.
     unix_connections: AtomicU64,
+    /// Whether connections time their commands (only while the metrics endpoint is on, so a
+    /// server without it pays nothing for it).
+    pub measure_latency: bool,
 }
 
 impl Shared {
-    pub fn new(config: Config, mailboxes: Vec<Mailbox>) -> Self {
+    pub fn new(config: Config, mailboxes: Vec<Mailbox>, measure_latency: bool) -> Self {
         let shards = mailboxes.len();
         Shared {
             config,
@@ -199,6 +221,7 @@ impl Shared {
             next_conn: AtomicU64::new(1),
             live_connections: AtomicU64::new(0),
             unix_connections: AtomicU64::new(0),
+            measure_latency,
         }
     }
 
@@ -348,29 +371,38 @@ impl ShardCore {
 
     /// Releases everything `conn` held in this shard: the first slice now, the rest (if any) in
     /// a task that yields between slices so other clients keep being served.
-    pub fn orphan(self: &Rc<Self>, conn: ConnId, label: Option<Arc<str>>) {
-        if self.orphan_slice(conn, label.as_deref()) {
+    pub fn orphan(self: &Rc<Self>, conn: ConnId, departure: Arc<Departure>) {
+        if self.orphan_slice(conn, departure.label.as_deref()) {
             return;
         }
         let core = self.clone();
         tokio::task::spawn_local(async move {
             loop {
                 tokio::task::yield_now().await;
-                if core.orphan_slice(conn, label.as_deref()) {
+                if core.orphan_slice(conn, departure.label.as_deref()) {
                     return;
                 }
             }
         });
     }
 
-    /// Lists locks held in this shard.
-    pub fn list(&self, shared: bool, name: Option<(u64, &[u8])>) -> Listing {
+    /// Lists locks held in this shard, holders as text. The text is looked up here, on the
+    /// shard, while the table still holds the locks: a departing holder's registry record
+    /// outlives its locks in this shard (see [`Departure`]), so it is always found.
+    pub fn list(&self, shared: bool, name: Option<(u64, &[u8])>, raw: bool) -> Listing {
         let table = self.table.borrow();
-        if shared {
+        let rows = if shared {
             table.list_shared(name.map(|(_, n)| n))
         } else {
             table.list_exclusive(name)
-        }
+        };
+        rows.into_iter()
+            .map(|(name, holder)| {
+                let mut text = Vec::new();
+                self.shared.registry.write_holder(holder, raw, &mut text);
+                (name, text)
+            })
+            .collect()
     }
 
     /// Handles one mailbox message. Returns false on `Stop`.
@@ -383,15 +415,24 @@ impl ShardCore {
                 mut replies,
                 done,
             } => {
+                let cell = self.cell();
+                cell.mailbox_messages.add(1);
+                cell.mailbox_commands.add(ops.len() as u64);
                 self.apply_batch(conn, quota.as_deref(), &ops, &mut replies);
                 ops.clear();
                 // The connection may be gone (its orphan message is queued behind this one);
                 // then nobody wants the replies.
                 let _ = done.send(BatchDone { ops, replies });
             }
-            ShardMsg::Orphan { conn, label } => self.orphan(conn, label),
-            ShardMsg::List { shared, name, done } => {
-                let listing = self.list(shared, name.as_ref().map(|(h, n)| (*h, n.as_bytes())));
+            ShardMsg::Orphan { conn, departure } => self.orphan(conn, departure),
+            ShardMsg::List {
+                shared,
+                name,
+                raw,
+                done,
+            } => {
+                let listing =
+                    self.list(shared, name.as_ref().map(|(h, n)| (*h, n.as_bytes())), raw);
                 let _ = done.send(listing);
             }
             ShardMsg::Adopt(incoming) => crate::doors::adopt(self, incoming),

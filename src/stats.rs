@@ -37,6 +37,42 @@ impl Counter {
     }
 }
 
+/// Finite latency buckets: bucket `i` counts durations up to 2^(i+11) ns, from 2.048 µs to
+/// 1.07 s; one more bucket counts everything slower.
+pub const LATENCY_BUCKETS: usize = 20;
+
+/// The upper bound of latency bucket `i`, in nanoseconds.
+pub fn latency_bucket_ns(i: usize) -> u64 {
+    1 << (i + 11)
+}
+
+/// The bucket a duration of `ns` nanoseconds falls in (`LATENCY_BUCKETS` for the overflow).
+#[inline]
+fn latency_bucket(ns: u64) -> usize {
+    // ceil(log2(ns)) - 11, clamped: one instruction, no search.
+    let ceil_log2 = 64 - ns.saturating_sub(1).leading_zeros() as usize;
+    ceil_log2.saturating_sub(11).min(LATENCY_BUCKETS)
+}
+
+/// One command word's latency histogram in one shard: fixed buckets, single writer, so
+/// recording is a few plain stores and memory never grows.
+#[derive(Default)]
+pub struct Latency {
+    /// Per bucket (not cumulative); the last one is the overflow.
+    pub buckets: [Counter; LATENCY_BUCKETS + 1],
+    /// Total of all recorded durations, in nanoseconds.
+    pub sum_ns: Counter,
+}
+
+impl Latency {
+    /// Records `count` commands that each took `ns` nanoseconds.
+    #[inline]
+    pub fn record(&self, count: u64, ns: u64) {
+        self.buckets[latency_bucket(ns)].add(count);
+        self.sum_ns.add(count.saturating_mul(ns));
+    }
+}
+
 /// The counters one shard thread owns.
 #[derive(Default)]
 pub struct ShardCell {
@@ -56,6 +92,17 @@ pub struct ShardCell {
     pub orphans: Counter,
     /// Shared locks this shard released because their holder went away.
     pub shared_orphans: Counter,
+    /// Lock commands from connections on this thread run on this thread's own shard.
+    pub local_commands: Counter,
+    /// Lock commands from connections on this thread sent to another shard's mailbox.
+    pub remote_commands: Counter,
+    /// Batches this shard's mailbox received.
+    pub mailbox_messages: Counter,
+    /// Lock commands in those batches (divided by the messages: the batching factor).
+    pub mailbox_commands: Counter,
+    /// Per command word, the time from reading a command to its reply being ready, for
+    /// connections on this thread (recorded only while the metrics endpoint is on).
+    pub latency: [Latency; Verb::COUNT],
 }
 
 /// All shards' cells.
@@ -78,6 +125,19 @@ pub struct Snapshot {
     pub shared_orphans: u64,
 }
 
+/// One command word's latency summed over every shard.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct LatencySnapshot {
+    pub buckets: [u64; LATENCY_BUCKETS + 1],
+    pub sum_ns: u64,
+}
+
+impl LatencySnapshot {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
 impl Stats {
     pub fn new(shards: usize) -> Self {
         Stats {
@@ -94,6 +154,25 @@ impl Stats {
     /// Number of cells (shards).
     pub fn shards(&self) -> usize {
         self.cells.len()
+    }
+
+    /// Every cell, in shard order.
+    pub fn cells(&self) -> impl Iterator<Item = &ShardCell> {
+        self.cells.iter().map(|c| &**c)
+    }
+
+    /// Latency histograms per command word, summed over every shard.
+    pub fn latency(&self) -> [LatencySnapshot; Verb::COUNT] {
+        let mut out = [LatencySnapshot::default(); Verb::COUNT];
+        for cell in self.cells.iter() {
+            for (sum, latency) in out.iter_mut().zip(cell.latency.iter()) {
+                for (b, counter) in sum.buckets.iter_mut().zip(latency.buckets.iter()) {
+                    *b += counter.get();
+                }
+                sum.sum_ns += latency.sum_ns.get();
+            }
+        }
+        out
     }
 
     /// Sums every cell.
@@ -145,6 +224,29 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn latency_buckets_are_powers_of_two_from_two_microseconds() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(2048), 0);
+        assert_eq!(latency_bucket(2049), 1);
+        assert_eq!(latency_bucket(4096), 1);
+        assert_eq!(latency_bucket(1 << 30), LATENCY_BUCKETS - 1);
+        assert_eq!(latency_bucket((1 << 30) + 1), LATENCY_BUCKETS);
+        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS);
+        for i in 0..LATENCY_BUCKETS {
+            assert_eq!(latency_bucket(latency_bucket_ns(i)), i);
+            assert_eq!(latency_bucket(latency_bucket_ns(i) + 1), i + 1);
+        }
+        let stats = Stats::new(2);
+        stats.cell(0).latency[Verb::Get.index()].record(3, 3000);
+        stats.cell(1).latency[Verb::Get.index()].record(1, 5_000_000_000);
+        let get = stats.latency()[Verb::Get.index()];
+        assert_eq!(get.count(), 4);
+        assert_eq!(get.buckets[1], 3);
+        assert_eq!(get.buckets[LATENCY_BUCKETS], 1);
+        assert_eq!(get.sum_ns, 5_000_009_000);
+    }
 
     #[test]
     fn q_lists_every_key_sorted() {

@@ -86,6 +86,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             }
             Some(Err(_)) => return,
         };
+        let started = session.measures_latency().then(std::time::Instant::now);
         for line in data.split(|&b| b == b'\n') {
             if protocol::trim(line).is_empty() {
                 continue; // a blank line gets nothing, as over TCP
@@ -104,6 +105,9 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             if ws.feed(reply).await.is_err() {
                 return; // more unread replies than --max-unsent-bytes, or the peer is gone
             }
+        }
+        if let Some(started) = started {
+            session.record_latency(started.elapsed());
         }
         if flush(&mut ws, write_timeout).await.is_err() {
             return;

@@ -33,7 +33,15 @@ impl Glockd {
     /// Starts the binary and waits for its "listening" line.
     fn start(args: &[&str]) -> Glockd {
         let mut child = Command::new(BIN)
-            .args(["-bind", "127.0.0.1", "-pin=false", "-shards", "2", "-ws=0"])
+            .args([
+                "-bind",
+                "127.0.0.1",
+                "-pin=false",
+                "-shards",
+                "2",
+                "-ws=0",
+                "-metrics=off",
+            ])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

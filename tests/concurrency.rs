@@ -257,6 +257,27 @@ async fn q_counts_are_exact(setup: Setup) {
     assert_eq!(server.stats().connections_total, 4);
 }
 
+async fn listings_show_a_departing_holder_by_its_id_until_released(setup: Setup) {
+    let server = TestServer::start(setup);
+    let mut watcher = server.connect().await;
+    for round in 0..50 {
+        let mut holder = server.connect().await;
+        let id = holder.id();
+        let name = format!("departing-{round}");
+        holder.check(&format!("g {name}\n"), "1 Got Lock\n").await;
+        drop(holder);
+        // Either still held by its real id, or gone: never an unknown holder.
+        watcher.send(format!("d {name}\nme\n")).await;
+        let first = watcher.line().await;
+        if first != format!("{name}: {id}\n") {
+            assert!(first.starts_with("1 "), "unexpected listing row {first:?}");
+        } else {
+            let me = watcher.line().await;
+            assert!(me.starts_with("1 "), "{me:?}");
+        }
+    }
+}
+
 for_each_transport!(
     orphans_on_clean_close,
     orphans_on_reset,
@@ -264,4 +285,5 @@ for_each_transport!(
     ten_thousand_pipelined_commands_match_a_sequential_model,
     fifty_connections_racing_for_ten_names_never_share_one,
     q_counts_are_exact,
+    listings_show_a_departing_holder_by_its_id_until_released,
 );

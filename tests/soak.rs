@@ -41,6 +41,7 @@ impl Server {
                 "2",
                 "-pin=false",
                 "-ws=0",
+                "-metrics=off",
             ])
             .args(["-max-unsent-bytes", "65536", "-write-timeout", "2"])
             .stdin(Stdio::null())

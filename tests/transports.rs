@@ -232,7 +232,15 @@ mod unix_socket_file {
 
     fn start(path: &std::path::Path, extra: &[&str]) -> std::process::Child {
         Command::new(BIN)
-            .args(["-port=0", "-ws=0", "-pin=false", "-shards", "1", "-unix"])
+            .args([
+                "-port=0",
+                "-ws=0",
+                "-metrics=off",
+                "-pin=false",
+                "-shards",
+                "1",
+                "-unix",
+            ])
             .arg(path)
             .args(extra)
             .stdin(Stdio::null())
@@ -296,7 +304,7 @@ mod unix_socket_file {
         let path = socket_path();
         std::fs::write(&path, "precious").unwrap();
         let out = Command::new(BIN)
-            .args(["-port=0", "-ws=0", "-unix"])
+            .args(["-port=0", "-ws=0", "-metrics=off", "-unix"])
             .arg(&path)
             .output()
             .unwrap();
@@ -313,7 +321,7 @@ mod unix_socket_file {
         let first = start(&path, &[]);
         wait_for_socket(&path);
         let out = Command::new(BIN)
-            .args(["-port=0", "-ws=0", "-unix"])
+            .args(["-port=0", "-ws=0", "-metrics=off", "-unix"])
             .arg(&path)
             .output()
             .unwrap();

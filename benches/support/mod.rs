@@ -5,6 +5,7 @@ pub mod mutex_server;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// A glockd server in this process, on an ephemeral loopback port, unpinned (the bench shares
@@ -76,13 +77,17 @@ pub fn churn_window(prefix: &str, pipeline: usize) -> Vec<u8> {
 /// `conns` client threads, each on its own connection, each sending `windows` churn windows of
 /// `pipeline` commands and waiting for their replies; returns the wall time of the whole.
 pub fn churn(addr: SocketAddr, conns: usize, windows: u64, pipeline: usize) -> Duration {
+    // Fresh names for every call: the connections of the previous call are closed, but their
+    // locks are released by the server asynchronously, and may still be held.
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
     let barrier = std::sync::Barrier::new(conns + 1);
     std::thread::scope(|scope| {
         for c in 0..conns {
             let barrier = &barrier;
             scope.spawn(move || {
                 let mut conn = Conn::connect(addr);
-                let batch = churn_window(&format!("c{c:03}"), pipeline);
+                let batch = churn_window(&format!("c{call}-{c:03}"), pipeline);
                 let expect = pipeline.max(1);
                 barrier.wait();
                 for _ in 0..windows {

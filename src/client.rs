@@ -121,6 +121,83 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.lock_command("si", name.as_ref()).await
     }
 
+    /// `gw MS NAME`: takes an exclusive lock, waiting up to `ms` milliseconds for it; false on
+    /// timeout.
+    pub async fn get_wait(&mut self, ms: u64, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        let line = [format!("gw {ms} ").as_bytes(), name.as_ref()].concat();
+        Ok(reply_code(&self.command(&line).await?)? == 1)
+    }
+
+    /// `sgl LIMIT NAME`: takes a shared lock if fewer than `limit` hold it; the holder count,
+    /// or None when full.
+    pub async fn shared_get_limit(
+        &mut self,
+        limit: u64,
+        name: impl AsRef<[u8]>,
+    ) -> io::Result<Option<u64>> {
+        let line = [format!("sgl {limit} ").as_bytes(), name.as_ref()].concat();
+        let count = reply_code(&self.command(&line).await?)?;
+        Ok((count > 0).then_some(count))
+    }
+
+    /// `sgw MS LIMIT NAME`: like `shared_get_limit`, waiting up to `ms` for a free slot.
+    pub async fn shared_get_wait(
+        &mut self,
+        ms: u64,
+        limit: u64,
+        name: impl AsRef<[u8]>,
+    ) -> io::Result<Option<u64>> {
+        let line = [format!("sgw {ms} {limit} ").as_bytes(), name.as_ref()].concat();
+        let count = reply_code(&self.command(&line).await?)?;
+        Ok((count > 0).then_some(count))
+    }
+
+    /// `gt NAME`: takes an exclusive lock and returns its fencing token (None if refused).
+    pub async fn get_token(&mut self, name: impl AsRef<[u8]>) -> io::Result<Option<u64>> {
+        let line = [b"gt ".as_slice(), name.as_ref()].concat();
+        second_number(&self.command(&line).await?)
+    }
+
+    /// `t NAME`: the fencing token of the lock's current grant (None if not locked).
+    pub async fn token(&mut self, name: impl AsRef<[u8]>) -> io::Result<Option<u64>> {
+        let line = [b"t ".as_slice(), name.as_ref()].concat();
+        second_number(&self.command(&line).await?)
+    }
+
+    /// `rl NAME BURST COUNT PERIOD_MS QUANTITY`: one rate limit decision.
+    pub async fn rate_limit(
+        &mut self,
+        name: impl AsRef<[u8]>,
+        burst: u32,
+        count: u32,
+        period_ms: u32,
+        quantity: u32,
+    ) -> io::Result<RateLimited> {
+        let line = [
+            b"rl ".as_slice(),
+            name.as_ref(),
+            format!(" {burst} {count} {period_ms} {quantity}").as_bytes(),
+        ]
+        .concat();
+        let reply = self.command(&line).await?;
+        let text = String::from_utf8_lossy(&reply);
+        let fields: Vec<i64> = text
+            .split(' ')
+            .map(|f| f.parse::<i64>())
+            .collect::<Result<_, _>>()
+            .map_err(|_| invalid(format!("bad rl reply {text:?}")))?;
+        match fields[..] {
+            [allowed, limit, remaining, retry_after_ms, reset_after_ms] => Ok(RateLimited {
+                allowed: allowed == 1,
+                limit: limit as u64,
+                remaining: remaining as u64,
+                retry_after_ms,
+                reset_after_ms: reset_after_ms as u64,
+            }),
+            _ => Err(invalid(format!("bad rl reply {text:?}"))),
+        }
+    }
+
     /// `iam`: registers a name for this connection (empty clears it). False if the server has
     /// the registry disabled.
     pub async fn iam(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
@@ -200,6 +277,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
         Ok(replies)
     }
+}
+
+/// An `rl` decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimited {
+    pub allowed: bool,
+    pub limit: u64,
+    pub remaining: u64,
+    /// -1 when the request can never be allowed.
+    pub retry_after_ms: i64,
+    pub reset_after_ms: u64,
+}
+
+/// The number after the leading `1` of `gt`/`t` replies (`1 <token> …`); None for a `0` reply.
+fn second_number(line: &[u8]) -> io::Result<Option<u64>> {
+    if reply_code(line)? == 0 {
+        return Ok(None);
+    }
+    let text = String::from_utf8_lossy(line);
+    text.split(' ')
+        .nth(1)
+        .and_then(|t| t.parse().ok())
+        .map(Some)
+        .ok_or_else(|| invalid(format!("no token in {text:?}")))
 }
 
 fn check_line(line: &[u8]) -> io::Result<()> {

@@ -127,6 +127,10 @@ pub struct Config {
     #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..))]
     pub keepalive_count: u32,
 
+    /// Longest wait `gw` and `sgw` accept, in milliseconds.
+    #[arg(long, default_value_t = 3_600_000)]
+    pub max_wait_ms: u64,
+
     /// Seconds shutdown waits for connections to receive the replies to what they already sent
     /// before closing them anyway.
     #[arg(long, default_value_t = 5)]

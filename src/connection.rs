@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use crate::protocol;
-use crate::session::Session;
+use crate::session::{NoWatch, PeerWatch, Session};
 use crate::shard::{Admission, ShardCore};
 
 /// Most lines run per batch before their replies are written: bounds the work between two
@@ -55,7 +55,7 @@ enum Stop {
     /// A line (or unfinished input) is longer than `--max-line-bytes`.
     LineTooLong,
     /// The server is gone (shutdown): close without a word.
-    ServerGone,
+    Gone,
 }
 
 /// What happened while waiting for I/O.
@@ -75,6 +75,10 @@ struct Buffers {
     /// Bytes at the front of `input` already searched for a newline without finding one, so
     /// a long line arriving in small pieces is scanned once, not once per piece.
     searched: usize,
+    /// Input read while a command waited (`gw`), to run after it.
+    side: BytesMut,
+    /// End of input was read while a command waited.
+    side_eof: bool,
     /// Replies not yet written.
     out: Vec<u8>,
     /// How much of `out` is written.
@@ -87,7 +91,12 @@ impl Buffers {
     }
 
     /// Runs up to MAX_BATCH complete lines. Returns whether complete lines remain.
-    async fn run_lines(&mut self, session: &mut Session, max_line: usize) -> Result<bool, Stop> {
+    async fn run_lines<S: AsyncRead + Unpin>(
+        &mut self,
+        session: &mut Session,
+        max_line: usize,
+        stream: &mut S,
+    ) -> Result<bool, Stop> {
         let mut start = 0;
         let mut ran = 0;
         while let Some(at) = memchr::memchr(b'\n', &self.input[start + self.searched..]) {
@@ -96,20 +105,28 @@ impl Buffers {
             if end + 1 - start > max_line {
                 return Err(Stop::LineTooLong);
             }
-            session
-                .run_line(&self.input[start..end], &mut self.out)
-                .await
-                .map_err(|_| Stop::ServerGone)?;
+            let mut watch = StreamWatch {
+                stream: &mut *stream,
+                side: &mut self.side,
+                eof: &mut self.side_eof,
+                cap: max_line,
+            };
+            let ran_line = session
+                .run_line(&self.input[start..end], &mut self.out, &mut watch)
+                .await;
+            if !self.side.is_empty() {
+                // Read while the line waited: it comes after everything already buffered.
+                self.input.extend_from_slice(&self.side);
+                self.side.clear();
+            }
+            ran_line.map_err(|_| Stop::Gone)?;
             start = end + 1;
             ran += 1;
             if ran == MAX_BATCH {
                 break;
             }
         }
-        session
-            .flush(&mut self.out)
-            .await
-            .map_err(|_| Stop::ServerGone)?;
+        session.flush(&mut self.out).await.map_err(|_| Stop::Gone)?;
         self.input.advance(start);
         if ran == MAX_BATCH {
             return Ok(true);
@@ -151,6 +168,40 @@ impl Buffers {
     }
 }
 
+/// Watches a byte stream while a command waits: reads what the client sends meanwhile (kept
+/// for later, up to a bound) and reports a reset or read error as the client being gone. End of
+/// input is not: a client may half-close after its last command and still expect every reply,
+/// so the wait goes on (a client that really vanished is released right after its grant, when
+/// the reply cannot be delivered).
+struct StreamWatch<'a, S> {
+    stream: &'a mut S,
+    side: &'a mut BytesMut,
+    /// Set when end of input is read.
+    eof: &'a mut bool,
+    /// Stop reading (and so watching) past this much unrun input.
+    cap: usize,
+}
+
+impl<S: AsyncRead + Unpin> PeerWatch for StreamWatch<'_, S> {
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.side.len() >= self.cap || *self.eof {
+                return Poll::Pending;
+            }
+            self.side.reserve(4096);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *self.stream), cx, &mut *self.side) {
+                Poll::Ready(Ok(0)) => {
+                    *self.eof = true;
+                    return Poll::Pending;
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 /// Polls an optional timer.
 fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
     timer
@@ -168,6 +219,8 @@ where
     let mut buffers = Buffers {
         input: BytesMut::with_capacity(READ_CHUNK),
         searched: 0,
+        side: BytesMut::new(),
+        side_eof: false,
         out: Vec::with_capacity(READ_CHUNK),
         written: 0,
     };
@@ -177,10 +230,13 @@ where
     let mut eof = false;
     loop {
         let started = session.measures_latency().then(std::time::Instant::now);
-        let ran = buffers.run_lines(&mut session, limits.max_line).await;
+        let ran = buffers
+            .run_lines(&mut session, limits.max_line, &mut stream)
+            .await;
         if let Some(started) = started {
             session.record_latency(started.elapsed());
         }
+        eof |= buffers.side_eof;
         let more = match ran {
             Ok(more) => more,
             Err(Stop::LineTooLong) => {
@@ -188,7 +244,7 @@ where
                 buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
                 return finish(&mut stream, &mut buffers, &limits).await;
             }
-            Err(Stop::ServerGone) => return,
+            Err(Stop::Gone) => return,
         };
         // Over the unread-reply limit: a client that still sends more is not reading its
         // replies, so cut it off; one that waits (say, for a big `d`) gets its replies at its
@@ -204,7 +260,10 @@ where
             if eof && !buffers.input.is_empty() {
                 // A last line without a newline still counts (the original answered it too).
                 let last = buffers.input.split();
-                if session.run_line(&last, &mut buffers.out).await.is_err()
+                if session
+                    .run_line(&last, &mut buffers.out, &mut NoWatch)
+                    .await
+                    .is_err()
                     || session.flush(&mut buffers.out).await.is_err()
                 {
                     return;

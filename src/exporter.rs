@@ -86,6 +86,18 @@ impl Exporter {
                 "Lock commands in those batches (per message: the batching factor)."
             );
             describe_gauge!("glockd_shards", "Shard threads.");
+            describe_gauge!(
+                "glockd_lock_waiters",
+                "Connections waiting for a lock now (gw, sgw)."
+            );
+            describe_counter!(
+                "glockd_lock_waits_total",
+                "Lock waits (gw, sgw) by outcome: started, granted, timed_out."
+            );
+            describe_counter!(
+                "glockd_rate_limit_decisions_total",
+                "rl decisions by result: allowed, limited."
+            );
             describe_histogram!(
                 "glockd_command_duration_seconds",
                 Unit::Seconds,
@@ -120,6 +132,18 @@ impl Exporter {
             counter!("glockd_orphaned_locks_total", "kind" => "shared")
                 .absolute(snapshot.shared_orphans);
             gauge!("glockd_shards").set(stats.shards() as f64);
+            gauge!("glockd_lock_waiters").set(snapshot.lock_waiters as f64);
+            for (outcome, value) in [
+                ("started", snapshot.lock_waits_started),
+                ("granted", snapshot.lock_waits_granted),
+                ("timed_out", snapshot.lock_waits_timed_out),
+            ] {
+                counter!("glockd_lock_waits_total", "outcome" => outcome).absolute(value);
+            }
+            counter!("glockd_rate_limit_decisions_total", "result" => "allowed")
+                .absolute(snapshot.rate_limit_allowed);
+            counter!("glockd_rate_limit_decisions_total", "result" => "limited")
+                .absolute(snapshot.rate_limit_limited);
             for (shard, cell) in stats.cells().enumerate() {
                 let shard = shard.to_string();
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "exclusive")

@@ -13,7 +13,9 @@
 //!   keeps replies in order, and orphans the connection's locks when it ends.
 //! - [`protocol`]: parsing a request line and writing a reply line.
 //! - [`shard`]: a shard thread's state, its mailbox and the routing of names to shards.
-//! - [`table`]: one shard's lock table, the authority on who holds what.
+//! - [`table`]: one shard's lock table, the authority on who holds what, with its wait queues
+//!   and fencing tokens.
+//! - [`ratelimit`]: the GCRA limiter behind `rl`.
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
@@ -29,6 +31,7 @@ pub mod exporter;
 pub mod name;
 pub mod pidfile;
 pub mod protocol;
+pub mod ratelimit;
 pub mod registry;
 pub mod server;
 mod session;

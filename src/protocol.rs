@@ -25,6 +25,12 @@ pub enum Verb {
     FullDump,
     /// `g NAME`: take an exclusive lock.
     Get,
+    /// `gt NAME`: take an exclusive lock and answer its fencing token.
+    GetToken,
+    /// `gw MS NAME`: take an exclusive lock, waiting up to MS milliseconds for it.
+    GetWait,
+    /// `h [NAME]`: holders and waiters, with how long each has held or waited.
+    Holders,
     /// `i NAME`: is the exclusive lock held?
     Inspect,
     /// `iam NAME`: register a name for this connection.
@@ -35,33 +41,48 @@ pub enum Verb {
     Stats,
     /// `r NAME`: release an exclusive lock this connection holds.
     Release,
+    /// `rl NAME BURST COUNT PERIOD_MS [QUANTITY]`: a GCRA rate limit decision.
+    RateLimit,
     /// `sd [NAME]`: list shared locks and their holders.
     SharedDump,
     /// `sg NAME`: take a shared lock; answers the holder count.
     SharedGet,
+    /// `sgl LIMIT NAME`: take a shared lock only if fewer than LIMIT hold it.
+    SharedGetLimit,
+    /// `sgw MS LIMIT NAME`: like `sgl`, waiting up to MS milliseconds for a free slot.
+    SharedGetWait,
     /// `si NAME`: the holder count of a shared lock.
     SharedInspect,
     /// `sr NAME`: release a shared lock this connection holds.
     SharedRelease,
+    /// `t NAME`: the fencing token of the exclusive lock's current grant.
+    Token,
     /// `who [NAME]`: the registry.
     Who,
 }
 
 impl Verb {
     /// All verbs, sorted by their command word, so `q` can print its counters in order.
-    pub const ALL: [Verb; 13] = [
+    pub const ALL: [Verb; 20] = [
         Verb::Dump,
         Verb::FullDump,
         Verb::Get,
+        Verb::GetToken,
+        Verb::GetWait,
+        Verb::Holders,
         Verb::Inspect,
         Verb::Iam,
         Verb::Me,
         Verb::Stats,
         Verb::Release,
+        Verb::RateLimit,
         Verb::SharedDump,
         Verb::SharedGet,
+        Verb::SharedGetLimit,
+        Verb::SharedGetWait,
         Verb::SharedInspect,
         Verb::SharedRelease,
+        Verb::Token,
         Verb::Who,
     ];
 
@@ -74,16 +95,34 @@ impl Verb {
             Verb::Dump => "d",
             Verb::FullDump => "dump",
             Verb::Get => "g",
+            Verb::GetToken => "gt",
+            Verb::GetWait => "gw",
+            Verb::Holders => "h",
             Verb::Inspect => "i",
             Verb::Iam => "iam",
             Verb::Me => "me",
             Verb::Stats => "q",
             Verb::Release => "r",
+            Verb::RateLimit => "rl",
             Verb::SharedDump => "sd",
             Verb::SharedGet => "sg",
+            Verb::SharedGetLimit => "sgl",
+            Verb::SharedGetWait => "sgw",
             Verb::SharedInspect => "si",
             Verb::SharedRelease => "sr",
+            Verb::Token => "t",
             Verb::Who => "who",
+        }
+    }
+
+    /// How the command is written, for the `0 Usage: …` answer to bad arguments.
+    pub fn usage(self) -> &'static str {
+        match self {
+            Verb::GetWait => "gw MS NAME",
+            Verb::SharedGetLimit => "sgl LIMIT NAME",
+            Verb::SharedGetWait => "sgw MS LIMIT NAME",
+            Verb::RateLimit => "rl NAME BURST COUNT PERIOD_MS [QUANTITY]",
+            _ => self.word(),
         }
     }
 
@@ -110,11 +149,18 @@ impl Verb {
             b"me" => Verb::Me,
             b"iam" => Verb::Iam,
             b"who" => Verb::Who,
+            b"gt" => Verb::GetToken,
+            b"gw" => Verb::GetWait,
+            b"h" => Verb::Holders,
+            b"rl" => Verb::RateLimit,
+            b"sgl" => Verb::SharedGetLimit,
+            b"sgw" => Verb::SharedGetWait,
+            b"t" => Verb::Token,
             _ => return None,
         })
     }
 
-    /// The operation on one lock that this verb performs, if it is one.
+    /// The operation on one lock that this verb performs with no arguments beyond the name.
     #[inline]
     pub fn lock_op(self) -> Option<LockOp> {
         Some(match self {
@@ -124,8 +170,30 @@ impl Verb {
             Verb::SharedGet => LockOp::SharedGet,
             Verb::SharedRelease => LockOp::SharedRelease,
             Verb::SharedInspect => LockOp::SharedInspect,
+            Verb::GetToken => LockOp::GetToken,
+            Verb::Token => LockOp::Token,
             _ => return None,
         })
+    }
+}
+
+/// The parameters of `rl`, compact so that lock operations stay small in mailbox batches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RateParams {
+    pub burst: u32,
+    pub count: u32,
+    pub period_ms: u32,
+    pub quantity: u32,
+}
+
+impl From<RateParams> for crate::ratelimit::Limit {
+    fn from(p: RateParams) -> Self {
+        crate::ratelimit::Limit {
+            burst: u64::from(p.burst),
+            count: u64::from(p.count),
+            period_ms: u64::from(p.period_ms),
+            quantity: u64::from(p.quantity),
+        }
     }
 }
 
@@ -138,6 +206,57 @@ pub enum LockOp {
     SharedGet,
     SharedRelease,
     SharedInspect,
+    GetToken,
+    Token,
+    /// `sgl`: take a shared lock if fewer than this many hold it.
+    SharedGetLimit(u32),
+    RateLimit(RateParams),
+}
+
+/// Splits a leading decimal number off a normalised argument: `"500 my lock"` gives
+/// `(500, "my lock")`.
+pub fn split_number(arg: &[u8]) -> Option<(u64, &[u8])> {
+    let (word, rest) = match arg.iter().position(|&b| b == b' ') {
+        Some(at) => (&arg[..at], &arg[at + 1..]),
+        None => (arg, &[][..]),
+    };
+    Some((parse_u64(word)?, rest))
+}
+
+fn parse_u64(word: &[u8]) -> Option<u64> {
+    if word.is_empty() || word.len() > 19 || !word.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(word).ok()?.parse().ok()
+}
+
+/// Parses `rl`'s argument, `NAME BURST COUNT PERIOD_MS [QUANTITY]`, from the right (names may
+/// contain spaces): the last four words are BURST COUNT PERIOD_MS QUANTITY when all four are
+/// numbers and a name remains before them, else the last three are BURST COUNT PERIOD_MS.
+pub fn parse_rate_limit(arg: &[u8]) -> Option<(LockName, RateParams)> {
+    let words: Vec<&[u8]> = arg.split(|&b| b == b' ').collect();
+    let numbers = |from: usize| -> Option<Vec<u32>> {
+        words[from..]
+            .iter()
+            .map(|w| parse_u64(w).and_then(|n| u32::try_from(n).ok()))
+            .collect()
+    };
+    let (name_words, numbers) = match words.len() {
+        n if n >= 5 && numbers(n - 4).is_some() => (n - 4, numbers(n - 4)?),
+        n if n >= 4 => (n - 3, numbers(n - 3)?),
+        _ => return None,
+    };
+    let params = RateParams {
+        burst: numbers[0],
+        count: numbers[1],
+        period_ms: numbers[2],
+        quantity: numbers.get(3).copied().unwrap_or(1),
+    };
+    if params.count == 0 || params.period_ms == 0 {
+        return None;
+    }
+    let name_len = words[..name_words].iter().map(|w| w.len()).sum::<usize>() + name_words - 1;
+    Some((LockName::new(&arg[..name_len]), params))
 }
 
 /// One parsed line.
@@ -235,6 +354,18 @@ pub enum Reply {
     RegisteredName,
     /// `g`/`sg` refused: the connection holds `--max-locks-per-conn` locks already.
     LimitReached,
+    /// `gt`: granted, with the grant's fencing token.
+    GotToken(u64),
+    /// `t`: the current grant's fencing token.
+    Token(u64),
+    /// `sgl`/`sgw`: LIMIT connections hold it already.
+    SharedFull,
+    /// `gw`/`sgw`: not granted within the wait.
+    TimedOut,
+    /// `rl`: the decision.
+    RateLimit(crate::ratelimit::Decision),
+    /// Arguments that do not fit the command.
+    Usage(Verb),
 }
 
 impl Reply {
@@ -257,6 +388,40 @@ impl Reply {
             Reply::Disabled => b"0 disabled\n",
             Reply::RegisteredName => b"1 ok\n",
             Reply::LimitReached => b"0 Lock Limit Reached\n",
+            Reply::GotToken(token) => {
+                out.extend_from_slice(b"1 ");
+                return write_count(out, token, b" Got Lock\n");
+            }
+            Reply::Token(token) => {
+                out.extend_from_slice(b"1 ");
+                return write_count(out, token, b" Locked\n");
+            }
+            Reply::SharedFull => b"0 Shared Lock Full\n",
+            Reply::TimedOut => b"0 Timed Out\n",
+            Reply::RateLimit(d) => {
+                let mut n = itoa::Buffer::new();
+                for (at, value) in [u64::from(d.allowed), d.limit, d.remaining]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if at > 0 {
+                        out.push(b' ');
+                    }
+                    out.extend_from_slice(n.format(value).as_bytes());
+                }
+                out.push(b' ');
+                out.extend_from_slice(n.format(d.retry_after_ms).as_bytes());
+                out.push(b' ');
+                out.extend_from_slice(n.format(d.reset_after_ms).as_bytes());
+                out.push(b'\n');
+                return;
+            }
+            Reply::Usage(verb) => {
+                out.extend_from_slice(b"0 Usage: ");
+                out.extend_from_slice(verb.usage().as_bytes());
+                out.push(b'\n');
+                return;
+            }
         };
         out.extend_from_slice(text);
     }
@@ -266,7 +431,9 @@ impl Reply {
         match self {
             Reply::Got | Reply::Released | Reply::Locked => 1,
             Reply::SharedReleased | Reply::RegisteredName => 1,
+            Reply::GotToken(_) | Reply::Token(_) => 1,
             Reply::SharedGot(n) | Reply::SharedCount(n) => n,
+            Reply::RateLimit(d) => u64::from(d.allowed),
             _ => 0,
         }
     }
@@ -350,10 +517,43 @@ mod tests {
         let mut sorted = words.clone();
         sorted.sort();
         assert_eq!(words, sorted);
+        assert_eq!(Verb::COUNT, Verb::ALL.len());
         for (at, verb) in Verb::ALL.iter().enumerate() {
             assert_eq!(verb.index(), at);
             assert_eq!(Verb::from_word(verb.word().as_bytes()), Some(*verb));
         }
+    }
+
+    #[test]
+    fn numbers_before_the_name_and_rate_limits_from_the_right() {
+        assert_eq!(split_number(b"500 my lock"), Some((500, &b"my lock"[..])));
+        assert_eq!(split_number(b"500"), Some((500, &b""[..])));
+        assert_eq!(split_number(b"x5 name"), None);
+        assert_eq!(split_number(b"-1 name"), None);
+        assert_eq!(split_number(b""), None);
+        assert_eq!(split_number(b"99999999999999999999 n"), None);
+        let p = |burst, count, period_ms, quantity| RateParams {
+            burst,
+            count,
+            period_ms,
+            quantity,
+        };
+        assert_eq!(
+            parse_rate_limit(b"api:user 15 30 60000"),
+            Some((LockName::from("api:user"), p(15, 30, 60000, 1)))
+        );
+        assert_eq!(
+            parse_rate_limit(b"api user 15 30 60000 3"),
+            Some((LockName::from("api user"), p(15, 30, 60000, 3)))
+        );
+        assert_eq!(
+            parse_rate_limit(b"my api 15 30 60000"),
+            Some((LockName::from("my api"), p(15, 30, 60000, 1)))
+        );
+        assert_eq!(parse_rate_limit(b"15 30 60000"), None);
+        assert_eq!(parse_rate_limit(b"n 15 0 60000"), None);
+        assert_eq!(parse_rate_limit(b"n 15 30 0"), None);
+        assert_eq!(parse_rate_limit(b"n x 30 1000"), None);
     }
 
     #[test]
@@ -363,9 +563,20 @@ mod tests {
         Reply::SharedGot(12).write_to(&mut out);
         Reply::SharedCount(0).write_to(&mut out);
         Reply::Invalid.write_to(&mut out);
+        Reply::GotToken(1234).write_to(&mut out);
+        Reply::Usage(Verb::GetWait).write_to(&mut out);
+        Reply::RateLimit(crate::ratelimit::Decision {
+            allowed: false,
+            limit: 16,
+            remaining: 0,
+            retry_after_ms: -1,
+            reset_after_ms: 3000,
+        })
+        .write_to(&mut out);
         assert_eq!(
-            out,
-            b"1 Got Lock\n12 Got Shared Lock\n0 Not Shared Locked\n0 Invalid Command\n"
+            String::from_utf8(out).unwrap(),
+            "1 Got Lock\n12 Got Shared Lock\n0 Not Shared Locked\n0 Invalid Command\n\
+             1 1234 Got Lock\n0 Usage: gw MS NAME\n0 16 0 -1 3000\n"
         );
     }
 }

@@ -238,6 +238,7 @@ fn run_shard(
             }
         }
         let _ = ready.send(Ok(()));
+        tokio::task::spawn_local(core.clone().evict_rate_limits());
         core.run_mailbox(inbox).await;
     });
     // Dropping the LocalSet here (before the runtime) drops every connection task on this

@@ -14,17 +14,37 @@
 use std::rc::Rc;
 use std::sync::Arc;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use tokio::sync::oneshot;
 
 use crate::name::LockName;
 use crate::protocol::{self, LockOp, Reply, Request, Verb};
 use crate::shard::{Admission, BatchDone, Departure, Listing, RoutedOp, ShardCore, ShardMsg};
-use crate::table::Quota;
+use crate::table::{Quota, WaitKind};
 use crate::ConnId;
 
-/// The server went away under a connection (it is shutting down): close it.
+/// The connection must close: the server is shutting down, or the client left while its
+/// command waited.
 #[derive(Debug)]
-pub struct ServerGone;
+pub struct Gone;
+
+/// Tells a waiting command (`gw`) whether its client is still there.
+pub trait PeerWatch {
+    /// Ready once the client is known to be gone.
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()>;
+}
+
+/// For callers that cannot watch (the last line at end of input: the client is leaving anyway).
+pub struct NoWatch;
+
+impl PeerWatch for NoWatch {
+    fn poll_gone(&mut self, _: &mut Context<'_>) -> Poll<()> {
+        Poll::Pending
+    }
+}
 
 /// Where one command's reply comes from.
 enum Slot {
@@ -164,7 +184,12 @@ impl Session {
     }
 
     /// Runs one line, writing its reply to `out` or queueing it behind pending remote replies.
-    pub async fn run_line(&mut self, line: &[u8], out: &mut Vec<u8>) -> Result<(), ServerGone> {
+    pub async fn run_line(
+        &mut self,
+        line: &[u8],
+        out: &mut Vec<u8>,
+        watch: &mut dyn PeerWatch,
+    ) -> Result<(), Gone> {
         if let Some(fault) = &self.core().shared.config.panic_on_line {
             if line == fault.as_slice() {
                 panic!("fault injected by the panic_on_line setting");
@@ -183,23 +208,111 @@ impl Session {
         if let Some(counts) = &mut self.batch_verbs {
             counts[verb.index()] += 1;
         }
-        match verb.lock_op() {
-            Some(op) => {
-                let (shard, hash) = self.core().shared.router.route(arg.as_bytes());
-                // A lock allowance is shared by all shards, so with one, commands on different
-                // shards are no longer independent (`sr a` must free its unit before `sg b`
-                // asks for one): run them in order, batching only within one shard.
-                if self.quota.is_some() && self.pending_elsewhere(shard) {
-                    self.flush(out).await?;
+        let (op, name) = match verb {
+            Verb::SharedGetLimit => match protocol::split_number(arg.as_bytes()) {
+                Some((limit, name)) if limit <= u64::from(u32::MAX) => {
+                    (LockOp::SharedGetLimit(limit as u32), LockName::new(name))
                 }
-                self.run_lock_op(op, arg, shard, hash, out);
+                _ => return self.usage(verb, out),
+            },
+            Verb::RateLimit => match protocol::parse_rate_limit(arg.as_bytes()) {
+                Some((name, params)) => (LockOp::RateLimit(params), name),
+                None => return self.usage(verb, out),
+            },
+            Verb::GetWait | Verb::SharedGetWait => {
+                return self.run_wait(verb, &arg, out, watch).await
+            }
+            _ => match verb.lock_op() {
+                Some(op) => (op, arg),
+                None => {
+                    // Everything else must see the effects of every command before it.
+                    self.flush(out).await?;
+                    return self.run_global(verb, arg, out).await;
+                }
+            },
+        };
+        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+        // A lock allowance is shared by all shards, so with one, commands on different shards
+        // are no longer independent (`sr a` must free its unit before `sg b` asks for one): run
+        // them in order, batching only within one shard.
+        if self.quota.is_some() && self.pending_elsewhere(shard) {
+            self.flush(out).await?;
+        }
+        self.run_lock_op(op, name, shard, hash, out);
+        Ok(())
+    }
+
+    /// Answers bad arguments with the command's usage.
+    fn usage(&mut self, verb: Verb, out: &mut Vec<u8>) -> Result<(), Gone> {
+        self.reply(Reply::Usage(verb), out);
+        Ok(())
+    }
+
+    /// `gw MS NAME` / `sgw MS LIMIT NAME`: everything before it is answered first; then the
+    /// connection waits (the owning shard decides grant or timeout) while `watch` tells whether
+    /// the client is still there. A client that goes away leaves the queue.
+    async fn run_wait(
+        &mut self,
+        verb: Verb,
+        arg: &LockName,
+        out: &mut Vec<u8>,
+        watch: &mut dyn PeerWatch,
+    ) -> Result<(), Gone> {
+        let max_wait = self.core().shared.config.max_wait_ms;
+        let parsed = protocol::split_number(arg.as_bytes()).and_then(|(ms, rest)| {
+            let (kind, name) = match verb {
+                Verb::SharedGetWait => {
+                    let (limit, name) = protocol::split_number(rest)?;
+                    (WaitKind::Shared { limit }, name)
+                }
+                _ => (WaitKind::Exclusive, rest),
+            };
+            (ms <= max_wait).then(|| (ms, kind, LockName::new(name)))
+        });
+        let Some((ms, kind, name)) = parsed else {
+            return self.usage(verb, out);
+        };
+        self.flush(out).await?;
+        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+        self.presence.touched.insert(shard);
+        let conn = self.presence.conn;
+        let (reply, answer) = oneshot::channel();
+        if shard == self.core().id {
+            let core = self.presence.core.clone();
+            core.start_wait(conn, self.quota.clone(), kind, hash, name, ms, reply);
+        } else {
+            let msg = ShardMsg::Wait {
+                conn,
+                quota: self.quota.clone(),
+                kind,
+                hash,
+                name,
+                ms,
+                reply,
+            };
+            if !self.core().shared.post(shard, msg) {
+                return Err(Gone);
+            }
+        }
+        let mut answer = answer;
+        let decided = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = Pin::new(&mut answer).poll(cx) {
+                return Poll::Ready(result.ok());
+            }
+            match watch.poll_gone(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        match decided {
+            Some(reply) => {
+                reply.write_to(out);
                 Ok(())
             }
-            None => {
-                // Everything else must see the effects of every command before it.
-                self.flush(out).await?;
-                self.run_global(verb, arg, out).await
-            }
+            // The client left (dropping `answer` takes it out of the queue), or the server is
+            // shutting down.
+            None => Err(Gone),
         }
     }
 
@@ -271,7 +384,7 @@ impl Session {
 
     /// Sends every queued remote batch, waits for the replies and writes all pending replies to
     /// `out` in request order.
-    pub async fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), ServerGone> {
+    pub async fn flush(&mut self, out: &mut Vec<u8>) -> Result<(), Gone> {
         if self.slots.is_empty() {
             return Ok(());
         }
@@ -290,13 +403,13 @@ impl Session {
                 done,
             };
             if !shared.post(shard, msg) {
-                return Err(ServerGone);
+                return Err(Gone);
             }
             batch.waiting = Some(waiting);
         }
         for (shard, batch) in self.outgoing.iter_mut().enumerate() {
             if let Some(waiting) = batch.waiting.take() {
-                let BatchDone { ops, replies } = waiting.await.map_err(|_| ServerGone)?;
+                let BatchDone { ops, replies } = waiting.await.map_err(|_| Gone)?;
                 batch.ops = ops;
                 let spent = std::mem::replace(&mut self.results[shard], replies);
                 batch.replies = spent;
@@ -318,7 +431,7 @@ impl Session {
         verb: Verb,
         arg: LockName,
         out: &mut Vec<u8>,
-    ) -> Result<(), ServerGone> {
+    ) -> Result<(), Gone> {
         let shared = self.core().shared.clone();
         let config = &shared.config;
         let conn = self.presence.conn;
@@ -338,8 +451,17 @@ impl Session {
             }
             Verb::Who if !(config.registry && config.dump) => Reply::Disabled.write_to(out),
             Verb::Who => shared.registry.write_who(arg.as_bytes(), out),
-            Verb::Dump | Verb::SharedDump | Verb::FullDump if !config.dump => {
+            Verb::Dump | Verb::SharedDump | Verb::FullDump | Verb::Holders if !config.dump => {
                 Reply::Disabled.write_to(out)
+            }
+            Verb::Holders => {
+                let name = (!arg.is_empty()).then_some(arg);
+                for (name, row) in self.collect_holders(name).await? {
+                    out.extend_from_slice(name.as_bytes());
+                    out.extend_from_slice(b": ");
+                    out.extend_from_slice(&row);
+                    out.push(b'\n');
+                }
             }
             Verb::Dump | Verb::SharedDump => {
                 let shared_locks = verb == Verb::SharedDump;
@@ -369,7 +491,7 @@ impl Session {
         shared_locks: bool,
         name: Option<LockName>,
         raw: bool,
-    ) -> Result<Listing, ServerGone> {
+    ) -> Result<Listing, Gone> {
         let core = self.presence.core.clone();
         let shared = &core.shared;
         let mut rows = Vec::new();
@@ -392,13 +514,52 @@ impl Session {
                     done,
                 };
                 if !shared.post(shard, msg) {
-                    return Err(ServerGone);
+                    return Err(Gone);
                 }
                 waiting.push(rx);
             }
         }
         for rx in waiting {
-            rows.extend(rx.await.map_err(|_| ServerGone)?);
+            rows.extend(rx.await.map_err(|_| Gone)?);
+        }
+        rows.sort_unstable();
+        Ok(rows)
+    }
+}
+
+impl Session {
+    /// Gathers `h` rows from every shard (or from `name`'s shard), sorted by name, then role,
+    /// holder and age text.
+    async fn collect_holders(&mut self, name: Option<LockName>) -> Result<Listing, Gone> {
+        let core = self.presence.core.clone();
+        let shared = &core.shared;
+        let key = name.map(|n| (shared.router.route(n.as_bytes()), n));
+        let targets: Vec<usize> = match &key {
+            Some(((shard, _), _)) => vec![*shard],
+            None => (0..shared.router.shards()).collect(),
+        };
+        let key = key.map(|((_, hash), n)| (hash, n));
+        let mut rows = Vec::new();
+        let mut waiting = Vec::new();
+        for shard in targets {
+            if shard == core.id {
+                rows.extend(core.list_holders(key.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
+            } else {
+                let (done, rx) = oneshot::channel();
+                if !shared.post(
+                    shard,
+                    ShardMsg::Holders {
+                        name: key.clone(),
+                        done,
+                    },
+                ) {
+                    return Err(Gone);
+                }
+                waiting.push(rx);
+            }
+        }
+        for rx in waiting {
+            rows.extend(rx.await.map_err(|_| Gone)?);
         }
         rows.sort_unstable();
         Ok(rows)

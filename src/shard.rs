@@ -19,6 +19,7 @@ use crate::name::LockName;
 use crate::protocol::{LockOp, Reply};
 use crate::registry::Registry;
 use crate::stats::{ShardCell, Stats};
+use crate::table::WaitKind;
 use crate::table::{Quota, ShardTable};
 use crate::{ConnId, NameHasher};
 
@@ -169,6 +170,22 @@ pub enum ShardMsg {
         /// connection's registry record.
         departure: Arc<Departure>,
     },
+    /// `gw`/`sgw`: take the lock for `conn`, or queue it for up to `ms` milliseconds; the
+    /// answer goes to `reply` whenever it is decided.
+    Wait {
+        conn: ConnId,
+        quota: Option<Arc<Quota>>,
+        kind: WaitKind,
+        hash: u64,
+        name: LockName,
+        ms: u64,
+        reply: oneshot::Sender<Reply>,
+    },
+    /// `h [NAME]`: holders and waiters with their ages.
+    Holders {
+        name: Option<(u64, LockName)>,
+        done: oneshot::Sender<Listing>,
+    },
     /// List exclusive (or shared) locks, all or one name's, with holders shown by registered
     /// name or (`raw`) by connection id.
     List {
@@ -306,6 +323,84 @@ impl ShardCore {
         let cell = self.cell();
         cell.locks.set(table.exclusive_len() as u64);
         cell.shared_locks.set(table.shared_len() as u64);
+        let counts = &table.counts;
+        cell.lock_waiters.set(table.waiters() as u64);
+        cell.lock_waits_started.set(counts.waits_started);
+        cell.lock_waits_granted.set(counts.waits_granted);
+        cell.lock_waits_timed_out.set(counts.waits_timed_out);
+        cell.rate_limit_allowed.set(counts.rate_limit_allowed);
+        cell.rate_limit_limited.set(counts.rate_limit_limited);
+    }
+
+    /// `gw`/`sgw` on this shard: grant now, or queue and arm the timeout.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_wait(
+        self: &Rc<Self>,
+        conn: ConnId,
+        quota: Option<Arc<Quota>>,
+        kind: WaitKind,
+        hash: u64,
+        name: LockName,
+        ms: u64,
+        reply: oneshot::Sender<Reply>,
+    ) {
+        let queued = {
+            let mut table = self.table.borrow_mut();
+            let guard = AbortOnPanic;
+            let queued = table.wait(conn, quota, kind, hash, &name, reply);
+            std::mem::forget(guard);
+            self.publish_sizes(&table);
+            queued
+        };
+        if let Some(id) = queued {
+            let core = self.clone();
+            tokio::task::spawn_local(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                let mut table = core.table.borrow_mut();
+                let guard = AbortOnPanic;
+                table.expire(kind.is_shared(), &name, id);
+                std::mem::forget(guard);
+                core.publish_sizes(&table);
+            });
+        }
+    }
+
+    /// Forgets rate limiters that are back to full capacity, once a second, for the life of
+    /// the shard.
+    pub async fn evict_rate_limits(self: Rc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut table = self.table.borrow_mut();
+            if table.rate_limit_len() > 0 {
+                table.evict_rate_limits();
+            }
+        }
+    }
+
+    /// `h`: holders and waiters here, as rows `name: role id age_ms display`.
+    pub fn list_holders(&self, name: Option<(u64, &[u8])>) -> Listing {
+        let table = self.table.borrow();
+        let now = crate::table::unix_micros();
+        table
+            .list_holders(name)
+            .into_iter()
+            .map(|row| {
+                let mut text = Vec::new();
+                text.extend_from_slice(row.role.word().as_bytes());
+                text.push(b' ');
+                self.shared.registry.write_holder(row.conn, true, &mut text);
+                text.push(b' ');
+                let age_ms = now.saturating_sub(row.since) / 1000;
+                text.extend_from_slice(itoa::Buffer::new().format(age_ms).as_bytes());
+                text.extend_from_slice(b"ms ");
+                self.shared
+                    .registry
+                    .write_holder(row.conn, false, &mut text);
+                (row.name, text)
+            })
+            .collect()
     }
 
     /// Applies one operation to this shard's table.
@@ -425,6 +520,19 @@ impl ShardCore {
                 let _ = done.send(BatchDone { ops, replies });
             }
             ShardMsg::Orphan { conn, departure } => self.orphan(conn, departure),
+            ShardMsg::Wait {
+                conn,
+                quota,
+                kind,
+                hash,
+                name,
+                ms,
+                reply,
+            } => self.start_wait(conn, quota, kind, hash, name, ms, reply),
+            ShardMsg::Holders { name, done } => {
+                let _ =
+                    done.send(self.list_holders(name.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
+            }
             ShardMsg::List {
                 shared,
                 name,

@@ -100,6 +100,17 @@ pub struct ShardCell {
     pub mailbox_messages: Counter,
     /// Lock commands in those batches (divided by the messages: the batching factor).
     pub mailbox_commands: Counter,
+    /// Connections waiting for a lock of this shard now (a gauge).
+    pub lock_waiters: Counter,
+    /// `gw`/`sgw` requests this shard took.
+    pub lock_waits_started: Counter,
+    /// Of those, granted (at once or later).
+    pub lock_waits_granted: Counter,
+    /// Of those, timed out.
+    pub lock_waits_timed_out: Counter,
+    /// `rl` decisions of this shard, allowed and limited.
+    pub rate_limit_allowed: Counter,
+    pub rate_limit_limited: Counter,
     /// Per command word, the time from reading a command to its reply being ready, for
     /// connections on this thread (recorded only while the metrics endpoint is on).
     pub latency: [Latency; Verb::COUNT],
@@ -123,6 +134,12 @@ pub struct Snapshot {
     pub shared_locks: u64,
     pub orphans: u64,
     pub shared_orphans: u64,
+    pub lock_waiters: u64,
+    pub lock_waits_started: u64,
+    pub lock_waits_granted: u64,
+    pub lock_waits_timed_out: u64,
+    pub rate_limit_allowed: u64,
+    pub rate_limit_limited: u64,
 }
 
 /// One command word's latency summed over every shard.
@@ -192,6 +209,12 @@ impl Stats {
             s.shared_locks += cell.shared_locks.get();
             s.orphans += cell.orphans.get();
             s.shared_orphans += cell.shared_orphans.get();
+            s.lock_waiters += cell.lock_waiters.get();
+            s.lock_waits_started += cell.lock_waits_started.get();
+            s.lock_waits_granted += cell.lock_waits_granted.get();
+            s.lock_waits_timed_out += cell.lock_waits_timed_out.get();
+            s.rate_limit_allowed += cell.rate_limit_allowed.get();
+            s.rate_limit_limited += cell.rate_limit_limited.get();
         }
         s.connections = s.connections_total.saturating_sub(closed);
         s
@@ -214,8 +237,15 @@ impl Snapshot {
         }
         line("", "connections", self.connections);
         line("", "invalid_commands", self.invalid_commands);
+        line("", "lock_waiters", self.lock_waiters);
+        line("", "lock_waits_granted", self.lock_waits_granted);
+        line("", "lock_waits_started", self.lock_waits_started);
+        line("", "lock_waits_timed_out", self.lock_waits_timed_out);
         line("", "locks", self.locks);
         line("", "orphans", self.orphans);
+        line("", "rate_limit_allowed", self.rate_limit_allowed);
+        line("", "rate_limit_limited", self.rate_limit_limited);
+        // Last, as in the original: clients read `q` up to this line.
         line("", "shared_locks", self.shared_locks);
         line("", "shared_orphans", self.shared_orphans);
     }
@@ -263,7 +293,8 @@ mod tests {
         let mut sorted = keys.clone();
         sorted.sort();
         assert_eq!(keys, sorted);
-        assert_eq!(keys.len(), Verb::COUNT + 6);
+        assert_eq!(keys.len(), Verb::COUNT + 12);
+        assert_eq!(keys.last(), Some(&"shared_orphans"));
         assert!(text.contains("command_g: 5\n"));
         assert!(text.contains("connections: 1\n"));
         assert!(text.contains("locks: 7\n"));

@@ -6,7 +6,9 @@
 //! The commands run through the same [`Session`] as TCP ones, on a shard thread like any other
 //! connection, so the locks, replies and stats are the same whichever door a client used.
 
+use std::collections::VecDeque;
 use std::rc::Rc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -18,11 +20,40 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::protocol;
-use crate::session::Session;
+use crate::session::{PeerWatch, Session};
 use crate::shard::{Admission, ShardCore};
 
 /// How long a client may take to finish the websocket handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Messages kept while a command waits (`gw`); past this, the connection is not read until
+/// the wait ends.
+const STASH: usize = 64;
+
+/// Watches a websocket while a command waits: messages that arrive are kept for later, and a
+/// close frame, a dropped connection or an error means the client is gone.
+struct WsWatch<'a> {
+    ws: &'a mut WebSocketStream<TcpStream>,
+    stash: &'a mut VecDeque<Message>,
+}
+
+impl PeerWatch for WsWatch<'_> {
+    fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.stash.len() >= STASH {
+                return Poll::Pending;
+            }
+            match self.ws.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(Message::Close(_)))) | Poll::Ready(None) => {
+                    return Poll::Ready(())
+                }
+                Poll::Ready(Some(Err(_))) => return Poll::Ready(()),
+                Poll::Ready(Some(Ok(message))) => self.stash.push_back(message),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
 
 /// Serves one websocket connection until it closes.
 pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission: Admission) {
@@ -58,11 +89,16 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     let idle_timeout = (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout));
     let mut session = Session::new(core.clone(), id, admission);
     let mut out = Vec::new();
+    let mut stash = VecDeque::new();
     loop {
         if core.is_closing() {
             break;
         }
+        let stashed = stash.pop_front();
         let next = async {
+            if let Some(message) = stashed {
+                return Some(Ok(message));
+            }
             match idle_timeout {
                 Some(limit) => tokio::time::timeout(limit, ws.next()).await.ok().flatten(),
                 None => ws.next().await,
@@ -92,7 +128,11 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
                 continue; // a blank line gets nothing, as over TCP
             }
             out.clear();
-            if session.run_line(line, &mut out).await.is_err()
+            let mut watch = WsWatch {
+                ws: &mut ws,
+                stash: &mut stash,
+            };
+            if session.run_line(line, &mut out, &mut watch).await.is_err()
                 || session.flush(&mut out).await.is_err()
             {
                 return;

@@ -273,3 +273,27 @@ fn a_second_signal_during_shutdown_exits_at_once() {
     assert_eq!(server.stop_with(Signal::SIGTERM), Some(130));
     assert!(started.elapsed() < Duration::from_secs(20));
 }
+
+#[test]
+fn fencing_tokens_keep_growing_across_a_restart() {
+    let token = |port: u16| -> u64 {
+        let reply = ask(port, "gt fenced-across-restarts\n");
+        let mut words = reply.split(' ');
+        assert_eq!(words.next(), Some("1"), "{reply:?}");
+        words.next().unwrap().parse().unwrap()
+    };
+    let port = free_port();
+    let first = Glockd::start(&["-port", &port.to_string()]);
+    let before = [token(port), token(port)];
+    assert!(before[1] > before[0]);
+    assert_eq!(first.stop_with(Signal::SIGTERM), Some(0));
+    let port = free_port();
+    let second = Glockd::start(&["-port", &port.to_string()]);
+    let after = token(port);
+    assert!(
+        after > before[1],
+        "{after} after a restart, {} before",
+        before[1]
+    );
+    assert_eq!(second.stop_with(Signal::SIGTERM), Some(0));
+}

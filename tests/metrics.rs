@@ -99,6 +99,7 @@ fn exercise(server: &ServerHandle) {
         .collect();
     talk(&format!("{batch}nope\nd\nq\n"));
     talk("g kept\nr kept\nsr s1\nsi s1\nme\niam x\nwho\nsd\ndump\n");
+    talk("gw 1 kept\nsgl 5 sem\nrl api 1 1 60000\nrl api 1 1 60000\nrl api 1 1 60000\ngt fenced\nt fenced\nh\n");
 }
 
 #[test]
@@ -121,7 +122,7 @@ fn the_endpoint_and_q_agree_on_every_counter() {
                 (k.to_owned(), v.parse().unwrap())
             })
             .collect();
-        if q["orphans"] == 50.0 && q["connections"] == 1.0 {
+        if q["orphans"] == 52.0 && q["connections"] == 1.0 {
             break q;
         }
         assert!(Instant::now() < deadline, "orphans never settled: {q:?}");
@@ -144,7 +145,7 @@ fn the_endpoint_and_q_agree_on_every_counter() {
     );
     // The q connection itself is gone by the time of the scrape.
     assert_eq!(one("glockd_connections", ""), 0.0);
-    assert_eq!(one("glockd_connections_accepted_total", ""), 3.0);
+    assert_eq!(one("glockd_connections_accepted_total", ""), 4.0);
     assert_eq!(one("glockd_locks", "kind=\"exclusive\""), q["locks"]);
     assert_eq!(one("glockd_locks", "kind=\"shared\""), q["shared_locks"]);
     assert_eq!(

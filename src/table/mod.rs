@@ -11,16 +11,31 @@
 //! locks form an intrusive doubly linked list through their slots, so release and orphaning need
 //! no second copy of the name. Shared locks keep a small holder set per name and a name set per
 //! connection.
+//!
+//! Every grant of an exclusive lock gets a fencing token from a hybrid logical clock: the Unix
+//! time in microseconds, or one more than the last token if that is larger, so tokens strictly
+//! increase for the life of the server and, as long as a shard grants fewer than a million locks
+//! a second on average, across restarts too. The token doubles as the time the lock was taken.
+
+mod holders;
+mod listing;
+mod waiters;
+mod waiting;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use hashbrown::hash_table::{Entry, HashTable};
-use smallvec::SmallVec;
 
 use crate::name::LockName;
 use crate::protocol::{LockOp, Reply};
+use crate::ratelimit::RateLimits;
 use crate::{ConnId, NameHasher};
+
+use holders::Holders;
+pub use holders::Quota;
+pub use listing::{HolderRow, Role};
+pub use waiters::{WaitKind, WaitQueues, Waiter};
 
 /// "No slot": the end of a list.
 const NIL: u32 = u32::MAX;
@@ -31,78 +46,12 @@ struct Slot {
     name: LockName,
     /// The connection holding it.
     holder: ConnId,
+    /// The grant's fencing token (also when it was taken, in Unix microseconds).
+    token: u64,
     /// Previous slot in the holder's list (NIL at the head). Unused while free.
     prev: u32,
     /// Next slot in the holder's list, or in the free list while free.
     next: u32,
-}
-
-/// The connections sharing one shared lock. Almost always a handful, kept inline; a name that
-/// thousands of connections hold (a popular rate limit) moves to a hash set.
-enum Holders {
-    Few(SmallVec<[ConnId; 4]>),
-    Many(hashbrown::HashSet<ConnId, NameHasher>),
-}
-
-/// A `Few` set grows into a `Many` set past this many holders.
-const FEW_HOLDERS: usize = 32;
-
-impl Holders {
-    fn len(&self) -> usize {
-        match self {
-            Holders::Few(v) => v.len(),
-            Holders::Many(s) => s.len(),
-        }
-    }
-
-    /// Adds `conn`; false if it was already a holder.
-    fn insert(&mut self, conn: ConnId) -> bool {
-        match self {
-            Holders::Few(v) => {
-                if v.contains(&conn) {
-                    return false;
-                }
-                if v.len() < FEW_HOLDERS {
-                    v.push(conn);
-                } else {
-                    let mut set: hashbrown::HashSet<ConnId, NameHasher> =
-                        v.iter().copied().collect();
-                    set.insert(conn);
-                    *self = Holders::Many(set);
-                }
-                true
-            }
-            Holders::Many(s) => s.insert(conn),
-        }
-    }
-
-    /// Removes `conn`; false if it was not a holder.
-    fn remove(&mut self, conn: ConnId) -> bool {
-        match self {
-            Holders::Few(v) => match v.iter().position(|&c| c == conn) {
-                Some(at) => {
-                    v.swap_remove(at);
-                    true
-                }
-                None => false,
-            },
-            Holders::Many(s) => s.remove(&conn),
-        }
-    }
-
-    fn contains(&self, conn: ConnId) -> bool {
-        match self {
-            Holders::Few(v) => v.contains(&conn),
-            Holders::Many(s) => s.contains(&conn),
-        }
-    }
-
-    fn iter(&self) -> Box<dyn Iterator<Item = ConnId> + '_> {
-        match self {
-            Holders::Few(v) => Box::new(v.iter().copied()),
-            Holders::Many(s) => Box::new(s.iter().copied()),
-        }
-    }
 }
 
 /// What one connection holds in this shard.
@@ -111,6 +60,8 @@ struct Holdings {
     exclusive_head: u32,
     /// The shared locks it holds here.
     shared: hashbrown::HashSet<LockName, NameHasher>,
+    /// The queues it waits in here: (shared?, name, waiter id).
+    waits: Vec<(bool, LockName, u64)>,
 }
 
 impl Holdings {
@@ -118,47 +69,32 @@ impl Holdings {
         Holdings {
             exclusive_head: NIL,
             shared: Default::default(),
+            waits: Vec::new(),
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.exclusive_head == NIL && self.shared.is_empty() && self.waits.is_empty()
     }
 }
 
-/// A connection's allowance of locks (`--max-locks-per-conn`), shared by every shard the
-/// connection sends to, so the limit holds across shards exactly: a grant first takes one unit,
-/// and gives it back if the limit was already reached.
-#[derive(Debug)]
-pub struct Quota {
-    /// Locks the connection holds now, over all shards.
-    held: AtomicU64,
-    /// The most it may hold.
-    limit: u64,
+/// The current Unix time in microseconds, from the coarse clock (a few nanoseconds to read;
+/// tokens need order, not precision).
+pub fn unix_micros() -> u64 {
+    use nix::time::{clock_gettime, ClockId};
+    clock_gettime(ClockId::CLOCK_REALTIME_COARSE)
+        .map(|t| (t.tv_sec() as u64).saturating_mul(1_000_000) + (t.tv_nsec() as u64) / 1_000)
+        .unwrap_or(0)
 }
 
-impl Quota {
-    pub fn new(limit: u64) -> Self {
-        Quota {
-            held: AtomicU64::new(0),
-            limit,
-        }
-    }
-
-    /// Takes one unit; false (and nothing taken) at the limit.
-    fn try_take(&self) -> bool {
-        if self.held.fetch_add(1, Ordering::AcqRel) >= self.limit {
-            self.held.fetch_sub(1, Ordering::AcqRel);
-            false
-        } else {
-            true
-        }
-    }
-
-    fn give_back(&self) {
-        self.held.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    /// Locks held now.
-    pub fn held(&self) -> u64 {
-        self.held.load(Ordering::Acquire)
-    }
+/// Running totals a shard publishes as stats.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TableCounts {
+    pub waits_started: u64,
+    pub waits_granted: u64,
+    pub waits_timed_out: u64,
+    pub rate_limit_allowed: u64,
+    pub rate_limit_limited: u64,
 }
 
 /// What `get` did.
@@ -196,6 +132,16 @@ pub struct ShardTable {
     /// Per connection, what it holds here. An entry stays (empty) until the connection goes, so
     /// a client that takes and releases the same lock in a loop does not allocate each time.
     holdings: HashMap<ConnId, Holdings, NameHasher>,
+    /// The last fencing token handed out.
+    last_token: u64,
+    /// Connections waiting for locks of this shard.
+    waits: WaitQueues,
+    /// `rl` limiters of this shard's names.
+    limits: RateLimits,
+    /// The origin of the rate limiters' monotonic clock.
+    started: Instant,
+    /// Totals for the stats.
+    pub counts: TableCounts,
 }
 
 impl ShardTable {
@@ -206,8 +152,34 @@ impl ShardTable {
             slots: Vec::new(),
             free_head: NIL,
             shared: HashMap::with_hasher(hasher.clone()),
-            holdings: HashMap::with_hasher(hasher),
+            holdings: HashMap::with_hasher(hasher.clone()),
+            last_token: 0,
+            waits: WaitQueues::new(hasher.clone()),
+            limits: RateLimits::new(hasher),
+            started: Instant::now(),
+            counts: TableCounts::default(),
         }
+    }
+
+    /// Nanoseconds on the rate limiters' monotonic clock.
+    fn monotonic_ns(&self) -> u128 {
+        self.started.elapsed().as_nanos()
+    }
+
+    /// Forgets rate limiters that are back to full capacity.
+    pub fn evict_rate_limits(&mut self) {
+        let now = self.monotonic_ns();
+        self.limits.evict(now);
+    }
+
+    /// Rate limiters with state.
+    pub fn rate_limit_len(&self) -> usize {
+        self.limits.len()
+    }
+
+    /// Connections waiting now.
+    pub fn waiters(&self) -> usize {
+        self.waits.depth()
     }
 
     /// The hash this table (and the router) uses for `name`.
@@ -260,7 +232,48 @@ impl ShardTable {
                 }
             }
             LockOp::SharedInspect => Reply::SharedCount(self.shared_count(name.as_bytes())),
+            LockOp::GetToken => match self.get(conn, hash, name, quota) {
+                GetOutcome::Granted | GetOutcome::AlreadyHeld => {
+                    Reply::GotToken(self.token(hash, name.as_bytes()).unwrap_or_default())
+                }
+                GetOutcome::Busy => Reply::NotGot,
+                GetOutcome::OverLimit => Reply::LimitReached,
+            },
+            LockOp::Token => match self.token(hash, name.as_bytes()) {
+                Some(token) => Reply::Token(token),
+                None => Reply::NotLocked,
+            },
+            LockOp::SharedGetLimit(limit) => {
+                let holders = self.shared.get(name.as_bytes());
+                let count = holders.map_or(0, |h| h.len() as u64);
+                if holders.is_some_and(|h| h.contains(conn)) {
+                    Reply::SharedGot(count)
+                } else if count >= u64::from(limit) {
+                    Reply::SharedFull
+                } else {
+                    match self.shared_get(conn, name, quota) {
+                        Some(count) => Reply::SharedGot(count),
+                        None => Reply::LimitReached,
+                    }
+                }
+            }
+            LockOp::RateLimit(limit) => {
+                let now = self.monotonic_ns();
+                let decision = self.limits.apply(name, now, limit.into());
+                if decision.allowed {
+                    self.counts.rate_limit_allowed += 1;
+                } else {
+                    self.counts.rate_limit_limited += 1;
+                }
+                Reply::RateLimit(decision)
+            }
         }
+    }
+
+    /// The fencing token of the current grant of `name`.
+    pub fn token(&self, hash: u64, name: &[u8]) -> Option<u64> {
+        self.find(hash, name)
+            .map(|at| self.slots[at as usize].token)
     }
 
     fn find(&self, hash: u64, name: &[u8]) -> Option<u32> {
@@ -302,11 +315,14 @@ impl ShardTable {
         if quota.is_some_and(|q| !q.try_take()) {
             return GetOutcome::OverLimit;
         }
+        // The next fencing token (see the module docs).
+        self.last_token = (self.last_token + 1).max(unix_micros());
         let holdings = self.holdings.entry(conn).or_insert_with(Holdings::new);
         let head = holdings.exclusive_head;
         let slot = Slot {
             name: name.clone(),
             holder: conn,
+            token: self.last_token,
             prev: NIL,
             next: head,
         };
@@ -327,8 +343,19 @@ impl ShardTable {
         GetOutcome::Granted
     }
 
-    /// Releases the exclusive lock if `conn` holds it.
+    /// Releases the exclusive lock if `conn` holds it, and hands it to the first waiter.
     pub fn release(&mut self, conn: ConnId, hash: u64, name: &[u8]) -> bool {
+        if !self.release_quietly(conn, hash, name) {
+            return false;
+        }
+        if self.waits.has(false, name) {
+            self.grant_exclusive_waiters(hash, name);
+        }
+        true
+    }
+
+    /// Releases the exclusive lock if `conn` holds it, without serving waiters.
+    fn release_quietly(&mut self, conn: ConnId, hash: u64, name: &[u8]) -> bool {
         let slots = &self.slots;
         let Ok(found) = self
             .index
@@ -386,14 +413,12 @@ impl ShardTable {
         if quota.is_some_and(|q| !q.try_take()) {
             return None;
         }
+        let since = unix_micros();
         let holders = match self.shared.get_mut(name.as_bytes()) {
             Some(holders) => holders,
-            None => self
-                .shared
-                .entry(name.clone())
-                .or_insert_with(|| Holders::Few(SmallVec::new())),
+            None => self.shared.entry(name.clone()).or_insert_with(Holders::new),
         };
-        holders.insert(conn);
+        holders.insert(conn, since);
         let count = holders.len() as u64;
         self.holdings
             .entry(conn)
@@ -403,8 +428,19 @@ impl ShardTable {
         Some(count)
     }
 
-    /// Releases a shared lock if `conn` holds it.
+    /// Releases a shared lock if `conn` holds it, and lets waiters in while there is room.
     pub fn shared_release(&mut self, conn: ConnId, name: &[u8]) -> bool {
+        if !self.shared_release_quietly(conn, name) {
+            return false;
+        }
+        if self.waits.has(true, name) {
+            self.grant_shared_waiters(name);
+        }
+        true
+    }
+
+    /// Releases a shared lock if `conn` holds it, without serving waiters.
+    fn shared_release_quietly(&mut self, conn: ConnId, name: &[u8]) -> bool {
         let Some(holders) = self.shared.get_mut(name) else {
             return false;
         };
@@ -444,6 +480,12 @@ impl ShardTable {
         let Some(holdings) = self.holdings.get_mut(&conn) else {
             return (orphaned, true);
         };
+        // A connection that is gone waits for nothing.
+        for (shared, name, id) in holdings.waits.drain(..) {
+            self.waits.remove(shared, name.as_bytes(), id);
+        }
+        // Names someone waits for, to hand over once this slice is released.
+        let mut handovers: Vec<(bool, LockName)> = Vec::new();
         let mut budget = budget;
         let mut at = holdings.exclusive_head;
         while at != NIL && budget > 0 {
@@ -451,6 +493,9 @@ impl ShardTable {
             let next = slot.next;
             on_exclusive(&slot.name);
             let hash = self.hasher.hash_one(slot.name.as_bytes());
+            if self.waits.has(false, slot.name.as_bytes()) {
+                handovers.push((false, slot.name.clone()));
+            }
             // Free the slot in place (`self.free` would borrow all of `self`).
             slot.name = LockName::empty();
             slot.next = self.free_head;
@@ -475,11 +520,22 @@ impl ShardTable {
                         self.shared.remove(name.as_bytes());
                     }
                 }
+                if self.waits.has(true, name.as_bytes()) {
+                    handovers.push((true, name));
+                }
             }
         }
-        let done = holdings.exclusive_head == NIL && holdings.shared.is_empty();
+        let done = holdings.is_empty();
         if done {
             self.holdings.remove(&conn);
+        }
+        for (shared, name) in handovers {
+            if shared {
+                self.grant_shared_waiters(name.as_bytes());
+            } else {
+                let hash = self.hash(name.as_bytes());
+                self.grant_exclusive_waiters(hash, name.as_bytes());
+            }
         }
         (orphaned, done)
     }
@@ -492,44 +548,6 @@ impl ShardTable {
     /// How many shared lock names have at least one holder.
     pub fn shared_len(&self) -> usize {
         self.shared.len()
-    }
-
-    /// Every exclusive lock and its holder (or only `name`'s), unsorted.
-    pub fn list_exclusive(&self, name: Option<(u64, &[u8])>) -> Vec<(LockName, ConnId)> {
-        match name {
-            Some((hash, name)) => self
-                .find(hash, name)
-                .map(|at| {
-                    let slot = &self.slots[at as usize];
-                    vec![(slot.name.clone(), slot.holder)]
-                })
-                .unwrap_or_default(),
-            None => self
-                .index
-                .iter()
-                .map(|&at| {
-                    let slot = &self.slots[at as usize];
-                    (slot.name.clone(), slot.holder)
-                })
-                .collect(),
-        }
-    }
-
-    /// Every (shared lock, holder) pair (or only `name`'s), unsorted.
-    pub fn list_shared(&self, name: Option<&[u8]>) -> Vec<(LockName, ConnId)> {
-        let mut out = Vec::new();
-        let mut push = |name: &LockName, holders: &Holders| {
-            out.extend(holders.iter().map(|conn| (name.clone(), conn)));
-        };
-        match name {
-            Some(name) => {
-                if let Some((name, holders)) = self.shared.get_key_value(name) {
-                    push(name, holders);
-                }
-            }
-            None => self.shared.iter().for_each(|(n, h)| push(n, h)),
-        }
-        out
     }
 }
 

@@ -19,15 +19,23 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
 use crate::protocol;
-use crate::session::{NoWatch, PeerWatch, Session};
+use crate::session::{NoWatch, PeerWatch, Session, Step};
 use crate::shard::{Admission, ShardCore};
 
 /// Most lines run per batch before their replies are written: bounds the work between two
 /// writes, and lets a client that pipelines a million commands share its thread.
 const MAX_BATCH: usize = 1024;
 
-/// Read buffer growth step.
-const READ_CHUNK: usize = 16 * 1024;
+/// Read room for a connection that sends little: most clients send one short command at a
+/// time, and ten thousand idle connections should not each pin a large buffer.
+const SMALL_READ: usize = 1024;
+
+/// Read room once a client fills the small buffer in one read (it pipelines).
+const LARGE_READ: usize = 64 * 1024;
+
+/// A buffer left with more capacity than this while empty goes back to nothing, so a burst
+/// does not leave an idle connection holding its peak memory.
+const KEEP_CAPACITY: usize = 16 * 1024;
 
 /// The connection's limits, from the config.
 struct Limits {
@@ -83,6 +91,8 @@ struct Buffers {
     out: Vec<u8>,
     /// How much of `out` is written.
     written: usize,
+    /// The client sends more than a small buffer holds at once: read with large buffers.
+    pipelining: bool,
 }
 
 impl Buffers {
@@ -105,21 +115,23 @@ impl Buffers {
             if end + 1 - start > max_line {
                 return Err(Stop::LineTooLong);
             }
-            let mut watch = StreamWatch {
-                stream: &mut *stream,
-                side: &mut self.side,
-                eof: &mut self.side_eof,
-                cap: max_line,
-            };
-            let ran_line = session
-                .run_line(&self.input[start..end], &mut self.out, &mut watch)
-                .await;
-            if !self.side.is_empty() {
-                // Read while the line waited: it comes after everything already buffered.
-                self.input.extend_from_slice(&self.side);
-                self.side.clear();
+            if let Step::Later(verb, arg) = session.step(&self.input[start..end], &mut self.out) {
+                let mut watch = StreamWatch {
+                    stream: &mut *stream,
+                    side: &mut self.side,
+                    eof: &mut self.side_eof,
+                    cap: max_line,
+                };
+                let ran_line = session
+                    .run_later(verb, arg, &mut self.out, &mut watch)
+                    .await;
+                if !self.side.is_empty() {
+                    // Read while the line waited: it comes after everything already buffered.
+                    self.input.extend_from_slice(&self.side);
+                    self.side.clear();
+                }
+                ran_line.map_err(|_| Stop::Gone)?;
             }
-            ran_line.map_err(|_| Stop::Gone)?;
             start = end + 1;
             ran += 1;
             if ran == MAX_BATCH {
@@ -134,6 +146,10 @@ impl Buffers {
         self.searched = self.input.len();
         if self.input.len() >= max_line {
             return Err(Stop::LineTooLong);
+        }
+        if self.input.is_empty() && self.input.capacity() > KEEP_CAPACITY {
+            self.input = BytesMut::new();
+            self.pipelining = false;
         }
         Ok(false)
     }
@@ -159,6 +175,9 @@ impl Buffers {
         if self.written == self.out.len() {
             self.out.clear();
             self.written = 0;
+            if self.out.capacity() > KEEP_CAPACITY {
+                self.out = Vec::new();
+            }
             // Transports that buffer (websocket frames) send now; a TCP flush is a no-op.
             if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
                 return Err(e);
@@ -217,12 +236,13 @@ where
     let limits = Limits::new(&core);
     let mut session = Session::new(core.clone(), id_text, admission);
     let mut buffers = Buffers {
-        input: BytesMut::with_capacity(READ_CHUNK),
+        input: BytesMut::new(),
         searched: 0,
         side: BytesMut::new(),
         side_eof: false,
-        out: Vec::with_capacity(READ_CHUNK),
+        out: Vec::new(),
         written: 0,
+        pipelining: false,
     };
     let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
     // Armed while replies wait for a reader that does not read.
@@ -293,10 +313,22 @@ where
                     .map(|d| Box::pin(tokio::time::sleep(d)));
             }
             if want_read {
-                buffers.input.reserve(READ_CHUNK);
+                let room = if buffers.pipelining {
+                    LARGE_READ
+                } else {
+                    SMALL_READ
+                };
+                if buffers.input.capacity() - buffers.input.len() < room / 2 {
+                    buffers.input.reserve(room);
+                }
+                let spare = buffers.input.capacity() - buffers.input.len();
                 match tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut buffers.input) {
                     Poll::Ready(Ok(0)) => event.eof = true,
-                    Poll::Ready(Ok(_)) => event.read = true,
+                    Poll::Ready(Ok(n)) => {
+                        // A read that fills the room it had means more is coming.
+                        buffers.pipelining |= n == spare;
+                        event.read = true;
+                    }
                     Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                     Poll::Pending => {}
                 }

@@ -31,6 +31,14 @@ use crate::ConnId;
 #[derive(Debug)]
 pub struct Gone;
 
+/// What [`Session::step`] did with a line.
+pub enum Step {
+    /// Answered, or queued for its shard.
+    Done,
+    /// Must wait: run it with [`Session::run_later`].
+    Later(Verb, LockName),
+}
+
 /// Tells a waiting command (`gw`) whether its client is still there.
 pub trait PeerWatch {
     /// Ready once the client is known to be gone.
@@ -190,17 +198,30 @@ impl Session {
         out: &mut Vec<u8>,
         watch: &mut dyn PeerWatch,
     ) -> Result<(), Gone> {
+        match self.step(line, out) {
+            Step::Done => Ok(()),
+            Step::Later(verb, arg) => self.run_later(verb, arg, out, watch).await,
+        }
+    }
+
+    /// Runs one line if it needs no waiting: a lock command (the common case, run inline or
+    /// queued for its shard), an empty or unknown line, or bad arguments. Anything that must wait
+    /// (for earlier commands' replies, or for a lock) comes back as [`Step::Later`] for
+    /// [`Self::run_later`]; keeping the common case out of an `async fn` spares it a state
+    /// machine per line.
+    #[inline]
+    pub fn step(&mut self, line: &[u8], out: &mut Vec<u8>) -> Step {
         if let Some(fault) = &self.core().shared.config.panic_on_line {
             if line == fault.as_slice() {
                 panic!("fault injected by the panic_on_line setting");
             }
         }
         let (verb, arg) = match protocol::parse(line) {
-            Request::Empty => return Ok(()),
+            Request::Empty => return Step::Done,
             Request::Invalid => {
                 self.core().cell().invalid_commands.add(1);
                 self.reply(Reply::Invalid, out);
-                return Ok(());
+                return Step::Done;
             }
             Request::Command { verb, arg } => (verb, arg),
         };
@@ -208,38 +229,83 @@ impl Session {
         if let Some(counts) = &mut self.batch_verbs {
             counts[verb.index()] += 1;
         }
-        let (op, name) = match verb {
+        let Some(request) = self.lock_request(verb, &arg, out) else {
+            return Step::Done; // bad arguments, answered
+        };
+        match request {
+            Some((op, name)) => {
+                let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+                // A lock allowance is shared by all shards, so with one, commands on different
+                // shards are no longer independent (`sr a` must free its unit before `sg b`
+                // asks for one): run them in order, batching only within one shard.
+                if self.quota.is_some() && self.pending_elsewhere(shard) {
+                    return Step::Later(verb, arg);
+                }
+                self.run_lock_op(op, name, shard, hash, out);
+                Step::Done
+            }
+            None => Step::Later(verb, arg),
+        }
+    }
+
+    /// The lock operation a verb performs on one name, if it is one: `Some(Some(op))`;
+    /// `Some(None)` for every other command; `None` when the arguments were bad (answered).
+    #[allow(clippy::option_option)]
+    fn lock_request(
+        &mut self,
+        verb: Verb,
+        arg: &LockName,
+        out: &mut Vec<u8>,
+    ) -> Option<Option<(LockOp, LockName)>> {
+        let request = match verb {
             Verb::SharedGetLimit => match protocol::split_number(arg.as_bytes()) {
                 Some((limit, name)) if limit <= u64::from(u32::MAX) => {
                     (LockOp::SharedGetLimit(limit as u32), LockName::new(name))
                 }
-                _ => return self.usage(verb, out),
+                _ => {
+                    self.reply(Reply::Usage(verb), out);
+                    return None;
+                }
             },
             Verb::RateLimit => match protocol::parse_rate_limit(arg.as_bytes()) {
                 Some((name, params)) => (LockOp::RateLimit(params), name),
-                None => return self.usage(verb, out),
-            },
-            Verb::GetWait | Verb::SharedGetWait => {
-                return self.run_wait(verb, &arg, out, watch).await
-            }
-            _ => match verb.lock_op() {
-                Some(op) => (op, arg),
                 None => {
-                    // Everything else must see the effects of every command before it.
-                    self.flush(out).await?;
-                    return self.run_global(verb, arg, out).await;
+                    self.reply(Reply::Usage(verb), out);
+                    return None;
                 }
             },
+            _ => match verb.lock_op() {
+                Some(op) => (op, arg.clone()),
+                None => return Some(None),
+            },
         };
-        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
-        // A lock allowance is shared by all shards, so with one, commands on different shards
-        // are no longer independent (`sr a` must free its unit before `sg b` asks for one): run
-        // them in order, batching only within one shard.
-        if self.quota.is_some() && self.pending_elsewhere(shard) {
-            self.flush(out).await?;
+        Some(Some(request))
+    }
+
+    /// The part of a command that waits: what [`Self::step`] handed back.
+    pub async fn run_later(
+        &mut self,
+        verb: Verb,
+        arg: LockName,
+        out: &mut Vec<u8>,
+        watch: &mut dyn PeerWatch,
+    ) -> Result<(), Gone> {
+        match verb {
+            Verb::GetWait | Verb::SharedGetWait => self.run_wait(verb, &arg, out, watch).await,
+            _ => {
+                // Everything here must see the effects of every command before it.
+                self.flush(out).await?;
+                match self.lock_request(verb, &arg, out) {
+                    Some(Some((op, name))) => {
+                        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+                        self.run_lock_op(op, name, shard, hash, out);
+                        Ok(())
+                    }
+                    Some(None) => self.run_global(verb, arg, out).await,
+                    None => Ok(()),
+                }
+            }
         }
-        self.run_lock_op(op, name, shard, hash, out);
-        Ok(())
     }
 
     /// Answers bad arguments with the command's usage.

@@ -2,17 +2,16 @@
 //! versus through another shard's mailbox, at pipeline batch sizes 1, 8 and 32; and a pipelined
 //! churn run against an in-process server with 1 and 2 shards.
 //!
-//! Routing keys are random per server process, so which names a connection serves inline is
-//! found out at run time by `support::placeholder_split_by_shard` (round-trip timing). That is a
-//! PLACEHOLDER: once the server exposes `ServerHandle::shard_of(name) -> usize` (and the shard a
-//! connection was dealt to, e.g. via `me`), the split becomes exact and this bench should use it.
+//! Routing keys are random per server process, so the names each path uses are picked with
+//! `ServerHandle::shard_of`; the bench's one connection is the server's first, which lives on
+//! shard 0.
 
 mod support;
 
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use support::{churn, placeholder_split_by_shard, start_glockd, Conn};
+use support::{churn, split_by_shard, start_glockd, Conn};
 
 /// `batch` inspections of names taken round-robin from `names`: `i` is routed exactly like `g`
 /// and `r` but leaves the table as it is, so every iteration does the same work.
@@ -25,9 +24,9 @@ fn inspect_batch(names: &[String], batch: usize) -> Vec<u8> {
 }
 
 fn local_vs_remote(c: &mut Criterion) {
-    let (_server, addr) = start_glockd(2);
+    let (server, addr) = start_glockd(2);
     let mut conn = Conn::connect(addr);
-    let (local, remote) = placeholder_split_by_shard(&mut conn, 64);
+    let (local, remote) = split_by_shard(&server, 32);
     let mut group = c.benchmark_group("one command, own shard vs another shard's mailbox");
     for batch in [1usize, 8, 32] {
         group.throughput(Throughput::Elements(batch as u64));

@@ -55,6 +55,14 @@ impl ServerHandle {
         self.metrics_addr
     }
 
+    /// The shard that owns lock `name` (lets benches and tests pick names by shard). Routing
+    /// keys are random per server, so this is only meaningful for this server. Connections are
+    /// dealt to the shards in turn from shard 0, per door: the first TCP connection lives on
+    /// shard 0, the next on shard 1, and so on.
+    pub fn shard_of(&self, name: &[u8]) -> usize {
+        self.shared.router.route(name).0
+    }
+
     /// The stats as `q` would show them now.
     pub fn stats(&self) -> Snapshot {
         self.shared.stats.snapshot()

@@ -104,46 +104,23 @@ pub fn churn(addr: SocketAddr, conns: usize, windows: u64, pipeline: usize) -> D
     })
 }
 
-/// PLACEHOLDER until the server can say which shard owns a name (see the bench's doc): sorts
-/// candidate names into those served on `conn`'s own shard and the rest, by round-trip time.
-/// A name on the connection's own shard is answered inline; any other goes through a mailbox
-/// and back, two cross-thread wake-ups, which shows as a clearly longer minimum round trip on an
-/// otherwise idle machine. Returns (local, remote).
-pub fn placeholder_split_by_shard(conn: &mut Conn, count: usize) -> (Vec<String>, Vec<String>) {
-    let mut timed: Vec<(Duration, String)> = (0..count)
-        .map(|i| {
-            let name = format!("probe-{i:010}");
-            let line = format!("i {name}\n");
-            let best = (0..15)
-                .map(|_| {
-                    let start = Instant::now();
-                    conn.roundtrip(line.as_bytes(), 1);
-                    start.elapsed()
-                })
-                .min()
-                .unwrap_or_default();
-            (best, name)
-        })
-        .collect();
-    timed.sort();
-    // Two shards: about half the names are local. Cut at the largest gap in the middle half.
-    let (lo, hi) = (count / 4, count * 3 / 4);
-    let cut = (lo..hi)
-        .max_by_key(|&i| timed[i + 1].0.saturating_sub(timed[i].0))
-        .unwrap_or(count / 2)
-        + 1;
-    let gap = timed[cut].0.saturating_sub(timed[cut - 1].0);
-    eprintln!(
-        "shard split by round trip: {} local (fastest {:?}), {} remote (fastest {:?}), gap {:?}",
-        cut,
-        timed[0].0,
-        count - cut,
-        timed[cut].0,
-        gap
-    );
-    let remote = timed.split_off(cut);
-    (
-        timed.into_iter().map(|(_, n)| n).collect(),
-        remote.into_iter().map(|(_, n)| n).collect(),
-    )
+/// Names owned by shard 0 (served inline for the server's first connection, which lives on
+/// shard 0) and names owned by other shards (served through a mailbox), `count` of each.
+pub fn split_by_shard(server: &glockd::ServerHandle, count: usize) -> (Vec<String>, Vec<String>) {
+    let (mut local, mut remote) = (Vec::new(), Vec::new());
+    for i in 0.. {
+        if local.len() == count && remote.len() == count {
+            break;
+        }
+        let name = format!("probe-{i:010}");
+        let side = if server.shard_of(name.as_bytes()) == 0 {
+            &mut local
+        } else {
+            &mut remote
+        };
+        if side.len() < count {
+            side.push(name);
+        }
+    }
+    (local, remote)
 }

@@ -20,7 +20,8 @@ pub enum Workload {
     /// Ask whether a random name is locked (`i` / `EXISTS`).
     Inspect,
     /// Take a counted shared lock (`sg` / `INCR`); release it at once when the count is over
-    /// `--limit`, else after `--think-ms` (`sr` / `DECR`).
+    /// `--limit`, else after `--think-ms` (`sr` / `DECR`). `--mode sgl` and `--mode rl` let the
+    /// server decide instead (glockd only).
     Ratelimit,
     /// Connect, take `--locks-per-conn` locks, disconnect without releasing, repeat (glockd only:
     /// the server releases them).
@@ -31,6 +32,22 @@ pub enum Workload {
     /// Open `--conns` connections, send one inspection on each, and keep them idle for
     /// `--duration`: for measuring the server's memory per connection.
     Idle,
+    /// Groups of connections take turns on one name each: the holder releases it (`r`) while
+    /// the others wait for it (`gw`); measures the hand-off latency from the release to the
+    /// next waiter's grant, and checks mutual exclusion (glockd only).
+    Wait,
+}
+
+/// How the ratelimit workload limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// `sg` a name, give it back at once when the count is over `--limit` (the client decides).
+    Sg,
+    /// `sgl LIMIT NAME`: the server refuses a slot when `--limit` hold it already.
+    Sgl,
+    /// `rl NAME BURST COUNT PERIOD_MS 1`: the server's GCRA rate limit decides.
+    Rl,
 }
 
 /// Drives a glockd server (or Redis, or the no-op server) with a closed- or open-loop load and
@@ -89,7 +106,8 @@ pub struct Args {
     #[arg(long, value_parser = parse_duration, default_value = "0s")]
     pub warmup: Duration,
 
-    /// Number of distinct lock names.
+    /// Number of distinct lock names. Wait: at most this many groups, one name each, of
+    /// `--conns` / `--keys` connections (rounded up, at least 2).
     #[arg(long, default_value_t = 100_000)]
     pub keys: u64,
 
@@ -105,13 +123,36 @@ pub struct Args {
     #[arg(long, default_value_t = 16)]
     pub key_size: usize,
 
-    /// Ratelimit: holder count above which a shared lock is given back at once.
+    /// Ratelimit: how the limit is applied.
+    #[arg(long, value_enum, default_value_t = Mode::Sg)]
+    pub mode: Mode,
+
+    /// Ratelimit: holder count above which a shared lock is given back at once (sg), or the
+    /// most holders the server lets in (sgl).
     #[arg(long, default_value_t = 10)]
     pub limit: u64,
 
-    /// Ratelimit: how long a shared lock within the limit is held.
-    #[arg(long, default_value_t = 1)]
-    pub think_ms: u64,
+    /// How long a lock is held: a shared lock within the limit (ratelimit sg, sgl; default 1),
+    /// the exclusive lock by each holder in turn (wait; default 0).
+    #[arg(long)]
+    pub think_ms: Option<u64>,
+
+    /// Ratelimit rl: requests allowed at once beyond the steady rate.
+    #[arg(long, default_value_t = 10)]
+    pub burst: u32,
+
+    /// Ratelimit rl: requests allowed per `--period-ms` at the steady rate, per name.
+    #[arg(long, default_value_t = 100)]
+    pub count: u32,
+
+    /// Ratelimit rl: the period of `--count`, in milliseconds.
+    #[arg(long, default_value_t = 1000)]
+    pub period_ms: u32,
+
+    /// Wait: how long each `gw` may wait, in milliseconds. A waiter that times out is an error:
+    /// in a group that keeps handing the lock on, nobody should wait this long.
+    #[arg(long, default_value_t = 5000)]
+    pub wait_ms: u64,
 
     /// Orphan-storm: locks taken per connection before it disconnects.
     #[arg(long, default_value_t = 10)]
@@ -171,10 +212,20 @@ pub struct Config {
     pub warmup: Duration,
     /// The key space.
     pub keys: Keys,
-    /// Ratelimit threshold.
+    /// Ratelimit: sg, sgl or rl.
+    pub mode: Mode,
+    /// Ratelimit threshold (sg), or the server-side slot limit (sgl).
     pub limit: u64,
-    /// Ratelimit hold time.
+    /// Hold time: ratelimit's shared locks, wait's exclusive lock.
     pub think: Duration,
+    /// Ratelimit rl: the burst, sent with every `rl`.
+    pub burst: u32,
+    /// Ratelimit rl: the steady count per period, sent with every `rl`.
+    pub count: u32,
+    /// Ratelimit rl: the period in milliseconds, sent with every `rl`.
+    pub period_ms: u32,
+    /// Wait: the `MS` of every `gw`.
+    pub wait_ms: u64,
     /// Orphan-storm locks per connection.
     pub locks_per_conn: u64,
     /// Seed for every connection's key choices.
@@ -222,14 +273,38 @@ impl Config {
             requests: args.requests,
             warmup: args.warmup,
             keys,
+            mode: args.mode,
             limit: args.limit,
-            think: Duration::from_millis(args.think_ms),
+            // A ratelimit slot is held for a moment, as a request would; a wait workload
+            // hands the lock on at once, so that the run measures hand-offs, not sleeps.
+            think: Duration::from_millis(args.think_ms.unwrap_or(
+                if args.workload == Workload::Wait {
+                    0
+                } else {
+                    1
+                },
+            )),
+            burst: args.burst,
+            count: args.count,
+            period_ms: args.period_ms,
+            wait_ms: args.wait_ms,
             locks_per_conn: args.locks_per_conn,
             seed,
             progress: !args.quiet,
         };
         config.check()?;
         Ok(config)
+    }
+
+    /// The numbers the new commands carry, for the wire encoder.
+    pub fn params(&self) -> crate::wire::Params {
+        crate::wire::Params {
+            wait_ms: self.wait_ms,
+            limit: self.limit,
+            burst: self.burst,
+            count: self.count,
+            period_ms: self.period_ms,
+        }
     }
 
     /// The rules that no single flag can check by itself.
@@ -243,11 +318,12 @@ impl Config {
             }
             if matches!(
                 self.workload,
-                Workload::OrphanStorm | Workload::Hold | Workload::Idle
+                Workload::OrphanStorm | Workload::Hold | Workload::Idle | Workload::Wait
             ) {
                 return Err("--rate applies to churn, contention, inspect and ratelimit".into());
             }
         }
+        self.check_new_commands()?;
         if self.target == Target::Redis && self.workload == Workload::OrphanStorm {
             return Err(
                 "orphan-storm needs a server that releases a connection's locks when it \
@@ -262,7 +338,8 @@ impl Config {
             Workload::OrphanStorm => self.locks_per_conn,
             _ => self.pipeline as u64,
         };
-        if self.workload != Workload::Hold && self.keys.count() < per_conn {
+        let own_keys = matches!(self.workload, Workload::Hold | Workload::Wait);
+        if !own_keys && self.keys.count() < per_conn {
             return Err(format!(
                 "--keys {} is fewer than the {per_conn} operations a connection runs at once",
                 self.keys.count()
@@ -270,6 +347,43 @@ impl Config {
         }
         if self.workload == Workload::Hold && self.keys.count() < self.conns as u64 {
             return Err("hold needs at least one key per connection".into());
+        }
+        Ok(())
+    }
+
+    /// The rules of the commands beyond the original protocol (`sgl`, `rl`, `gw`).
+    fn check_new_commands(&self) -> Result<(), String> {
+        let uses_mode = self.workload == Workload::Ratelimit && self.mode != Mode::Sg;
+        if uses_mode || self.workload == Workload::Wait {
+            // Redis has no such commands. The no-op server is allowed for wait: it grants every
+            // `gw`, which the exclusion check must catch.
+            let ok = match self.target {
+                Target::Glockd => true,
+                Target::Noop => self.workload == Workload::Wait,
+                Target::Redis => false,
+            };
+            if !ok {
+                return Err(format!(
+                    "{} needs --target glockd",
+                    if uses_mode {
+                        "--mode sgl and --mode rl"
+                    } else {
+                        "the wait workload"
+                    }
+                ));
+            }
+        }
+        if self.workload == Workload::Ratelimit && self.mode == Mode::Sgl && self.limit == 0 {
+            return Err("--mode sgl needs --limit of at least 1".into());
+        }
+        if self.workload == Workload::Ratelimit
+            && self.mode == Mode::Rl
+            && (self.count == 0 || self.period_ms == 0)
+        {
+            return Err("--count and --period-ms must be at least 1".into());
+        }
+        if self.workload == Workload::Wait {
+            crate::wait::plan(self)?;
         }
         Ok(())
     }
@@ -324,6 +438,16 @@ mod tests {
         assert!(parse("loadgen --redis --workload orphan-storm").is_err());
         assert!(parse("loadgen --keys 4 --pipeline 8").is_err());
         assert!(parse("loadgen --conns 0").is_err());
+        assert!(parse("loadgen --redis --workload ratelimit --mode rl").is_err());
+        assert!(parse("loadgen --redis --workload wait").is_err());
+        assert!(parse("loadgen --workload ratelimit --mode sgl --limit 0").is_err());
+        assert!(parse("loadgen --workload ratelimit --mode rl --count 0").is_err());
+        assert!(parse("loadgen --workload wait --conns 3 --threads 2").is_err());
+        let config = parse("loadgen --workload ratelimit --mode rl --burst 5").unwrap();
+        assert_eq!((config.mode, config.burst), (Mode::Rl, 5));
+        assert_eq!(config.think, Duration::from_millis(1));
+        let config = parse("loadgen --workload wait").unwrap();
+        assert_eq!(config.think, Duration::ZERO);
         let config = parse("loadgen --redis").unwrap();
         assert_eq!(config.target, Target::Redis);
         assert!(matches!(config.endpoint, Endpoint::Tcp(a) if a.port() == 6379));

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::cli::{Config, Workload};
+use crate::cli::{Config, Mode, Workload};
 use crate::keys::Dist;
 use crate::wire::Target;
 
@@ -35,6 +35,13 @@ pub struct Recorder {
     pub violations: u64,
     /// Connections opened (orphan-storm opens many).
     pub connections: u64,
+    /// Ratelimit sgl and rl: requests the server let through (a slot, or an allowed `rl`).
+    pub allowed: u64,
+    /// Ratelimit sgl and rl: requests the server turned away (`Shared Lock Full`, or limited).
+    pub limited: u64,
+    /// Wait: time from a holder's `r` leaving to the next waiter's grant arriving, in
+    /// nanoseconds; created on the first hand-off, so other workloads pay nothing for it.
+    pub handoff: Option<Histogram<u64>>,
     /// Start of the measured window: replies before it are checked but not counted.
     pub measure_from: Instant,
     /// End of the measured window.
@@ -46,9 +53,7 @@ pub struct Recorder {
 impl Recorder {
     pub fn new(measure_from: Instant, measure_until: Instant) -> Self {
         Recorder {
-            // Three significant digits over 1 ns..60 s: about 400 KB, once per thread.
-            latency: Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3)
-                .unwrap_or_else(|_| Histogram::new(3).expect("3 significant figures is valid")),
+            latency: new_histogram(),
             commands: 0,
             errors: 0,
             examples: Vec::new(),
@@ -56,6 +61,9 @@ impl Recorder {
             refused: 0,
             violations: 0,
             connections: 0,
+            allowed: 0,
+            limited: 0,
+            handoff: None,
             measure_from,
             measure_until,
             last_reply: None,
@@ -76,6 +84,26 @@ impl Recorder {
             self.latency.saturating_record(ns.clamp(1, MAX_LATENCY_NS));
             self.commands += 1;
             self.last_reply = Some(now);
+        }
+    }
+
+    /// Counts a reply received at `now` without recording its latency: wait's `gw` replies,
+    /// whose latency is the time spent in the queue (the hand-off is what is measured).
+    #[inline]
+    pub fn count(&mut self, now: Instant) {
+        if self.measuring(now) {
+            self.commands += 1;
+            self.last_reply = Some(now);
+        }
+    }
+
+    /// Records one hand-off: a release sent at `released`, the next grant received at `now`.
+    pub fn handoff(&mut self, released: Instant, now: Instant) {
+        if self.measuring(now) {
+            let ns = now.saturating_duration_since(released).as_nanos() as u64;
+            self.handoff
+                .get_or_insert_with(new_histogram)
+                .saturating_record(ns.clamp(1, MAX_LATENCY_NS));
         }
     }
 
@@ -102,8 +130,24 @@ impl Recorder {
         self.refused += other.refused;
         self.violations += other.violations;
         self.connections += other.connections;
+        self.allowed += other.allowed;
+        self.limited += other.limited;
+        match (&mut self.handoff, other.handoff) {
+            // Same bounds, so adding cannot fail.
+            (Some(mine), Some(theirs)) => {
+                let _ = mine.add(&theirs);
+            }
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
         self.last_reply = self.last_reply.max(other.last_reply);
     }
+}
+
+/// A latency histogram in nanoseconds: three significant digits over 1 ns..60 s, about 400 KB.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, MAX_LATENCY_NS, 3)
+        .unwrap_or_else(|_| Histogram::new(3).expect("3 significant figures is valid"))
 }
 
 /// Latency percentiles in microseconds.
@@ -117,12 +161,38 @@ pub struct Latency {
     pub mean: f64,
 }
 
+impl Latency {
+    /// The percentiles of a histogram in nanoseconds.
+    fn of(h: &Histogram<u64>) -> Self {
+        let us = |ns: u64| ns as f64 / 1e3;
+        Latency {
+            p50: us(h.value_at_quantile(0.50)),
+            p90: us(h.value_at_quantile(0.90)),
+            p99: us(h.value_at_quantile(0.99)),
+            p999: us(h.value_at_quantile(0.999)),
+            max: us(h.max()),
+            mean: h.mean() / 1e3,
+        }
+    }
+
+    /// One table row's worth of percentiles.
+    fn row(&self) -> String {
+        format!(
+            "p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
+            self.p50, self.p90, self.p99, self.p999, self.max, self.mean
+        )
+    }
+}
+
 /// The result of a run.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub target: Target,
     pub endpoint: String,
     pub workload: Workload,
+    /// Ratelimit's mode (absent for other workloads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<Mode>,
     pub conns: usize,
     pub pipeline: usize,
     pub threads: usize,
@@ -144,6 +214,15 @@ pub struct Report {
     pub refused: u64,
     pub violations: u64,
     pub connections: u64,
+    /// Ratelimit sgl and rl: requests let through.
+    pub allowed: u64,
+    /// Ratelimit sgl and rl: requests turned away.
+    pub limited: u64,
+    /// Wait: hand-offs measured (a release, then the next waiter's grant).
+    pub handoffs: u64,
+    /// Wait: hand-off latency percentiles (absent for other workloads).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handoff_us: Option<Latency>,
 }
 
 impl Report {
@@ -160,25 +239,22 @@ impl Report {
             })
         };
         let seconds = window.as_secs_f64();
-        let us = |ns: u64| ns as f64 / 1e3;
-        let h = &rec.latency;
-        let latency = Latency {
-            p50: us(h.value_at_quantile(0.50)),
-            p90: us(h.value_at_quantile(0.90)),
-            p99: us(h.value_at_quantile(0.99)),
-            p999: us(h.value_at_quantile(0.999)),
-            max: us(h.max()),
-            mean: h.mean() / 1e3,
-        };
+        let wait = config.workload == Workload::Wait;
         Report {
             target: config.target,
             endpoint: config.endpoint.to_string(),
             workload: config.workload,
+            mode: (config.workload == Workload::Ratelimit).then_some(config.mode),
             conns: config.conns,
             pipeline: config.pipeline,
             threads: config.threads,
             rate: config.rate,
-            keys: config.keys.count(),
+            // Wait uses one name per group, not the whole key space.
+            keys: if wait {
+                crate::wait::plan(config).map_or(0, |plan| plan.names())
+            } else {
+                config.keys.count()
+            },
             dist: config.keys.dist(),
             key_size: config.keys.size(),
             seconds,
@@ -188,13 +264,19 @@ impl Report {
             } else {
                 0.0
             },
-            latency_us: latency,
+            latency_us: Latency::of(&rec.latency),
             errors: rec.errors,
             error_examples: rec.examples.clone(),
             granted: rec.granted,
             refused: rec.refused,
             violations: rec.violations,
             connections: rec.connections,
+            allowed: rec.allowed,
+            limited: rec.limited,
+            handoffs: rec.handoff.as_ref().map_or(0, |h| h.len()),
+            handoff_us: wait
+                .then(|| rec.handoff.as_ref().map(Latency::of))
+                .flatten(),
         }
     }
 
@@ -202,9 +284,16 @@ impl Report {
     pub fn table(&self) -> String {
         let mode = match self.rate {
             Some(rate) => format!("open loop at {rate:.0}/s"),
+            // Wait has no pipeline: each group's members take turns, one command each at a time.
+            None if self.workload == Workload::Wait => {
+                format!("{} groups taking turns", self.keys)
+            }
             None => format!("closed loop, pipeline {}", self.pipeline),
         };
-        let l = &self.latency_us;
+        let workload = match self.mode {
+            Some(mode) => format!("{:?} {mode:?}", self.workload),
+            None => format!("{:?}", self.workload),
+        };
         let mut rows = vec![
             (
                 "target",
@@ -213,8 +302,8 @@ impl Report {
             (
                 "workload",
                 format!(
-                    "{:?}, {} conns, {} threads, {mode}, {} keys {:?} of {} bytes",
-                    self.workload, self.conns, self.threads, self.keys, self.dist, self.key_size
+                    "{workload}, {} conns, {} threads, {mode}, {} keys {:?} of {} bytes",
+                    self.conns, self.threads, self.keys, self.dist, self.key_size
                 )
                 .to_lowercase(),
             ),
@@ -226,13 +315,46 @@ impl Report {
                 ),
             ),
             (
-                "latency µs",
-                format!(
-                    "p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
-                    l.p50, l.p90, l.p99, l.p999, l.max, l.mean
-                ),
+                // Wait's `gw` replies come after a stay in the queue: only `r` is timed here.
+                if self.workload == Workload::Wait {
+                    "release µs"
+                } else {
+                    "latency µs"
+                },
+                self.latency_us.row(),
             ),
         ];
+        if let Some(handoff) = &self.handoff_us {
+            rows.push(("hand-off µs", handoff.row()));
+            rows.push((
+                "hand-offs",
+                format!(
+                    "{} ({:.0}/s)",
+                    self.handoffs,
+                    if self.seconds > 0.0 {
+                        self.handoffs as f64 / self.seconds
+                    } else {
+                        0.0
+                    }
+                ),
+            ));
+        }
+        if self.allowed + self.limited > 0 {
+            let total = (self.allowed + self.limited) as f64;
+            rows.push((
+                if self.mode == Some(Mode::Sgl) {
+                    "slots"
+                } else {
+                    "rate limit"
+                },
+                format!(
+                    "{} allowed, {} limited ({:.1}% limited)",
+                    self.allowed,
+                    self.limited,
+                    100.0 * self.limited as f64 / total
+                ),
+            ));
+        }
         if self.granted + self.refused > 0 {
             rows.push((
                 "locks",

@@ -16,6 +16,7 @@ use crate::cli::{Config, Endpoint, Workload};
 use crate::conn::{drive, Buffers, Dial, Env, TcpDial, UnixDial};
 use crate::report::{Recorder, Report};
 use crate::session::{KeyPlan, RunShared, Schedule, Session};
+use crate::wait;
 
 /// Connection attempts in progress at once per thread: enough to set up ten thousand
 /// connections quickly without overflowing the server's accept backlog.
@@ -232,6 +233,29 @@ async fn thread_main<D: Dial>(
         }
         drop(streams);
         return true;
+    }
+
+    if config.workload == Workload::Wait {
+        // A thread that lost a connection cannot form its groups as planned; the failed
+        // connect is already counted as an error.
+        if streams.len() < indexes.len() {
+            return false;
+        }
+        let plan = match wait::plan(&config) {
+            Ok(plan) => plan,
+            Err(e) => {
+                rec.borrow_mut().error(|| e);
+                return false;
+            }
+        };
+        let ctx = Rc::new(wait::Ctx {
+            config: config.clone(),
+            run: run.clone(),
+            rec: rec.clone(),
+            end,
+        });
+        let streams = streams.into_iter().map(|(_, stream)| stream).collect();
+        return wait::run_thread(plan.thread(thread), streams, ctx).await;
     }
 
     let mut tasks = Vec::new();

@@ -3,89 +3,28 @@
 //!
 //! A workload is a sequence of *operations*, each a short chain of commands on one key: churn's
 //! operation is `g k`, then `r k` if the lock was granted; ratelimit's is `sg k`, then `sr k`
-//! (at once over the limit, else after the think time). In a closed loop a connection keeps
-//! `--pipeline` operations going at once; in an open loop it sends one command per tick of its
-//! schedule, a pending follow-up first. A connection never runs two operations on one key at
+//! (at once over the limit, else after the think time), or with `--mode sgl` `sgl LIMIT k`, then
+//! `sr k` after the think time if a slot was granted, or with `--mode rl` a lone `rl`. In a
+//! closed loop a connection keeps `--pipeline` operations going at once; in an open loop it sends
+//! one command per tick of its schedule, a pending follow-up first. A connection never runs two operations on one key at
 //! once: glockd answers a second `g` of a lock the connection already holds with `1 Got Lock`, so
 //! overlapping operations would make correct replies look wrong.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::rngs::SmallRng;
 use rand::SeedableRng;
 
-use crate::cli::{Config, Workload};
+use crate::cli::{Config, Mode, Workload};
 use crate::report::Recorder;
-use crate::wire::{self, Cmd, Outcome, Raw};
-
-/// Commands a connection takes from the shared `--requests` budget at a time, so connections
-/// on different threads do not fight over one counter for every command.
-const BUDGET_CHUNK: i64 = 64;
-
-/// State shared by every connection of a run.
-pub struct RunShared {
-    /// Replies received so far, for the progress line.
-    pub progress: AtomicU64,
-    /// Commands left to send, when the run is bounded by `--requests`.
-    budget: Option<AtomicI64>,
-    /// Contention: for each key, the connection that was told it holds the lock (0: nobody).
-    holders: Vec<AtomicU64>,
-    /// Hold and idle: set when the connections should let go.
-    pub stop: AtomicBool,
-    /// Source of connection numbers for the exclusion check (0 means "nobody").
-    next_conn: AtomicU64,
-}
-
-impl RunShared {
-    pub fn new(config: &Config) -> Self {
-        let holders = if config.workload == Workload::Contention {
-            (0..config.keys.count())
-                .map(|_| AtomicU64::new(0))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        RunShared {
-            progress: AtomicU64::new(0),
-            budget: config.requests.map(|n| AtomicI64::new(n as i64)),
-            holders,
-            stop: AtomicBool::new(false),
-            next_conn: AtomicU64::new(1),
-        }
-    }
-}
-
-impl RunShared {
-    /// Whether the `--requests` budget is used up (never, without one).
-    pub fn budget_spent(&self) -> bool {
-        self.budget
-            .as_ref()
-            .is_some_and(|budget| budget.load(Ordering::Relaxed) <= 0)
-    }
-}
-
-/// A hasher for key ids: they are already well spread (or small), so one multiply will do.
-#[derive(Default)]
-pub struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (n ^ (n >> 29)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    }
-}
+pub use crate::shared::RunShared;
+use crate::shared::{IdHasher, LocalBudget};
+use crate::wire::{self, Cmd, Outcome, Params, Raw};
 
 /// How a connection chooses keys.
 #[derive(Clone, Copy, Debug)]
@@ -110,6 +49,8 @@ struct Pending {
 pub struct Session {
     /// The run's settings.
     config: Rc<Config>,
+    /// The numbers commands carry, taken from the settings once.
+    params: Params,
     /// What all connections share.
     run: Arc<RunShared>,
     /// This connection's number in the exclusion check.
@@ -136,7 +77,7 @@ pub struct Session {
     /// Operations started.
     started: u64,
     /// Budget taken from the shared `--requests` counter and not yet spent.
-    local_budget: i64,
+    local_budget: LocalBudget,
     /// No more operations may start (budget or limit reached).
     exhausted: bool,
     /// The run's time is up: send nothing more, only collect replies.
@@ -161,6 +102,7 @@ impl Session {
         let seed = config.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ me;
         Session {
             rng: SmallRng::seed_from_u64(seed),
+            params: config.params(),
             config,
             run,
             me,
@@ -173,7 +115,7 @@ impl Session {
             held: Vec::new(),
             op_limit,
             started: 0,
-            local_budget: 0,
+            local_budget: LocalBudget::default(),
             exhausted: false,
             stopping: false,
         }
@@ -201,18 +143,7 @@ impl Session {
 
     /// Takes one command from the `--requests` budget; false when it is spent.
     fn claim(&mut self) -> bool {
-        let Some(budget) = &self.run.budget else {
-            return true;
-        };
-        if self.local_budget == 0 {
-            let before = budget.fetch_sub(BUDGET_CHUNK, Ordering::Relaxed);
-            if before <= 0 {
-                return false;
-            }
-            self.local_budget = before.min(BUDGET_CHUNK);
-        }
-        self.local_budget -= 1;
-        true
+        self.local_budget.claim(&self.run)
     }
 
     /// A key no active operation of this connection uses.
@@ -256,7 +187,7 @@ impl Session {
         }
         let Some(key) = self.pick_key() else {
             // Every key is busy on this connection; give the command back and wait.
-            self.local_budget += i64::from(self.run.budget.is_some());
+            self.local_budget.give_back(&self.run);
             return None;
         };
         self.started += 1;
@@ -266,7 +197,13 @@ impl Session {
                 Cmd::Get
             }
             Workload::Inspect | Workload::Idle => Cmd::Inspect,
-            Workload::Ratelimit => Cmd::SharedGet,
+            Workload::Ratelimit => match self.config.mode {
+                Mode::Sg => Cmd::SharedGet,
+                Mode::Sgl => Cmd::SharedGetLimit,
+                Mode::Rl => Cmd::RateLimit,
+            },
+            // Wait runs its own groups (see `wait`), never a session.
+            Workload::Wait => Cmd::GetWait,
         };
         Some((cmd, key))
     }
@@ -286,7 +223,8 @@ impl Session {
             // the lock: this connection no longer counts as its holder.
             self.forget_held(key);
         }
-        wire::encode(self.config.target, cmd, &self.config.keys, key, out);
+        let (target, keys) = (self.config.target, &self.config.keys);
+        wire::encode(target, cmd, keys, key, &self.params, out);
         self.inflight.push_back(Pending { cmd, key, sent });
     }
 
@@ -397,11 +335,35 @@ impl Session {
                 self.finish(key);
             }
             (Cmd::SharedGet, Outcome::Count(count)) => {
-                if count > self.config.limit || self.config.think.is_zero() {
+                if count > self.config.limit {
                     self.ready.push_back((Cmd::SharedRelease, key));
                 } else {
-                    self.thinking.push_back((now + self.config.think, key));
+                    self.hold_shared(key, now);
                 }
+            }
+            (Cmd::SharedGetLimit, Outcome::Count(count)) => {
+                rec.allowed += 1;
+                if count > self.config.limit {
+                    rec.error(|| {
+                        self.describe(cmd, key, "more holders than the limit let in", raw)
+                    });
+                }
+                self.hold_shared(key, now);
+            }
+            (Cmd::SharedGetLimit, Outcome::Full) => {
+                rec.limited += 1;
+                self.finish(key);
+            }
+            (Cmd::RateLimit, Outcome::Rate { allowed, limit, .. }) => {
+                if allowed {
+                    rec.allowed += 1;
+                } else {
+                    rec.limited += 1;
+                }
+                if limit != u64::from(self.config.burst) + 1 {
+                    rec.error(|| self.describe(cmd, key, "a limit other than BURST + 1", raw));
+                }
+                self.finish(key);
             }
             (Cmd::Release | Cmd::SharedRelease, Outcome::NotReleased) => {
                 rec.error(|| self.describe(cmd, key, "a lock we held was not released", raw));
@@ -410,6 +372,15 @@ impl Session {
             _ => self.finish(key),
         }
         Ok(())
+    }
+
+    /// A shared lock was granted at `now`: give it back after the think time.
+    fn hold_shared(&mut self, key: u64, now: Instant) {
+        if self.config.think.is_zero() {
+            self.ready.push_back((Cmd::SharedRelease, key));
+        } else {
+            self.thinking.push_back((now + self.config.think, key));
+        }
     }
 
     /// Contention: this connection was just told it holds `key`; nobody else may be recorded as

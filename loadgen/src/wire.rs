@@ -32,6 +32,27 @@ pub enum Cmd {
     SharedGet,
     /// Release it (`sr` / `DECR`).
     SharedRelease,
+    /// Take an exclusive lock, waiting for it (`gw MS NAME`; glockd only).
+    GetWait,
+    /// Take a shared lock if fewer than the limit hold it (`sgl LIMIT NAME`; glockd only).
+    SharedGetLimit,
+    /// A rate limit decision (`rl NAME BURST COUNT PERIOD_MS 1`; glockd only).
+    RateLimit,
+}
+
+/// The numbers that some commands carry besides the name: the same for every command of a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Params {
+    /// `gw`'s MS.
+    pub wait_ms: u64,
+    /// `sgl`'s LIMIT.
+    pub limit: u64,
+    /// `rl`'s BURST.
+    pub burst: u32,
+    /// `rl`'s COUNT.
+    pub count: u32,
+    /// `rl`'s PERIOD_MS.
+    pub period_ms: u32,
 }
 
 impl Cmd {
@@ -42,6 +63,9 @@ impl Cmd {
             Cmd::Inspect => b"i ",
             Cmd::SharedGet => b"sg ",
             Cmd::SharedRelease => b"sr ",
+            Cmd::GetWait => b"gw ",
+            Cmd::SharedGetLimit => b"sgl ",
+            Cmd::RateLimit => b"rl ",
         }
     }
 
@@ -53,17 +77,33 @@ impl Cmd {
             Cmd::Inspect => b"*2\r\n$6\r\nEXISTS\r\n",
             Cmd::SharedGet => b"*2\r\n$4\r\nINCR\r\n",
             Cmd::SharedRelease => b"*2\r\n$4\r\nDECR\r\n",
+            // The command line refuses these for Redis (which has no such commands), so they
+            // are never sent; were one sent, Redis would answer an error, counted as one.
+            Cmd::GetWait | Cmd::SharedGetLimit | Cmd::RateLimit => b"*2\r\n$4\r\nNONE\r\n",
         }
     }
 }
 
-/// Appends `cmd` on key `id`, spelt for `target`.
+/// Appends `cmd` on key `id`, spelt for `target`, with `params` where the command takes numbers.
 #[inline]
-pub fn encode(target: Target, cmd: Cmd, keys: &Keys, id: u64, out: &mut Vec<u8>) {
+pub fn encode(target: Target, cmd: Cmd, keys: &Keys, id: u64, params: &Params, out: &mut Vec<u8>) {
     match target {
         Target::Glockd | Target::Noop => {
             out.extend_from_slice(cmd.glockd_prefix());
+            match cmd {
+                Cmd::GetWait => push_number(params.wait_ms, b' ', out),
+                Cmd::SharedGetLimit => push_number(params.limit, b' ', out),
+                _ => {}
+            }
             keys.write_name(id, out);
+            if cmd == Cmd::RateLimit {
+                out.push(b' ');
+                push_number(u64::from(params.burst), b' ', out);
+                push_number(u64::from(params.count), b' ', out);
+                push_number(u64::from(params.period_ms), b' ', out);
+                // QUANTITY: one request each.
+                out.push(b'1');
+            }
             out.push(b'\n');
         }
         Target::Redis => {
@@ -78,6 +118,23 @@ pub fn encode(target: Target, cmd: Cmd, keys: &Keys, id: u64, out: &mut Vec<u8>)
             }
         }
     }
+}
+
+/// Appends the decimal digits of `n`, then `sep`, without `fmt` or allocation.
+fn push_number(n: u64, sep: u8, out: &mut Vec<u8>) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.push(sep);
 }
 
 /// Decimal digits of a small number, without `fmt`.
@@ -124,18 +181,18 @@ pub enum Parsed<'a> {
 
 /// Longest reply line accepted: the replies we ask for are a few dozen bytes, so a longer one
 /// means the stream is garbage.
-const MAX_REPLY: usize = 4096;
+pub(crate) const MAX_REPLY: usize = 4096;
 
 /// Parses one reply of `target`'s protocol at the front of `buf`.
 #[inline]
 pub fn parse(target: Target, buf: &[u8]) -> Parsed<'_> {
     match target {
         Target::Glockd | Target::Noop => parse_line(buf),
-        Target::Redis => parse_resp(buf),
+        Target::Redis => crate::resp::parse_resp(buf),
     }
 }
 
-fn line_end(buf: &[u8]) -> Result<usize, Parsed<'_>> {
+pub(crate) fn line_end(buf: &[u8]) -> Result<usize, Parsed<'_>> {
     match memchr::memchr(b'\n', buf) {
         Some(end) => Ok(end),
         None if buf.len() > MAX_REPLY => Err(Parsed::Malformed(format!(
@@ -178,45 +235,7 @@ fn parse_line(buf: &[u8]) -> Parsed<'_> {
     )
 }
 
-/// RESP2 (and RESP3's null): `+`, `-`, `:`, `$`.
-fn parse_resp(buf: &[u8]) -> Parsed<'_> {
-    let end = match line_end(buf) {
-        Ok(end) => end,
-        Err(parsed) => return parsed,
-    };
-    if end < 2 || buf[end - 1] != b'\r' {
-        return Parsed::Malformed(format!("not a RESP line: {}", show(&buf[..end])));
-    }
-    let head = &buf[1..end - 1];
-    let raw = match buf[0] {
-        b'+' => Raw::Simple(head),
-        b'-' => Raw::Error(head),
-        b'_' => Raw::Nil,
-        b':' => match parse_i64(head) {
-            Some(n) => Raw::Int(n),
-            None => return Parsed::Malformed(format!("bad integer: {}", show(&buf[..end]))),
-        },
-        b'$' => match parse_i64(head) {
-            Some(-1) => Raw::Nil,
-            Some(len) if len >= 0 && (len as usize) <= MAX_REPLY => {
-                let start = end + 1;
-                let stop = start + len as usize;
-                if buf.len() < stop + 2 {
-                    return Parsed::Incomplete;
-                }
-                if &buf[stop..stop + 2] != b"\r\n" {
-                    return Parsed::Malformed(format!("bad bulk: {}", show(&buf[..stop + 2])));
-                }
-                return Parsed::Reply(Raw::Bulk(&buf[start..stop]), stop + 2);
-            }
-            _ => return Parsed::Malformed(format!("bad bulk length: {}", show(&buf[..end]))),
-        },
-        _ => return Parsed::Malformed(format!("unexpected RESP type: {}", show(&buf[..end]))),
-    };
-    Parsed::Reply(raw, end + 1)
-}
-
-fn parse_i64(digits: &[u8]) -> Option<i64> {
+pub(crate) fn parse_i64(digits: &[u8]) -> Option<i64> {
     std::str::from_utf8(digits).ok()?.parse().ok()
 }
 
@@ -233,8 +252,21 @@ pub enum Outcome {
     NotReleased,
     /// An answer to an inspection (either answer is fine).
     Answered,
-    /// A shared lock's holder count after `sg` / `INCR`.
+    /// A shared lock's holder count after `sg` / `INCR` / `sgl`.
     Count(u64),
+    /// `sgl`: the limit's worth of connections hold it already.
+    Full,
+    /// `gw`: not granted within its wait.
+    TimedOut,
+    /// `rl`: the decision, with the two numbers the caller checks against what it sent.
+    Rate {
+        /// Whether the request passed.
+        allowed: bool,
+        /// `BURST + 1`, as the server understood the request.
+        limit: u64,
+        /// Requests still allowed right now.
+        remaining: u64,
+    },
 }
 
 /// Checks `raw` against the replies `cmd` may get from `target`; `None` if it is not one of them.
@@ -246,7 +278,10 @@ pub fn classify(target: Target, cmd: Cmd, raw: &Raw<'_>) -> Option<Outcome> {
             Cmd::Get => Granted,
             Cmd::Release | Cmd::SharedRelease => Released,
             Cmd::Inspect => Answered,
-            Cmd::SharedGet => Count(1),
+            Cmd::SharedGet | Cmd::SharedGetLimit => Count(1),
+            Cmd::GetWait => Granted,
+            // An `rl` reply is five numbers, never `1 Got Lock`.
+            Cmd::RateLimit => return None,
         }),
         (Target::Glockd, Raw::Line { code, text }) => match (cmd, *code, *text) {
             (Cmd::Get, 1, b"Got Lock") => Some(Granted),
@@ -257,6 +292,11 @@ pub fn classify(target: Target, cmd: Cmd, raw: &Raw<'_>) -> Option<Outcome> {
             (Cmd::SharedGet, n, b"Got Shared Lock") if n >= 1 => Some(Count(n)),
             (Cmd::SharedRelease, 1, b"Released Shared Lock") => Some(Released),
             (Cmd::SharedRelease, 0, b"Cannot Release Shared Lock") => Some(NotReleased),
+            (Cmd::GetWait, 1, b"Got Lock") => Some(Granted),
+            (Cmd::GetWait, 0, b"Timed Out") => Some(TimedOut),
+            (Cmd::SharedGetLimit, n, b"Got Shared Lock") if n >= 1 => Some(Count(n)),
+            (Cmd::SharedGetLimit, 0, b"Shared Lock Full") => Some(Full),
+            (Cmd::RateLimit, allowed @ (0 | 1), text) => rate_decision(allowed == 1, text),
             _ => None,
         },
         (Target::Redis, raw) => match (cmd, raw) {
@@ -271,6 +311,29 @@ pub fn classify(target: Target, cmd: Cmd, raw: &Raw<'_>) -> Option<Outcome> {
         },
         _ => None,
     }
+}
+
+/// The rest of an `rl` reply after its first number: `<limit> <remaining> <retry_after_ms>
+/// <reset_after_ms>`, checked for consistency with the decision: an allowed request has nothing
+/// to wait for and leaves fewer than `limit` requests; a refused one leaves none and must wait
+/// (at least 1 ms, or -1: never).
+fn rate_decision(allowed: bool, text: &[u8]) -> Option<Outcome> {
+    let mut fields = text.split(|&b| b == b' ');
+    let mut next = || parse_i64(fields.next()?);
+    let (limit, remaining, retry, reset) = (next()?, next()?, next()?, next()?);
+    if next().is_some() || limit < 1 || remaining < 0 || reset < 0 {
+        return None;
+    }
+    let consistent = if allowed {
+        retry == 0 && remaining < limit
+    } else {
+        remaining == 0 && (retry >= 1 || retry == -1)
+    };
+    consistent.then_some(Outcome::Rate {
+        allowed,
+        limit: limit as u64,
+        remaining: remaining as u64,
+    })
 }
 
 /// A reply shown in an error message: printable, and short.
@@ -303,17 +366,29 @@ mod tests {
     #[test]
     fn commands_are_spelt_for_each_target() {
         let keys = Keys::new(100, 4, Dist::Uniform, 1.0).unwrap();
+        let params = Params {
+            wait_ms: 250,
+            limit: 3,
+            burst: 5,
+            count: 100,
+            period_ms: 1000,
+        };
         let mut out = Vec::new();
-        encode(Target::Glockd, Cmd::SharedGet, &keys, 7, &mut out);
+        for cmd in [Cmd::GetWait, Cmd::SharedGetLimit, Cmd::RateLimit] {
+            encode(Target::Glockd, cmd, &keys, 7, &params, &mut out);
+        }
+        assert_eq!(out, b"gw 250 k007\nsgl 3 k007\nrl k007 5 100 1000 1\n");
+        out.clear();
+        encode(Target::Glockd, Cmd::SharedGet, &keys, 7, &params, &mut out);
         assert_eq!(out, b"sg k007\n");
         out.clear();
-        encode(Target::Redis, Cmd::Get, &keys, 7, &mut out);
+        encode(Target::Redis, Cmd::Get, &keys, 7, &params, &mut out);
         assert_eq!(
             out,
             b"*4\r\n$3\r\nSET\r\n$4\r\nk007\r\n$1\r\n1\r\n$2\r\nNX\r\n"
         );
         out.clear();
-        encode(Target::Redis, Cmd::Release, &keys, 12, &mut out);
+        encode(Target::Redis, Cmd::Release, &keys, 12, &params, &mut out);
         assert_eq!(out, b"*2\r\n$3\r\nDEL\r\n$4\r\nk012\r\n");
     }
 
@@ -357,28 +432,47 @@ mod tests {
     }
 
     #[test]
-    fn resp_replies_parse_and_classify() {
-        let buf = b"+OK\r\n$-1\r\n:1\r\n-ERR no\r\n$3\r\nabc\r\n$3\r\nab";
-        let mut at = 0;
-        let mut seen = Vec::new();
-        while let Parsed::Reply(raw, used) = parse(Target::Redis, &buf[at..]) {
-            seen.push(format!("{raw:?}"));
-            at += used;
+    fn replies_to_the_new_commands_are_checked() {
+        let line = |text: &'static str| match parse(Target::Glockd, text.as_bytes()) {
+            Parsed::Reply(raw, _) => raw,
+            other => panic!("{text:?}: {other:?}"),
+        };
+        let glockd = |cmd, text| classify(Target::Glockd, cmd, &line(text));
+        assert_eq!(glockd(Cmd::GetWait, "1 Got Lock\n"), Some(Outcome::Granted));
+        assert_eq!(
+            glockd(Cmd::GetWait, "0 Timed Out\n"),
+            Some(Outcome::TimedOut)
+        );
+        assert_eq!(glockd(Cmd::GetWait, "0 Usage: gw MS NAME\n"), None);
+        assert_eq!(
+            glockd(Cmd::SharedGetLimit, "2 Got Shared Lock\n"),
+            Some(Outcome::Count(2))
+        );
+        assert_eq!(
+            glockd(Cmd::SharedGetLimit, "0 Shared Lock Full\n"),
+            Some(Outcome::Full)
+        );
+        let rate = |allowed, limit, remaining| {
+            Some(Outcome::Rate {
+                allowed,
+                limit,
+                remaining,
+            })
+        };
+        assert_eq!(glockd(Cmd::RateLimit, "1 11 10 0 10\n"), rate(true, 11, 10));
+        assert_eq!(glockd(Cmd::RateLimit, "0 11 0 9 100\n"), rate(false, 11, 0));
+        assert_eq!(glockd(Cmd::RateLimit, "0 1 0 -1 0\n"), rate(false, 1, 0));
+        for wrong in [
+            "1 11 10 5 10\n",   // allowed, yet a wait
+            "1 11 11 0 10\n",   // more remaining than the limit
+            "0 11 3 9 100\n",   // refused with room left
+            "0 11 0 0 100\n",   // refused with nothing to wait for
+            "1 11 10 0\n",      // a field missing
+            "1 11 10 0 10 4\n", // a field too many
+            "2 11 10 0 10\n",   // not a decision
+            "0 Usage: rl NAME BURST COUNT PERIOD_MS [QUANTITY]\n",
+        ] {
+            assert_eq!(glockd(Cmd::RateLimit, wrong), None, "{wrong:?}");
         }
-        assert_eq!(seen.len(), 5);
-        assert_eq!(parse(Target::Redis, &buf[at..]), Parsed::Incomplete);
-        assert_eq!(
-            classify(Target::Redis, Cmd::Get, &Raw::Simple(b"OK")),
-            Some(Outcome::Granted)
-        );
-        assert_eq!(
-            classify(Target::Redis, Cmd::Get, &Raw::Nil),
-            Some(Outcome::Refused)
-        );
-        assert_eq!(classify(Target::Redis, Cmd::Get, &Raw::Error(b"ERR")), None);
-        assert!(matches!(
-            parse(Target::Redis, b"*1\r\n"),
-            Parsed::Malformed(_)
-        ));
     }
 }

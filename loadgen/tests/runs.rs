@@ -36,9 +36,12 @@ fn assert_clean(report: &Report) {
 #[test]
 fn churn_pipelined_and_not() {
     let (_server, addr) = glockd(2);
+    // Bounded by the request count (with a wide time cap: a busy machine running the other
+    // tests at once may take more than the usual 2 s).
     for pipeline in [1, 16] {
         let report = loadgen(&format!(
-            "--addr {addr} --workload churn --conns 8 --pipeline {pipeline} --requests 20000"
+            "--addr {addr} --workload churn --conns 8 --pipeline {pipeline} --requests 20000 \
+             --duration 30s"
         ));
         assert_clean(&report);
         assert!(report.granted > 0);
@@ -73,6 +76,115 @@ fn ratelimit_and_inspect() {
         "--addr {addr} --workload inspect --conns 4 --pipeline 8 --dist zipf --requests 5000"
     ));
     assert_clean(&report);
+}
+
+/// Waits (up to 10 s) until the server's table agrees with `done`.
+fn eventually(
+    server: &glockd::ServerHandle,
+    what: &str,
+    done: impl Fn(&glockd::stats::Snapshot) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = server.stats();
+        if done(&stats) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{what}: {stats:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn ratelimit_sgl_lets_in_at_most_the_limit() {
+    let (server, addr) = glockd(2);
+    // 16 connections, two operations each, on 4 names with 3 slots: some are turned away.
+    let report = loadgen(&format!(
+        "--addr {addr} --workload ratelimit --mode sgl --conns 16 --keys 4 --limit 3 \
+         --think-ms 1 --pipeline 2 --duration 1s"
+    ));
+    assert_clean(&report);
+    assert!(
+        report.allowed > 0 && report.limited > 0,
+        "{}",
+        report.table()
+    );
+    assert!(report.table().contains("slots "), "{}", report.table());
+    eventually(&server, "every slot given back", |s| s.shared_locks == 0);
+}
+
+#[test]
+fn ratelimit_rl_allows_bursts_then_limits() {
+    let (server, addr) = glockd(2);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload ratelimit --mode rl --conns 4 --keys 8 --pipeline 8 \
+         --burst 4 --count 10 --period-ms 1000 --duration 1s"
+    ));
+    assert_clean(&report);
+    assert!(report.limited > 0, "{}", report.table());
+    // Per name: a burst of 5 at once, then 10 a second, over about a second of run.
+    assert!(
+        (8 * 5..=8 * (5 + 10 * 3)).contains(&report.allowed),
+        "{}",
+        report.table()
+    );
+    // Every decision the server made was seen and counted, and no other.
+    let stats = server.stats();
+    assert_eq!(stats.rate_limit_allowed, report.allowed);
+    assert_eq!(stats.rate_limit_limited, report.limited);
+    let json = serde_json::to_value(&report).unwrap();
+    assert_eq!(json["mode"], "rl");
+    assert_eq!(json["allowed"], report.allowed);
+}
+
+#[test]
+fn wait_hands_the_lock_on_in_groups() {
+    let (server, addr) = glockd(2);
+    // Groups of 3 on 4 names (2 per client thread).
+    let report = loadgen(&format!(
+        "--addr {addr} --workload wait --conns 12 --keys 4 --duration 1s"
+    ));
+    assert_clean(&report);
+    assert_eq!(report.keys, 4, "{}", report.table());
+    assert_eq!(report.violations, 0);
+    assert!(report.handoffs > 0, "{}", report.table());
+    let handoff = report.handoff_us.as_ref().expect("hand-off percentiles");
+    assert!(handoff.p50 > 0.0 && handoff.p99 >= handoff.p50);
+    assert!(report.table().contains("hand-off µs"), "{}", report.table());
+    eventually(&server, "the group drained", |s| {
+        s.locks == 0 && s.lock_waiters == 0
+    });
+    let stats = server.stats();
+    assert_eq!(stats.lock_waits_granted, report.granted);
+    assert_eq!(stats.lock_waits_timed_out, 0);
+}
+
+#[test]
+fn wait_in_pairs_bounded_by_requests() {
+    let (server, addr) = glockd(1);
+    let report = loadgen(&format!(
+        "--addr {addr} --workload wait --conns 4 --requests 400"
+    ));
+    assert_clean(&report);
+    assert!(report.handoffs > 0, "{}", report.table());
+    assert!(report.commands >= 400, "{}", report.table());
+    eventually(&server, "the pairs drained", |s| {
+        s.locks == 0 && s.lock_waiters == 0
+    });
+}
+
+#[test]
+fn wait_catches_a_server_that_grants_every_waiter() {
+    // The no-op server answers every `gw` with `1 Got Lock` at once: two members of a group
+    // are told they hold the name together.
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = noop::start(Some(tcp), None, 1).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let report = loadgen(&format!(
+        "--target noop --workload wait --addr {addr} --conns 4 --duration 200ms"
+    ));
+    assert!(report.violations > 0, "{}", report.table());
+    assert!(report.errors >= report.violations);
 }
 
 #[test]
@@ -171,11 +283,15 @@ fn a_wrong_reply_is_an_error() {
 #[test]
 fn a_server_that_grants_everything_is_caught() {
     // The no-op server says `1 Got Lock` to everyone: contention must see two holders at once.
+    // Open loop, so that a connection holds each grant until its next tick (a few ms) and the
+    // overlap is seen on one client thread; in a closed loop the release follows the grant
+    // with no other connection running in between, and only a race between threads shows it.
     let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
     let server = noop::start(Some(tcp), None, 1).unwrap();
     let addr = server.tcp_addr().unwrap();
     let report = loadgen(&format!(
-        "--target noop --workload contention --addr {addr} --conns 8 --keys 2 --requests 2000"
+        "--target noop --workload contention --addr {addr} --conns 8 --keys 2 --rate 4000 \
+         --duration 500ms"
     ));
     assert!(report.violations > 0, "{}", report.table());
     assert!(report.errors >= report.violations);

@@ -22,7 +22,9 @@ use tokio::sync::oneshot;
 
 use crate::name::LockName;
 use crate::protocol::{self, LockOp, Reply, Request, Verb};
-use crate::shard::{Admission, BatchDone, Departure, Listing, RoutedOp, ShardCore, ShardMsg};
+use crate::shard::{
+    Admission, BatchDone, Departure, ListKind, Listing, RoutedOp, ShardCore, ShardMsg, WaitRequest,
+};
 use crate::table::{Quota, WaitKind};
 use crate::ConnId;
 
@@ -343,22 +345,19 @@ impl Session {
         self.presence.touched.insert(shard);
         let conn = self.presence.conn;
         let (reply, answer) = oneshot::channel();
+        let request = WaitRequest {
+            conn,
+            quota: self.quota.clone(),
+            kind,
+            hash,
+            name,
+            ms,
+            reply,
+        };
         if shard == self.core().id {
-            let core = self.presence.core.clone();
-            core.start_wait(conn, self.quota.clone(), kind, hash, name, ms, reply);
-        } else {
-            let msg = ShardMsg::Wait {
-                conn,
-                quota: self.quota.clone(),
-                kind,
-                hash,
-                name,
-                ms,
-                reply,
-            };
-            if !self.core().shared.post(shard, msg) {
-                return Err(Gone);
-            }
+            self.presence.core.clone().start_wait(request);
+        } else if !self.core().shared.post(shard, ShardMsg::Wait(request)) {
+            return Err(Gone);
         }
         let mut answer = answer;
         let decided = std::future::poll_fn(|cx| {
@@ -522,7 +521,7 @@ impl Session {
             }
             Verb::Holders => {
                 let name = (!arg.is_empty()).then_some(arg);
-                for (name, row) in self.collect_holders(name).await? {
+                for (name, row) in self.collect(ListKind::Holders, name).await? {
                     out.extend_from_slice(name.as_bytes());
                     out.extend_from_slice(b": ");
                     out.extend_from_slice(&row);
@@ -532,7 +531,12 @@ impl Session {
             Verb::Dump | Verb::SharedDump => {
                 let shared_locks = verb == Verb::SharedDump;
                 let name = (!arg.is_empty()).then_some(arg);
-                let rows = self.collect(shared_locks, name, false).await?;
+                let kind = if shared_locks {
+                    ListKind::Shared { raw: false }
+                } else {
+                    ListKind::Exclusive { raw: false }
+                };
+                let rows = self.collect(kind, name).await?;
                 for (name, holder) in rows {
                     out.extend_from_slice(name.as_bytes());
                     out.extend_from_slice(b": ");
@@ -542,7 +546,12 @@ impl Session {
             }
             Verb::FullDump => {
                 let shared_locks = arg.as_bytes() == b"shared";
-                let rows = self.collect(shared_locks, None, true).await?;
+                let kind = if shared_locks {
+                    ListKind::Shared { raw: true }
+                } else {
+                    ListKind::Exclusive { raw: true }
+                };
+                let rows = self.collect(kind, None).await?;
                 write_go_map(&rows, shared_locks, out);
             }
             _ => unreachable!("lock operations are routed, not run here"),
@@ -550,53 +559,9 @@ impl Session {
         Ok(())
     }
 
-    /// Gathers (name, holder text) rows from every shard (or from `name`'s shard), sorted by
-    /// name, then holder, so listings are stable and readable.
-    async fn collect(
-        &mut self,
-        shared_locks: bool,
-        name: Option<LockName>,
-        raw: bool,
-    ) -> Result<Listing, Gone> {
-        let core = self.presence.core.clone();
-        let shared = &core.shared;
-        let mut rows = Vec::new();
-        let targets: Vec<usize> = match &name {
-            Some(name) => vec![shared.router.route(name.as_bytes()).0],
-            None => (0..shared.router.shards()).collect(),
-        };
-        let key = name.map(|n| (shared.router.route(n.as_bytes()).1, n));
-        let mut waiting = Vec::new();
-        for shard in targets {
-            if shard == core.id {
-                let key = key.as_ref().map(|(h, n)| (*h, n.as_bytes()));
-                rows.extend(core.list(shared_locks, key, raw));
-            } else {
-                let (done, rx) = oneshot::channel();
-                let msg = ShardMsg::List {
-                    shared: shared_locks,
-                    name: key.clone(),
-                    raw,
-                    done,
-                };
-                if !shared.post(shard, msg) {
-                    return Err(Gone);
-                }
-                waiting.push(rx);
-            }
-        }
-        for rx in waiting {
-            rows.extend(rx.await.map_err(|_| Gone)?);
-        }
-        rows.sort_unstable();
-        Ok(rows)
-    }
-}
-
-impl Session {
-    /// Gathers `h` rows from every shard (or from `name`'s shard), sorted by name, then role,
-    /// holder and age text.
-    async fn collect_holders(&mut self, name: Option<LockName>) -> Result<Listing, Gone> {
+    /// Gathers a listing from every shard (or from `name`'s shard), sorted by name, then
+    /// holder text, so listings are stable and readable.
+    async fn collect(&mut self, kind: ListKind, name: Option<LockName>) -> Result<Listing, Gone> {
         let core = self.presence.core.clone();
         let shared = &core.shared;
         let key = name.map(|n| (shared.router.route(n.as_bytes()), n));
@@ -609,16 +574,11 @@ impl Session {
         let mut waiting = Vec::new();
         for shard in targets {
             if shard == core.id {
-                rows.extend(core.list_holders(key.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
+                rows.extend(core.list(kind, key.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
             } else {
                 let (done, rx) = oneshot::channel();
-                if !shared.post(
-                    shard,
-                    ShardMsg::Holders {
-                        name: key.clone(),
-                        done,
-                    },
-                ) {
+                let name = key.clone();
+                if !shared.post(shard, ShardMsg::List { kind, name, done }) {
                     return Err(Gone);
                 }
                 waiting.push(rx);

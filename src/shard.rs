@@ -126,6 +126,31 @@ impl Drop for Admission {
     }
 }
 
+/// `gw`/`sgw`: take the lock for `conn`, or queue it for up to `ms` milliseconds; the answer
+/// goes to `reply` whenever it is decided.
+pub struct WaitRequest {
+    pub conn: ConnId,
+    /// The connection's lock allowance, if limited.
+    pub quota: Option<Arc<Quota>>,
+    pub kind: WaitKind,
+    /// The routing hash of `name`.
+    pub hash: u64,
+    pub name: LockName,
+    pub ms: u64,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// Which listing a shard is asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    /// `d` (holders by registered name) or `dump` (`raw`: by connection id).
+    Exclusive { raw: bool },
+    /// `sd` or `dump shared`.
+    Shared { raw: bool },
+    /// `h`: holders and waiters with their ages.
+    Holders,
+}
+
 /// A connection that has gone, while its locks are being released. Until every shard is done,
 /// listings still show its locks under its real id (or registered name); when the last shard
 /// drops its reference, the registry forgets the connection.
@@ -170,28 +195,12 @@ pub enum ShardMsg {
         /// connection's registry record.
         departure: Arc<Departure>,
     },
-    /// `gw`/`sgw`: take the lock for `conn`, or queue it for up to `ms` milliseconds; the
-    /// answer goes to `reply` whenever it is decided.
-    Wait {
-        conn: ConnId,
-        quota: Option<Arc<Quota>>,
-        kind: WaitKind,
-        hash: u64,
-        name: LockName,
-        ms: u64,
-        reply: oneshot::Sender<Reply>,
-    },
-    /// `h [NAME]`: holders and waiters with their ages.
-    Holders {
-        name: Option<(u64, LockName)>,
-        done: oneshot::Sender<Listing>,
-    },
-    /// List exclusive (or shared) locks, all or one name's, with holders shown by registered
-    /// name or (`raw`) by connection id.
+    /// `gw`/`sgw`: take the lock, or queue for it.
+    Wait(WaitRequest),
+    /// A listing of this shard's locks (all, or one name's).
     List {
-        shared: bool,
+        kind: ListKind,
         name: Option<(u64, LockName)>,
-        raw: bool,
         done: oneshot::Sender<Listing>,
     },
     /// Serve a new connection on this thread.
@@ -333,17 +342,16 @@ impl ShardCore {
     }
 
     /// `gw`/`sgw` on this shard: grant now, or queue and arm the timeout.
-    #[allow(clippy::too_many_arguments)]
-    pub fn start_wait(
-        self: &Rc<Self>,
-        conn: ConnId,
-        quota: Option<Arc<Quota>>,
-        kind: WaitKind,
-        hash: u64,
-        name: LockName,
-        ms: u64,
-        reply: oneshot::Sender<Reply>,
-    ) {
+    pub fn start_wait(self: &Rc<Self>, request: WaitRequest) {
+        let WaitRequest {
+            conn,
+            quota,
+            kind,
+            hash,
+            name,
+            ms,
+            reply,
+        } = request;
         let queued = {
             let mut table = self.table.borrow_mut();
             let guard = AbortOnPanic;
@@ -380,7 +388,7 @@ impl ShardCore {
     }
 
     /// `h`: holders and waiters here, as rows `name: role id age_ms display`.
-    pub fn list_holders(&self, name: Option<(u64, &[u8])>) -> Listing {
+    fn list_holders(&self, name: Option<(u64, &[u8])>) -> Listing {
         let table = self.table.borrow();
         let now = crate::table::unix_micros();
         table
@@ -481,10 +489,18 @@ impl ShardCore {
         });
     }
 
-    /// Lists locks held in this shard, holders as text. The text is looked up here, on the
+    /// A listing of this shard's locks, holders as text. The text is looked up here, on the
     /// shard, while the table still holds the locks: a departing holder's registry record
     /// outlives its locks in this shard (see [`Departure`]), so it is always found.
-    pub fn list(&self, shared: bool, name: Option<(u64, &[u8])>, raw: bool) -> Listing {
+    pub fn list(&self, kind: ListKind, name: Option<(u64, &[u8])>) -> Listing {
+        match kind {
+            ListKind::Exclusive { raw } => self.list_locks(false, name, raw),
+            ListKind::Shared { raw } => self.list_locks(true, name, raw),
+            ListKind::Holders => self.list_holders(name),
+        }
+    }
+
+    fn list_locks(&self, shared: bool, name: Option<(u64, &[u8])>, raw: bool) -> Listing {
         let table = self.table.borrow();
         let rows = if shared {
             table.list_shared(name.map(|(_, n)| n))
@@ -520,28 +536,9 @@ impl ShardCore {
                 let _ = done.send(BatchDone { ops, replies });
             }
             ShardMsg::Orphan { conn, departure } => self.orphan(conn, departure),
-            ShardMsg::Wait {
-                conn,
-                quota,
-                kind,
-                hash,
-                name,
-                ms,
-                reply,
-            } => self.start_wait(conn, quota, kind, hash, name, ms, reply),
-            ShardMsg::Holders { name, done } => {
-                let _ =
-                    done.send(self.list_holders(name.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
-            }
-            ShardMsg::List {
-                shared,
-                name,
-                raw,
-                done,
-            } => {
-                let listing =
-                    self.list(shared, name.as_ref().map(|(h, n)| (*h, n.as_bytes())), raw);
-                let _ = done.send(listing);
+            ShardMsg::Wait(request) => self.start_wait(request),
+            ShardMsg::List { kind, name, done } => {
+                let _ = done.send(self.list(kind, name.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
             }
             ShardMsg::Adopt(incoming) => crate::doors::adopt(self, incoming),
             ShardMsg::Close { drained } => self.close(drained),

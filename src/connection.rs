@@ -18,7 +18,7 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use crate::protocol;
+use crate::protocol::{self, Verb};
 use crate::session::{NoWatch, PeerWatch, Session, Step};
 use crate::shard::{Admission, ShardCore};
 
@@ -101,14 +101,16 @@ impl Buffers {
     }
 
     /// Runs up to MAX_BATCH complete lines. Returns whether complete lines remain.
-    async fn run_lines<S: AsyncRead + Unpin>(
+    async fn run_lines<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         session: &mut Session,
-        max_line: usize,
+        limits: &Limits,
         stream: &mut S,
     ) -> Result<bool, Stop> {
+        let max_line = limits.max_line;
         let mut start = 0;
         let mut ran = 0;
+        let mut cut = false;
         while let Some(at) = memchr::memchr(b'\n', &self.input[start + self.searched..]) {
             let end = start + self.searched + at;
             self.searched = 0;
@@ -116,6 +118,11 @@ impl Buffers {
                 return Err(Stop::LineTooLong);
             }
             if let Step::Later(verb, arg) = session.step(&self.input[start..end], &mut self.out) {
+                if matches!(verb, Verb::GetWait | Verb::SharedGetWait) {
+                    // The replies before a wait go out before it waits, not after.
+                    session.flush(&mut self.out).await.map_err(|_| Stop::Gone)?;
+                    self.write_all(stream, limits).await?;
+                }
                 let mut watch = StreamWatch {
                     stream: &mut *stream,
                     side: &mut self.side,
@@ -134,13 +141,16 @@ impl Buffers {
             }
             start = end + 1;
             ran += 1;
-            if ran == MAX_BATCH {
+            // End the batch early when replies pile up (big listings): they are written, and
+            // the unread-reply limit applies, before any more lines run.
+            if ran == MAX_BATCH || self.unsent() > limits.max_unsent {
+                cut = true;
                 break;
             }
         }
         session.flush(&mut self.out).await.map_err(|_| Stop::Gone)?;
         self.input.advance(start);
-        if ran == MAX_BATCH {
+        if cut {
             return Ok(true);
         }
         self.searched = self.input.len();
@@ -152,6 +162,26 @@ impl Buffers {
             self.pipelining = false;
         }
         Ok(false)
+    }
+
+    /// Writes every pending reply (bounded by the write timeout).
+    async fn write_all<S: AsyncWrite + Unpin>(
+        &mut self,
+        stream: &mut S,
+        limits: &Limits,
+    ) -> Result<(), Stop> {
+        let rest = &self.out[self.written..];
+        let write = stream.write_all(rest);
+        let written = match limits.write_timeout {
+            Some(limit) => tokio::time::timeout(limit, write)
+                .await
+                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+            None => write.await,
+        };
+        written.map_err(|_| Stop::Gone)?;
+        self.out.clear();
+        self.written = 0;
+        Ok(())
     }
 
     /// Writes as much of `out` as the stream takes now; true if anything was written.
@@ -250,11 +280,13 @@ where
     let mut eof = false;
     loop {
         let started = session.measures_latency().then(std::time::Instant::now);
-        let ran = buffers
-            .run_lines(&mut session, limits.max_line, &mut stream)
-            .await;
+        let ran = buffers.run_lines(&mut session, &limits, &mut stream).await;
         if let Some(started) = started {
             session.record_latency(started.elapsed());
+        }
+        // Time spent running commands (a `gw` may wait minutes) is not idleness.
+        if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
+            timer.as_mut().reset(Instant::now() + d);
         }
         eof |= buffers.side_eof;
         let more = match ran {

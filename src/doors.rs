@@ -275,8 +275,17 @@ fn tune_tcp(core: &ShardCore, stream: &TcpStream, id: &str) {
             .with_time(Duration::from_secs(config.keepalive_idle))
             .with_interval(Duration::from_secs(config.keepalive_interval))
             .with_retries(config.keepalive_count);
-        if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive) {
+        let socket = socket2::SockRef::from(stream);
+        if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
             eprintln!("glockd: could not enable keepalive for {id}: {e}");
+        }
+        // Keepalive only probes an idle connection; when a reply is in flight to a machine that
+        // vanished, the kernel retransmits for many minutes instead. Give up on unacknowledged
+        // data after the same time keepalive would take.
+        let give_up =
+            config.keepalive_idle + config.keepalive_interval * u64::from(config.keepalive_count);
+        if let Err(e) = socket.set_tcp_user_timeout(Some(Duration::from_secs(give_up))) {
+            eprintln!("glockd: could not set the TCP user timeout for {id}: {e}");
         }
     }
 }

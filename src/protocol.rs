@@ -230,6 +230,10 @@ fn parse_u64(word: &[u8]) -> Option<u64> {
     std::str::from_utf8(word).ok()?.parse().ok()
 }
 
+/// The longest a rate limiter may take to refill completely, `PERIOD_MS x (BURST + 1) / COUNT`:
+/// one day.
+pub const MAX_RATE_LIMIT_WINDOW_MS: u64 = 86_400_000;
+
 /// Parses `rl`'s argument, `NAME BURST COUNT PERIOD_MS [QUANTITY]`, from the right (names may
 /// contain spaces): the last four words are BURST COUNT PERIOD_MS QUANTITY when all four are
 /// numbers and a name remains before them, else the last three are BURST COUNT PERIOD_MS.
@@ -252,7 +256,11 @@ pub fn parse_rate_limit(arg: &[u8]) -> Option<(LockName, RateParams)> {
         period_ms: numbers[2],
         quantity: numbers.get(3).copied().unwrap_or(1),
     };
-    if params.count == 0 || params.period_ms == 0 {
+    // A limiter's state lives until it is back to full capacity: bound that time (a day), so
+    // no request can pin memory for longer.
+    let refill_ms = u64::from(params.period_ms) * (u64::from(params.burst) + 1)
+        / u64::from(params.count.max(1));
+    if params.count == 0 || params.period_ms == 0 || refill_ms > MAX_RATE_LIMIT_WINDOW_MS {
         return None;
     }
     let name_len = words[..name_words].iter().map(|w| w.len()).sum::<usize>() + name_words - 1;
@@ -554,6 +562,10 @@ mod tests {
         assert_eq!(parse_rate_limit(b"n 15 0 60000"), None);
         assert_eq!(parse_rate_limit(b"n 15 30 0"), None);
         assert_eq!(parse_rate_limit(b"n x 30 1000"), None);
+        // A state that would live 50 days is refused; a day is the most.
+        assert_eq!(parse_rate_limit(b"n 1 1 4294967295"), None);
+        assert!(parse_rate_limit(b"n 0 1 86400000").is_some());
+        assert_eq!(parse_rate_limit(b"n 1 1 86400000"), None);
     }
 
     #[test]

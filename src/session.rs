@@ -231,23 +231,25 @@ impl Session {
         if let Some(counts) = &mut self.batch_verbs {
             counts[verb.index()] += 1;
         }
-        let Some(request) = self.lock_request(verb, &arg, out) else {
-            return Step::Done; // bad arguments, answered
+        // Plain lock commands take the parsed name as it is (no copy); `sgl` and `rl` parse
+        // their numbers off it first.
+        let (op, name, original) = match verb.lock_op() {
+            Some(op) => (op, arg, None),
+            None => match self.lock_request(verb, &arg, out) {
+                None => return Step::Done, // bad arguments, answered
+                Some(None) => return Step::Later(verb, arg),
+                Some(Some((op, name))) => (op, name, Some(arg)),
+            },
         };
-        match request {
-            Some((op, name)) => {
-                let (shard, hash) = self.core().shared.router.route(name.as_bytes());
-                // A lock allowance is shared by all shards, so with one, commands on different
-                // shards are no longer independent (`sr a` must free its unit before `sg b`
-                // asks for one): run them in order, batching only within one shard.
-                if self.quota.is_some() && self.pending_elsewhere(shard) {
-                    return Step::Later(verb, arg);
-                }
-                self.run_lock_op(op, name, shard, hash, out);
-                Step::Done
-            }
-            None => Step::Later(verb, arg),
+        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+        // A lock allowance is shared by all shards, so with one, commands on different shards
+        // are no longer independent (`sr a` must free its unit before `sg b` asks for one): run
+        // them in order, batching only within one shard.
+        if self.quota.is_some() && self.pending_elsewhere(shard) {
+            return Step::Later(verb, original.unwrap_or(name));
         }
+        self.run_lock_op(op, name, shard, hash, out);
+        Step::Done
     }
 
     /// The lock operation a verb performs on one name, if it is one: `Some(Some(op))`;
@@ -360,9 +362,15 @@ impl Session {
             return Err(Gone);
         }
         let mut answer = answer;
+        let core = self.presence.core.clone();
+        let mut closing = std::pin::pin!(core.closing());
         let decided = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = Pin::new(&mut answer).poll(cx) {
                 return Poll::Ready(result.ok());
+            }
+            // A server shutting down does not keep waiters waiting.
+            if core.is_closing() || closing.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(None);
             }
             match watch.poll_gone(cx) {
                 Poll::Ready(()) => Poll::Ready(None),
@@ -555,6 +563,13 @@ impl Session {
                 write_go_map(&rows, shared_locks, out);
             }
             _ => unreachable!("lock operations are routed, not run here"),
+        }
+        if matches!(
+            verb,
+            Verb::Dump | Verb::SharedDump | Verb::FullDump | Verb::Holders | Verb::Who
+        ) {
+            // A listing can be long: let the other clients of this thread have a turn.
+            tokio::task::yield_now().await;
         }
         Ok(())
     }

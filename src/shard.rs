@@ -362,14 +362,18 @@ impl ShardCore {
         };
         if let Some(id) = queued {
             let core = self.clone();
-            tokio::task::spawn_local(async move {
+            let timed = name.clone();
+            let timer = tokio::task::spawn_local(async move {
                 tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                 let mut table = core.table.borrow_mut();
                 let guard = AbortOnPanic;
-                table.expire(kind.is_shared(), &name, id);
+                table.expire(kind.is_shared(), &timed, id);
                 std::mem::forget(guard);
                 core.publish_sizes(&table);
             });
+            self.table
+                .borrow_mut()
+                .set_wait_timer(kind, &name, id, timer.abort_handle());
         }
     }
 

@@ -142,8 +142,16 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
                 // Lock names are bytes: a listing of non-UTF-8 names goes as binary.
                 Err(_) => Message::binary(out.clone()),
             };
-            if ws.feed(reply).await.is_err() {
-                return; // more unread replies than --max-unsent-bytes, or the peer is gone
+            let fed = match write_timeout {
+                Some(limit) => tokio::time::timeout(limit, ws.feed(reply))
+                    .await
+                    .unwrap_or(Err(WsError::ConnectionClosed)),
+                None => ws.feed(reply).await,
+            };
+            if fed.is_err() {
+                // More unread replies than --max-unsent-bytes, a reader stalled for
+                // --write-timeout, or the peer is gone.
+                return;
             }
         }
         if let Some(started) = started {

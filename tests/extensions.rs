@@ -230,7 +230,60 @@ async fn holders_are_listed_with_their_age_and_waiters(setup: Setup) {
     assert!(probe.line().await.starts_with("1 "));
 }
 
+async fn a_shared_waiter_moves_up_when_the_one_ahead_leaves(setup: Setup) {
+    let server = TestServer::start(setup);
+    let mut holder = server.connect().await;
+    holder.check("sg sem1\n", "1 Got Shared Lock\n").await;
+    let mut strict = server.connect().await;
+    strict.send("sgw 20000 1 sem1\n").await;
+    server
+        .wait_for_stats("queued", |s| s["lock_waiters"] == 1)
+        .await;
+    let mut lenient = server.connect().await;
+    lenient.send("sgw 20000 5 sem1\n").await;
+    server
+        .wait_for_stats("queued", |s| s["lock_waiters"] == 2)
+        .await;
+    // The head of the line (limit 1) leaves; the next one (limit 5) fits at once.
+    strict.reset();
+    lenient.expect("2 Got Shared Lock\n").await;
+}
+
+async fn replies_before_a_wait_are_sent_before_it_waits(setup: Setup) {
+    let server = TestServer::start(setup);
+    let mut holder = server.connect().await;
+    holder.check("g bb\n", "1 Got Lock\n").await;
+    let mut waiter = server.connect().await;
+    waiter.send("g aa\ngw 60000 bb\n").await;
+    // `g aa` is answered while `gw` still waits (the test would hang here otherwise).
+    waiter.expect("1 Got Lock\n").await;
+    holder.check("r bb\n", "1 Released Lock\n").await;
+    waiter.expect("1 Got Lock\n").await;
+}
+
+async fn a_long_wait_is_not_idleness(setup: Setup) {
+    let server = TestServer::start_with(setup, |c| c.idle_timeout = 1);
+    let mut holder = server.connect().await;
+    holder.check("g slow\n", "1 Got Lock\n").await;
+    let mut waiter = server.connect().await;
+    waiter.send("gw 10000 slow\n").await;
+    // The waiter waits longer than the idle timeout; the holder stays busy meanwhile.
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        holder.check("i slow\n", "1 Locked\n").await;
+    }
+    holder.check("r slow\n", "1 Released Lock\n").await;
+    waiter.expect("1 Got Lock\n").await;
+    // Still connected and holding it right after the grant.
+    let mut probe = server.connect().await;
+    probe.check("i slow\n", "1 Locked\n").await;
+    waiter.check("i slow\n", "1 Locked\n").await;
+}
+
 for_each_shard_count_setup!(
+    a_shared_waiter_moves_up_when_the_one_ahead_leaves,
+    replies_before_a_wait_are_sent_before_it_waits,
+    a_long_wait_is_not_idleness,
     waiters_are_served_first_come_first_served,
     a_wait_times_out_and_later_commands_wait_behind_it,
     a_waiter_that_disconnects_leaves_the_queue,

@@ -304,7 +304,20 @@ async fn shutdown_answers_what_was_read_and_closes_cleanly(shards: u16) {
     stopper.join().unwrap();
 }
 
+async fn a_flood_of_listings_is_cut_off_at_the_unsent_limit(shards: u16) {
+    let server = TestServer::start_with(shards, |c| c.max_unsent_bytes = 64 * 1024);
+    let mut holder = server.connect().await;
+    let batch: String = (0..2000).map(|i| format!("g listed-{i:05}\n")).collect();
+    holder.check(&batch, &"1 Got Lock\n".repeat(2000)).await;
+    // Each `d` answers ~50 KB; a thousand of them, never read, must not pile up.
+    let mut flood = server.connect().await;
+    flood.send("d\n".repeat(1024)).await;
+    flood.expect_closed_or_reset().await;
+    still_serving_and_held(&server, "listed-00000").await;
+}
+
 for_each_shard_count!(
+    a_flood_of_listings_is_cut_off_at_the_unsent_limit,
     max_connections_refuses_the_next_one_and_serves_the_rest,
     max_locks_per_connection_is_exact_across_shards,
     a_client_that_never_reads_is_cut_off_at_the_unsent_limit,

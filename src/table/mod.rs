@@ -481,11 +481,15 @@ impl ShardTable {
             return (orphaned, true);
         };
         // A connection that is gone waits for nothing.
-        for (shared, name, id) in holdings.waits.drain(..) {
-            self.waits.remove(shared, name.as_bytes(), id);
-        }
         // Names someone waits for, to hand over once this slice is released.
         let mut handovers: Vec<(bool, LockName)> = Vec::new();
+        for (shared, name, id) in holdings.waits.drain(..) {
+            self.waits.remove(shared, name.as_bytes(), id);
+            if shared {
+                // It may have stood first in line with a low limit, holding back the others.
+                handovers.push((true, name));
+            }
+        }
         let mut budget = budget;
         let mut at = holdings.exclusive_head;
         while at != NIL && budget > 0 {
@@ -508,6 +512,9 @@ impl ShardTable {
             at = next;
         }
         holdings.exclusive_head = at;
+        if at != NIL {
+            self.slots[at as usize].prev = NIL;
+        }
         if at == NIL && budget > 0 {
             let names: Vec<LockName> = holdings.shared.iter().take(budget).cloned().collect();
             for name in names {

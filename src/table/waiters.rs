@@ -42,6 +42,18 @@ pub struct Waiter {
     pub since: u64,
     /// Where the grant (or the timeout) is answered.
     pub reply: oneshot::Sender<Reply>,
+    /// The task that times this waiter out; cancelled when the waiter leaves the queue any
+    /// other way, so a granted wait does not leave a sleeping task behind for its whole MS.
+    pub timer: Option<TimerGuard>,
+}
+
+/// Cancels a waiter's timeout task when the waiter is dropped.
+pub struct TimerGuard(tokio::task::AbortHandle);
+
+impl Drop for TimerGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Every wait queue of one shard.
@@ -151,6 +163,28 @@ impl WaitQueues {
             self.depth -= 1;
         }
         waiter
+    }
+
+    /// Gives waiter `id` the task that will time it out (if it is still queued).
+    pub fn set_timer(
+        &mut self,
+        shared: bool,
+        name: &[u8],
+        id: u64,
+        timer: tokio::task::AbortHandle,
+    ) {
+        let queue = if shared {
+            &mut self.shared
+        } else {
+            &mut self.exclusive
+        };
+        match queue
+            .get_mut(name)
+            .and_then(|q| q.iter_mut().find(|w| w.id == id))
+        {
+            Some(waiter) => waiter.timer = Some(TimerGuard(timer)),
+            None => timer.abort(),
+        }
     }
 
     /// Waiters queued now.

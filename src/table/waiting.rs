@@ -68,6 +68,7 @@ impl ShardTable {
                 quota,
                 since: unix_micros(),
                 reply,
+                timer: None,
             },
         );
         self.holdings
@@ -76,6 +77,18 @@ impl ShardTable {
             .waits
             .push((kind != WaitKind::Exclusive, name.clone(), id));
         Some(id)
+    }
+
+    /// Attaches the timeout task of waiter `id`, so it is cancelled if the waiter is served.
+    pub fn set_wait_timer(
+        &mut self,
+        kind: WaitKind,
+        name: &LockName,
+        id: u64,
+        timer: tokio::task::AbortHandle,
+    ) {
+        self.waits
+            .set_timer(kind.is_shared(), name.as_bytes(), id, timer);
     }
 
     /// The waiter `id` ran out of time: if it is still queued, answers it `0 Timed Out`.

@@ -274,6 +274,20 @@ impl Raw {
         );
     }
 
+    /// Reads until the server closes the connection (by FIN or reset), discarding what comes;
+    /// fails if it stays open.
+    pub async fn expect_closed_or_reset(&mut self) {
+        let mut sink = vec![0u8; 1 << 16];
+        let deadline = tokio::time::Instant::now() + REPLY_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.read(&mut sink)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("the server kept the connection open"),
+            }
+        }
+    }
+
     /// `q` over this connection.
     pub async fn stats(&mut self) -> BTreeMap<String, u64> {
         self.send("q\n").await;

@@ -150,7 +150,9 @@ impl Buffers {
         }
         session.flush(&mut self.out).await.map_err(|_| Stop::Gone)?;
         self.input.advance(start);
-        if cut {
+        if cut && !self.input.is_empty() {
+            // More lines wait behind the cut (or, with replies piled up past the limit, a
+            // client that kept sending: the caller cuts it off).
             return Ok(true);
         }
         self.searched = self.input.len();

@@ -37,7 +37,7 @@ impl Keys {
         if count == 0 {
             return Err("--keys must be at least 1".into());
         }
-        let digits = decimal_len(count - 1);
+        let digits = itoa::Buffer::new().format(count - 1).len();
         if size < digits + 1 {
             return Err(format!(
                 "--key-size {size} is too short for {count} keys: names need {} bytes",
@@ -87,32 +87,12 @@ impl Keys {
     /// Appends the name of key `id`: `k`, zero padding, then the decimal id.
     #[inline]
     pub fn write_name(&self, id: u64, out: &mut Vec<u8>) {
-        let mut digits = [0u8; 20];
-        let mut at = digits.len();
-        let mut rest = id;
-        loop {
-            at -= 1;
-            digits[at] = b'0' + (rest % 10) as u8;
-            rest /= 10;
-            if rest == 0 {
-                break;
-            }
-        }
-        let digits = &digits[at..];
+        let mut buffer = itoa::Buffer::new();
+        let digits = buffer.format(id).as_bytes();
         out.push(b'k');
         out.resize(out.len() + self.size - 1 - digits.len(), b'0');
         out.extend_from_slice(digits);
     }
-}
-
-/// Number of decimal digits of `n`.
-fn decimal_len(mut n: u64) -> usize {
-    let mut len = 1;
-    while n >= 10 {
-        n /= 10;
-        len += 1;
-    }
-    len
 }
 
 #[cfg(test)]

@@ -109,7 +109,7 @@ pub fn encode(target: Target, cmd: Cmd, keys: &Keys, id: u64, params: &Params, o
         Target::Redis => {
             out.extend_from_slice(cmd.redis_prefix());
             out.push(b'$');
-            out.extend_from_slice(itoa_usize(keys.size()).as_slice());
+            out.extend_from_slice(itoa::Buffer::new().format(keys.size()).as_bytes());
             out.extend_from_slice(b"\r\n");
             keys.write_name(id, out);
             out.extend_from_slice(b"\r\n");
@@ -122,33 +122,8 @@ pub fn encode(target: Target, cmd: Cmd, keys: &Keys, id: u64, params: &Params, o
 
 /// Appends the decimal digits of `n`, then `sep`, without `fmt` or allocation.
 fn push_number(n: u64, sep: u8, out: &mut Vec<u8>) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut rest = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.push(sep);
-}
-
-/// Decimal digits of a small number, without `fmt`.
-fn itoa_usize(mut n: usize) -> Vec<u8> {
-    let mut digits = Vec::with_capacity(4);
-    loop {
-        digits.push(b'0' + (n % 10) as u8);
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    digits.reverse();
-    digits
 }
 
 /// One reply, as the wire spelt it.

@@ -42,7 +42,7 @@ fn pipelined_buffer(c: &mut Criterion) {
                 *start = end + 1;
                 Some(line)
             }) {
-                if let Request::Command { .. } = parse(line) {
+                if let Request::Lock { .. } = parse(line) {
                     commands += 1;
                 }
             }

@@ -1,6 +1,7 @@
 //! An async client for the glockd protocol, over any byte stream (TCP, unix socket…).
 //!
-//! One-line replies are parsed to their integer. Listings (`d`, `sd`, `who`) have no end marker
+//! Commands are written by the protocol module ([`Request::write_to`]), the same definition the
+//! server parses with. One-line replies are parsed to their integer. Listings (`d`, `sd`, `who`) have no end marker
 //! in the protocol and may be empty, so the client sends `me` right behind a listing and reads
 //! until that reply comes back: its line (`1 <id> <name>`) cannot be mistaken for a listing row,
 //! which always ends in `: <holder>`.
@@ -10,6 +11,9 @@ use std::io;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::net::{TcpStream, ToSocketAddrs};
+
+use crate::name::LockName;
+use crate::protocol::{LockOp, RateParams, Request, WaitKind};
 
 /// A connection to a glockd server. Every lock it takes is held until it is released or the
 /// client is dropped.
@@ -82,61 +86,81 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         self.read_line().await
     }
 
-    /// Sends `verb name` and returns the reply's integer.
-    async fn lock_command(&mut self, verb: &str, name: &[u8]) -> io::Result<u64> {
-        let mut line = Vec::with_capacity(verb.len() + 1 + name.len());
-        line.extend_from_slice(verb.as_bytes());
-        line.push(b' ');
-        line.extend_from_slice(name);
-        reply_code(&self.command(&line).await?)
+    /// Sends one request and returns its one-line reply.
+    pub async fn request(&mut self, request: &Request) -> io::Result<Vec<u8>> {
+        if request
+            .name()
+            .is_some_and(|n| n.as_bytes().contains(&b'\n'))
+        {
+            return Err(newline_in_command());
+        }
+        let mut bytes = Vec::new();
+        request.write_to(&mut bytes);
+        self.send(&bytes).await?;
+        self.read_line().await
+    }
+
+    /// Sends `op` on `name` and returns the reply's integer.
+    async fn lock_command(&mut self, op: LockOp, name: &[u8]) -> io::Result<u64> {
+        let name = LockName::new(name);
+        reply_code(&self.request(&Request::Lock { op, name }).await?)
     }
 
     /// `g`: takes an exclusive lock; true if this connection holds it now.
     pub async fn get(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
-        Ok(self.lock_command("g", name.as_ref()).await? == 1)
+        Ok(self.lock_command(LockOp::Get, name.as_ref()).await? == 1)
     }
 
     /// `r`: releases an exclusive lock; true if this connection held it.
     pub async fn release(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
-        Ok(self.lock_command("r", name.as_ref()).await? == 1)
+        Ok(self.lock_command(LockOp::Release, name.as_ref()).await? == 1)
     }
 
     /// `i`: whether anyone holds the exclusive lock.
     pub async fn inspect(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
-        Ok(self.lock_command("i", name.as_ref()).await? == 1)
+        Ok(self.lock_command(LockOp::Inspect, name.as_ref()).await? == 1)
     }
 
     /// `sg`: takes a shared lock; returns the number of holders now.
     pub async fn shared_get(&mut self, name: impl AsRef<[u8]>) -> io::Result<u64> {
-        self.lock_command("sg", name.as_ref()).await
+        self.lock_command(LockOp::SharedGet, name.as_ref()).await
     }
 
     /// `sr`: releases a shared lock; true if this connection held it.
     pub async fn shared_release(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
-        Ok(self.lock_command("sr", name.as_ref()).await? == 1)
+        Ok(self
+            .lock_command(LockOp::SharedRelease, name.as_ref())
+            .await?
+            == 1)
     }
 
     /// `si`: the number of holders of a shared lock.
     pub async fn shared_inspect(&mut self, name: impl AsRef<[u8]>) -> io::Result<u64> {
-        self.lock_command("si", name.as_ref()).await
+        self.lock_command(LockOp::SharedInspect, name.as_ref())
+            .await
     }
 
     /// `gw MS NAME`: takes an exclusive lock, waiting up to `ms` milliseconds for it; false on
     /// timeout.
     pub async fn get_wait(&mut self, ms: u64, name: impl AsRef<[u8]>) -> io::Result<bool> {
-        let line = [format!("gw {ms} ").as_bytes(), name.as_ref()].concat();
-        Ok(reply_code(&self.command(&line).await?)? == 1)
+        let request = Request::Wait {
+            ms,
+            kind: WaitKind::Exclusive,
+            name: LockName::new(name.as_ref()),
+        };
+        Ok(reply_code(&self.request(&request).await?)? == 1)
     }
 
     /// `sgl LIMIT NAME`: takes a shared lock if fewer than `limit` hold it; the holder count,
     /// or None when full.
     pub async fn shared_get_limit(
         &mut self,
-        limit: u64,
+        limit: u32,
         name: impl AsRef<[u8]>,
     ) -> io::Result<Option<u64>> {
-        let line = [format!("sgl {limit} ").as_bytes(), name.as_ref()].concat();
-        let count = reply_code(&self.command(&line).await?)?;
+        let count = self
+            .lock_command(LockOp::SharedGetLimit(limit), name.as_ref())
+            .await?;
         Ok((count > 0).then_some(count))
     }
 
@@ -147,21 +171,27 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         limit: u64,
         name: impl AsRef<[u8]>,
     ) -> io::Result<Option<u64>> {
-        let line = [format!("sgw {ms} {limit} ").as_bytes(), name.as_ref()].concat();
-        let count = reply_code(&self.command(&line).await?)?;
+        let request = Request::Wait {
+            ms,
+            kind: WaitKind::Shared { limit },
+            name: LockName::new(name.as_ref()),
+        };
+        let count = reply_code(&self.request(&request).await?)?;
         Ok((count > 0).then_some(count))
     }
 
     /// `gt NAME`: takes an exclusive lock and returns its fencing token (None if refused).
     pub async fn get_token(&mut self, name: impl AsRef<[u8]>) -> io::Result<Option<u64>> {
-        let line = [b"gt ".as_slice(), name.as_ref()].concat();
-        second_number(&self.command(&line).await?)
+        let name = LockName::new(name.as_ref());
+        let op = LockOp::GetToken;
+        second_number(&self.request(&Request::Lock { op, name }).await?)
     }
 
     /// `t NAME`: the fencing token of the lock's current grant (None if not locked).
     pub async fn token(&mut self, name: impl AsRef<[u8]>) -> io::Result<Option<u64>> {
-        let line = [b"t ".as_slice(), name.as_ref()].concat();
-        second_number(&self.command(&line).await?)
+        let name = LockName::new(name.as_ref());
+        let op = LockOp::Token;
+        second_number(&self.request(&Request::Lock { op, name }).await?)
     }
 
     /// `rl NAME BURST COUNT PERIOD_MS QUANTITY`: one rate limit decision.
@@ -173,13 +203,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         period_ms: u32,
         quantity: u32,
     ) -> io::Result<RateLimited> {
-        let line = [
-            b"rl ".as_slice(),
-            name.as_ref(),
-            format!(" {burst} {count} {period_ms} {quantity}").as_bytes(),
-        ]
-        .concat();
-        let reply = self.command(&line).await?;
+        let op = LockOp::RateLimit(RateParams {
+            burst,
+            count,
+            period_ms,
+            quantity,
+        });
+        let name = LockName::new(name.as_ref());
+        let reply = self.request(&Request::Lock { op, name }).await?;
         let text = String::from_utf8_lossy(&reply);
         let fields: Vec<i64> = text
             .split(' ')
@@ -202,12 +233,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     /// the registry disabled.
     pub async fn iam(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
         self.me_line = None;
-        Ok(self.lock_command("iam", name.as_ref()).await? == 1)
+        let request = Request::Iam(LockName::new(name.as_ref()));
+        Ok(reply_code(&self.request(&request).await?)? == 1)
     }
 
     /// `me`: this connection's (id, registered name or id).
     pub async fn me(&mut self) -> io::Result<(String, Vec<u8>)> {
-        let line = self.command(b"me").await?;
+        let line = self.request(&Request::Me).await?;
         self.me_line = Some(line.clone());
         let rest = line
             .strip_prefix(b"1 ")
@@ -222,7 +254,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
 
     /// `q`: every stat by name.
     pub async fn stats(&mut self) -> io::Result<BTreeMap<String, u64>> {
-        self.send(b"q\n").await?;
+        let mut bytes = Vec::new();
+        Request::Stats.write_to(&mut bytes);
+        self.send(&bytes).await?;
         let mut stats = BTreeMap::new();
         loop {
             let line = self.read_line().await?;
@@ -249,7 +283,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
             self.me().await?;
         }
         let mut bytes = command.to_vec();
-        bytes.extend_from_slice(b"\nme\n");
+        bytes.push(b'\n');
+        Request::Me.write_to(&mut bytes);
         self.send(&bytes).await?;
         let mut lines = Vec::new();
         loop {
@@ -303,12 +338,16 @@ fn second_number(line: &[u8]) -> io::Result<Option<u64>> {
         .ok_or_else(|| invalid(format!("no token in {text:?}")))
 }
 
+fn newline_in_command() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "a command cannot contain a newline",
+    )
+}
+
 fn check_line(line: &[u8]) -> io::Result<()> {
     if line.contains(&b'\n') {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "a command cannot contain a newline",
-        ));
+        return Err(newline_in_command());
     }
     Ok(())
 }

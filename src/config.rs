@@ -184,6 +184,17 @@ impl Config {
             .filter(|o| !o.is_empty())
     }
 
+    /// The limits every connection lives under, whichever door it came through.
+    pub fn conn_limits(&self) -> ConnLimits {
+        let secs = |s: u64| (s > 0).then(|| std::time::Duration::from_secs(s));
+        ConnLimits {
+            max_line: usize::try_from(self.max_line_bytes).unwrap_or(usize::MAX),
+            max_unsent: usize::try_from(self.max_unsent_bytes).unwrap_or(usize::MAX),
+            write_timeout: secs(self.write_timeout),
+            idle_timeout: secs(self.idle_timeout),
+        }
+    }
+
     /// The number of shard threads to run.
     pub fn shard_count(&self) -> usize {
         match self.shards {
@@ -191,6 +202,20 @@ impl Config {
             None => std::thread::available_parallelism().map_or(1, |n| n.get()),
         }
     }
+}
+
+/// A connection's limits, from the flags of the same names; shared by TCP, unix socket and
+/// websocket connections so that every door enforces the same ones.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// `--max-line-bytes`: the longest line (or websocket message) accepted.
+    pub max_line: usize,
+    /// `--max-unsent-bytes`: unread replies past which a client that keeps sending is cut off.
+    pub max_unsent: usize,
+    /// `--write-timeout`: how long a write may make no progress (None: forever).
+    pub write_timeout: Option<std::time::Duration>,
+    /// `--idle-timeout`: how long a connection may send nothing (None: forever).
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// The metrics endpoint's address, or off.

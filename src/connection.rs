@@ -12,15 +12,18 @@ use std::io;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
-use crate::protocol::{self, Verb};
+use crate::config::ConnLimits;
+use crate::framer::{LineFramer, LineTooLong};
+use crate::lifecycle::Admission;
+use crate::protocol::{self, Request};
+use crate::routing::Gone;
 use crate::session::{NoWatch, PeerWatch, Session, Step};
-use crate::shard::{Admission, ShardCore};
+use crate::shard::ShardCore;
 
 /// Most lines run per batch before their replies are written: bounds the work between two
 /// writes, and lets a client that pipelines a million commands share its thread.
@@ -37,33 +40,25 @@ const LARGE_READ: usize = 64 * 1024;
 /// does not leave an idle connection holding its peak memory.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
-/// The connection's limits, from the config.
-struct Limits {
-    max_line: usize,
-    max_unsent: usize,
-    write_timeout: Option<Duration>,
-    idle_timeout: Option<Duration>,
-}
-
-impl Limits {
-    fn new(core: &ShardCore) -> Self {
-        let config = &core.shared.config;
-        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
-        Limits {
-            max_line: usize::try_from(config.max_line_bytes).unwrap_or(usize::MAX),
-            max_unsent: usize::try_from(config.max_unsent_bytes).unwrap_or(usize::MAX),
-            write_timeout: secs(config.write_timeout),
-            idle_timeout: secs(config.idle_timeout),
-        }
-    }
-}
-
 /// Why a connection stops running lines.
 enum Stop {
     /// A line (or unfinished input) is longer than `--max-line-bytes`.
     LineTooLong,
-    /// The server is gone (shutdown): close without a word.
+    /// The server is gone (shutdown), or the client left while its command waited: close
+    /// without a word.
     Gone,
+}
+
+impl From<Gone> for Stop {
+    fn from(_: Gone) -> Self {
+        Stop::Gone
+    }
+}
+
+impl From<LineTooLong> for Stop {
+    fn from(_: LineTooLong) -> Self {
+        Stop::LineTooLong
+    }
 }
 
 /// What happened while waiting for I/O.
@@ -78,11 +73,8 @@ struct Event {
 
 /// The connection's buffers.
 struct Buffers {
-    /// Bytes read and not yet run.
-    input: BytesMut,
-    /// Bytes at the front of `input` already searched for a newline without finding one, so
-    /// a long line arriving in small pieces is scanned once, not once per piece.
-    searched: usize,
+    /// Bytes read and not yet run, split into lines.
+    input: LineFramer,
     /// Input read while a command waited (`gw`), to run after it.
     side: BytesMut,
     /// End of input was read while a command waited.
@@ -104,42 +96,41 @@ impl Buffers {
     async fn run_lines<S: AsyncRead + AsyncWrite + Unpin>(
         &mut self,
         session: &mut Session,
-        limits: &Limits,
+        limits: &ConnLimits,
         stream: &mut S,
     ) -> Result<bool, Stop> {
-        let max_line = limits.max_line;
-        let mut start = 0;
         let mut ran = 0;
         let mut cut = false;
-        while let Some(at) = memchr::memchr(b'\n', &self.input[start + self.searched..]) {
-            let end = start + self.searched + at;
-            self.searched = 0;
-            if end + 1 - start > max_line {
-                return Err(Stop::LineTooLong);
-            }
-            if let Step::Later(verb, arg) = session.step(&self.input[start..end], &mut self.out) {
-                if matches!(verb, Verb::GetWait | Verb::SharedGetWait) {
+        loop {
+            let line = match self.input.next_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(LineTooLong) => {
+                    // The commands before the refused line were run: answer them first.
+                    session.flush(&mut self.out).await?;
+                    return Err(Stop::LineTooLong);
+                }
+            };
+            if let Step::Later(request) = session.step(line, &mut self.out) {
+                if matches!(request, Request::Wait { .. }) {
                     // The replies before a wait go out before it waits, not after.
-                    session.flush(&mut self.out).await.map_err(|_| Stop::Gone)?;
+                    session.flush(&mut self.out).await?;
                     self.write_all(stream, limits).await?;
                 }
                 let mut watch = StreamWatch {
                     stream: &mut *stream,
                     side: &mut self.side,
                     eof: &mut self.side_eof,
-                    cap: max_line,
+                    cap: limits.max_line,
                 };
-                let ran_line = session
-                    .run_later(verb, arg, &mut self.out, &mut watch)
-                    .await;
+                let ran_line = session.run_later(request, &mut self.out, &mut watch).await;
                 if !self.side.is_empty() {
                     // Read while the line waited: it comes after everything already buffered.
-                    self.input.extend_from_slice(&self.side);
+                    self.input.extend(&self.side);
                     self.side.clear();
                 }
-                ran_line.map_err(|_| Stop::Gone)?;
+                ran_line?;
             }
-            start = end + 1;
             ran += 1;
             // End the batch early when replies pile up (big listings): they are written, and
             // the unread-reply limit applies, before any more lines run.
@@ -148,19 +139,14 @@ impl Buffers {
                 break;
             }
         }
-        session.flush(&mut self.out).await.map_err(|_| Stop::Gone)?;
-        self.input.advance(start);
-        if cut && !self.input.is_empty() {
+        session.flush(&mut self.out).await?;
+        self.input.compact();
+        if cut && self.input.pending() > 0 {
             // More lines wait behind the cut (or, with replies piled up past the limit, a
             // client that kept sending: the caller cuts it off).
             return Ok(true);
         }
-        self.searched = self.input.len();
-        if self.input.len() >= max_line {
-            return Err(Stop::LineTooLong);
-        }
-        if self.input.is_empty() && self.input.capacity() > KEEP_CAPACITY {
-            self.input = BytesMut::new();
+        if self.input.shrink_if_empty(KEEP_CAPACITY) {
             self.pipelining = false;
         }
         Ok(false)
@@ -170,7 +156,7 @@ impl Buffers {
     async fn write_all<S: AsyncWrite + Unpin>(
         &mut self,
         stream: &mut S,
-        limits: &Limits,
+        limits: &ConnLimits,
     ) -> Result<(), Stop> {
         let rest = &self.out[self.written..];
         let write = stream.write_all(rest);
@@ -265,11 +251,10 @@ pub async fn serve<S>(core: Rc<ShardCore>, mut stream: S, id_text: String, admis
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let limits = Limits::new(&core);
+    let limits = core.server.config.conn_limits();
     let mut session = Session::new(core.clone(), id_text, admission);
     let mut buffers = Buffers {
-        input: BytesMut::new(),
-        searched: 0,
+        input: LineFramer::new(limits.max_line),
         side: BytesMut::new(),
         side_eof: false,
         out: Vec::new(),
@@ -304,16 +289,16 @@ where
         // replies, so cut it off; one that waits (say, for a big `d`) gets its replies at its
         // own pace, and no more input is read until it has caught up.
         let backlogged = buffers.unsent() > limits.max_unsent;
-        if backlogged && (more || !buffers.input.is_empty()) {
-            if core.shared.config.verbose {
+        if backlogged && (more || buffers.input.pending() > 0) {
+            if core.server.config.verbose {
                 eprintln!("glockd: a client left more than --max-unsent-bytes unread; closing it");
             }
             return;
         }
         if !more && (eof || core.is_closing()) {
-            if eof && !buffers.input.is_empty() {
+            if eof && buffers.input.pending() > 0 {
                 // A last line without a newline still counts (the original answered it too).
-                let last = buffers.input.split();
+                let last = buffers.input.take_rest();
                 if session
                     .run_line(&last, &mut buffers.out, &mut NoWatch)
                     .await
@@ -327,7 +312,7 @@ where
         }
 
         let want_read = !more && !eof && !backlogged;
-        let mut closing = pin!(core.closing());
+        let mut closing = pin!(core.conns.closing());
         let event = std::future::poll_fn(|cx| {
             let mut event = Event::default();
             match buffers.poll_write_out(&mut stream, cx) {
@@ -352,11 +337,12 @@ where
                 } else {
                     SMALL_READ
                 };
-                if buffers.input.capacity() - buffers.input.len() < room / 2 {
-                    buffers.input.reserve(room);
+                let input = buffers.input.buffer_mut();
+                if input.capacity() - input.len() < room / 2 {
+                    input.reserve(room);
                 }
-                let spare = buffers.input.capacity() - buffers.input.len();
-                match tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, &mut buffers.input) {
+                let spare = input.capacity() - input.len();
+                match tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, input) {
                     Poll::Ready(Ok(0)) => event.eof = true,
                     Poll::Ready(Ok(n)) => {
                         // A read that fills the room it had means more is coming.
@@ -383,7 +369,7 @@ where
             Err(_) => return, // reset, broken pipe…: the client is gone.
         };
         if event.stalled {
-            if core.shared.config.verbose {
+            if core.server.config.verbose {
                 eprintln!(
                     "glockd: a client did not read its replies for --write-timeout; closing it"
                 );
@@ -403,7 +389,7 @@ where
 }
 
 /// Writes what is left of the replies (bounded by the write timeout), then closes the stream.
-async fn finish<S: AsyncWrite + Unpin>(stream: &mut S, buffers: &mut Buffers, limits: &Limits) {
+async fn finish<S: AsyncWrite + Unpin>(stream: &mut S, buffers: &mut Buffers, limits: &ConnLimits) {
     let rest = &buffers.out[buffers.written..];
     let done = async {
         stream.write_all(rest).await?;

@@ -1,7 +1,7 @@
 //! The three doors into one lock table: TCP, websocket and unix socket. Each is bound at start,
 //! accepted on shard 0's thread, and every accepted connection is handed to a shard thread in
-//! turn, where it lives until it closes. A connection is the same to the lock table whichever
-//! door it came through.
+//! turn (see [`crate::lifecycle`]), where it lives until it closes. A connection is the same to
+//! the lock table whichever door it came through.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -14,8 +14,9 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::config::Config;
+use crate::lifecycle::{Admission, ConnMsg, Incoming};
 use crate::protocol;
-use crate::shard::{Admission, Incoming, ShardCore, ShardMsg};
+use crate::shard::{ShardCore, ShardMsg};
 
 /// The listeners a server serves, bound before any thread starts (so binding errors are
 /// reported at once, and tests can bind ephemeral ports themselves).
@@ -150,7 +151,7 @@ impl Door {
 
 /// Accepts connections at one door and deals them out to the shards in turn, until shutdown.
 pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
-    let shards = core.shared.router.shards();
+    let shards = core.server.router.shards();
     let mut next = 0usize;
     let mut backoff = Duration::from_millis(1);
     loop {
@@ -159,7 +160,7 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
         }
         let accepted = tokio::select! {
             accepted = door.accept() => accepted,
-            _ = core.closing() => return,
+            _ = core.conns.closing() => return,
         };
         let accepted = match accepted {
             Ok(accepted) => {
@@ -175,7 +176,7 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
                 continue;
             }
         };
-        let Some(admission) = Admission::try_new(&core.shared) else {
+        let Some(admission) = Admission::try_new(&core.server) else {
             refuse(&core, accepted);
             continue;
         };
@@ -190,12 +191,16 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
                 .map(|s| Incoming::Ws(s, peer.to_string(), admission)),
             Accepted::Unix(stream) => stream
                 .into_std()
-                .map(|s| Incoming::Unix(s, core.shared.next_unix_id(), admission)),
+                .map(|s| Incoming::Unix(s, core.server.next_unix_id(), admission)),
         };
         match incoming {
-            Ok(incoming) if target == core.id => adopt(&core, incoming),
+            Ok(incoming) if target == core.id => crate::lifecycle::adopt(&core, incoming),
             Ok(incoming) => {
-                core.shared.post(target, ShardMsg::Adopt(incoming));
+                // A stopped shard is a server shutting down: dropping the stream closes it.
+                let _ = core
+                    .server
+                    .mailboxes
+                    .post(target, ShardMsg::Conns(ConnMsg::Adopt(incoming)));
             }
             Err(e) => eprintln!("glockd: could not hand over a connection: {e}"),
         }
@@ -225,51 +230,17 @@ fn refuse(core: &ShardCore, accepted: Accepted) {
             "a unix socket client".to_owned()
         }
     };
-    if core.shared.config.verbose {
+    if core.server.config.verbose {
         eprintln!("glockd: refused {who}: --max-connections reached");
     }
 }
 
-/// Starts serving a connection on this shard's thread.
-pub fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
-    if core.is_closing() {
-        return; // shutting down: dropping the stream closes it
-    }
-    let result = match incoming {
-        Incoming::Tcp(stream, id, admission) => TcpStream::from_std(stream).map(|stream| {
-            tune_tcp(core, &stream, &id);
-            tokio::task::spawn_local(crate::connection::serve(
-                core.clone(),
-                stream,
-                id,
-                admission,
-            ));
-        }),
-        Incoming::Ws(stream, id, admission) => TcpStream::from_std(stream).map(|stream| {
-            tune_tcp(core, &stream, &id);
-            tokio::task::spawn_local(crate::websocket::serve(core.clone(), stream, id, admission));
-        }),
-        Incoming::Unix(stream, id, admission) => UnixStream::from_std(stream).map(|stream| {
-            tokio::task::spawn_local(crate::connection::serve(
-                core.clone(),
-                stream,
-                id,
-                admission,
-            ));
-        }),
-    };
-    if let Err(e) = result {
-        eprintln!("glockd: could not adopt a connection: {e}");
-    }
-}
-
 /// Socket options for a TCP client.
-fn tune_tcp(core: &ShardCore, stream: &TcpStream, id: &str) {
+pub fn tune_tcp(config: &Config, stream: &TcpStream, id: &str) {
     // Replies are written once per batch; never hold one back waiting for more.
     let _ = stream.set_nodelay(true);
     // A holder whose machine vanished leaves a half-open connection; keepalive finds it so its
     // locks are released.
-    let config = &core.shared.config;
     if config.keepalive_idle > 0 {
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(Duration::from_secs(config.keepalive_idle))

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
 
 use crate::protocol::Verb;
-use crate::shard::Shared;
+use crate::shard::ServerState;
 use crate::stats::{latency_bucket_ns, LATENCY_BUCKETS};
 
 /// Largest HTTP request head accepted (a scrape's is a few hundred bytes).
@@ -33,7 +33,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Renders the metrics text.
 pub struct Exporter {
-    shared: Arc<Shared>,
+    server: Arc<ServerState>,
     /// A recorder of our own (not the process-global one), so several servers in one process
     /// each export their own numbers.
     recorder: PrometheusRecorder,
@@ -42,7 +42,7 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(server: Arc<ServerState>) -> Self {
         let recorder = PrometheusBuilder::new().build_recorder();
         let handle = recorder.handle();
         let process = metrics_process::Collector::default();
@@ -106,7 +106,7 @@ impl Exporter {
             process.describe();
         });
         Exporter {
-            shared,
+            server,
             recorder,
             handle,
             process,
@@ -115,7 +115,7 @@ impl Exporter {
 
     /// The whole scrape, in the Prometheus text format.
     pub fn render(&self) -> String {
-        let stats = &self.shared.stats;
+        let stats = &self.server.stats;
         let snapshot = stats.snapshot();
         metrics::with_local_recorder(&self.recorder, || {
             for verb in Verb::ALL {
@@ -175,7 +175,7 @@ impl Exporter {
             "# HELP {name} Time from reading a command to its reply being ready, by command word."
         );
         let _ = writeln!(text, "# TYPE {name} histogram");
-        let latency = self.shared.stats.latency();
+        let latency = self.server.stats.latency();
         for verb in Verb::ALL {
             let histogram = &latency[verb.index()];
             let word = verb.word();
@@ -208,7 +208,7 @@ pub struct Endpoint {
 
 impl Endpoint {
     /// Serves `/metrics` on `listener` from a thread of its own.
-    pub fn start(shared: Arc<Shared>, listener: StdTcpListener) -> io::Result<Endpoint> {
+    pub fn start(server: Arc<ServerState>, listener: StdTcpListener) -> io::Result<Endpoint> {
         listener.set_nonblocking(true)?;
         let (stop, stopped) = oneshot::channel();
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -217,7 +217,7 @@ impl Endpoint {
         let thread = std::thread::Builder::new()
             .name("glockd-metrics".into())
             .spawn(move || {
-                let exporter = Arc::new(Exporter::new(shared));
+                let exporter = Arc::new(Exporter::new(server));
                 runtime.block_on(async move {
                     let listener = match TcpListener::from_std(listener) {
                         Ok(listener) => listener,

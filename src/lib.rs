@@ -2,17 +2,24 @@
 //! them. A drop-in replacement for the original Go glockd, sharded across pinned threads.
 //!
 //! The modules, from the wire inwards:
-//! - [`config`]: the command line, Go-style flags included.
-//! - [`server`]: starts one pinned shard thread per core and shuts them down in order.
-//! - [`doors`]: the TCP, websocket and unix socket listeners; accepts connections and deals them
-//!   out to the shards.
-//! - [`websocket`]: a websocket client: one command per message, one reply per message.
-//! - [`connection`]: one client's I/O: reads lines, writes replies, enforces the per-connection
-//!   limits and timeouts.
-//! - [`session`]: runs a connection's commands, locally or via the owning shard's mailbox,
-//!   keeps replies in order, and orphans the connection's locks when it ends.
-//! - [`protocol`]: parsing a request line and writing a reply line.
-//! - [`shard`]: a shard thread's state, its mailbox and the routing of names to shards.
+//! - [`config`]: the command line, Go-style flags included, and the limits every connection
+//!   lives under.
+//! - [`server`]: starts one pinned shard thread per core, runs each thread's mailbox loop, and
+//!   shuts them down in order.
+//! - [`doors`]: the TCP, websocket and unix socket listeners and the accept loop.
+//! - [`lifecycle`]: a connection's life on its thread: admission, hand-over to a shard thread,
+//!   the presence whose end orphans its locks, shutdown's drain.
+//! - [`connection`] / [`websocket`]: one client's I/O over a byte stream or a websocket: read,
+//!   run, write replies, enforce the limits and timeouts.
+//! - [`framer`]: bytes to lines, the same for every door.
+//! - [`protocol`]: a line parsed into a typed request (and written back out by the client), the
+//!   facts about each command word, and the reply lines.
+//! - [`session`]: routes a connection's requests, inline on this thread's shard or batched
+//!   through the owning shard's mailbox, and keeps replies in order.
+//! - [`routing`]: names to shards, and mailboxes between threads; knows nothing of what a shard
+//!   does with a message.
+//! - [`shard`]: what every thread shares, what one shard thread owns, and (in
+//!   [`shard::locks`]) everything a shard does to its lock table.
 //! - [`table`]: one shard's lock table, the authority on who holds what, with its wait queues
 //!   and fencing tokens.
 //! - [`ratelimit`]: the GCRA limiter behind `rl`.
@@ -21,18 +28,21 @@
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
 //! - [`exporter`]: the Prometheus `/metrics` endpoint.
 //! - [`pidfile`]: the flock'ed pidfile.
-//! - [`client`]: an async client, used by the tests and the load generator.
+//! - [`client`]: an async client, used by the tests and the tester's tests.
 
 pub mod client;
 pub mod config;
 mod connection;
 pub mod doors;
 pub mod exporter;
+pub mod framer;
+pub mod lifecycle;
 pub mod name;
 pub mod pidfile;
 pub mod protocol;
 pub mod ratelimit;
 pub mod registry;
+pub mod routing;
 pub mod server;
 mod session;
 pub mod shard;

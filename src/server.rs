@@ -3,7 +3,9 @@
 //!
 //! Every shard thread runs a `current_thread` tokio runtime with a `LocalSet`: its mailbox loop
 //! and its connections are tasks on that one thread, so they share the shard's table without any
-//! lock. Shard 0 also runs the accept loops (see [`crate::doors`]).
+//! lock. Shard 0 also runs the accept loops (see [`crate::doors`]). This is where the layers
+//! meet: a thread's mailbox loop hands lock-table work to [`crate::shard::locks`] and
+//! connection life-cycle work to [`crate::lifecycle`].
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -13,17 +15,18 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
 use tokio::task::LocalSet;
 
 use crate::config::Config;
 use crate::doors::{Door, Listeners};
-use crate::shard::{ShardCore, ShardMsg, Shared};
+use crate::lifecycle::ConnMsg;
+use crate::routing::{Flow, Inbox, Mailboxes};
+use crate::shard::{ServerState, ShardCore, ShardMsg};
 use crate::stats::Snapshot;
 
 /// A running server. Dropping it shuts the server down.
 pub struct ServerHandle {
-    shared: Arc<Shared>,
+    server: Arc<ServerState>,
     /// Where each door listens, as bound.
     tcp_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
@@ -60,12 +63,12 @@ impl ServerHandle {
     /// dealt to the shards in turn from shard 0, per door: the first TCP connection lives on
     /// shard 0, the next on shard 1, and so on.
     pub fn shard_of(&self, name: &[u8]) -> usize {
-        self.shared.router.route(name).0
+        self.server.router.route(name).0
     }
 
     /// The stats as `q` would show them now.
     pub fn stats(&self) -> Snapshot {
-        self.shared.stats.snapshot()
+        self.server.stats.snapshot()
     }
 
     /// Stops accepting, closes every connection (their locks are released), and waits for the
@@ -84,13 +87,14 @@ impl ServerHandle {
         // First every shard stops accepting and lets its connections answer what they already
         // read; mailboxes keep running meanwhile, since a closing connection may still wait on
         // another shard. Then, all drained (or out of time), the shard threads end.
-        let grace = Duration::from_secs(self.shared.config.shutdown_timeout);
+        let grace = Duration::from_secs(self.server.config.shutdown_timeout);
         let deadline = std::time::Instant::now() + grace;
         let (drained_tx, drained_rx) = std::sync::mpsc::channel();
         let mut closing = 0;
-        for shard in 0..self.shared.mailboxes.len() {
+        for shard in 0..self.server.mailboxes.len() {
             let drained = drained_tx.clone();
-            if self.shared.post(shard, ShardMsg::Close { drained }) {
+            let close = ShardMsg::Conns(ConnMsg::Close { drained });
+            if self.server.mailboxes.post(shard, close).is_ok() {
                 closing += 1;
             }
         }
@@ -100,8 +104,9 @@ impl ServerHandle {
                 break;
             }
         }
-        for shard in 0..self.shared.mailboxes.len() {
-            self.shared.post(shard, ShardMsg::Stop);
+        for shard in 0..self.server.mailboxes.len() {
+            // A shard that already stopped needs no telling.
+            let _ = self.server.mailboxes.post(shard, ShardMsg::Stop);
         }
         for thread in self.threads.drain(..) {
             // A shard thread that panicked has already reported it on stderr.
@@ -151,10 +156,13 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
     let ws_addr = listeners.ws.as_ref().map(|l| l.local_addr()).transpose()?;
     let unix_path = listeners.unix.as_ref().map(|(_, path)| path.clone());
 
-    let (mailboxes, inboxes): (Vec<_>, Vec<_>) =
-        (0..shards).map(|_| mpsc::unbounded_channel()).unzip();
-    let shared = Arc::new(Shared::new(config, mailboxes, metrics_listener.is_some()));
-    let cores = if shared.config.pin {
+    let (mailboxes, inboxes) = Mailboxes::new(shards);
+    let server = Arc::new(ServerState::new(
+        config,
+        mailboxes,
+        metrics_listener.is_some(),
+    ));
+    let cores = if server.config.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
         Vec::new()
@@ -164,18 +172,18 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
     let mut threads = Vec::with_capacity(shards);
     let mut listeners = Some(listeners);
     for (id, inbox) in inboxes.into_iter().enumerate() {
-        let shared = shared.clone();
+        let server = server.clone();
         let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let listener = if id == 0 { listeners.take() } else { None };
         let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("glockd-shard-{id}"))
-            .spawn(move || run_shard(id, shared, inbox, listener, core_id, ready))?;
+            .spawn(move || run_shard(id, server, inbox, listener, core_id, ready))?;
         threads.push(thread);
     }
     drop(ready_tx);
     let mut handle = ServerHandle {
-        shared: shared.clone(),
+        server: server.clone(),
         tcp_addr,
         ws_addr,
         unix_path,
@@ -197,7 +205,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         }
     }
     if let Some(listener) = metrics_listener {
-        handle.metrics = Some(crate::exporter::Endpoint::start(shared, listener)?);
+        handle.metrics = Some(crate::exporter::Endpoint::start(server, listener)?);
     }
     Ok(handle)
 }
@@ -205,8 +213,8 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
 /// A shard thread's whole life.
 fn run_shard(
     id: usize,
-    shared: Arc<Shared>,
-    inbox: mpsc::UnboundedReceiver<ShardMsg>,
+    server: Arc<ServerState>,
+    inbox: Inbox<ShardMsg>,
     listeners: Option<Listeners>,
     core_id: Option<core_affinity::CoreId>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
@@ -230,7 +238,7 @@ fn run_shard(
         }
     };
     let local = LocalSet::new();
-    let core = Rc::new(ShardCore::new(id, shared));
+    let core = Rc::new(ShardCore::new(id, server));
     local.block_on(&runtime, async move {
         if let Some(listeners) = listeners {
             match Door::open(listeners) {
@@ -247,7 +255,18 @@ fn run_shard(
         }
         let _ = ready.send(Ok(()));
         tokio::task::spawn_local(core.clone().evict_rate_limits());
-        core.run_mailbox(inbox).await;
+        crate::routing::drain(inbox, |msg| match msg {
+            ShardMsg::Locks(msg) => {
+                core.handle_locks(msg);
+                Flow::Continue
+            }
+            ShardMsg::Conns(msg) => {
+                crate::lifecycle::handle(&core, msg);
+                Flow::Continue
+            }
+            ShardMsg::Stop => Flow::Stop,
+        })
+        .await;
     });
     // Dropping the LocalSet here (before the runtime) drops every connection task on this
     // thread; their guards post orphan messages, which matter no more at shutdown.

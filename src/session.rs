@@ -6,39 +6,34 @@
 //! everything before it (`d`, `q`, `iam`…) comes up. So a pipelining client gets exactly one
 //! answer per command, in order, and every command sees the effects of those before it.
 //!
-//! The connection never keeps its own list of locks: when it ends, for whatever reason, its
+//! A request arrives typed (see [`crate::protocol::Request`]); the session only routes it. The
+//! connection never keeps its own list of locks: when it ends, for whatever reason, its
 //! [`Presence`] guard asks every shard it ever sent a lock command to to orphan its locks, through
 //! the same FIFO mailbox as its commands, so a lock granted while it was going away is released
 //! too.
 
-use std::rc::Rc;
-use std::sync::Arc;
-
 use std::future::Future;
 use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::sync::oneshot;
 
+use crate::lifecycle::{Admission, Presence};
 use crate::name::LockName;
-use crate::protocol::{self, LockOp, Reply, Request, Verb};
-use crate::shard::{
-    Admission, BatchDone, Departure, ListKind, Listing, RoutedOp, ShardCore, ShardMsg, WaitRequest,
-};
-use crate::table::{Quota, WaitKind};
-use crate::ConnId;
+use crate::protocol::{self, ListKind, LockKind, LockOp, Reply, Request, Verb, WaitKind};
+use crate::shard::{BatchDone, Listing, LockMsg, RoutedOp, ShardCore, WaitRequest};
+use crate::table::Quota;
 
-/// The connection must close: the server is shutting down, or the client left while its
-/// command waited.
-#[derive(Debug)]
-pub struct Gone;
+pub use crate::routing::Gone;
 
 /// What [`Session::step`] did with a line.
 pub enum Step {
     /// Answered, or queued for its shard.
     Done,
     /// Must wait: run it with [`Session::run_later`].
-    Later(Verb, LockName),
+    Later(Request),
 }
 
 /// Tells a waiting command (`gw`) whether its client is still there.
@@ -72,92 +67,6 @@ struct Outgoing {
     waiting: Option<oneshot::Receiver<BatchDone>>,
 }
 
-/// A small set of shard numbers.
-struct ShardSet(Vec<u64>);
-
-impl ShardSet {
-    fn new(shards: usize) -> Self {
-        ShardSet(vec![0; shards.div_ceil(64)])
-    }
-
-    #[inline]
-    fn insert(&mut self, shard: usize) {
-        self.0[shard / 64] |= 1 << (shard % 64);
-    }
-
-    fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().flat_map(|(word, bits)| {
-            (0..64).filter_map(move |bit| (bits & (1 << bit) != 0).then_some(word * 64 + bit))
-        })
-    }
-}
-
-/// A connection's existence as the server sees it. Dropping it (the connection ended, failed,
-/// panicked or was cancelled at shutdown) orphans the connection's locks.
-struct Presence {
-    conn: ConnId,
-    core: Rc<ShardCore>,
-    /// Protocol id, kept for `-verbose` logging.
-    label: Option<Arc<str>>,
-    /// Shards this connection sent a lock command to: only they can hold its locks.
-    touched: ShardSet,
-    /// Its place under `--max-connections`, given back when it ends.
-    _admission: Admission,
-}
-
-impl Presence {
-    fn open(core: Rc<ShardCore>, id_text: String, admission: Admission) -> Self {
-        let shared = &core.shared;
-        let conn = shared.next_conn_id();
-        let label = shared
-            .config
-            .verbose
-            .then(|| Arc::<str>::from(id_text.as_str()));
-        if let Some(label) = &label {
-            eprintln!("{label} connected");
-        }
-        shared.registry.insert(conn, id_text);
-        core.cell().connections_opened.add(1);
-        core.connection_opened();
-        let touched = ShardSet::new(shared.router.shards());
-        Presence {
-            conn,
-            core,
-            label,
-            touched,
-            _admission: admission,
-        }
-    }
-}
-
-impl Drop for Presence {
-    fn drop(&mut self) {
-        let shared = &self.core.shared;
-        // The registry record stays until every shard has released this connection's locks
-        // (see `Departure`), so listings never show a holder without its id.
-        let departure = Arc::new(Departure {
-            shared: shared.clone(),
-            conn: self.conn,
-            label: self.label.clone(),
-        });
-        for shard in self.touched.iter() {
-            // A stopped shard is a server shutting down: nothing left to release.
-            let _ = shared.post(
-                shard,
-                ShardMsg::Orphan {
-                    conn: self.conn,
-                    departure: departure.clone(),
-                },
-            );
-        }
-        self.core.cell().connections_closed.add(1);
-        self.core.connection_closed();
-        if let Some(label) = &self.label {
-            eprintln!("{label} disconnected");
-        }
-    }
-}
-
 /// Runs the commands of one connection.
 pub struct Session {
     presence: Presence,
@@ -176,9 +85,9 @@ pub struct Session {
 
 impl Session {
     pub fn new(core: Rc<ShardCore>, id_text: String, admission: Admission) -> Self {
-        let shards = core.shared.router.shards();
-        let limit = core.shared.config.max_locks_per_conn;
-        let measure = core.shared.measure_latency;
+        let shards = core.server.router.shards();
+        let limit = core.server.config.max_locks_per_conn;
+        let measure = core.server.measure_latency;
         Session {
             quota: (limit > 0).then(|| Arc::new(Quota::new(limit))),
             presence: Presence::open(core, id_text, admission),
@@ -202,120 +111,76 @@ impl Session {
     ) -> Result<(), Gone> {
         match self.step(line, out) {
             Step::Done => Ok(()),
-            Step::Later(verb, arg) => self.run_later(verb, arg, out, watch).await,
+            Step::Later(request) => self.run_later(request, out, watch).await,
         }
     }
 
     /// Runs one line if it needs no waiting: a lock command (the common case, run inline or
-    /// queued for its shard), an empty or unknown line, or bad arguments. Anything that must wait
-    /// (for earlier commands' replies, or for a lock) comes back as [`Step::Later`] for
-    /// [`Self::run_later`]; keeping the common case out of an `async fn` spares it a state
-    /// machine per line.
+    /// queued for its shard), an empty or unknown line, bad arguments, or a command its flag
+    /// turns off. Anything that must wait (for earlier commands' replies, or for a lock) comes
+    /// back as [`Step::Later`] for [`Self::run_later`]; keeping the common case out of an
+    /// `async fn` spares it a state machine per line.
     #[inline]
     pub fn step(&mut self, line: &[u8], out: &mut Vec<u8>) -> Step {
-        if let Some(fault) = &self.core().shared.config.panic_on_line {
+        if let Some(fault) = &self.core().server.config.panic_on_line {
             if line == fault.as_slice() {
                 panic!("fault injected by the panic_on_line setting");
             }
         }
-        let (verb, arg) = match protocol::parse(line) {
-            Request::Empty => return Step::Done,
-            Request::Invalid => {
+        let request = protocol::parse(line);
+        let Some(verb) = request.verb() else {
+            if matches!(request, Request::Invalid) {
                 self.core().cell().invalid_commands.add(1);
                 self.reply(Reply::Invalid, out);
-                return Step::Done;
             }
-            Request::Command { verb, arg } => (verb, arg),
+            return Step::Done;
         };
         self.core().cell().commands[verb.index()].add(1);
         if let Some(counts) = &mut self.batch_verbs {
             counts[verb.index()] += 1;
         }
-        // Plain lock commands take the parsed name as it is (no copy); `sgl` and `rl` parse
-        // their numbers off it first.
-        let (op, name, original) = match verb.lock_op() {
-            Some(op) => (op, arg, None),
-            None => match self.lock_request(verb, &arg, out) {
-                None => return Step::Done, // bad arguments, answered
-                Some(None) => return Step::Later(verb, arg),
-                Some(Some((op, name))) => (op, name, Some(arg)),
-            },
-        };
-        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
-        // A lock allowance is shared by all shards, so with one, commands on different shards
-        // are no longer independent (`sr a` must free its unit before `sg b` asks for one): run
-        // them in order, batching only within one shard.
-        if self.quota.is_some() && self.pending_elsewhere(shard) {
-            return Step::Later(verb, original.unwrap_or(name));
+        let config = &self.core().server.config;
+        if !verb.facts().gate.is_open(config.dump, config.registry) {
+            self.reply(Reply::Disabled, out);
+            return Step::Done;
         }
-        self.run_lock_op(op, name, shard, hash, out);
+        match request {
+            Request::Usage(verb) => self.reply(Reply::Usage(verb), out),
+            Request::Lock { op, name } => {
+                let (shard, hash) = self.core().server.router.route(name.as_bytes());
+                // A lock allowance is shared by all shards, so with one, commands on different
+                // shards are no longer independent (`sr a` must free its unit before `sg b`
+                // asks for one): run them in order, batching only within one shard.
+                if self.quota.is_some() && self.pending_elsewhere(shard) {
+                    return Step::Later(Request::Lock { op, name });
+                }
+                self.run_lock_op(op, name, shard, hash, out);
+            }
+            request => return Step::Later(request),
+        }
         Step::Done
-    }
-
-    /// The lock operation a verb performs on one name, if it is one: `Some(Some(op))`;
-    /// `Some(None)` for every other command; `None` when the arguments were bad (answered).
-    #[allow(clippy::option_option)]
-    fn lock_request(
-        &mut self,
-        verb: Verb,
-        arg: &LockName,
-        out: &mut Vec<u8>,
-    ) -> Option<Option<(LockOp, LockName)>> {
-        let request = match verb {
-            Verb::SharedGetLimit => match protocol::split_number(arg.as_bytes()) {
-                Some((limit, name)) if limit <= u64::from(u32::MAX) => {
-                    (LockOp::SharedGetLimit(limit as u32), LockName::new(name))
-                }
-                _ => {
-                    self.reply(Reply::Usage(verb), out);
-                    return None;
-                }
-            },
-            Verb::RateLimit => match protocol::parse_rate_limit(arg.as_bytes()) {
-                Some((name, params)) => (LockOp::RateLimit(params), name),
-                None => {
-                    self.reply(Reply::Usage(verb), out);
-                    return None;
-                }
-            },
-            _ => match verb.lock_op() {
-                Some(op) => (op, arg.clone()),
-                None => return Some(None),
-            },
-        };
-        Some(Some(request))
     }
 
     /// The part of a command that waits: what [`Self::step`] handed back.
     pub async fn run_later(
         &mut self,
-        verb: Verb,
-        arg: LockName,
+        request: Request,
         out: &mut Vec<u8>,
         watch: &mut dyn PeerWatch,
     ) -> Result<(), Gone> {
-        match verb {
-            Verb::GetWait | Verb::SharedGetWait => self.run_wait(verb, &arg, out, watch).await,
-            _ => {
-                // Everything here must see the effects of every command before it.
-                self.flush(out).await?;
-                match self.lock_request(verb, &arg, out) {
-                    Some(Some((op, name))) => {
-                        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
-                        self.run_lock_op(op, name, shard, hash, out);
-                        Ok(())
-                    }
-                    Some(None) => self.run_global(verb, arg, out).await,
-                    None => Ok(()),
-                }
-            }
+        if let Request::Wait { ms, kind, name } = request {
+            return self.run_wait(ms, kind, name, out, watch).await;
         }
-    }
-
-    /// Answers bad arguments with the command's usage.
-    fn usage(&mut self, verb: Verb, out: &mut Vec<u8>) -> Result<(), Gone> {
-        self.reply(Reply::Usage(verb), out);
-        Ok(())
+        // Everything here must see the effects of every command before it.
+        self.flush(out).await?;
+        match request {
+            Request::Lock { op, name } => {
+                let (shard, hash) = self.core().server.router.route(name.as_bytes());
+                self.run_lock_op(op, name, shard, hash, out);
+                Ok(())
+            }
+            request => self.run_global(request, out).await,
+        }
     }
 
     /// `gw MS NAME` / `sgw MS LIMIT NAME`: everything before it is answered first; then the
@@ -323,32 +188,26 @@ impl Session {
     /// the client is still there. A client that goes away leaves the queue.
     async fn run_wait(
         &mut self,
-        verb: Verb,
-        arg: &LockName,
+        ms: u64,
+        kind: WaitKind,
+        name: LockName,
         out: &mut Vec<u8>,
         watch: &mut dyn PeerWatch,
     ) -> Result<(), Gone> {
-        let max_wait = self.core().shared.config.max_wait_ms;
-        let parsed = protocol::split_number(arg.as_bytes()).and_then(|(ms, rest)| {
-            let (kind, name) = match verb {
-                Verb::SharedGetWait => {
-                    let (limit, name) = protocol::split_number(rest)?;
-                    (WaitKind::Shared { limit }, name)
-                }
-                _ => (WaitKind::Exclusive, rest),
+        if ms > self.core().server.config.max_wait_ms {
+            let verb = match kind {
+                WaitKind::Exclusive => Verb::GetWait,
+                WaitKind::Shared { .. } => Verb::SharedGetWait,
             };
-            (ms <= max_wait).then(|| (ms, kind, LockName::new(name)))
-        });
-        let Some((ms, kind, name)) = parsed else {
-            return self.usage(verb, out);
-        };
+            self.reply(Reply::Usage(verb), out);
+            return Ok(());
+        }
         self.flush(out).await?;
-        let (shard, hash) = self.core().shared.router.route(name.as_bytes());
+        let (shard, hash) = self.core().server.router.route(name.as_bytes());
         self.presence.touched.insert(shard);
-        let conn = self.presence.conn;
-        let (reply, answer) = oneshot::channel();
+        let (reply, mut answer) = oneshot::channel();
         let request = WaitRequest {
-            conn,
+            conn: self.presence.conn,
             quota: self.quota.clone(),
             kind,
             hash,
@@ -356,14 +215,13 @@ impl Session {
             ms,
             reply,
         };
-        if shard == self.core().id {
-            self.presence.core.clone().start_wait(request);
-        } else if !self.core().shared.post(shard, ShardMsg::Wait(request)) {
-            return Err(Gone);
-        }
-        let mut answer = answer;
         let core = self.presence.core.clone();
-        let mut closing = std::pin::pin!(core.closing());
+        if shard == core.id {
+            core.start_wait(request);
+        } else {
+            core.server.post_locks(shard, LockMsg::Wait(request))?;
+        }
+        let mut closing = std::pin::pin!(core.conns.closing());
         let decided = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = Pin::new(&mut answer).poll(cx) {
                 return Poll::Ready(result.ok());
@@ -462,22 +320,20 @@ impl Session {
             return Ok(());
         }
         let conn = self.presence.conn;
-        let shared = self.presence.core.shared.clone();
+        let server = self.presence.core.server.clone();
         for (shard, batch) in self.outgoing.iter_mut().enumerate() {
             if batch.ops.is_empty() {
                 continue;
             }
             let (done, waiting) = oneshot::channel();
-            let msg = ShardMsg::Batch {
+            let msg = LockMsg::Batch {
                 conn,
                 quota: self.quota.clone(),
                 ops: std::mem::take(&mut batch.ops),
                 replies: std::mem::take(&mut batch.replies),
                 done,
             };
-            if !shared.post(shard, msg) {
-                return Err(Gone);
-            }
+            server.post_locks(shard, msg)?;
             batch.waiting = Some(waiting);
         }
         for (shard, batch) in self.outgoing.iter_mut().enumerate() {
@@ -498,78 +354,47 @@ impl Session {
         Ok(())
     }
 
-    /// Commands that are not about one lock: listings, stats and the registry.
-    async fn run_global(
-        &mut self,
-        verb: Verb,
-        arg: LockName,
-        out: &mut Vec<u8>,
-    ) -> Result<(), Gone> {
-        let shared = self.core().shared.clone();
-        let config = &shared.config;
+    /// Commands that are not about one lock: listings, stats and the registry. Runs after every
+    /// earlier command of the connection is answered.
+    async fn run_global(&mut self, request: Request, out: &mut Vec<u8>) -> Result<(), Gone> {
+        let server = self.core().server.clone();
         let conn = self.presence.conn;
-        match verb {
-            Verb::Stats => shared.stats.snapshot().render(out),
-            Verb::Me => shared.registry.write_me(conn, out),
-            Verb::Iam if !config.registry => Reply::Disabled.write_to(out),
-            Verb::Iam => {
-                shared.registry.set_name(conn, arg.as_bytes());
+        match request {
+            Request::Stats => server.stats.snapshot().render(out),
+            Request::Me => server.registry.write_me(conn, out),
+            Request::Iam(name) => {
+                server.registry.set_name(conn, name.as_bytes());
                 if let Some(label) = &self.presence.label {
                     eprintln!(
                         "{label} changed their name to '{}'",
-                        String::from_utf8_lossy(arg.as_bytes())
+                        String::from_utf8_lossy(name.as_bytes())
                     );
                 }
                 Reply::RegisteredName.write_to(out);
             }
-            Verb::Who if !(config.registry && config.dump) => Reply::Disabled.write_to(out),
-            Verb::Who => shared.registry.write_who(arg.as_bytes(), out),
-            Verb::Dump | Verb::SharedDump | Verb::FullDump | Verb::Holders if !config.dump => {
-                Reply::Disabled.write_to(out)
+            Request::Who(name) => {
+                server
+                    .registry
+                    .write_who(name.as_ref().map_or(&[][..], |n| n.as_bytes()), out);
+                // A listing can be long: let the other clients of this thread have a turn.
+                tokio::task::yield_now().await;
             }
-            Verb::Holders => {
-                let name = (!arg.is_empty()).then_some(arg);
-                for (name, row) in self.collect(ListKind::Holders, name).await? {
-                    out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(&row);
-                    out.push(b'\n');
-                }
-            }
-            Verb::Dump | Verb::SharedDump => {
-                let shared_locks = verb == Verb::SharedDump;
-                let name = (!arg.is_empty()).then_some(arg);
-                let kind = if shared_locks {
-                    ListKind::Shared { raw: false }
-                } else {
-                    ListKind::Exclusive { raw: false }
-                };
+            Request::List { kind, name } => {
                 let rows = self.collect(kind, name).await?;
-                for (name, holder) in rows {
-                    out.extend_from_slice(name.as_bytes());
-                    out.extend_from_slice(b": ");
-                    out.extend_from_slice(&holder);
-                    out.push(b'\n');
+                match kind {
+                    ListKind::Locks { kind, raw: true } => {
+                        protocol::write_go_map(&rows, kind == LockKind::Shared, out)
+                    }
+                    _ => protocol::write_rows(&rows, out),
                 }
+                tokio::task::yield_now().await;
             }
-            Verb::FullDump => {
-                let shared_locks = arg.as_bytes() == b"shared";
-                let kind = if shared_locks {
-                    ListKind::Shared { raw: true }
-                } else {
-                    ListKind::Exclusive { raw: true }
-                };
-                let rows = self.collect(kind, None).await?;
-                write_go_map(&rows, shared_locks, out);
-            }
-            _ => unreachable!("lock operations are routed, not run here"),
-        }
-        if matches!(
-            verb,
-            Verb::Dump | Verb::SharedDump | Verb::FullDump | Verb::Holders | Verb::Who
-        ) {
-            // A listing can be long: let the other clients of this thread have a turn.
-            tokio::task::yield_now().await;
+            // Answered or routed by `step` and `run_later` before they come here.
+            Request::Empty
+            | Request::Invalid
+            | Request::Usage(_)
+            | Request::Lock { .. }
+            | Request::Wait { .. } => {}
         }
         Ok(())
     }
@@ -578,11 +403,11 @@ impl Session {
     /// holder text, so listings are stable and readable.
     async fn collect(&mut self, kind: ListKind, name: Option<LockName>) -> Result<Listing, Gone> {
         let core = self.presence.core.clone();
-        let shared = &core.shared;
-        let key = name.map(|n| (shared.router.route(n.as_bytes()), n));
+        let server = &core.server;
+        let key = name.map(|n| (server.router.route(n.as_bytes()), n));
         let targets: Vec<usize> = match &key {
             Some(((shard, _), _)) => vec![*shard],
-            None => (0..shared.router.shards()).collect(),
+            None => (0..server.router.shards()).collect(),
         };
         let key = key.map(|((_, hash), n)| (hash, n));
         let mut rows = Vec::new();
@@ -593,9 +418,7 @@ impl Session {
             } else {
                 let (done, rx) = oneshot::channel();
                 let name = key.clone();
-                if !shared.post(shard, ShardMsg::List { kind, name, done }) {
-                    return Err(Gone);
-                }
+                server.post_locks(shard, LockMsg::List { kind, name, done })?;
                 waiting.push(rx);
             }
         }
@@ -604,50 +427,5 @@ impl Session {
         }
         rows.sort_unstable();
         Ok(rows)
-    }
-}
-
-/// `dump` / `dump shared`: one line in Go's `%v` map syntax, keys sorted, raw connection ids:
-/// `map[a:x b:y]`, or for shared locks `map[a:[x y]]`.
-fn write_go_map(rows: &[(LockName, Vec<u8>)], shared_locks: bool, out: &mut Vec<u8>) {
-    out.extend_from_slice(b"map[");
-    let mut previous: Option<&LockName> = None;
-    for (name, holder) in rows {
-        if previous == Some(name) {
-            out.push(b' ');
-        } else {
-            if previous.is_some() {
-                if shared_locks {
-                    out.push(b']');
-                }
-                out.push(b' ');
-            }
-            out.extend_from_slice(name.as_bytes());
-            out.push(b':');
-            if shared_locks {
-                out.push(b'[');
-            }
-        }
-        out.extend_from_slice(holder);
-        previous = Some(name);
-    }
-    if shared_locks && previous.is_some() {
-        out.push(b']');
-    }
-    out.extend_from_slice(b"]\n");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn shard_sets_list_their_members() {
-        let mut set = ShardSet::new(130);
-        for shard in [0, 5, 64, 129] {
-            set.insert(shard);
-        }
-        set.insert(5);
-        assert_eq!(set.iter().collect::<Vec<_>>(), vec![0, 5, 64, 129]);
     }
 }

@@ -19,9 +19,12 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::framer::LineFramer;
+use crate::lifecycle::Admission;
 use crate::protocol;
-use crate::session::{PeerWatch, Session};
-use crate::shard::{Admission, ShardCore};
+use crate::routing::Gone;
+use crate::session::{PeerWatch, Session, Step};
+use crate::shard::ShardCore;
 
 /// How long a client may take to finish the websocket handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,12 +60,12 @@ impl PeerWatch for WsWatch<'_> {
 
 /// Serves one websocket connection until it closes.
 pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission: Admission) {
-    let config = &core.shared.config;
-    let max_message = usize::try_from(config.max_line_bytes).unwrap_or(usize::MAX);
+    let config = &core.server.config;
+    let limits = config.conn_limits();
     let ws_config = WebSocketConfig::default()
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message))
-        .max_write_buffer_size(usize::try_from(config.max_unsent_bytes).unwrap_or(usize::MAX));
+        .max_message_size(Some(limits.max_line))
+        .max_frame_size(Some(limits.max_line))
+        .max_write_buffer_size(limits.max_unsent);
     let allowed: Vec<String> = config.allowed_origins().map(str::to_owned).collect();
     // The error type is the handshake library's own HTTP response; its size is not ours to
     // choose, and it is built at most once per connection.
@@ -84,10 +87,12 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
         }
         Err(_) => return,
     };
-    let write_timeout =
-        (config.write_timeout > 0).then(|| Duration::from_secs(config.write_timeout));
-    let idle_timeout = (config.idle_timeout > 0).then(|| Duration::from_secs(config.idle_timeout));
+    let write_timeout = limits.write_timeout;
+    let idle_timeout = limits.idle_timeout;
     let mut session = Session::new(core.clone(), id, admission);
+    // A message is bounded by the library at --max-line-bytes, and ends its last line as end
+    // of input would (one more byte for the newline added then).
+    let mut lines = LineFramer::new(limits.max_line.saturating_add(1));
     let mut out = Vec::new();
     let mut stash = VecDeque::new();
     loop {
@@ -106,7 +111,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
         };
         let message = tokio::select! {
             message = next => message,
-            _ = core.closing() => break,
+            _ = core.conns.closing() => break,
         };
         let data = match message {
             Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
@@ -123,18 +128,37 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             Some(Err(_)) => return,
         };
         let started = session.measures_latency().then(std::time::Instant::now);
-        for line in data.split(|&b| b == b'\n') {
+        lines.extend(&data);
+        if !data.ends_with(b"\n") {
+            lines.extend(b"\n");
+        }
+        // Bounded above (the message limit), so this cannot fail; if it did, it would be the
+        // refusal a too-long message gets.
+        while let Ok(Some(line)) = lines.next_line() {
             if protocol::trim(line).is_empty() {
                 continue; // a blank line gets nothing, as over TCP
             }
             out.clear();
-            let mut watch = WsWatch {
-                ws: &mut ws,
-                stash: &mut stash,
-            };
-            if session.run_line(line, &mut out, &mut watch).await.is_err()
-                || session.flush(&mut out).await.is_err()
-            {
+            if let Step::Later(request) = session.step(line, &mut out) {
+                if matches!(request, protocol::Request::Wait { .. }) {
+                    // The replies before a wait go out before it waits, not after.
+                    if flush(&mut ws, write_timeout).await.is_err() {
+                        return;
+                    }
+                }
+                let mut watch = WsWatch {
+                    ws: &mut ws,
+                    stash: &mut stash,
+                };
+                if session
+                    .run_later(request, &mut out, &mut watch)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if session.flush(&mut out).await.is_err() {
                 return;
             }
             let reply = match std::str::from_utf8(&out) {
@@ -154,6 +178,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
                 return;
             }
         }
+        lines.compact();
         if let Some(started) = started {
             session.record_latency(started.elapsed());
         }
@@ -186,13 +211,14 @@ fn forbidden() -> ErrorResponse {
     response
 }
 
-async fn flush(ws: &mut WebSocketStream<TcpStream>, limit: Option<Duration>) -> Result<(), ()> {
+/// Sends what is buffered, within the write timeout; `Gone` if the peer does not take it.
+async fn flush(ws: &mut WebSocketStream<TcpStream>, limit: Option<Duration>) -> Result<(), Gone> {
     match limit {
         Some(limit) => match tokio::time::timeout(limit, ws.flush()).await {
             Ok(Ok(())) => Ok(()),
-            _ => Err(()),
+            _ => Err(Gone),
         },
-        None => ws.flush().await.map_err(|_| ()),
+        None => ws.flush().await.map_err(|_| Gone),
     }
 }
 
@@ -200,7 +226,7 @@ async fn send(
     ws: &mut WebSocketStream<TcpStream>,
     message: Message,
     limit: Option<Duration>,
-) -> Result<(), ()> {
-    ws.feed(message).await.map_err(|_| ())?;
+) -> Result<(), Gone> {
+    ws.feed(message).await.map_err(|_| Gone)?;
     flush(ws, limit).await
 }

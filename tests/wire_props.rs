@@ -16,8 +16,8 @@ proptest! {
 
     #[test]
     fn parsing_any_bytes_never_panics_and_names_are_normal(line in proptest::collection::vec(any::<u8>(), 0..200)) {
-        if let Request::Command { arg, .. } = protocol::parse(&line) {
-            let name = arg.as_bytes();
+        if let Some(name) = protocol::parse(&line).name() {
+            let name = name.as_bytes();
             // Trimmed, no whitespace but single spaces.
             prop_assert!(name.first().is_none_or(|&b| !is_space(b)));
             prop_assert!(name.last().is_none_or(|&b| !is_space(b)));
@@ -39,7 +39,7 @@ proptest! {
         line.push_str("  \r");
         let expected = words.join(" ");
         match protocol::parse(line.as_bytes()) {
-            Request::Command { arg, .. } => prop_assert_eq!(arg.as_bytes(), expected.as_bytes()),
+            Request::Lock { name, .. } => prop_assert_eq!(name.as_bytes(), expected.as_bytes()),
             other => prop_assert!(false, "unexpected {:?}", other),
         }
     }

@@ -95,11 +95,8 @@ async fn serve(mut stream: TcpStream, table: Arc<Table>, conn: u64) {
             start += at + 1;
             let reply = match parse(line) {
                 Request::Empty => continue,
-                Request::Command { verb, arg } => match verb.lock_op() {
-                    Some(op) => apply(&table, conn, op, arg, &mut held),
-                    None => Reply::Invalid,
-                },
-                Request::Invalid => Reply::Invalid,
+                Request::Lock { op, name } => apply(&table, conn, op, name, &mut held),
+                _ => Reply::Invalid,
             };
             reply.write_to(&mut out);
         }

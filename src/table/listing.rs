@@ -2,6 +2,7 @@
 
 use super::{Holders, ShardTable};
 use crate::name::LockName;
+use crate::protocol::LockKind;
 use crate::ConnId;
 
 /// How a connection stands with a lock, in the `h` listing.
@@ -107,17 +108,16 @@ impl ShardTable {
             }
             None => self.shared.iter().for_each(|(l, h)| shared(l, h)),
         }
-        for (is_shared, role) in [(false, Role::Waiter), (true, Role::SharedWaiter)] {
-            rows.extend(
-                self.waits
-                    .iter(is_shared, bytes)
-                    .map(|(lock, w)| HolderRow {
-                        name: lock.clone(),
-                        role,
-                        conn: w.conn,
-                        since: w.since,
-                    }),
-            );
+        for (kind, role) in [
+            (LockKind::Exclusive, Role::Waiter),
+            (LockKind::Shared, Role::SharedWaiter),
+        ] {
+            rows.extend(self.waits.iter(kind, bytes).map(|(lock, w)| HolderRow {
+                name: lock.clone(),
+                role,
+                conn: w.conn,
+                since: w.since,
+            }));
         }
         rows
     }

@@ -12,23 +12,8 @@ use tokio::sync::oneshot;
 
 use super::holders::Quota;
 use crate::name::LockName;
-use crate::protocol::Reply;
+use crate::protocol::{LockKind, Reply, WaitKind};
 use crate::{ConnId, NameHasher};
-
-/// Which kind of lock a waiter waits for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitKind {
-    /// `gw`: the exclusive lock.
-    Exclusive,
-    /// `sgw`: a shared lock, once fewer than `limit` connections hold it.
-    Shared { limit: u64 },
-}
-
-impl WaitKind {
-    pub fn is_shared(self) -> bool {
-        matches!(self, WaitKind::Shared { .. })
-    }
-}
 
 /// One waiting connection.
 pub struct Waiter {
@@ -76,11 +61,20 @@ impl WaitQueues {
         }
     }
 
-    fn queues(&mut self, shared: bool) -> &mut HashMap<LockName, VecDeque<Waiter>, NameHasher> {
-        if shared {
-            &mut self.shared
-        } else {
-            &mut self.exclusive
+    fn queues(&self, kind: LockKind) -> &HashMap<LockName, VecDeque<Waiter>, NameHasher> {
+        match kind {
+            LockKind::Exclusive => &self.exclusive,
+            LockKind::Shared => &self.shared,
+        }
+    }
+
+    fn queues_mut(
+        &mut self,
+        kind: LockKind,
+    ) -> &mut HashMap<LockName, VecDeque<Waiter>, NameHasher> {
+        match kind {
+            LockKind::Exclusive => &mut self.exclusive,
+            LockKind::Shared => &mut self.shared,
         }
     }
 
@@ -93,21 +87,19 @@ impl WaitQueues {
 
     /// Queues `waiter` behind everyone already waiting for `name`.
     pub fn push(&mut self, name: &LockName, waiter: Waiter) {
-        let queue = self.queues(waiter.kind.is_shared());
-        match queue.get_mut(name.as_bytes()) {
-            Some(waiting) => waiting.push_back(waiter),
-            None => {
-                queue.insert(name.clone(), VecDeque::from([waiter]));
-            }
-        }
-        self.depth += 1;
+        self.enqueue(name, waiter, VecDeque::push_back);
     }
 
     /// Puts `waiter` back at the head of `name`'s queue.
     pub fn push_front(&mut self, name: &LockName, waiter: Waiter) {
-        let queue = self.queues(waiter.kind.is_shared());
+        self.enqueue(name, waiter, VecDeque::push_front);
+    }
+
+    /// Adds `waiter` to `name`'s queue at the end `put` chooses, making the queue if needed.
+    fn enqueue(&mut self, name: &LockName, waiter: Waiter, put: fn(&mut VecDeque<Waiter>, Waiter)) {
+        let queue = self.queues_mut(waiter.kind.lock_kind());
         match queue.get_mut(name.as_bytes()) {
-            Some(waiting) => waiting.push_front(waiter),
+            Some(waiting) => put(waiting, waiter),
             None => {
                 queue.insert(name.clone(), VecDeque::from([waiter]));
             }
@@ -117,28 +109,19 @@ impl WaitQueues {
 
     /// Whether anyone waits for `name`.
     #[inline]
-    pub fn has(&self, shared: bool, name: &[u8]) -> bool {
-        let queue = if shared {
-            &self.shared
-        } else {
-            &self.exclusive
-        };
+    pub fn has(&self, kind: LockKind, name: &[u8]) -> bool {
+        let queue = self.queues(kind);
         !queue.is_empty() && queue.contains_key(name)
     }
 
     /// The first waiter for `name`.
-    pub fn front(&self, shared: bool, name: &[u8]) -> Option<&Waiter> {
-        let queue = if shared {
-            &self.shared
-        } else {
-            &self.exclusive
-        };
-        queue.get(name).and_then(|q| q.front())
+    pub fn front(&self, kind: LockKind, name: &[u8]) -> Option<&Waiter> {
+        self.queues(kind).get(name).and_then(|q| q.front())
     }
 
     /// Takes the first waiter for `name`.
-    pub fn pop_front(&mut self, shared: bool, name: &[u8]) -> Option<Waiter> {
-        let queue = self.queues(shared);
+    pub fn pop_front(&mut self, kind: LockKind, name: &[u8]) -> Option<Waiter> {
+        let queue = self.queues_mut(kind);
         let waiting = queue.get_mut(name)?;
         let waiter = waiting.pop_front();
         if waiting.is_empty() {
@@ -151,8 +134,8 @@ impl WaitQueues {
     }
 
     /// Takes the waiter `id` out of `name`'s queue, wherever it stands.
-    pub fn remove(&mut self, shared: bool, name: &[u8], id: u64) -> Option<Waiter> {
-        let queue = self.queues(shared);
+    pub fn remove(&mut self, kind: LockKind, name: &[u8], id: u64) -> Option<Waiter> {
+        let queue = self.queues_mut(kind);
         let waiting = queue.get_mut(name)?;
         let at = waiting.iter().position(|w| w.id == id)?;
         let waiter = waiting.remove(at);
@@ -168,17 +151,13 @@ impl WaitQueues {
     /// Gives waiter `id` the task that will time it out (if it is still queued).
     pub fn set_timer(
         &mut self,
-        shared: bool,
+        kind: LockKind,
         name: &[u8],
         id: u64,
         timer: tokio::task::AbortHandle,
     ) {
-        let queue = if shared {
-            &mut self.shared
-        } else {
-            &mut self.exclusive
-        };
-        match queue
+        match self
+            .queues_mut(kind)
             .get_mut(name)
             .and_then(|q| q.iter_mut().find(|w| w.id == id))
         {
@@ -195,14 +174,10 @@ impl WaitQueues {
     /// Every waiter for `name` (or for every name), in queue order.
     pub fn iter(
         &self,
-        shared: bool,
+        kind: LockKind,
         name: Option<&[u8]>,
     ) -> Box<dyn Iterator<Item = (&LockName, &Waiter)> + '_> {
-        let queue = if shared {
-            &self.shared
-        } else {
-            &self.exclusive
-        };
+        let queue = self.queues(kind);
         match name {
             Some(name) => Box::new(
                 queue

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::{unix_micros, GetOutcome, Holdings, Quota, ShardTable, WaitKind, Waiter};
+use super::{unix_micros, GetOutcome, Holdings, Quota, ShardTable, Waiter};
 use crate::name::LockName;
-use crate::protocol::Reply;
+use crate::protocol::{LockKind, Reply, WaitKind};
 use crate::ConnId;
 
 impl ShardTable {
@@ -39,7 +39,7 @@ impl ShardTable {
                 let count = holders.map_or(0, |h| h.len() as u64);
                 if holders.is_some_and(|h| h.contains(conn)) {
                     Some(Reply::SharedGot(count))
-                } else if count < limit && !self.waits.has(true, name.as_bytes()) {
+                } else if count < limit && !self.waits.has(LockKind::Shared, name.as_bytes()) {
                     Some(match self.shared_get(conn, name, quota.as_deref()) {
                         Some(count) => Reply::SharedGot(count),
                         None => Reply::LimitReached,
@@ -75,7 +75,7 @@ impl ShardTable {
             .entry(conn)
             .or_insert_with(Holdings::new)
             .waits
-            .push((kind != WaitKind::Exclusive, name.clone(), id));
+            .push((kind.lock_kind(), name.clone(), id));
         Some(id)
     }
 
@@ -88,16 +88,16 @@ impl ShardTable {
         timer: tokio::task::AbortHandle,
     ) {
         self.waits
-            .set_timer(kind.is_shared(), name.as_bytes(), id, timer);
+            .set_timer(kind.lock_kind(), name.as_bytes(), id, timer);
     }
 
     /// The waiter `id` ran out of time: if it is still queued, answers it `0 Timed Out`.
-    pub fn expire(&mut self, shared: bool, name: &LockName, id: u64) {
-        if let Some(waiter) = self.waits.remove(shared, name.as_bytes(), id) {
+    pub fn expire(&mut self, kind: LockKind, name: &LockName, id: u64) {
+        if let Some(waiter) = self.waits.remove(kind, name.as_bytes(), id) {
             self.forget_wait(waiter.conn, id);
             self.counts.waits_timed_out += 1;
             let _ = waiter.reply.send(Reply::TimedOut);
-            if shared {
+            if kind == LockKind::Shared {
                 // A waiter at the head with a low limit may have held back others behind it.
                 self.grant_shared_waiters(name.as_bytes());
             }
@@ -113,7 +113,7 @@ impl ShardTable {
 
     /// `name`'s exclusive lock was just released: hands it to the first live waiter.
     pub(super) fn grant_exclusive_waiters(&mut self, hash: u64, name: &[u8]) {
-        while let Some(waiter) = self.waits.pop_front(false, name) {
+        while let Some(waiter) = self.waits.pop_front(LockKind::Exclusive, name) {
             self.forget_wait(waiter.conn, waiter.id);
             if waiter.reply.is_closed() {
                 continue; // the waiting connection is gone
@@ -148,7 +148,7 @@ impl ShardTable {
     /// under their limits.
     pub(super) fn grant_shared_waiters(&mut self, name: &[u8]) {
         loop {
-            let Some(front) = self.waits.front(true, name) else {
+            let Some(front) = self.waits.front(LockKind::Shared, name) else {
                 return;
             };
             let limit = match front.kind {
@@ -159,7 +159,7 @@ impl ShardTable {
             if !closed && self.shared_count(name) >= limit {
                 return; // first come, first served: the head waits, and so does everyone else
             }
-            let Some(waiter) = self.waits.pop_front(true, name) else {
+            let Some(waiter) = self.waits.pop_front(LockKind::Shared, name) else {
                 return;
             };
             self.forget_wait(waiter.conn, waiter.id);

@@ -1,0 +1,210 @@
+//! Replies: `%d %s\n` lines whose integer is the contract clients parse (1/0, or a count),
+//! and the multi-line listings (`name: holder` rows, or Go's map syntax for `dump`).
+
+use super::Verb;
+use crate::name::LockName;
+
+/// A reply to a single-line command.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reply {
+    Got,
+    NotGot,
+    Released,
+    NotReleased,
+    Locked,
+    NotLocked,
+    /// `sg`: the number of holders after the call.
+    SharedGot(u64),
+    SharedReleased,
+    SharedNotReleased,
+    /// `si`: the number of holders.
+    SharedCount(u64),
+    Invalid,
+    Disabled,
+    RegisteredName,
+    /// `g`/`sg` refused: the connection holds `--max-locks-per-conn` locks already.
+    LimitReached,
+    /// `gt`: granted, with the grant's fencing token.
+    GotToken(u64),
+    /// `t`: the current grant's fencing token.
+    Token(u64),
+    /// `sgl`/`sgw`: LIMIT connections hold it already.
+    SharedFull,
+    /// `gw`/`sgw`: not granted within the wait.
+    TimedOut,
+    /// `rl`: the decision.
+    RateLimit(crate::ratelimit::Decision),
+    /// Arguments that do not fit the command.
+    Usage(Verb),
+}
+
+impl Reply {
+    /// Appends the reply line, `\n` included.
+    #[inline]
+    pub fn write_to(self, out: &mut Vec<u8>) {
+        let text: &[u8] = match self {
+            Reply::Got => b"1 Got Lock\n",
+            Reply::NotGot => b"0 Cannot Get Lock\n",
+            Reply::Released => b"1 Released Lock\n",
+            Reply::NotReleased => b"0 Cannot Release Lock\n",
+            Reply::Locked => b"1 Locked\n",
+            Reply::NotLocked => b"0 Not Locked\n",
+            Reply::SharedGot(n) => return write_count(out, n, b" Got Shared Lock\n"),
+            Reply::SharedReleased => b"1 Released Shared Lock\n",
+            Reply::SharedNotReleased => b"0 Cannot Release Shared Lock\n",
+            Reply::SharedCount(0) => b"0 Not Shared Locked\n",
+            Reply::SharedCount(n) => return write_count(out, n, b" Shared Locked\n"),
+            Reply::Invalid => b"0 Invalid Command\n",
+            Reply::Disabled => b"0 disabled\n",
+            Reply::RegisteredName => b"1 ok\n",
+            Reply::LimitReached => b"0 Lock Limit Reached\n",
+            Reply::GotToken(token) => {
+                out.extend_from_slice(b"1 ");
+                return write_count(out, token, b" Got Lock\n");
+            }
+            Reply::Token(token) => {
+                out.extend_from_slice(b"1 ");
+                return write_count(out, token, b" Locked\n");
+            }
+            Reply::SharedFull => b"0 Shared Lock Full\n",
+            Reply::TimedOut => b"0 Timed Out\n",
+            Reply::RateLimit(d) => {
+                let mut n = itoa::Buffer::new();
+                for (at, value) in [u64::from(d.allowed), d.limit, d.remaining]
+                    .into_iter()
+                    .enumerate()
+                {
+                    if at > 0 {
+                        out.push(b' ');
+                    }
+                    out.extend_from_slice(n.format(value).as_bytes());
+                }
+                out.push(b' ');
+                out.extend_from_slice(n.format(d.retry_after_ms).as_bytes());
+                out.push(b' ');
+                out.extend_from_slice(n.format(d.reset_after_ms).as_bytes());
+                out.push(b'\n');
+                return;
+            }
+            Reply::Usage(verb) => {
+                out.extend_from_slice(b"0 Usage: ");
+                out.extend_from_slice(verb.usage().as_bytes());
+                out.push(b'\n');
+                return;
+            }
+        };
+        out.extend_from_slice(text);
+    }
+
+    /// The integer a client parses from this reply.
+    pub fn code(self) -> u64 {
+        match self {
+            Reply::Got | Reply::Released | Reply::Locked => 1,
+            Reply::SharedReleased | Reply::RegisteredName => 1,
+            Reply::GotToken(_) | Reply::Token(_) => 1,
+            Reply::SharedGot(n) | Reply::SharedCount(n) => n,
+            Reply::RateLimit(d) => u64::from(d.allowed),
+            _ => 0,
+        }
+    }
+}
+
+fn write_count(out: &mut Vec<u8>, n: u64, text: &[u8]) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+    out.extend_from_slice(text);
+}
+
+/// The reply line for a line longer than the configured limit (the connection is then closed).
+pub const LINE_TOO_LONG: &[u8] = b"0 Line Too Long\n";
+
+/// The one line a connection over `--max-connections` gets before it is closed.
+pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";
+
+/// Writes listing rows as `name: holder` lines (`d`, `sd`, `h`). No rows, no bytes: the
+/// original's form.
+pub fn write_rows(rows: &[(LockName, Vec<u8>)], out: &mut Vec<u8>) {
+    for (name, holder) in rows {
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(holder);
+        out.push(b'\n');
+    }
+}
+
+/// `dump` / `dump shared`: one line in Go's `%v` map syntax, keys sorted (`rows` must be sorted
+/// by name), raw connection ids: `map[a:x b:y]`, or for shared locks `map[a:[x y]]`.
+pub fn write_go_map(rows: &[(LockName, Vec<u8>)], shared_locks: bool, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"map[");
+    let mut previous: Option<&LockName> = None;
+    for (name, holder) in rows {
+        if previous == Some(name) {
+            out.push(b' ');
+        } else {
+            if previous.is_some() {
+                if shared_locks {
+                    out.push(b']');
+                }
+                out.push(b' ');
+            }
+            out.extend_from_slice(name.as_bytes());
+            out.push(b':');
+            if shared_locks {
+                out.push(b'[');
+            }
+        }
+        out.extend_from_slice(holder);
+        previous = Some(name);
+    }
+    if shared_locks && previous.is_some() {
+        out.push(b']');
+    }
+    out.extend_from_slice(b"]\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replies_are_one_line_with_the_integer_first() {
+        let mut out = Vec::new();
+        Reply::Got.write_to(&mut out);
+        Reply::SharedGot(12).write_to(&mut out);
+        Reply::SharedCount(0).write_to(&mut out);
+        Reply::Invalid.write_to(&mut out);
+        Reply::GotToken(1234).write_to(&mut out);
+        Reply::Usage(Verb::GetWait).write_to(&mut out);
+        Reply::RateLimit(crate::ratelimit::Decision {
+            allowed: false,
+            limit: 16,
+            remaining: 0,
+            retry_after_ms: -1,
+            reset_after_ms: 3000,
+        })
+        .write_to(&mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1 Got Lock\n12 Got Shared Lock\n0 Not Shared Locked\n0 Invalid Command\n\
+             1 1234 Got Lock\n0 Usage: gw MS NAME\n0 16 0 -1 3000\n"
+        );
+    }
+
+    #[test]
+    fn dumps_use_go_map_syntax() {
+        let rows = |pairs: &[(&str, &str)]| -> Vec<(LockName, Vec<u8>)> {
+            pairs
+                .iter()
+                .map(|(n, h)| (LockName::from(*n), h.as_bytes().to_vec()))
+                .collect()
+        };
+        let mut out = Vec::new();
+        write_go_map(&rows(&[]), false, &mut out);
+        write_go_map(&rows(&[("a", "x"), ("b", "y")]), false, &mut out);
+        write_go_map(&rows(&[("a", "x"), ("a", "y"), ("b", "z")]), true, &mut out);
+        write_rows(&rows(&[("a", "x")]), &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "map[]\nmap[a:x b:y]\nmap[a:[x y] b:[z]]\na: x\n"
+        );
+    }
+}

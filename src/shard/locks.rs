@@ -1,0 +1,316 @@
+//! The table handler: everything a shard thread does to its slice of the lock table, whether
+//! a connection on this thread asks directly or another thread asks through the mailbox
+//! ([`LockMsg`]).
+//!
+//! Every change to the table goes through [`ShardCore::with_table`], which holds the one
+//! borrow, aborts the process if the change panics half-way, and publishes the table's sizes to
+//! the stats cell afterwards.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::{ServerState, ShardCore, ORPHAN_SLICE};
+use crate::name::LockName;
+use crate::protocol::{ListKind, LockKind, LockOp, Reply, WaitKind};
+use crate::table::{Quota, ShardTable};
+use crate::ConnId;
+
+/// One lock operation on its way to the owning shard.
+pub struct RoutedOp {
+    pub op: LockOp,
+    /// `Router::route`'s hash of `name`.
+    pub hash: u64,
+    pub name: LockName,
+}
+
+/// What a shard sends back for a [`LockMsg::Batch`]: the replies, and the op vector (emptied)
+/// so the connection can reuse its capacity.
+pub struct BatchDone {
+    pub ops: Vec<RoutedOp>,
+    pub replies: Vec<Reply>,
+}
+
+/// A listing of (name, holder text) pairs from one shard.
+pub type Listing = Vec<(LockName, Vec<u8>)>;
+
+/// `gw`/`sgw`: take the lock for `conn`, or queue it for up to `ms` milliseconds; the answer
+/// goes to `reply` whenever it is decided.
+pub struct WaitRequest {
+    pub conn: ConnId,
+    /// The connection's lock allowance, if limited.
+    pub quota: Option<Arc<Quota>>,
+    pub kind: WaitKind,
+    /// The routing hash of `name`.
+    pub hash: u64,
+    pub name: LockName,
+    pub ms: u64,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// A connection that has gone, while its locks are being released. Until every shard is done,
+/// listings still show its locks under its real id (or registered name); when the last shard
+/// drops its reference, the registry forgets the connection.
+pub struct Departure {
+    pub server: Arc<ServerState>,
+    pub conn: ConnId,
+    /// The connection's protocol id, for `-verbose` logging (None when not verbose).
+    pub label: Option<Arc<str>>,
+}
+
+impl Drop for Departure {
+    fn drop(&mut self) {
+        self.server.registry.remove(self.conn);
+    }
+}
+
+/// Work on a shard's lock table, sent by connections on other threads.
+pub enum LockMsg {
+    /// Apply `ops` in order for `conn` and send back the replies.
+    Batch {
+        conn: ConnId,
+        /// The connection's lock allowance, when `--max-locks-per-conn` is set.
+        quota: Option<Arc<Quota>>,
+        ops: Vec<RoutedOp>,
+        /// Reply buffer to fill (sent empty, reused across batches).
+        replies: Vec<Reply>,
+        done: oneshot::Sender<BatchDone>,
+    },
+    /// `conn` is gone: release everything it holds here. Sent after every batch of that
+    /// connection, through the same FIFO, so a lock granted by an in-flight batch is released too.
+    Orphan {
+        conn: ConnId,
+        /// Held until this shard has released everything; the last holder forgets the
+        /// connection's registry record.
+        departure: Arc<Departure>,
+    },
+    /// `gw`/`sgw`: take the lock, or queue for it.
+    Wait(WaitRequest),
+    /// A listing of this shard's locks (all, or one name's).
+    List {
+        kind: ListKind,
+        name: Option<(u64, LockName)>,
+        done: oneshot::Sender<Listing>,
+    },
+}
+
+impl ShardCore {
+    /// Runs `change` on the table: the one place the table is borrowed for writing. A panic
+    /// inside aborts the process (see [`AbortOnPanic`]); the table's sizes are published to the
+    /// stats cell after every change, so `q` never waits on a mailbox.
+    #[inline]
+    fn with_table<R>(&self, change: impl FnOnce(&mut ShardTable) -> R) -> R {
+        let mut table = self.table.borrow_mut();
+        let guard = AbortOnPanic;
+        let result = change(&mut table);
+        std::mem::forget(guard);
+        self.publish_sizes(&table);
+        result
+    }
+
+    fn publish_sizes(&self, table: &ShardTable) {
+        let cell = self.cell();
+        cell.locks.set(table.exclusive_len() as u64);
+        cell.shared_locks.set(table.shared_len() as u64);
+        let counts = &table.counts;
+        cell.lock_waiters.set(table.waiters() as u64);
+        cell.lock_waits_started.set(counts.waits_started);
+        cell.lock_waits_granted.set(counts.waits_granted);
+        cell.lock_waits_timed_out.set(counts.waits_timed_out);
+        cell.rate_limit_allowed.set(counts.rate_limit_allowed);
+        cell.rate_limit_limited.set(counts.rate_limit_limited);
+    }
+
+    /// Applies one operation to this shard's table.
+    #[inline]
+    pub fn apply(
+        &self,
+        conn: ConnId,
+        quota: Option<&Quota>,
+        op: LockOp,
+        hash: u64,
+        name: &LockName,
+    ) -> Reply {
+        self.with_table(|table| table.apply(conn, op, hash, name, quota))
+    }
+
+    /// Applies `ops` in order, appending a reply for each.
+    pub fn apply_batch(
+        &self,
+        conn: ConnId,
+        quota: Option<&Quota>,
+        ops: &[RoutedOp],
+        replies: &mut Vec<Reply>,
+    ) {
+        self.with_table(|table| {
+            replies.extend(
+                ops.iter()
+                    .map(|op| table.apply(conn, op.op, op.hash, &op.name, quota)),
+            )
+        });
+    }
+
+    /// `gw`/`sgw` on this shard: grant now, or queue and arm the timeout.
+    pub fn start_wait(self: &std::rc::Rc<Self>, request: WaitRequest) {
+        let WaitRequest {
+            conn,
+            quota,
+            kind,
+            hash,
+            name,
+            ms,
+            reply,
+        } = request;
+        let Some(id) = self.with_table(|table| table.wait(conn, quota, kind, hash, &name, reply))
+        else {
+            return;
+        };
+        let core = self.clone();
+        let timed = name.clone();
+        let timer = tokio::task::spawn_local(async move {
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            core.with_table(|table| table.expire(kind.lock_kind(), &timed, id));
+        });
+        self.table
+            .borrow_mut()
+            .set_wait_timer(kind, &name, id, timer.abort_handle());
+    }
+
+    /// Forgets rate limiters that are back to full capacity, once a second, for the life of
+    /// the shard.
+    pub async fn evict_rate_limits(self: std::rc::Rc<Self>) {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut table = self.table.borrow_mut();
+            if table.rate_limit_len() > 0 {
+                table.evict_rate_limits();
+            }
+        }
+    }
+
+    /// Releases up to one slice of what `conn` held in this shard; true when nothing is left.
+    fn orphan_slice(&self, conn: ConnId, label: Option<&str>) -> bool {
+        let (orphaned, done) = self.with_table(|table| {
+            table.orphan_some(conn, ORPHAN_SLICE, |name| {
+                if let Some(label) = label {
+                    eprintln!(
+                        "{label} orphaned lock {}",
+                        String::from_utf8_lossy(name.as_bytes())
+                    );
+                }
+            })
+        });
+        let cell = self.cell();
+        cell.orphans.add(orphaned.exclusive);
+        cell.shared_orphans.add(orphaned.shared);
+        if let Some(label) = label {
+            if orphaned.shared > 0 {
+                eprintln!("{label} orphaned {} shared locks", orphaned.shared);
+            }
+        }
+        done
+    }
+
+    /// Releases everything `conn` held in this shard: the first slice now, the rest (if any) in
+    /// a task that yields between slices so other clients keep being served.
+    pub fn orphan(self: &std::rc::Rc<Self>, conn: ConnId, departure: Arc<Departure>) {
+        if self.orphan_slice(conn, departure.label.as_deref()) {
+            return;
+        }
+        let core = self.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::task::yield_now().await;
+                if core.orphan_slice(conn, departure.label.as_deref()) {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// A listing of this shard's locks, holders as text. The text is looked up here, on the
+    /// shard, while the table still holds the locks: a departing holder's registry record
+    /// outlives its locks in this shard (see [`Departure`]), so it is always found.
+    pub fn list(&self, kind: ListKind, name: Option<(u64, &[u8])>) -> Listing {
+        let table = self.table.borrow();
+        let registry = &self.server.registry;
+        match kind {
+            ListKind::Locks { kind, raw } => {
+                let rows = match kind {
+                    LockKind::Exclusive => table.list_exclusive(name),
+                    LockKind::Shared => table.list_shared(name.map(|(_, n)| n)),
+                };
+                rows.into_iter()
+                    .map(|(name, holder)| {
+                        let mut text = Vec::new();
+                        registry.write_holder(holder, raw, &mut text);
+                        (name, text)
+                    })
+                    .collect()
+            }
+            // `h`: rows `name: role id age_ms display`.
+            ListKind::Holders => {
+                let now = crate::table::unix_micros();
+                table
+                    .list_holders(name)
+                    .into_iter()
+                    .map(|row| {
+                        let mut text = Vec::new();
+                        text.extend_from_slice(row.role.word().as_bytes());
+                        text.push(b' ');
+                        registry.write_holder(row.conn, true, &mut text);
+                        text.push(b' ');
+                        let age_ms = now.saturating_sub(row.since) / 1000;
+                        text.extend_from_slice(itoa::Buffer::new().format(age_ms).as_bytes());
+                        text.extend_from_slice(b"ms ");
+                        registry.write_holder(row.conn, false, &mut text);
+                        (row.name, text)
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// Handles one message about this shard's table.
+    pub fn handle_locks(self: &std::rc::Rc<Self>, msg: LockMsg) {
+        match msg {
+            LockMsg::Batch {
+                conn,
+                quota,
+                mut ops,
+                mut replies,
+                done,
+            } => {
+                let cell = self.cell();
+                cell.mailbox_messages.add(1);
+                cell.mailbox_commands.add(ops.len() as u64);
+                self.apply_batch(conn, quota.as_deref(), &ops, &mut replies);
+                ops.clear();
+                // The connection may be gone (its orphan message is queued behind this one);
+                // then nobody wants the replies.
+                let _ = done.send(BatchDone { ops, replies });
+            }
+            LockMsg::Orphan { conn, departure } => self.orphan(conn, departure),
+            LockMsg::Wait(request) => self.start_wait(request),
+            LockMsg::List { kind, name, done } => {
+                let _ = done.send(self.list(kind, name.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
+            }
+        }
+    }
+}
+
+/// Aborts the process if dropped, which only happens when a panic unwinds out of a lock table
+/// operation. A table interrupted half-way through an update cannot be trusted to tell who holds
+/// what, and a lock server that might grant one lock twice must not keep serving: exit loudly
+/// (the panic message is already on stderr) and let the supervisor restart it, which releases
+/// every lock exactly as if every client had disconnected.
+struct AbortOnPanic;
+
+impl Drop for AbortOnPanic {
+    fn drop(&mut self) {
+        eprintln!("glockd: a lock table operation panicked; aborting");
+        std::process::abort();
+    }
+}

@@ -1,0 +1,138 @@
+//! Exclusive locks: one slot per held lock in a slab, found by name through the index, and
+//! linked into its holder's list so release and orphaning need no second copy of the name.
+
+use hashbrown::hash_table::Entry;
+
+use super::{unix_micros, GetOutcome, Holdings, Quota, ShardTable, Slot, NIL};
+use crate::name::LockName;
+use crate::protocol::LockKind;
+use crate::ConnId;
+
+impl ShardTable {
+    /// The fencing token of the current grant of `name`.
+    pub fn token(&self, hash: u64, name: &[u8]) -> Option<u64> {
+        self.find(hash, name)
+            .map(|at| self.slots[at as usize].token)
+    }
+
+    pub(super) fn find(&self, hash: u64, name: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&at| slots[at as usize].name.as_bytes() == name)
+            .copied()
+    }
+
+    /// Who holds the exclusive lock `name`.
+    pub fn holder(&self, hash: u64, name: &[u8]) -> Option<ConnId> {
+        self.find(hash, name)
+            .map(|at| self.slots[at as usize].holder)
+    }
+
+    /// Takes the exclusive lock for `conn` (re-getting a lock you hold succeeds, as in the
+    /// original).
+    pub fn get(
+        &mut self,
+        conn: ConnId,
+        hash: u64,
+        name: &LockName,
+        quota: Option<&Quota>,
+    ) -> GetOutcome {
+        let slots = &self.slots;
+        let hasher = &self.hasher;
+        let entry = self.index.entry(
+            hash,
+            |&at| slots[at as usize].name == *name,
+            |&at| hasher.hash_one(slots[at as usize].name.as_bytes()),
+        );
+        let vacant = match entry {
+            Entry::Occupied(found) if self.slots[*found.get() as usize].holder == conn => {
+                return GetOutcome::AlreadyHeld
+            }
+            Entry::Occupied(_) => return GetOutcome::Busy,
+            Entry::Vacant(vacant) => vacant,
+        };
+        if quota.is_some_and(|q| !q.try_take()) {
+            return GetOutcome::OverLimit;
+        }
+        // The next fencing token (see the module docs).
+        self.last_token = (self.last_token + 1).max(unix_micros());
+        let holdings = self.holdings.entry(conn).or_insert_with(Holdings::new);
+        let head = holdings.exclusive_head;
+        let slot = Slot {
+            name: name.clone(),
+            holder: conn,
+            token: self.last_token,
+            prev: NIL,
+            next: head,
+        };
+        let at = if self.free_head != NIL {
+            let at = self.free_head;
+            self.free_head = self.slots[at as usize].next;
+            self.slots[at as usize] = slot;
+            at
+        } else {
+            self.slots.push(slot);
+            u32::try_from(self.slots.len() - 1).expect("more than 4 billion locks in one shard")
+        };
+        vacant.insert(at);
+        if head != NIL {
+            self.slots[head as usize].prev = at;
+        }
+        holdings.exclusive_head = at;
+        GetOutcome::Granted
+    }
+
+    /// Releases the exclusive lock if `conn` holds it, and hands it to the first waiter.
+    pub fn release(&mut self, conn: ConnId, hash: u64, name: &[u8]) -> bool {
+        if !self.release_quietly(conn, hash, name) {
+            return false;
+        }
+        if self.waits.has(LockKind::Exclusive, name) {
+            self.grant_exclusive_waiters(hash, name);
+        }
+        true
+    }
+
+    /// Releases the exclusive lock if `conn` holds it, without serving waiters.
+    pub(super) fn release_quietly(&mut self, conn: ConnId, hash: u64, name: &[u8]) -> bool {
+        let slots = &self.slots;
+        let Ok(found) = self
+            .index
+            .find_entry(hash, |&at| slots[at as usize].name.as_bytes() == name)
+        else {
+            return false;
+        };
+        let at = *found.get();
+        if self.slots[at as usize].holder != conn {
+            return false;
+        }
+        found.remove();
+        self.unlink(at);
+        self.free(at);
+        true
+    }
+
+    /// Takes `at` out of its holder's list.
+    fn unlink(&mut self, at: u32) {
+        let (prev, next, holder) = {
+            let slot = &self.slots[at as usize];
+            (slot.prev, slot.next, slot.holder)
+        };
+        if prev != NIL {
+            self.slots[prev as usize].next = next;
+        } else if let Some(holdings) = self.holdings.get_mut(&holder) {
+            holdings.exclusive_head = next;
+        }
+        if next != NIL {
+            self.slots[next as usize].prev = prev;
+        }
+    }
+
+    /// Returns `at` to the free list (dropping its name).
+    fn free(&mut self, at: u32) {
+        let slot = &mut self.slots[at as usize];
+        slot.name = LockName::empty();
+        slot.next = self.free_head;
+        self.free_head = at;
+    }
+}

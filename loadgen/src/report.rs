@@ -378,3 +378,80 @@ impl Report {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Args;
+    use clap::Parser;
+
+    /// A report built from two threads' recorders with every counter set, for `flags`.
+    fn report(flags: &str) -> Report {
+        let line = format!("loadgen --addr 127.0.0.1:9 --conns 4 --threads 2 {flags}");
+        let args = Args::try_parse_from(line.split_whitespace()).unwrap();
+        let config = Config::from_args(args).unwrap();
+        let from = Instant::now();
+        let mut rec = Recorder::new(from, from + Duration::from_secs(2));
+        let mut other = Recorder::new(from, from + Duration::from_secs(2));
+        for ns in [1_500, 2_500] {
+            rec.latency.record(ns).unwrap();
+        }
+        other.latency.record(40_000).unwrap();
+        (rec.commands, other.commands) = (600, 400);
+        other.error(|| "unexpected reply".into());
+        (rec.granted, other.granted) = (4, 3);
+        (rec.refused, other.refused) = (6, 0);
+        (rec.violations, other.violations) = (2, 3);
+        (rec.connections, other.connections) = (5, 4);
+        (rec.allowed, other.allowed) = (1, 2);
+        (rec.limited, other.limited) = (0, 1);
+        other.handoff(from, from + Duration::from_micros(12));
+        rec.merge(other);
+        Report::new(&config, &rec, true)
+    }
+
+    /// Scripts parse both forms: the field names, their order and the table's rows are fixed.
+    #[test]
+    fn the_table_and_the_json_keep_their_form() {
+        let sgl = report("--workload ratelimit --mode sgl");
+        assert_eq!(
+            serde_json::to_string(&sgl).unwrap(),
+            r#"{"target":"glockd","endpoint":"tcp 127.0.0.1:9","workload":"ratelimit","mode":"sgl","conns":4,"pipeline":1,"threads":2,"rate":null,"keys":100000,"dist":"uniform","key_size":16,"seconds":2.0,"commands":1000,"ops_per_sec":500.0,"latency_us":{"p50":2.501,"p90":40.031,"p99":40.031,"p999":40.031,"max":40.031,"mean":14.672333333333333},"errors":1,"error_examples":["unexpected reply"],"granted":7,"refused":6,"violations":5,"connections":9,"allowed":3,"limited":1,"handoffs":1}"#
+        );
+        assert_eq!(
+            sgl.table(),
+            "\
+target       glockd (tcp 127.0.0.1:9)
+workload     ratelimit sgl, 4 conns, 2 threads, closed loop, pipeline 1, 100000 keys uniform of 16 bytes
+throughput   500 ops/s (1000 commands in 2.00 s)
+latency µs   p50 2.5  p90 40.0  p99 40.0  p99.9 40.0  max 40.0  mean 14.7
+slots        3 allowed, 1 limited (25.0% limited)
+locks        7 granted, 6 refused, 5 exclusion violations
+connections  9 opened
+errors       1
+  e.g.       unexpected reply
+"
+        );
+        let wait = report("--workload wait");
+        assert_eq!(
+            serde_json::to_string(&wait).unwrap(),
+            r#"{"target":"glockd","endpoint":"tcp 127.0.0.1:9","workload":"wait","conns":4,"pipeline":1,"threads":2,"rate":null,"keys":2,"dist":"uniform","key_size":16,"seconds":2.0,"commands":1000,"ops_per_sec":500.0,"latency_us":{"p50":2.501,"p90":40.031,"p99":40.031,"p999":40.031,"max":40.031,"mean":14.672333333333333},"errors":1,"error_examples":["unexpected reply"],"granted":7,"refused":6,"violations":5,"connections":9,"allowed":3,"limited":1,"handoffs":1,"handoff_us":{"p50":12.007,"p90":12.007,"p99":12.007,"p999":12.007,"max":12.007,"mean":12.004}}"#
+        );
+        assert_eq!(
+            wait.table(),
+            "\
+target       glockd (tcp 127.0.0.1:9)
+workload     wait, 4 conns, 2 threads, 2 groups taking turns, 2 keys uniform of 16 bytes
+throughput   500 ops/s (1000 commands in 2.00 s)
+release µs   p50 2.5  p90 40.0  p99 40.0  p99.9 40.0  max 40.0  mean 14.7
+hand-off µs  p50 12.0  p90 12.0  p99 12.0  p99.9 12.0  max 12.0  mean 12.0
+hand-offs    1 (0/s)
+rate limit   3 allowed, 1 limited (25.0% limited)
+locks        7 granted, 6 refused, 5 exclusion violations
+connections  9 opened
+errors       1
+  e.g.       unexpected reply
+"
+        );
+    }
+}

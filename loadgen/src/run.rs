@@ -311,7 +311,7 @@ async fn thread_main<D: Dial>(
 async fn connect<D: Dial>(dial: &D, rec: &RefCell<Recorder>) -> Option<D::Stream> {
     match dial.dial().await {
         Ok(stream) => {
-            rec.borrow_mut().connections += 1;
+            rec.borrow_mut().counts.connections += 1;
             Some(stream)
         }
         Err(e) => {

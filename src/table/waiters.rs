@@ -93,21 +93,19 @@ impl WaitQueues {
 
     /// Queues `waiter` behind everyone already waiting for `name`.
     pub fn push(&mut self, name: &LockName, waiter: Waiter) {
-        let queue = self.queues(waiter.kind.is_shared());
-        match queue.get_mut(name.as_bytes()) {
-            Some(waiting) => waiting.push_back(waiter),
-            None => {
-                queue.insert(name.clone(), VecDeque::from([waiter]));
-            }
-        }
-        self.depth += 1;
+        self.enqueue(name, waiter, VecDeque::push_back);
     }
 
     /// Puts `waiter` back at the head of `name`'s queue.
     pub fn push_front(&mut self, name: &LockName, waiter: Waiter) {
+        self.enqueue(name, waiter, VecDeque::push_front);
+    }
+
+    /// Adds `waiter` to `name`'s queue at the end `put` says, creating the queue if need be.
+    fn enqueue(&mut self, name: &LockName, waiter: Waiter, put: fn(&mut VecDeque<Waiter>, Waiter)) {
         let queue = self.queues(waiter.kind.is_shared());
         match queue.get_mut(name.as_bytes()) {
-            Some(waiting) => waiting.push_front(waiter),
+            Some(waiting) => put(waiting, waiter),
             None => {
                 queue.insert(name.clone(), VecDeque::from([waiter]));
             }

@@ -19,6 +19,14 @@ fn glockd(shards: u16) -> (glockd::ServerHandle, SocketAddr) {
     (server, addr)
 }
 
+/// The no-op server on a loopback TCP port, with one thread.
+fn noop_server() -> (noop::NoopServer, SocketAddr) {
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = noop::start(Some(tcp), None, 1).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    (server, addr)
+}
+
 /// Runs `loadgen` with these flags (bounded: a small request count and a 2 s cap).
 fn loadgen(flags: &str) -> Report {
     let line = format!("loadgen --quiet --duration 2s --threads 2 {flags}");
@@ -177,9 +185,7 @@ fn wait_in_pairs_bounded_by_requests() {
 fn wait_catches_a_server_that_grants_every_waiter() {
     // The no-op server answers every `gw` with `1 Got Lock` at once: two members of a group
     // are told they hold the name together.
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = noop::start(Some(tcp), None, 1).unwrap();
-    let addr = server.tcp_addr().unwrap();
+    let (_server, addr) = noop_server();
     let report = loadgen(&format!(
         "--target noop --workload wait --addr {addr} --conns 4 --duration 200ms"
     ));
@@ -196,15 +202,7 @@ fn orphan_storm_leaves_no_lock_behind() {
     ));
     assert_clean(&report);
     assert!(report.counts.connections > 8, "{}", report.table());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.stats().locks != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "locks left: {}",
-            server.stats().locks
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(&server, "every lock released", |s| s.locks == 0);
     assert!(server.stats().orphans > 0);
 }
 
@@ -228,15 +226,7 @@ fn hold_takes_every_key_once() {
     ));
     assert_eq!(report.errors, 0, "{}", report.table());
     assert_eq!(report.counts.granted, 2000);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.stats().locks != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "locks left: {}",
-            server.stats().locks
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    eventually(&server, "every lock released", |s| s.locks == 0);
 }
 
 #[test]
@@ -266,9 +256,7 @@ fn noop_server_over_tcp_and_unix() {
 #[test]
 fn a_wrong_reply_is_an_error() {
     // The no-op server's `1 Got Lock` is not what glockd answers to `r`.
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = noop::start(Some(tcp), None, 1).unwrap();
-    let addr = server.tcp_addr().unwrap();
+    let (_server, addr) = noop_server();
     let report = loadgen(&format!(
         "--target glockd --addr {addr} --conns 2 --requests 200"
     ));
@@ -286,9 +274,7 @@ fn a_server_that_grants_everything_is_caught() {
     // Open loop, so that a connection holds each grant until its next tick (a few ms) and the
     // overlap is seen on one client thread; in a closed loop the release follows the grant
     // with no other connection running in between, and only a race between threads shows it.
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = noop::start(Some(tcp), None, 1).unwrap();
-    let addr = server.tcp_addr().unwrap();
+    let (_server, addr) = noop_server();
     let report = loadgen(&format!(
         "--target noop --workload contention --addr {addr} --conns 8 --keys 2 --rate 4000 \
          --duration 500ms"

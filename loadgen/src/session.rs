@@ -231,13 +231,19 @@ impl Session {
     fn forget_held(&mut self, key: u64) {
         if let Some(at) = self.held.iter().position(|&k| k == key) {
             self.held.swap_remove(at);
-            let _ = self.run.holders[key as usize].compare_exchange(
-                self.me,
-                0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            self.clear_holder(key);
         }
+    }
+
+    /// Takes this connection off `key`'s holder record, unless another connection has been
+    /// recorded there since (after a violation, the later grant takes the record over).
+    fn clear_holder(&self, key: u64) {
+        let _ = self.run.holders[key as usize].compare_exchange(
+            self.me,
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// Moves shared locks whose think time is over to the ready follow-ups.
@@ -419,12 +425,7 @@ impl Drop for Session {
     /// The connection is going away, and its locks with it: it no longer holds anything.
     fn drop(&mut self) {
         for key in std::mem::take(&mut self.held) {
-            let _ = self.run.holders[key as usize].compare_exchange(
-                self.me,
-                0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            self.clear_holder(key);
         }
     }
 }

@@ -20,10 +20,16 @@ fn names(table: &ShardTable) -> Vec<(u64, LockName)> {
         .collect()
 }
 
+/// An empty table, and the names to take in it.
+fn empty() -> (ShardTable, Vec<(u64, LockName)>) {
+    let table = ShardTable::new(glockd::name_hasher());
+    let names = names(&table);
+    (table, names)
+}
+
 /// A table in which connection 1 holds every name, exclusively and shared.
 fn held() -> (ShardTable, Vec<(u64, LockName)>) {
-    let mut table = ShardTable::new(glockd::name_hasher());
-    let names = names(&table);
+    let (mut table, names) = empty();
     for (hash, name) in &names {
         table.get(1, *hash, name, None);
         table.shared_get(1, name, None);
@@ -37,11 +43,7 @@ fn table(c: &mut Criterion) {
 
     group.bench_function("get", |b| {
         b.iter_batched(
-            || {
-                let table = ShardTable::new(glockd::name_hasher());
-                let names = names(&table);
-                (table, names)
-            },
+            empty,
             |(mut table, names)| {
                 for (hash, name) in &names {
                     black_box(table.get(1, *hash, name, None));
@@ -53,8 +55,7 @@ fn table(c: &mut Criterion) {
     });
 
     group.bench_function("get then release (warm table)", |b| {
-        let mut table = ShardTable::new(glockd::name_hasher());
-        let names = names(&table);
+        let (mut table, names) = empty();
         b.iter(|| {
             for (hash, name) in &names {
                 black_box(table.get(1, *hash, name, None));
@@ -89,11 +90,7 @@ fn table(c: &mut Criterion) {
 
     group.bench_function("shared get", |b| {
         b.iter_batched(
-            || {
-                let table = ShardTable::new(glockd::name_hasher());
-                let names = names(&table);
-                (table, names)
-            },
+            empty,
             |(mut table, names)| {
                 for (_, name) in &names {
                     black_box(table.shared_get(1, name, None));

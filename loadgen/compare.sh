@@ -237,38 +237,32 @@ done
 S2U=$(med shards2-unpinned ops_per_sec)
 S2P=$(med shards2-pinned ops_per_sec)
 
-# Memory per held lock: HOLD_LOCKS exclusive locks with 16-byte names, RSS before and while held.
-hold_rss() { # TARGET PID PORT → prints bytes per lock
-    local t=$1 pid=$2 port=$3 before during
+# rss_per NAME TARGET PID PORT N FORMAT [loadgen flags...]: the server's RSS before, and while a
+# hold or idle run (its report in $OUT/NAME-TARGET.json) holds N units; prints bytes per unit.
+rss_per() {
+    local name=$1 t=$2 pid=$3 port=$4 n=$5 format=$6 before during
+    shift 6
     before=$(rss_kib "$pid")
     taskset -c 1 "$BIN/loadgen" --quiet --json --target "$t" --addr "127.0.0.1:$port" \
-        --workload hold --keys "$HOLD_LOCKS" --key-size 16 --conns 10 --pipeline 256 \
-        --duration 3s >"$OUT/hold-$t.json" 2>"$OUT/hold-$t.err" &
+        "$@" --duration 3s >"$OUT/$name-$t.json" 2>"$OUT/$name-$t.err" &
     local lgpid=$!
     PIDS+=("$lgpid")
-    while ! grep -q "loadgen: holding" "$OUT/hold-$t.err" 2>/dev/null; do
+    while ! grep -q "loadgen: holding" "$OUT/$name-$t.err" 2>/dev/null; do
         kill -0 "$lgpid" 2>/dev/null || break
         sleep 0.05
     done
     during=$(rss_kib "$pid")
     stop "$lgpid"
-    awk -v a="$before" -v b="$during" -v n="$HOLD_LOCKS" 'BEGIN { printf "%.1f", (b - a) * 1024 / n }'
+    awk -v a="$before" -v b="$during" -v n="$n" -v f="$format" 'BEGIN { printf f, (b - a) * 1024 / n }'
+}
+# Memory per held lock: HOLD_LOCKS exclusive locks with 16-byte names.
+hold_rss() { # TARGET PID PORT → prints bytes per lock
+    rss_per hold "$1" "$2" "$3" "$HOLD_LOCKS" %.1f \
+        --workload hold --keys "$HOLD_LOCKS" --key-size 16 --conns 10 --pipeline 256
 }
 # Memory per idle connection: IDLE_CONNS connections that sent one command each.
 idle_rss() { # TARGET PID PORT → prints bytes per connection
-    local t=$1 pid=$2 port=$3 before during
-    before=$(rss_kib "$pid")
-    taskset -c 1 "$BIN/loadgen" --quiet --json --target "$t" --addr "127.0.0.1:$port" \
-        --workload idle --conns "$IDLE_CONNS" --duration 3s >"$OUT/idle-$t.json" 2>"$OUT/idle-$t.err" &
-    local lgpid=$!
-    PIDS+=("$lgpid")
-    while ! grep -q "loadgen: holding" "$OUT/idle-$t.err" 2>/dev/null; do
-        kill -0 "$lgpid" 2>/dev/null || break
-        sleep 0.05
-    done
-    during=$(rss_kib "$pid")
-    stop "$lgpid"
-    awk -v a="$before" -v b="$during" -v n="$IDLE_CONNS" 'BEGIN { printf "%.0f", (b - a) * 1024 / n }'
+    rss_per idle "$1" "$2" "$3" "$IDLE_CONNS" %.0f --workload idle --conns "$IDLE_CONNS"
 }
 
 port=$(free_port); start_glockd "$port" 1 0; pid=$SERVER_PID

@@ -4,10 +4,10 @@
 
 mod common;
 
-use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use common::model::{Model, VERBS};
 use common::{Setup, TestServer};
 
 async fn orphans_on_clean_close(setup: Setup) {
@@ -80,66 +80,9 @@ async fn locks_granted_while_disconnecting_are_orphaned(setup: Setup) {
     c.check("d\nsd\ni race-0-0\n", "0 Not Locked\n").await;
 }
 
-/// The sequential model of the server, as seen by one connection (`me`) next to another
-/// (`other`) that holds some locks.
-#[derive(Default)]
-struct Model {
-    exclusive: HashMap<String, &'static str>,
-    shared: HashMap<String, HashSet<&'static str>>,
-}
-
-impl Model {
-    fn apply(&mut self, who: &'static str, verb: &str, name: &str) -> String {
-        match verb {
-            "g" => match self.exclusive.get(name) {
-                Some(holder) if *holder != who => "0 Cannot Get Lock\n".into(),
-                _ => {
-                    self.exclusive.insert(name.into(), who);
-                    "1 Got Lock\n".into()
-                }
-            },
-            "r" => {
-                if self.exclusive.get(name) == Some(&who) {
-                    self.exclusive.remove(name);
-                    "1 Released Lock\n".into()
-                } else {
-                    "0 Cannot Release Lock\n".into()
-                }
-            }
-            "i" => {
-                if self.exclusive.contains_key(name) {
-                    "1 Locked\n".into()
-                } else {
-                    "0 Not Locked\n".into()
-                }
-            }
-            "sg" => {
-                let holders = self.shared.entry(name.into()).or_default();
-                holders.insert(who);
-                format!("{} Got Shared Lock\n", holders.len())
-            }
-            "sr" => {
-                let released = self.shared.get_mut(name).is_some_and(|h| h.remove(who));
-                if self.shared.get(name).is_some_and(|h| h.is_empty()) {
-                    self.shared.remove(name);
-                }
-                if released {
-                    "1 Released Shared Lock\n".into()
-                } else {
-                    "0 Cannot Release Shared Lock\n".into()
-                }
-            }
-            "si" => match self.shared.get(name).map_or(0, |h| h.len()) {
-                0 => "0 Not Shared Locked\n".into(),
-                n => format!("{n} Shared Locked\n"),
-            },
-            _ => unreachable!(),
-        }
-    }
-}
-
 async fn ten_thousand_pipelined_commands_match_a_sequential_model(setup: Setup) {
     let server = TestServer::start(setup);
+    // `me` sends the pipeline; `other` holds some of its names first.
     let mut model = Model::default();
     let mut other = server.connect().await;
     let mut setup = String::new();
@@ -159,11 +102,10 @@ async fn ten_thousand_pipelined_commands_match_a_sequential_model(setup: Setup) 
         state ^= state << 17;
         state
     };
-    let verbs = ["g", "r", "i", "sg", "sr", "si"];
     let mut batch = String::new();
     let mut expected = String::new();
     for _ in 0..10_000 {
-        let verb = verbs[(next() % 6) as usize];
+        let verb = VERBS[(next() % VERBS.len() as u64) as usize];
         let name = format!("k{}", next() % 40);
         batch.push_str(&format!("{verb} {name}\n"));
         expected.push_str(&model.apply("me", verb, &name));

@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-
+use common::model::{Model, VERBS};
 use common::{Raw, TestServer};
 use proptest::prelude::*;
 
@@ -29,72 +28,10 @@ enum Action {
 
 fn action() -> impl Strategy<Value = Action> {
     prop_oneof![
-        10 => (0..CONNS, prop::sample::select(vec!["g", "r", "i", "sg", "sr", "si"]), 0..NAMES.len())
+        10 => (0..CONNS, prop::sample::select(VERBS.to_vec()), 0..NAMES.len())
             .prop_map(|(c, v, n)| Action::Command(c, v, n)),
         1 => (0..CONNS, any::<bool>()).prop_map(|(c, rst)| Action::Disconnect(c, rst)),
     ]
-}
-
-/// The sequential model. Connections are numbered by generation so a replacement is a new
-/// holder.
-#[derive(Default)]
-struct Model {
-    exclusive: BTreeMap<&'static str, u64>,
-    shared: BTreeMap<&'static str, BTreeSet<u64>>,
-    orphans: u64,
-    shared_orphans: u64,
-}
-
-impl Model {
-    fn reply(&mut self, who: u64, verb: &str, name: &'static str) -> String {
-        match verb {
-            "g" => match self.exclusive.get(name) {
-                Some(&holder) if holder != who => "0 Cannot Get Lock\n".into(),
-                _ => {
-                    self.exclusive.insert(name, who);
-                    "1 Got Lock\n".into()
-                }
-            },
-            "r" if self.exclusive.get(name) == Some(&who) => {
-                self.exclusive.remove(name);
-                "1 Released Lock\n".into()
-            }
-            "r" => "0 Cannot Release Lock\n".into(),
-            "i" if self.exclusive.contains_key(name) => "1 Locked\n".into(),
-            "i" => "0 Not Locked\n".into(),
-            "sg" => {
-                let holders = self.shared.entry(name).or_default();
-                holders.insert(who);
-                format!("{} Got Shared Lock\n", holders.len())
-            }
-            "sr" => {
-                let released = self.shared.get_mut(name).is_some_and(|h| h.remove(&who));
-                self.shared.retain(|_, h| !h.is_empty());
-                if released {
-                    "1 Released Shared Lock\n".into()
-                } else {
-                    "0 Cannot Release Shared Lock\n".into()
-                }
-            }
-            "si" => match self.shared.get(name).map_or(0, |h| h.len()) {
-                0 => "0 Not Shared Locked\n".into(),
-                n => format!("{n} Shared Locked\n"),
-            },
-            _ => unreachable!(),
-        }
-    }
-
-    fn disconnect(&mut self, who: u64) {
-        let before = self.exclusive.len();
-        self.exclusive.retain(|_, holder| *holder != who);
-        self.orphans += (before - self.exclusive.len()) as u64;
-        for holders in self.shared.values_mut() {
-            if holders.remove(&who) {
-                self.shared_orphans += 1;
-            }
-        }
-        self.shared.retain(|_, h| !h.is_empty());
-    }
 }
 
 fn run_case(server: &TestServer, runtime: &tokio::runtime::Runtime, actions: &[Action]) {
@@ -106,13 +43,14 @@ fn run_case(server: &TestServer, runtime: &tokio::runtime::Runtime, actions: &[A
         }
         let mut generation: Vec<u64> = (0..CONNS as u64).collect();
         let mut next_generation = CONNS as u64;
-        let mut model = Model::default();
+        // Connections are numbered by generation, so a replacement is a new holder.
+        let mut model = Model::<u64>::default();
         let base = server.stats();
         for action in actions {
             match action {
                 Action::Command(c, verb, n) => {
                     let name = NAMES[*n];
-                    let expected = model.reply(generation[*c], verb, name);
+                    let expected = model.apply(generation[*c], verb, name);
                     let conn = conns[*c].as_mut().expect("connected");
                     conn.check(&format!("{verb} {name}\n"), &expected).await;
                 }
@@ -127,8 +65,7 @@ fn run_case(server: &TestServer, runtime: &tokio::runtime::Runtime, actions: &[A
                     generation[*c] = next_generation;
                     next_generation += 1;
                     let (orphans, shared_orphans) = (model.orphans, model.shared_orphans);
-                    let (locks, shared_locks) =
-                        (model.exclusive.len() as u64, model.shared.len() as u64);
+                    let (locks, shared_locks) = (model.locks(), model.shared_locks());
                     server
                         .wait_for_stats("the model's orphans", |s| {
                             s["orphans"] - base.orphans == orphans
@@ -142,8 +79,8 @@ fn run_case(server: &TestServer, runtime: &tokio::runtime::Runtime, actions: &[A
             }
         }
         let stats = server.stats();
-        assert_eq!(stats.locks, model.exclusive.len() as u64);
-        assert_eq!(stats.shared_locks, model.shared.len() as u64);
+        assert_eq!(stats.locks, model.locks());
+        assert_eq!(stats.shared_locks, model.shared_locks());
         drop(conns);
         server
             .wait_for_stats("the case's connections gone", |s| {

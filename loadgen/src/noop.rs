@@ -120,10 +120,10 @@ fn serve_thread(
         if let Some((tcp, unix, mailboxes)) = listeners {
             let mailboxes = Rc::new(mailboxes);
             if let Some(listener) = tcp.and_then(|l| TcpListener::from_std(l).ok()) {
-                tokio::task::spawn_local(accept_tcp(listener, mailboxes.clone()));
+                tokio::task::spawn_local(accept_loop(listener, mailboxes.clone()));
             }
             if let Some(listener) = unix.and_then(|l| UnixListener::from_std(l).ok()) {
-                tokio::task::spawn_local(accept_unix(listener, mailboxes));
+                tokio::task::spawn_local(accept_loop(listener, mailboxes));
             }
         }
         loop {
@@ -148,31 +148,39 @@ fn serve_thread(
     });
 }
 
-async fn accept_tcp(listener: TcpListener, mailboxes: Rc<Vec<mpsc::UnboundedSender<Incoming>>>) {
-    let mut next = 0;
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            // Out of descriptors, or a connection reset before it was accepted: not fatal.
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            continue;
-        };
-        if let Ok(stream) = stream.into_std() {
-            let _ = mailboxes[next].send(Incoming::Tcp(stream));
-            next = (next + 1) % mailboxes.len();
-        }
+/// A listener the accepting thread deals connections out from.
+trait Door {
+    /// Waits for the next connection and readies it to move to the thread that will serve it
+    /// (`None`: it could not be).
+    async fn accept_incoming(&self) -> io::Result<Option<Incoming>>;
+}
+
+impl Door for TcpListener {
+    async fn accept_incoming(&self) -> io::Result<Option<Incoming>> {
+        let (stream, _) = self.accept().await?;
+        Ok(stream.into_std().ok().map(Incoming::Tcp))
     }
 }
 
-async fn accept_unix(listener: UnixListener, mailboxes: Rc<Vec<mpsc::UnboundedSender<Incoming>>>) {
+impl Door for UnixListener {
+    async fn accept_incoming(&self) -> io::Result<Option<Incoming>> {
+        let (stream, _) = self.accept().await?;
+        Ok(stream.into_std().ok().map(Incoming::Unix))
+    }
+}
+
+/// Deals the connections of one listener out to the server threads, round-robin.
+async fn accept_loop(listener: impl Door, mailboxes: Rc<Vec<mpsc::UnboundedSender<Incoming>>>) {
     let mut next = 0;
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
-            continue;
-        };
-        if let Ok(stream) = stream.into_std() {
-            let _ = mailboxes[next].send(Incoming::Unix(stream));
-            next = (next + 1) % mailboxes.len();
+        match listener.accept_incoming().await {
+            Ok(Some(incoming)) => {
+                let _ = mailboxes[next].send(incoming);
+                next = (next + 1) % mailboxes.len();
+            }
+            Ok(None) => {}
+            // Out of descriptors, or a connection reset before it was accepted: not fatal.
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(1)).await,
         }
     }
 }

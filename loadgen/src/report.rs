@@ -1,6 +1,7 @@
 //! What a run measured: per-thread recorders while it runs, one merged report at the end, shown
 //! as a table or as JSON.
 
+use std::ops::AddAssign;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -27,18 +28,8 @@ pub struct Recorder {
     pub errors: u64,
     /// The first few error descriptions.
     pub examples: Vec<String>,
-    /// Exclusive locks granted (contention, churn, orphan-storm, hold).
-    pub granted: u64,
-    /// Exclusive locks refused because someone else held them.
-    pub refused: u64,
-    /// Times two connections were both told they hold the same lock.
-    pub violations: u64,
-    /// Connections opened (orphan-storm opens many).
-    pub connections: u64,
-    /// Ratelimit sgl and rl: requests the server let through (a slot, or an allowed `rl`).
-    pub allowed: u64,
-    /// Ratelimit sgl and rl: requests the server turned away (`Shared Lock Full`, or limited).
-    pub limited: u64,
+    /// What the replies said and how many connections were opened.
+    pub counts: Counts,
     /// Wait: time from a holder's `r` leaving to the next waiter's grant arriving, in
     /// nanoseconds; created on the first hand-off, so other workloads pay nothing for it.
     pub handoff: Option<Histogram<u64>>,
@@ -57,12 +48,7 @@ impl Recorder {
             commands: 0,
             errors: 0,
             examples: Vec::new(),
-            granted: 0,
-            refused: 0,
-            violations: 0,
-            connections: 0,
-            allowed: 0,
-            limited: 0,
+            counts: Counts::default(),
             handoff: None,
             measure_from,
             measure_until,
@@ -126,12 +112,7 @@ impl Recorder {
                 self.examples.push(example);
             }
         }
-        self.granted += other.granted;
-        self.refused += other.refused;
-        self.violations += other.violations;
-        self.connections += other.connections;
-        self.allowed += other.allowed;
-        self.limited += other.limited;
+        self.counts += other.counts;
         match (&mut self.handoff, other.handoff) {
             // Same bounds, so adding cannot fail.
             (Some(mine), Some(theirs)) => {
@@ -141,6 +122,36 @@ impl Recorder {
             (Some(_), None) => {}
         }
         self.last_reply = self.last_reply.max(other.last_reply);
+    }
+}
+
+/// What a run counts over its whole length, set-up and warm-up included (unlike `commands`,
+/// which counts only the measured window): the same fields in a thread's recorder and in the
+/// report.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Counts {
+    /// Exclusive locks granted (contention, churn, orphan-storm, hold, wait).
+    pub granted: u64,
+    /// Exclusive locks refused because someone else held them.
+    pub refused: u64,
+    /// Times two connections were both told they hold the same lock.
+    pub violations: u64,
+    /// Connections opened (orphan-storm opens many).
+    pub connections: u64,
+    /// Ratelimit sgl and rl: requests the server let through (a slot, or an allowed `rl`).
+    pub allowed: u64,
+    /// Ratelimit sgl and rl: requests the server turned away (`Shared Lock Full`, or limited).
+    pub limited: u64,
+}
+
+impl AddAssign for Counts {
+    fn add_assign(&mut self, other: Counts) {
+        self.granted += other.granted;
+        self.refused += other.refused;
+        self.violations += other.violations;
+        self.connections += other.connections;
+        self.allowed += other.allowed;
+        self.limited += other.limited;
     }
 }
 
@@ -210,14 +221,10 @@ pub struct Report {
     pub latency_us: Latency,
     pub errors: u64,
     pub error_examples: Vec<String>,
-    pub granted: u64,
-    pub refused: u64,
-    pub violations: u64,
-    pub connections: u64,
-    /// Ratelimit sgl and rl: requests let through.
-    pub allowed: u64,
-    /// Ratelimit sgl and rl: requests turned away.
-    pub limited: u64,
+    /// Flattened: in the JSON, its fields stand here, between `error_examples` and
+    /// `handoffs`, as they always have.
+    #[serde(flatten)]
+    pub counts: Counts,
     /// Wait: hand-offs measured (a release, then the next waiter's grant).
     pub handoffs: u64,
     /// Wait: hand-off latency percentiles (absent for other workloads).
@@ -267,12 +274,7 @@ impl Report {
             latency_us: Latency::of(&rec.latency),
             errors: rec.errors,
             error_examples: rec.examples.clone(),
-            granted: rec.granted,
-            refused: rec.refused,
-            violations: rec.violations,
-            connections: rec.connections,
-            allowed: rec.allowed,
-            limited: rec.limited,
+            counts: rec.counts,
             handoffs: rec.handoff.as_ref().map_or(0, |h| h.len()),
             handoff_us: wait
                 .then(|| rec.handoff.as_ref().map(Latency::of))
@@ -339,8 +341,9 @@ impl Report {
                 ),
             ));
         }
-        if self.allowed + self.limited > 0 {
-            let total = (self.allowed + self.limited) as f64;
+        let counts = &self.counts;
+        if counts.allowed + counts.limited > 0 {
+            let total = (counts.allowed + counts.limited) as f64;
             rows.push((
                 if self.mode == Some(Mode::Sgl) {
                     "slots"
@@ -349,23 +352,23 @@ impl Report {
                 },
                 format!(
                     "{} allowed, {} limited ({:.1}% limited)",
-                    self.allowed,
-                    self.limited,
-                    100.0 * self.limited as f64 / total
+                    counts.allowed,
+                    counts.limited,
+                    100.0 * counts.limited as f64 / total
                 ),
             ));
         }
-        if self.granted + self.refused > 0 {
+        if counts.granted + counts.refused > 0 {
             rows.push((
                 "locks",
                 format!(
                     "{} granted, {} refused, {} exclusion violations",
-                    self.granted, self.refused, self.violations
+                    counts.granted, counts.refused, counts.violations
                 ),
             ));
         }
-        if self.connections > self.conns as u64 {
-            rows.push(("connections", format!("{} opened", self.connections)));
+        if counts.connections > self.conns as u64 {
+            rows.push(("connections", format!("{} opened", counts.connections)));
         }
         rows.push(("errors", self.errors.to_string()));
         for example in &self.error_examples {
@@ -376,5 +379,82 @@ impl Report {
             out.push_str(&format!("{key:<12} {value}\n"));
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Args;
+    use clap::Parser;
+
+    /// A report built from two threads' recorders with every counter set, for `flags`.
+    fn report(flags: &str) -> Report {
+        let line = format!("loadgen --addr 127.0.0.1:9 --conns 4 --threads 2 {flags}");
+        let args = Args::try_parse_from(line.split_whitespace()).unwrap();
+        let config = Config::from_args(args).unwrap();
+        let from = Instant::now();
+        let mut rec = Recorder::new(from, from + Duration::from_secs(2));
+        let mut other = Recorder::new(from, from + Duration::from_secs(2));
+        for ns in [1_500, 2_500] {
+            rec.latency.record(ns).unwrap();
+        }
+        other.latency.record(40_000).unwrap();
+        (rec.commands, other.commands) = (600, 400);
+        other.error(|| "unexpected reply".into());
+        (rec.counts.granted, other.counts.granted) = (4, 3);
+        (rec.counts.refused, other.counts.refused) = (6, 0);
+        (rec.counts.violations, other.counts.violations) = (2, 3);
+        (rec.counts.connections, other.counts.connections) = (5, 4);
+        (rec.counts.allowed, other.counts.allowed) = (1, 2);
+        (rec.counts.limited, other.counts.limited) = (0, 1);
+        other.handoff(from, from + Duration::from_micros(12));
+        rec.merge(other);
+        Report::new(&config, &rec, true)
+    }
+
+    /// Scripts parse both forms: the field names, their order and the table's rows are fixed.
+    #[test]
+    fn the_table_and_the_json_keep_their_form() {
+        let sgl = report("--workload ratelimit --mode sgl");
+        assert_eq!(
+            serde_json::to_string(&sgl).unwrap(),
+            r#"{"target":"glockd","endpoint":"tcp 127.0.0.1:9","workload":"ratelimit","mode":"sgl","conns":4,"pipeline":1,"threads":2,"rate":null,"keys":100000,"dist":"uniform","key_size":16,"seconds":2.0,"commands":1000,"ops_per_sec":500.0,"latency_us":{"p50":2.501,"p90":40.031,"p99":40.031,"p999":40.031,"max":40.031,"mean":14.672333333333333},"errors":1,"error_examples":["unexpected reply"],"granted":7,"refused":6,"violations":5,"connections":9,"allowed":3,"limited":1,"handoffs":1}"#
+        );
+        assert_eq!(
+            sgl.table(),
+            "\
+target       glockd (tcp 127.0.0.1:9)
+workload     ratelimit sgl, 4 conns, 2 threads, closed loop, pipeline 1, 100000 keys uniform of 16 bytes
+throughput   500 ops/s (1000 commands in 2.00 s)
+latency µs   p50 2.5  p90 40.0  p99 40.0  p99.9 40.0  max 40.0  mean 14.7
+slots        3 allowed, 1 limited (25.0% limited)
+locks        7 granted, 6 refused, 5 exclusion violations
+connections  9 opened
+errors       1
+  e.g.       unexpected reply
+"
+        );
+        let wait = report("--workload wait");
+        assert_eq!(
+            serde_json::to_string(&wait).unwrap(),
+            r#"{"target":"glockd","endpoint":"tcp 127.0.0.1:9","workload":"wait","conns":4,"pipeline":1,"threads":2,"rate":null,"keys":2,"dist":"uniform","key_size":16,"seconds":2.0,"commands":1000,"ops_per_sec":500.0,"latency_us":{"p50":2.501,"p90":40.031,"p99":40.031,"p999":40.031,"max":40.031,"mean":14.672333333333333},"errors":1,"error_examples":["unexpected reply"],"granted":7,"refused":6,"violations":5,"connections":9,"allowed":3,"limited":1,"handoffs":1,"handoff_us":{"p50":12.007,"p90":12.007,"p99":12.007,"p999":12.007,"max":12.007,"mean":12.004}}"#
+        );
+        assert_eq!(
+            wait.table(),
+            "\
+target       glockd (tcp 127.0.0.1:9)
+workload     wait, 4 conns, 2 threads, 2 groups taking turns, 2 keys uniform of 16 bytes
+throughput   500 ops/s (1000 commands in 2.00 s)
+release µs   p50 2.5  p90 40.0  p99 40.0  p99.9 40.0  max 40.0  mean 14.7
+hand-off µs  p50 12.0  p90 12.0  p99 12.0  p99.9 12.0  max 12.0  mean 12.0
+hand-offs    1 (0/s)
+rate limit   3 allowed, 1 limited (25.0% limited)
+locks        7 granted, 6 refused, 5 exclusion violations
+connections  9 opened
+errors       1
+  e.g.       unexpected reply
+"
+        );
     }
 }

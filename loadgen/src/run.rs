@@ -195,14 +195,7 @@ async fn thread_main<D: Dial>(
             if config.workload == Workload::OrphanStorm {
                 return None;
             }
-            let mut stream = match dial.dial().await {
-                Ok(stream) => stream,
-                Err(e) => {
-                    rec.borrow_mut().error(|| format!("connect failed: {e}"));
-                    return None;
-                }
-            };
-            rec.borrow_mut().connections += 1;
+            let mut stream = connect(&dial, &rec).await?;
             if holding {
                 let ok = hold_setup(&mut stream, index, &config, &run, &rec).await;
                 return ok.then_some((index, stream));
@@ -314,6 +307,20 @@ async fn thread_main<D: Dial>(
     deadline
 }
 
+/// Opens one connection and counts it; a failure is counted as an error instead.
+async fn connect<D: Dial>(dial: &D, rec: &RefCell<Recorder>) -> Option<D::Stream> {
+    match dial.dial().await {
+        Ok(stream) => {
+            rec.borrow_mut().counts.connections += 1;
+            Some(stream)
+        }
+        Err(e) => {
+            rec.borrow_mut().error(|| format!("connect failed: {e}"));
+            None
+        }
+    }
+}
+
 /// Hold: take this connection's share of the keys, every one of which must be granted. Idle:
 /// one inspection, to be sure the server has set the connection up.
 async fn hold_setup<S>(
@@ -376,14 +383,9 @@ async fn orphan_storm<D: Dial>(
         if Instant::now() >= end {
             return true;
         }
-        let mut stream = match dial.dial().await {
-            Ok(stream) => stream,
-            Err(e) => {
-                rec.borrow_mut().error(|| format!("connect failed: {e}"));
-                return false;
-            }
+        let Some(mut stream) = connect(&dial, &rec).await else {
+            return false;
         };
-        rec.borrow_mut().connections += 1;
         let limit = Some(config.locks_per_conn);
         let mut session = Session::new(config.clone(), run.clone(), index, KeyPlan::Random, limit);
         let result = drive(&mut stream, &mut session, &mut bufs, &env, None).await;

@@ -231,13 +231,19 @@ impl Session {
     fn forget_held(&mut self, key: u64) {
         if let Some(at) = self.held.iter().position(|&k| k == key) {
             self.held.swap_remove(at);
-            let _ = self.run.holders[key as usize].compare_exchange(
-                self.me,
-                0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            self.clear_holder(key);
         }
+    }
+
+    /// Takes this connection off `key`'s holder record, unless another connection has been
+    /// recorded there since (after a violation, the later grant takes the record over).
+    fn clear_holder(&self, key: u64) {
+        let _ = self.run.holders[key as usize].compare_exchange(
+            self.me,
+            0,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
     }
 
     /// Moves shared locks whose think time is over to the ready follow-ups.
@@ -313,7 +319,7 @@ impl Session {
         };
         match (cmd, outcome) {
             (Cmd::Get, Outcome::Granted) => {
-                rec.granted += 1;
+                rec.counts.granted += 1;
                 if !self.run.holders.is_empty() {
                     self.check_exclusion(key, rec);
                 }
@@ -326,7 +332,7 @@ impl Session {
                 }
             }
             (Cmd::Get, Outcome::Refused) => {
-                rec.refused += 1;
+                rec.counts.refused += 1;
                 if self.config.workload == Workload::Hold {
                     rec.error(|| {
                         self.describe(cmd, key, "a lock nobody else takes was refused", raw)
@@ -342,7 +348,7 @@ impl Session {
                 }
             }
             (Cmd::SharedGetLimit, Outcome::Count(count)) => {
-                rec.allowed += 1;
+                rec.counts.allowed += 1;
                 if count > self.config.limit {
                     rec.error(|| {
                         self.describe(cmd, key, "more holders than the limit let in", raw)
@@ -351,14 +357,14 @@ impl Session {
                 self.hold_shared(key, now);
             }
             (Cmd::SharedGetLimit, Outcome::Full) => {
-                rec.limited += 1;
+                rec.counts.limited += 1;
                 self.finish(key);
             }
             (Cmd::RateLimit, Outcome::Rate { allowed, limit, .. }) => {
                 if allowed {
-                    rec.allowed += 1;
+                    rec.counts.allowed += 1;
                 } else {
-                    rec.limited += 1;
+                    rec.counts.limited += 1;
                 }
                 if limit != u64::from(self.config.burst) + 1 {
                     rec.error(|| self.describe(cmd, key, "a limit other than BURST + 1", raw));
@@ -388,7 +394,7 @@ impl Session {
     fn check_exclusion(&mut self, key: u64, rec: &mut Recorder) {
         let slot = &self.run.holders[key as usize];
         if let Err(other) = slot.compare_exchange(0, self.me, Ordering::AcqRel, Ordering::Acquire) {
-            rec.violations += 1;
+            rec.counts.violations += 1;
             let mut name = Vec::new();
             self.config.keys.write_name(key, &mut name);
             let me = self.me;
@@ -419,12 +425,7 @@ impl Drop for Session {
     /// The connection is going away, and its locks with it: it no longer holds anything.
     fn drop(&mut self) {
         for key in std::mem::take(&mut self.held) {
-            let _ = self.run.holders[key as usize].compare_exchange(
-                self.me,
-                0,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+            self.clear_holder(key);
         }
     }
 }

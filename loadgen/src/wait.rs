@@ -409,11 +409,11 @@ impl Member {
         let outcome = wire::classify(target, cmd, raw);
         match (cmd, outcome) {
             (Cmd::GetWait, Some(Outcome::Granted)) => {
-                rec.granted += 1;
+                rec.counts.granted += 1;
                 let mut group = self.group.borrow_mut();
                 group.waiting[self.me] = None;
                 if let Some(other) = group.holder.filter(|&h| h != self.me) {
-                    rec.violations += 1;
+                    rec.counts.violations += 1;
                     let name = self.name();
                     rec.error(|| {
                         format!(

@@ -19,6 +19,14 @@ fn glockd(shards: u16) -> (glockd::ServerHandle, SocketAddr) {
     (server, addr)
 }
 
+/// The no-op server on a loopback TCP port, with one thread.
+fn noop_server() -> (noop::NoopServer, SocketAddr) {
+    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+    let server = noop::start(Some(tcp), None, 1).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    (server, addr)
+}
+
 /// Runs `loadgen` with these flags (bounded: a small request count and a 2 s cap).
 fn loadgen(flags: &str) -> Report {
     let line = format!("loadgen --quiet --duration 2s --threads 2 {flags}");
@@ -44,7 +52,7 @@ fn churn_pipelined_and_not() {
              --duration 30s"
         ));
         assert_clean(&report);
-        assert!(report.granted > 0);
+        assert!(report.counts.granted > 0);
         assert!(report.commands >= 20_000, "{}", report.table());
     }
 }
@@ -56,9 +64,9 @@ fn contention_keeps_mutual_exclusion() {
         "--addr {addr} --workload contention --conns 24 --keys 4 --pipeline 2 --requests 20000"
     ));
     assert_clean(&report);
-    assert_eq!(report.violations, 0);
+    assert_eq!(report.counts.violations, 0);
     assert!(
-        report.granted > 0 && report.refused > 0,
+        report.counts.granted > 0 && report.counts.refused > 0,
         "{}",
         report.table()
     );
@@ -105,7 +113,7 @@ fn ratelimit_sgl_lets_in_at_most_the_limit() {
     ));
     assert_clean(&report);
     assert!(
-        report.allowed > 0 && report.limited > 0,
+        report.counts.allowed > 0 && report.counts.limited > 0,
         "{}",
         report.table()
     );
@@ -121,20 +129,20 @@ fn ratelimit_rl_allows_bursts_then_limits() {
          --burst 4 --count 10 --period-ms 1000 --duration 1s"
     ));
     assert_clean(&report);
-    assert!(report.limited > 0, "{}", report.table());
+    assert!(report.counts.limited > 0, "{}", report.table());
     // Per name: a burst of 5 at once, then 10 a second, over about a second of run.
     assert!(
-        (8 * 5..=8 * (5 + 10 * 3)).contains(&report.allowed),
+        (8 * 5..=8 * (5 + 10 * 3)).contains(&report.counts.allowed),
         "{}",
         report.table()
     );
     // Every decision the server made was seen and counted, and no other.
     let stats = server.stats();
-    assert_eq!(stats.rate_limit_allowed, report.allowed);
-    assert_eq!(stats.rate_limit_limited, report.limited);
+    assert_eq!(stats.rate_limit_allowed, report.counts.allowed);
+    assert_eq!(stats.rate_limit_limited, report.counts.limited);
     let json = serde_json::to_value(&report).unwrap();
     assert_eq!(json["mode"], "rl");
-    assert_eq!(json["allowed"], report.allowed);
+    assert_eq!(json["allowed"], report.counts.allowed);
 }
 
 #[test]
@@ -146,7 +154,7 @@ fn wait_hands_the_lock_on_in_groups() {
     ));
     assert_clean(&report);
     assert_eq!(report.keys, 4, "{}", report.table());
-    assert_eq!(report.violations, 0);
+    assert_eq!(report.counts.violations, 0);
     assert!(report.handoffs > 0, "{}", report.table());
     let handoff = report.handoff_us.as_ref().expect("hand-off percentiles");
     assert!(handoff.p50 > 0.0 && handoff.p99 >= handoff.p50);
@@ -155,7 +163,7 @@ fn wait_hands_the_lock_on_in_groups() {
         s.locks == 0 && s.lock_waiters == 0
     });
     let stats = server.stats();
-    assert_eq!(stats.lock_waits_granted, report.granted);
+    assert_eq!(stats.lock_waits_granted, report.counts.granted);
     assert_eq!(stats.lock_waits_timed_out, 0);
 }
 
@@ -177,14 +185,12 @@ fn wait_in_pairs_bounded_by_requests() {
 fn wait_catches_a_server_that_grants_every_waiter() {
     // The no-op server answers every `gw` with `1 Got Lock` at once: two members of a group
     // are told they hold the name together.
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = noop::start(Some(tcp), None, 1).unwrap();
-    let addr = server.tcp_addr().unwrap();
+    let (_server, addr) = noop_server();
     let report = loadgen(&format!(
         "--target noop --workload wait --addr {addr} --conns 4 --duration 200ms"
     ));
-    assert!(report.violations > 0, "{}", report.table());
-    assert!(report.errors >= report.violations);
+    assert!(report.counts.violations > 0, "{}", report.table());
+    assert!(report.errors >= report.counts.violations);
 }
 
 #[test]
@@ -195,16 +201,8 @@ fn orphan_storm_leaves_no_lock_behind() {
          --keys 1000 --requests 8000"
     ));
     assert_clean(&report);
-    assert!(report.connections > 8, "{}", report.table());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.stats().locks != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "locks left: {}",
-            server.stats().locks
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert!(report.counts.connections > 8, "{}", report.table());
+    eventually(&server, "every lock released", |s| s.locks == 0);
     assert!(server.stats().orphans > 0);
 }
 
@@ -227,16 +225,8 @@ fn hold_takes_every_key_once() {
         "--addr {addr} --workload hold --conns 4 --keys 2000 --pipeline 64 --duration 100ms"
     ));
     assert_eq!(report.errors, 0, "{}", report.table());
-    assert_eq!(report.granted, 2000);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while server.stats().locks != 0 {
-        assert!(
-            Instant::now() < deadline,
-            "locks left: {}",
-            server.stats().locks
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    assert_eq!(report.counts.granted, 2000);
+    eventually(&server, "every lock released", |s| s.locks == 0);
 }
 
 #[test]
@@ -266,9 +256,7 @@ fn noop_server_over_tcp_and_unix() {
 #[test]
 fn a_wrong_reply_is_an_error() {
     // The no-op server's `1 Got Lock` is not what glockd answers to `r`.
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = noop::start(Some(tcp), None, 1).unwrap();
-    let addr = server.tcp_addr().unwrap();
+    let (_server, addr) = noop_server();
     let report = loadgen(&format!(
         "--target glockd --addr {addr} --conns 2 --requests 200"
     ));
@@ -286,13 +274,11 @@ fn a_server_that_grants_everything_is_caught() {
     // Open loop, so that a connection holds each grant until its next tick (a few ms) and the
     // overlap is seen on one client thread; in a closed loop the release follows the grant
     // with no other connection running in between, and only a race between threads shows it.
-    let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
-    let server = noop::start(Some(tcp), None, 1).unwrap();
-    let addr = server.tcp_addr().unwrap();
+    let (_server, addr) = noop_server();
     let report = loadgen(&format!(
         "--target noop --workload contention --addr {addr} --conns 8 --keys 2 --rate 4000 \
          --duration 500ms"
     ));
-    assert!(report.violations > 0, "{}", report.table());
-    assert!(report.errors >= report.violations);
+    assert!(report.counts.violations > 0, "{}", report.table());
+    assert!(report.errors >= report.counts.violations);
 }

@@ -2,6 +2,7 @@
 //! transport that asserts exact bytes.
 #![allow(dead_code)]
 
+pub mod model;
 pub mod transport;
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! The protocol's commands on a [`Conn`]: reading a reply's integer, listings (which have no end
-//! marker), `q` and `me`.
+//! marker over a byte stream, and are one message over the websocket door), `q` and `me`.
 //!
 //! Strict mode holds replies to the documented form `<integer> <text>\n`. Compat mode reads them
 //! the way clients of the original server did: only the leading integer counts, and a trailing
@@ -94,6 +94,16 @@ impl Conn {
         ensure(code == want, label(line), want, quoted(&reply))
     }
 
+    /// Like [`Conn::expect`] for a line sent exactly as given, its line ending included (over
+    /// the websocket door, as one message).
+    pub async fn expect_bytes(&mut self, line: &str, want: u64) -> Result<(), Verdict> {
+        self.send_raw(line.as_bytes()).await?;
+        let what = label(line);
+        let reply = self.read_line(&what).await?;
+        let code = self.parse_reply(line, &reply)?;
+        ensure(code == want, what, want, quoted(&reply))
+    }
+
     /// Like [`Conn::expect`] for a command the server may have turned off: `0 disabled` skips
     /// the check.
     pub async fn expect_enabled(&mut self, line: &str, want: u64) -> Result<(), Verdict> {
@@ -139,14 +149,20 @@ impl Conn {
         }
     }
 
-    /// A listing command (`d NAME`, `sd NAME`, `who NAME`): its rows. Listings have no end
-    /// marker and may be empty, so an `i` on a name nobody holds follows as a marker: its reply
-    /// (`0 …`) cannot be a row, since rows never start with an integer and a space.
+    /// A listing command (`d NAME`, `sd NAME`, `who NAME`): its rows. A `0 disabled` answer
+    /// skips the check.
     ///
-    /// Strict mode sends the command and the marker in one write (pipelining is documented).
-    /// Compat mode sends the marker only once `expect_rows` rows have come, because the original
-    /// loses every line after the first in one read; for an expected empty listing it waits a
-    /// moment first. A `0 disabled` answer skips the check.
+    /// Over a byte stream listings have no end marker and may be empty, so an `i` on a name
+    /// nobody holds follows as a marker: its reply (`0 …`) cannot be a row, since rows never
+    /// start with an integer and a space. Strict mode sends the command and the marker in one
+    /// write (pipelining is documented). Compat mode sends the marker only once `expect_rows`
+    /// rows have come, because the original loses every line after the first in one read; for
+    /// an expected empty listing it waits a moment first.
+    ///
+    /// Over the websocket door the listing is one message (an empty one when there are no
+    /// rows). Strict mode still sends the marker, in the same message: its reply must be the
+    /// next message, which catches a server that splits a listing over several messages or
+    /// sends nothing for an empty one. Compat mode sends the command alone, one per message.
     pub async fn listing(
         &mut self,
         command: &str,
@@ -155,65 +171,130 @@ impl Conn {
     ) -> Result<Vec<String>, Verdict> {
         let what = label(command);
         let marker = format!("i {marker_name}");
-        let mut rows = Vec::new();
-        if self.compat() {
-            self.send(command).await?;
-            for row in 1..=expect_rows {
-                let line = self
-                    .read_line(&format!("{what} (row {row} of {expect_rows})"))
-                    .await?;
-                if reply_code(&line).is_some() {
-                    return Err(listing_reply(&what, &line, expect_rows));
-                }
-                rows.push(line);
-            }
-            if expect_rows == 0 {
-                tokio::time::sleep(settle(self.timeout())).await;
-            }
-            self.send(&marker).await?;
-        } else {
+        if !self.compat() {
             self.send_raw(format!("{command}\n{marker}\n").as_bytes())
                 .await?;
+            return self.listing_rows(&what, expect_rows).await;
         }
+        self.send(command).await?;
+        if self.framed() {
+            return self.message_rows(&what, expect_rows, false).await;
+        }
+        let mut rows = Vec::new();
+        for row in 1..=expect_rows {
+            let line = self
+                .read_line(&format!("{what} (row {row} of {expect_rows})"))
+                .await?;
+            if reply_code(&line).is_some() {
+                return Err(listing_reply(&what, &line, expect_rows));
+            }
+            rows.push(line);
+        }
+        if expect_rows == 0 {
+            tokio::time::sleep(settle(self.timeout())).await;
+        }
+        self.send(&marker).await?;
+        self.rows_until_marker(&what, expect_rows, rows).await
+    }
+
+    /// The rows of a listing that was sent with the marker `i` right after it (see
+    /// [`Conn::listing`]), read from either kind of door.
+    pub async fn listing_rows(
+        &mut self,
+        what: &str,
+        expect_rows: usize,
+    ) -> Result<Vec<String>, Verdict> {
+        if self.framed() {
+            self.message_rows(what, expect_rows, true).await
+        } else {
+            self.rows_until_marker(what, expect_rows, Vec::new()).await
+        }
+    }
+
+    /// Byte stream: lines up to the marker's reply, after the `rows` already read.
+    async fn rows_until_marker(
+        &mut self,
+        what: &str,
+        expect_rows: usize,
+        mut rows: Vec<String>,
+    ) -> Result<Vec<String>, Verdict> {
         loop {
-            let line = self.read_line(&what).await?;
+            let line = self.read_line(what).await?;
             if reply_code(&line).is_some() {
                 if rows.is_empty() && is_disabled(&line) {
-                    return Err(listing_reply(&what, &line, expect_rows));
+                    return Err(listing_reply(what, &line, expect_rows));
                 }
                 // The marker's own reply: the listing is over.
                 return Ok(rows);
             }
             rows.push(line);
             if rows.len() > MAX_ROWS {
-                return Err(Verdict::expected(
-                    &what,
-                    format!("{expect_rows} rows"),
-                    format!("more than {MAX_ROWS}"),
-                ));
+                return Err(too_many_rows(what, expect_rows));
             }
         }
     }
 
-    /// `q`: every counter. The reply ends with the `shared_orphans` line (keys are sorted).
+    /// Websocket door: the listing's one message, then (when `marker_follows`) the marker's
+    /// reply as the next message.
+    async fn message_rows(
+        &mut self,
+        what: &str,
+        expect_rows: usize,
+        marker_follows: bool,
+    ) -> Result<Vec<String>, Verdict> {
+        let rows = self.read_message(what).await?;
+        if let [only] = rows.as_slice() {
+            if is_disabled(only) {
+                return Err(listing_reply(what, only, expect_rows));
+            }
+        }
+        // A reply line here is the marker's: the listing's own message never came (an empty
+        // listing must still be answered, with an empty message).
+        if let Some(reply) = rows.iter().find(|row| reply_code(row).is_some()) {
+            return Err(Verdict::expected(
+                what,
+                format!("{expect_rows} rows in one message (an empty message for none)"),
+                format!("a message with the reply line {}", quoted(reply)),
+            ));
+        }
+        if rows.len() > MAX_ROWS {
+            return Err(too_many_rows(what, expect_rows));
+        }
+        if marker_follows {
+            let next = self.read_line(&format!("the message after {what}")).await?;
+            if reply_code(&next).is_none() {
+                return Err(Verdict::expected(
+                    format!("the message after {what}"),
+                    "the next command's reply (the listing whole in one message)",
+                    format!("another row {}", quoted(&next)),
+                ));
+            }
+        }
+        Ok(rows)
+    }
+
+    /// `q`: every counter. Over a byte stream the reply ends with the `shared_orphans` line
+    /// (keys are sorted); over the websocket door it is one message.
     pub async fn stats(&mut self) -> Result<Stats, Verdict> {
         self.send("q").await?;
         let mut stats = Stats::default();
-        for _ in 0..MAX_STATS_LINES {
-            let line = self.read_line("`q`").await?;
-            let parsed = line
-                .split_once(": ")
-                .and_then(|(key, value)| Some((key, value.parse::<u64>().ok()?)));
-            let Some((key, value)) = parsed else {
+        if self.framed() {
+            let lines = self.read_message("`q`").await?;
+            if lines.len() > MAX_STATS_LINES {
                 return Err(Verdict::expected(
                     "`q`",
-                    "lines `key: value`",
-                    quoted(&line),
+                    format!("at most {MAX_STATS_LINES} lines"),
+                    lines.len(),
                 ));
-            };
-            stats.values.insert(key.to_owned(), value);
-            stats.order.push(key.to_owned());
-            if key == LAST_STATS_KEY {
+            }
+            for line in &lines {
+                stats.add(line)?;
+            }
+            return Ok(stats);
+        }
+        for _ in 0..MAX_STATS_LINES {
+            let line = self.read_line("`q`").await?;
+            if stats.add(&line)? == LAST_STATS_KEY {
                 return Ok(stats);
             }
         }
@@ -223,6 +304,30 @@ impl Conn {
             format!("{MAX_STATS_LINES} lines without one"),
         ))
     }
+}
+
+impl Stats {
+    /// Adds one `key: value` line of `q`; returns the key.
+    fn add<'a>(&mut self, line: &'a str) -> Result<&'a str, Verdict> {
+        let parsed = line
+            .split_once(": ")
+            .and_then(|(key, value)| Some((key, value.parse::<u64>().ok()?)));
+        let Some((key, value)) = parsed else {
+            return Err(Verdict::expected("`q`", "lines `key: value`", quoted(line)));
+        };
+        self.values.insert(key.to_owned(), value);
+        self.order.push(key.to_owned());
+        Ok(key)
+    }
+}
+
+/// The verdict on a listing with more rows than the tester's own names can have.
+fn too_many_rows(what: &str, expect_rows: usize) -> Verdict {
+    Verdict::expected(
+        what,
+        format!("{expect_rows} rows"),
+        format!("more than {MAX_ROWS}"),
+    )
 }
 
 /// The verdict on a listing that answered with a reply line instead of rows.

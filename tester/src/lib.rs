@@ -8,6 +8,7 @@
 //!
 //! The modules:
 //! - [`conn`]: the transport-neutral connection factory and the line client with timeouts.
+//! - [`ws`]: the websocket door, where every reply is one message.
 //! - [`commands`]: replies, listings, `q` and `me` on top of a connection.
 //! - [`ctx`]: what each check gets: connections, fresh names, the mode, bounded polling.
 //! - [`checks`]: the checks themselves, in the order they run.
@@ -25,11 +26,13 @@ pub mod conn;
 pub mod ctx;
 pub mod report;
 pub mod verdict;
+pub mod ws;
 
 use conn::{Connector, Settings, TcpConnector};
 use ctx::Ctx;
 use report::{CheckResult, Report, Status};
 use verdict::Verdict;
+use ws::WsConnector;
 
 /// The command line.
 #[derive(Parser, Debug, Clone)]
@@ -45,8 +48,13 @@ pub struct Options {
 
     /// Check the server's unix socket at this path instead of TCP (`--host` is then unused).
     #[cfg(unix)]
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", conflicts_with = "ws")]
     pub unix: Option<std::path::PathBuf>,
+
+    /// Check the server's websocket door at this URL (`ws://HOST:PORT/`) instead of TCP
+    /// (`--host` is then unused): one command per message, one message per reply.
+    #[arg(long, value_name = "URL", value_parser = ws_url)]
+    pub ws: Option<String>,
 
     /// Longest wait for any one reply, in milliseconds; also bounds every poll.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -93,6 +101,12 @@ impl Options {
 
     /// The connection factory for the chosen door.
     pub fn connector(&self) -> Arc<dyn Connector> {
+        if let Some(url) = &self.ws {
+            return Arc::new(WsConnector {
+                url: url.clone(),
+                max_message: conn::max_message_bytes(&self.settings()),
+            });
+        }
         #[cfg(unix)]
         if let Some(path) = &self.unix {
             return Arc::new(conn::UnixConnector { path: path.clone() });
@@ -100,6 +114,21 @@ impl Options {
         Arc::new(TcpConnector {
             host: self.host.clone(),
         })
+    }
+}
+
+/// Accepts a `ws://` URL. `wss://` is refused here, with the reason, rather than failing every
+/// check later: the tester has no TLS, and glockd's websocket door serves none.
+fn ws_url(url: &str) -> Result<String, String> {
+    let scheme = url
+        .split_once("://")
+        .map(|(scheme, _)| scheme.to_ascii_lowercase());
+    match scheme.as_deref() {
+        Some("ws") => Ok(url.to_owned()),
+        Some("wss") => {
+            Err("wss:// (TLS) is not supported: glockd's websocket door is plain ws://".into())
+        }
+        _ => Err("expected a URL like ws://127.0.0.1:9998/".into()),
     }
 }
 

@@ -54,6 +54,18 @@ fn passes_against_the_real_server_with_exit_status_0() {
 }
 
 #[test]
+fn passes_over_the_websocket_door_with_exit_status_0() {
+    let server = RealServer::start_ws(2, |_| {});
+    // Go style, as the server's own flags: `-ws URL`.
+    let output = tester(&["-ws", &server.ws_url()]);
+    let text = stdout(&output);
+    assert!(output.status.success(), "{text}");
+    let (passed, failed, skipped) = summary(&output);
+    assert_eq!((failed, skipped), (0, 0), "{text}");
+    assert_eq!(text.lines().count(), passed + 1, "{text}");
+}
+
+#[test]
 fn accepts_the_original_testers_go_style_flags() {
     let server = RealServer::start(1, |_| {});
     let host = server.addr().to_string();
@@ -120,5 +132,20 @@ fn an_unreachable_server_is_a_failure() {
 fn bad_flags_are_a_usage_error() {
     assert_eq!(tester(&["--no-such-flag"]).status.code(), Some(2));
     assert_eq!(tester(&["--timeout-ms", "0"]).status.code(), Some(2));
+    // The websocket door is plain `ws://`; anything else is refused before any check runs.
+    for url in [
+        "http://127.0.0.1:9998/",
+        "127.0.0.1:9998",
+        "wss://127.0.0.1:9998/",
+    ] {
+        let output = tester(&["--ws", url]);
+        assert_eq!(output.status.code(), Some(2), "{url}");
+    }
+    let output = tester(&["--ws", "wss://127.0.0.1:9998/"]);
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(error.contains("wss:// (TLS) is not supported"), "{error}");
+    // One door at a time.
+    let both = ["--ws", "ws://127.0.0.1:9998/", "--unix", "/tmp/glockd.sock"];
+    assert_eq!(tester(&both).status.code(), Some(2));
     assert_eq!(tester(&["--help"]).status.code(), Some(0));
 }

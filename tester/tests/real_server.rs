@@ -1,13 +1,16 @@
 //! The tester against the real server, started in this process on an ephemeral loopback port:
-//! everything passes with one shard and with several, in strict and in compat mode, and the
-//! checks a server has turned off are skipped, not failed.
+//! everything passes with one shard and with several, in strict and in compat mode, over TCP,
+//! the unix socket and the websocket door, and the checks a server has turned off are skipped,
+//! not failed.
 
 mod support;
 
 use std::time::{Duration, Instant};
 
 use glockd_tester::report::Status;
-use support::{assert_no_failures, assert_status, run, run_args, RealServer, REAL_TIMEOUT_MS};
+use support::{
+    assert_no_failures, assert_status, run, run_args, run_ws, RealServer, REAL_TIMEOUT_MS,
+};
 
 /// Checks that need `d`, `sd`, `dump` or `who`.
 const NEED_DUMP: [&str; 8] = [
@@ -185,4 +188,95 @@ async fn every_check_passes_over_the_unix_socket() {
     assert_no_failures(&report);
     assert_eq!(report.skipped, 0, "{}", support::shown(&report));
     assert!(report.target.starts_with("unix "), "{}", report.target);
+}
+
+async fn every_check_passes_over_the_websocket_door(shards: u16) {
+    let server = RealServer::start_ws(shards, |_| {});
+    let report = run_ws(&server.ws_url(), REAL_TIMEOUT_MS, &[]).await;
+    assert_no_failures(&report);
+    assert_eq!(report.skipped, 0, "{}", support::shown(&report));
+    assert!(report.target.starts_with("ws ws://"), "{}", report.target);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_check_passes_over_the_websocket_door_with_one_shard() {
+    every_check_passes_over_the_websocket_door(1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_check_passes_over_the_websocket_door_with_four_shards() {
+    every_check_passes_over_the_websocket_door(4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compat_mode_passes_over_the_websocket_door() {
+    for shards in [1, 4] {
+        let server = RealServer::start_ws(shards, |_| {});
+        let report = run_ws(&server.ws_url(), REAL_TIMEOUT_MS, &["--compat"]).await;
+        assert_no_failures(&report);
+        // The same four as over TCP: pipelining, the unknown command's reply, empty lines.
+        assert_eq!(report.skipped, 4, "{}", support::shown(&report));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_checks_are_skipped_over_the_websocket_door_when_dump_is_disabled() {
+    let server = RealServer::start_ws(4, |c| c.dump = false);
+    let report = run_ws(&server.ws_url(), REAL_TIMEOUT_MS, &[]).await;
+    assert_no_failures(&report);
+    for name in NEED_DUMP {
+        assert_status(&report, name, Status::Skip);
+    }
+    assert_eq!(
+        report.skipped,
+        NEED_DUMP.len(),
+        "{}",
+        support::shown(&report)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dump_longer_than_the_cap_is_skipped_over_the_websocket_door() {
+    let server = RealServer::start_ws(2, |_| {});
+    let report = run_ws(
+        &server.ws_url(),
+        REAL_TIMEOUT_MS,
+        &["--max-dump-bytes", "16"],
+    )
+    .await;
+    assert_no_failures(&report);
+    for name in [
+        "dump_contains_lock",
+        "dump_shared_contains_lock",
+        "registry_dump_shows_raw_id",
+    ] {
+        assert_status(&report, name, Status::Skip);
+        let detail = &report.get(name).unwrap().detail;
+        assert!(
+            detail.contains("is longer than --max-dump-bytes 16"),
+            "{detail}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_run_leaves_no_lock_held_and_no_connection_open() {
+    let server = RealServer::start_ws(4, |_| {});
+    let report = run_ws(&server.ws_url(), REAL_TIMEOUT_MS, &[]).await;
+    assert_no_failures(&report);
+    // Every websocket the tester opened was closed with a close frame; the server ends each
+    // in its own time. Looked at through the TCP door, which shares the table.
+    let mut client = glockd::client::Client::connect(server.addr())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = client.stats().await.unwrap();
+        let clean = stats["locks"] == 0 && stats["shared_locks"] == 0 && stats["connections"] == 1;
+        if clean {
+            return;
+        }
+        assert!(Instant::now() < deadline, "left behind: {stats:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

@@ -147,7 +147,7 @@ pub async fn read_dump(ctx: &Ctx, conn: &mut Conn, command: &str) -> Result<Stri
         line.starts_with("map[") && line.ends_with(']'),
         &what,
         "one line `map[…]`",
-        quoted(&excerpt(&line, "")),
+        excerpt(&line, ""),
     )?;
     Ok(line)
 }

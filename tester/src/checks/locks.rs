@@ -164,14 +164,15 @@ pub async fn whitespace_collapsed(ctx: &Ctx) -> Result<(), Verdict> {
     Ok(())
 }
 
-/// Lines may end in `\r\n`: the `\r` is not part of the name.
+/// Lines may end in `\r\n`: the `\r` is not part of the name. The lines are sent with their
+/// `\r\n` as they are, so that over the websocket door too each message is a CRLF line.
 pub async fn crlf_accepted(ctx: &Ctx) -> Result<(), Verdict> {
     let name = ctx.lock_name("crlf");
     let (mut a, mut b) = (ctx.connect().await?, ctx.connect().await?);
-    a.expect(&format!("g {name}\r"), 1).await?;
+    a.expect_bytes(&format!("g {name}\r\n"), 1).await?;
     b.expect(&format!("i {name}"), 1).await?;
-    a.expect(&format!("i {name}\r"), 1).await?;
-    a.expect(&format!("r {name}\r"), 1).await?;
+    a.expect_bytes(&format!("i {name}\r\n"), 1).await?;
+    a.expect_bytes(&format!("r {name}\r\n"), 1).await?;
     b.expect(&format!("i {name}"), 0).await?;
     close_all([a, b]).await;
     Ok(())

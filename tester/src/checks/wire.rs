@@ -4,7 +4,7 @@
 use crate::checks::listings::rows_text;
 use crate::checks::locks::close_all;
 use crate::checks::stats::UNKNOWN_COMMAND;
-use crate::commands::{is_disabled, reply_code, settle};
+use crate::commands::{reply_code, settle};
 use crate::conn::label;
 use crate::ctx::{Ctx, Poll};
 use crate::verdict::{ensure, quoted, Verdict};
@@ -22,6 +22,8 @@ pub async fn connect(ctx: &Ctx) -> Result<(), Verdict> {
 }
 
 /// Many commands in one write get one reply each, in order, each seeing the ones before it.
+/// Over the websocket door the write is one message of newline-separated commands, and each
+/// reply must be a message of its own.
 pub async fn pipelining_in_order(ctx: &Ctx) -> Result<(), Verdict> {
     ctx.strict_only("the original lost every line after the first in one read")?;
     let (name, shared) = (ctx.lock_name("pipeline"), ctx.lock_name("pipeline-shared"));
@@ -50,7 +52,8 @@ pub async fn pipelining_in_order(ctx: &Ctx) -> Result<(), Verdict> {
     Ok(())
 }
 
-/// `g NAME` and `d NAME` in one write: the listing already shows the lock.
+/// `g NAME` and `d NAME` in one write: the listing already shows the lock. Over the websocket
+/// door the write is one message, answered by one message per command.
 pub async fn pipelining_get_then_list(ctx: &Ctx) -> Result<(), Verdict> {
     ctx.strict_only("the original lost every line after the first in one read")?;
     let name = ctx.lock_name("pipeline-d");
@@ -61,20 +64,7 @@ pub async fn pipelining_get_then_list(ctx: &Ctx) -> Result<(), Verdict> {
     let reply = a.read_line(&format!("`g {name}`")).await?;
     let code = a.parse_reply(&format!("g {name}"), &reply)?;
     ensure(code == 1, format!("`g {name}`"), 1, quoted(&reply))?;
-    let mut rows = Vec::new();
-    loop {
-        let line = a.read_line(&format!("`d {name}` after `g {name}`")).await?;
-        if is_disabled(&line) && rows.is_empty() {
-            return Err(Verdict::skip(format!(
-                "`d {name}` answered {}",
-                quoted(&line)
-            )));
-        }
-        if reply_code(&line).is_some() || rows.len() > 8 {
-            break;
-        }
-        rows.push(line);
-    }
+    let rows = a.listing_rows(&format!("`d {name}`"), 1).await?;
     let want = vec![format!("{name}: {id}")];
     ensure(
         rows == want,
@@ -104,7 +94,8 @@ pub async fn unknown_command(ctx: &Ctx) -> Result<(), Verdict> {
     Ok(())
 }
 
-/// A line of nothing but whitespace gets no reply at all.
+/// A line of nothing but whitespace gets no reply at all (over the websocket door: a message of
+/// nothing but whitespace gets no message back).
 pub async fn empty_line(ctx: &Ctx) -> Result<(), Verdict> {
     ctx.strict_only("the original counted an empty line as an invalid command")?;
     let name = ctx.lock_name("empty-line");

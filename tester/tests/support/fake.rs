@@ -2,14 +2,20 @@
 //! loopback port, where each [`Faults`] flag breaks exactly one rule. With no faults it is a
 //! correct server (a test proves the tester passes it), so a check that fails against a faulty
 //! one fails because of that fault.
+//!
+//! It serves either the line protocol over TCP ([`Fake::start`]) or the websocket door
+//! ([`Fake::start_ws`]: each message's lines are run in order and each reply goes back as one
+//! message, an empty listing as an empty message), with the same state and the same faults.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
 
 /// Rules the fake can break, one flag each.
 #[derive(Clone, Copy, Debug, Default)]
@@ -62,6 +68,14 @@ pub struct Faults {
     pub frozen_stats: bool,
     /// `locks`, `shared_locks` and `connections` always read 0.
     pub gauges_zero: bool,
+    /// `i` on a held lock answers a 2 MiB line: longer than any cap the tester reads with.
+    pub huge_held_inspect: bool,
+    /// Websocket door: each line of a reply goes in a message of its own (a listing split
+    /// over several messages, as a naive line-to-message adapter would send it).
+    pub ws_rows_per_message: bool,
+    /// Websocket door: an empty reply (an empty listing) sends no message at all, as if the
+    /// reply were a byte stream.
+    pub ws_no_empty_message: bool,
     /// Replies as the original wrote them: `1 Lock Get Success: NAME`, `\r\n` after shared
     /// replies; with `first_line_per_read` and `silent_on_unknown` this is the original.
     pub original_texts: bool,
@@ -127,8 +141,27 @@ impl Drop for Fake {
     }
 }
 
+/// Which protocol the fake speaks on its port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Door {
+    /// Lines over TCP.
+    Tcp,
+    /// The websocket door.
+    Ws,
+}
+
 impl Fake {
+    /// The fake on TCP.
     pub async fn start(faults: Faults) -> Fake {
+        Fake::start_on(Door::Tcp, faults).await
+    }
+
+    /// The fake as a websocket door.
+    pub async fn start_ws(faults: Faults) -> Fake {
+        Fake::start_on(Door::Ws, faults).await
+    }
+
+    pub async fn start_on(door: Door, faults: Faults) -> Fake {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind loopback");
@@ -136,27 +169,38 @@ impl Fake {
         let state = Arc::new(Mutex::new(State::default()));
         let accept = tokio::spawn(async move {
             while let Ok((stream, peer)) = listener.accept().await {
-                tokio::spawn(serve(stream, peer, state.clone(), faults));
+                match door {
+                    Door::Tcp => tokio::spawn(serve(stream, peer, state.clone(), faults)),
+                    Door::Ws => tokio::spawn(serve_ws(stream, peer, state.clone(), faults)),
+                };
             }
         });
         Fake { addr, accept }
     }
+
+    /// The URL of a fake started with [`Fake::start_ws`].
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/", self.addr)
+    }
+}
+
+/// Registers a new connection; returns its number.
+fn register(state: &Mutex<State>, peer: SocketAddr) -> u64 {
+    let mut s = state.lock().unwrap();
+    s.next += 1;
+    let conn = s.next;
+    s.clients.insert(
+        conn,
+        Client {
+            id: peer.to_string(),
+            name: None,
+        },
+    );
+    conn
 }
 
 async fn serve(mut stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, f: Faults) {
-    let conn = {
-        let mut s = state.lock().unwrap();
-        s.next += 1;
-        let conn = s.next;
-        s.clients.insert(
-            conn,
-            Client {
-                id: peer.to_string(),
-                name: None,
-            },
-        );
-        conn
-    };
+    let conn = register(&state, peer);
     let mut input = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -169,7 +213,8 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>
         while let Some(at) = input.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = input.drain(..=at).collect();
             let line = String::from_utf8_lossy(&line[..at]).into_owned();
-            out.extend_from_slice(handle(&mut state.lock().unwrap(), conn, &line, &f).as_bytes());
+            let reply = handle(&mut state.lock().unwrap(), conn, &line, &f);
+            out.extend_from_slice(reply.unwrap_or_default().as_bytes());
             if f.first_line_per_read {
                 input.clear();
             }
@@ -178,6 +223,50 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>
             break;
         }
     }
+    disconnect(&state, conn, &f);
+}
+
+async fn serve_ws(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, f: Faults) {
+    // Until the handshake is done there is no connection to register.
+    let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+        return;
+    };
+    let conn = register(&state, peer);
+    'messages: while let Some(Ok(message)) = ws.next().await {
+        let data = match message {
+            Message::Text(text) => text.as_bytes().to_vec(),
+            Message::Binary(data) => data.to_vec(),
+            Message::Close(_) => break,
+            _ => continue,
+        };
+        // A message with or without a trailing newline is the same command.
+        let body = data.strip_suffix(b"\n").unwrap_or(&data);
+        let mut replies = Vec::new();
+        for line in body.split(|&b| b == b'\n') {
+            let line = String::from_utf8_lossy(line);
+            match handle(&mut state.lock().unwrap(), conn, &line, &f) {
+                None => {}
+                Some(reply) if reply.is_empty() && f.ws_no_empty_message => {}
+                Some(reply) if f.ws_rows_per_message => {
+                    replies.extend(reply.split_inclusive('\n').map(str::to_owned));
+                }
+                Some(reply) => replies.push(reply),
+            }
+            if f.first_line_per_read {
+                break;
+            }
+        }
+        for reply in replies {
+            if ws.send(Message::text(reply)).await.is_err() {
+                break 'messages;
+            }
+        }
+    }
+    disconnect(&state, conn, &f);
+}
+
+/// A connection ended: release its locks (unless the fault says not to) and forget it.
+fn disconnect(state: &Mutex<State>, conn: u64, f: &Faults) {
     let mut s = state.lock().unwrap();
     if !f.no_orphaning {
         let held: Vec<String> = s
@@ -210,26 +299,29 @@ fn is_space(c: char, f: &Faults) -> bool {
     matches!(c, ' ' | '\t') || (c == '\r' && !f.crlf_kept)
 }
 
-/// Runs one line; returns its reply bytes (possibly none).
-fn handle(s: &mut State, conn: u64, line: &str, f: &Faults) -> String {
+/// Runs one line; returns its reply bytes, or `None` when the line gets no reply at all (a
+/// blank line; an unknown command with `silent_on_unknown`). `Some("")` is an empty listing,
+/// which the websocket door still answers, with an empty message.
+fn handle(s: &mut State, conn: u64, line: &str, f: &Faults) -> Option<String> {
     let line = line.trim_matches(|c| is_space(c, f));
     let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
     let Some(&word) = WORDS.iter().find(|w| **w == word) else {
         if line.is_empty() && !f.empty_line_answered {
-            return String::new();
+            return None;
         }
         if !f.frozen_stats {
             s.invalid += 1;
         }
-        return if f.silent_on_unknown {
-            String::new()
-        } else {
-            "0 Invalid Command\n".into()
-        };
+        return (!f.silent_on_unknown).then(|| "0 Invalid Command\n".into());
     };
     if !f.frozen_stats {
         *s.commands.entry(word).or_default() += 1;
     }
+    Some(known(s, conn, word, rest, f))
+}
+
+/// Runs a known command `word` with the rest of its line.
+fn known(s: &mut State, conn: u64, word: &str, rest: &str, f: &Faults) -> String {
     let name = if f.no_whitespace_collapse {
         rest.trim_matches(|c| is_space(c, f)).to_owned()
     } else {
@@ -270,6 +362,9 @@ fn handle(s: &mut State, conn: u64, line: &str, f: &Faults) -> String {
             }
             _ => reply(0, "Cannot Release Lock", "Lock Release Failure", false),
         },
+        "i" if f.huge_held_inspect && holder.is_some() => {
+            format!("1 {}\n", "x".repeat(2 << 20))
+        }
         "i" => {
             let held = holder.is_some() || (f.one_namespace && holders > 0);
             match held && !f.inspect_always_0 {

@@ -42,8 +42,32 @@ impl RealServer {
         RealServer { handle }
     }
 
+    /// The real server with its TCP door and its websocket door, each on an ephemeral
+    /// loopback port.
+    pub fn start_ws(shards: u16, tweak: impl FnOnce(&mut glockd::Config)) -> Self {
+        let mut config = glockd::Config {
+            shards: Some(shards),
+            pin: false,
+            ..glockd::Config::default()
+        };
+        tweak(&mut config);
+        let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
+        let listeners = glockd::Listeners {
+            tcp: Some(bind()),
+            ws: Some(bind()),
+            ..glockd::Listeners::default()
+        };
+        let handle = glockd::start_with_listeners(config, listeners).expect("server starts");
+        RealServer { handle }
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.handle.tcp_addr().expect("tcp enabled")
+    }
+
+    /// The websocket door's URL (servers from [`RealServer::start_ws`]).
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/", self.handle.ws_addr().expect("ws enabled"))
     }
 }
 
@@ -51,6 +75,13 @@ impl RealServer {
 pub async fn run(addr: SocketAddr, timeout_ms: &str, extra: &[&str]) -> Report {
     let host = addr.to_string();
     let mut args = vec!["--host", &host, "--timeout-ms", timeout_ms];
+    args.extend_from_slice(extra);
+    run_args(&args).await
+}
+
+/// Runs every check against the websocket door at `url` with the given timeout and extra flags.
+pub async fn run_ws(url: &str, timeout_ms: &str, extra: &[&str]) -> Report {
+    let mut args = vec!["--ws", url, "--timeout-ms", timeout_ms];
     args.extend_from_slice(extra);
     run_args(&args).await
 }
@@ -66,7 +97,8 @@ pub async fn run_args(args: &[&str]) -> Report {
 
 /// The whole report, for assertion messages.
 pub fn shown(report: &Report) -> String {
-    let mut text: String = report.checks.iter().map(|c| format!("{c}\n")).collect();
+    let mut text = format!("target {}\n", report.target);
+    text.extend(report.checks.iter().map(|c| format!("{c}\n")));
     text.push_str(&report.summary());
     text
 }

@@ -92,6 +92,12 @@ pub struct Config {
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 
+    /// Longest name a connection may register with `iam`, in bytes; a longer one answers
+    /// `0 Name Too Long`. Every listing row shows its holder's name, so this bounds what one
+    /// client can make a listing cost.
+    #[arg(long, default_value_t = 4096)]
+    pub max_name_bytes: u64,
+
     /// Most locks (exclusive plus shared) one connection may hold; 0 means no limit. Beyond it
     /// `g` and `sg` answer `0 Lock Limit Reached`.
     #[arg(long, default_value_t = 0)]

@@ -2,8 +2,9 @@
 //! and decide when the connection ends.
 //!
 //! Reading and writing proceed together: while replies wait for a slow reader, the connection
-//! keeps reading and answering, and a client that keeps sending while its unread replies pass
-//! `--max-unsent-bytes` is disconnected instead of being buffered without end. A write that makes no progress for
+//! keeps reading and answering. Once its unread replies pass `--max-unsent-bytes`, no more of
+//! its lines run until it has read them (a big listing is served at the client's pace), and a
+//! client that keeps sending meanwhile is disconnected instead of being buffered without end. A write that makes no progress for
 //! `--write-timeout` seconds, input silent for `--idle-timeout`, or a line longer than
 //! `--max-line-bytes` also end the connection; in every case its locks are orphaned.
 
@@ -35,6 +36,11 @@ const SMALL_READ: usize = 1024;
 
 /// Read room once a client fills the small buffer in one read (it pipelines).
 const LARGE_READ: usize = 64 * 1024;
+
+/// Input a client may send while its replies are piled up past `--max-unsent-bytes` before it
+/// counts as not reading them (or `--max-line-bytes`, if larger): room for the commands it
+/// pipelined behind a big listing, not for a flood.
+const MIN_READ_AHEAD: usize = 64 * 1024;
 
 /// A buffer left with more capacity than this while empty goes back to nothing, so a burst
 /// does not leave an idle connection holding its peak memory.
@@ -252,6 +258,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = core.server.config.conn_limits();
+    let read_ahead = limits.max_line.max(MIN_READ_AHEAD);
     let mut session = Session::new(core.clone(), id_text, admission);
     let mut buffers = Buffers {
         input: LineFramer::new(limits.max_line),
@@ -265,33 +272,42 @@ where
     // Armed while replies wait for a reader that does not read.
     let mut stall: Option<Pin<Box<Sleep>>> = None;
     let mut eof = false;
+    // Input may hold complete lines not yet run.
+    let mut more = false;
     loop {
-        let started = session.measures_latency().then(std::time::Instant::now);
-        let ran = buffers.run_lines(&mut session, &limits, &mut stream).await;
-        if let Some(started) = started {
-            session.record_latency(started.elapsed());
-        }
-        // Time spent running commands (a `gw` may wait minutes) is not idleness.
-        if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
-            timer.as_mut().reset(Instant::now() + d);
-        }
-        eof |= buffers.side_eof;
-        let more = match ran {
-            Ok(more) => more,
-            Err(Stop::LineTooLong) => {
-                session.core().cell().invalid_commands.add(1);
-                buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
-                return finish(&mut stream, &mut buffers, &limits).await;
+        // Replies piled up past the unread-reply limit are written, at the client's pace,
+        // before any more lines run.
+        if buffers.unsent() <= limits.max_unsent {
+            let started = session.measures_latency().then(std::time::Instant::now);
+            let ran = buffers.run_lines(&mut session, &limits, &mut stream).await;
+            if let Some(started) = started {
+                session.record_latency(started.elapsed());
             }
-            Err(Stop::Gone) => return,
-        };
-        // Over the unread-reply limit: a client that still sends more is not reading its
-        // replies, so cut it off; one that waits (say, for a big `d`) gets its replies at its
-        // own pace, and no more input is read until it has caught up.
+            // Time spent running commands (a `gw` may wait minutes) is not idleness.
+            if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
+                timer.as_mut().reset(Instant::now() + d);
+            }
+            eof |= buffers.side_eof;
+            more = match ran {
+                Ok(more) => more,
+                Err(Stop::LineTooLong) => {
+                    session.core().cell().invalid_commands.add(1);
+                    buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
+                    return finish(&mut stream, &mut buffers, &limits).await;
+                }
+                Err(Stop::Gone) => return,
+            };
+        }
+        // A listing the client asked for is served at its pace, and so are the commands it
+        // pipelined behind it; but a client that keeps sending while its replies pile up
+        // unread is not reading them: cut it off.
         let backlogged = buffers.unsent() > limits.max_unsent;
-        if backlogged && (more || buffers.input.pending() > 0) {
+        if backlogged && buffers.input.pending() > read_ahead {
             if core.server.config.verbose {
-                eprintln!("glockd: a client left more than --max-unsent-bytes unread; closing it");
+                eprintln!(
+                    "glockd: a client kept sending with more than --max-unsent-bytes unread; \
+                     closing it"
+                );
             }
             return;
         }
@@ -311,7 +327,9 @@ where
             return finish(&mut stream, &mut buffers, &limits).await;
         }
 
-        let want_read = !more && !eof && !backlogged;
+        // While replies pile up, input is still read (up to the read-ahead) to see whether the
+        // client keeps sending; otherwise only once the lines read so far have run.
+        let want_read = !eof && (backlogged || !more) && buffers.input.pending() <= read_ahead;
         let mut closing = pin!(core.conns.closing());
         let event = std::future::poll_fn(|cx| {
             let mut event = Event::default();
@@ -357,7 +375,8 @@ where
             event.idle = poll_timer(&mut idle, cx);
             event.stalled = poll_timer(&mut stall, cx);
             let any = event.read || event.eof || event.closing || event.idle || event.stalled;
-            if any || more {
+            let can_run = more && buffers.unsent() <= limits.max_unsent;
+            if any || can_run {
                 Poll::Ready(Ok(event))
             } else {
                 Poll::Pending
@@ -385,6 +404,7 @@ where
             }
         }
         eof |= event.eof;
+        more |= event.read;
     }
 }
 

@@ -7,7 +7,7 @@
 //! parts (so opens and closes on different threads rarely meet) costs the hot path nothing.
 
 use std::collections::HashMap;
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crossbeam_utils::CachePadded;
 
@@ -16,12 +16,17 @@ use crate::ConnId;
 /// Parts the registry is split into (a power of two).
 const PARTS: usize = 64;
 
-/// What the registry knows of one connection.
+/// A text shared between the registry and the listings that show it.
+pub type Text = Arc<[u8]>;
+
+/// What the registry knows of one connection. Both texts are shared, not copied, by the
+/// listings that show them: a listing of a thousand locks held by one connection holds one
+/// copy of its name, however long.
 struct Record {
     /// The protocol id: `ip:port` for TCP, `unix:N` for unix sockets.
-    id: Box<str>,
+    id: Arc<[u8]>,
     /// The name set with `iam`, if any.
-    name: Option<Box<[u8]>>,
+    name: Option<Arc<[u8]>>,
 }
 
 type Part = HashMap<ConnId, Record>;
@@ -59,7 +64,7 @@ impl Registry {
         self.write(conn).insert(
             conn,
             Record {
-                id: id.into(),
+                id: id.into_bytes().into(),
                 name: None,
             },
         );
@@ -77,21 +82,24 @@ impl Registry {
         }
     }
 
-    /// Appends the connection's protocol id (`raw`) or, if it has one and `raw` is false, its
-    /// registered name. A connection's record outlives the release of its locks, so a holder
-    /// is always found; `gone:N` would only show an internal inconsistency.
-    pub fn write_holder(&self, conn: ConnId, raw: bool, out: &mut Vec<u8>) {
+    /// The connection's protocol id (`raw`) or, if it has one and `raw` is false, its
+    /// registered name: shared with the registry, not copied. A connection's record outlives
+    /// the release of its locks, so a holder is always found; `gone:N` would only show an
+    /// internal inconsistency.
+    pub fn holder_text(&self, conn: ConnId, raw: bool) -> Arc<[u8]> {
         let part = self.read(conn);
         match part.get(&conn) {
             Some(Record {
                 name: Some(name), ..
-            }) if !raw => out.extend_from_slice(name),
-            Some(record) => out.extend_from_slice(record.id.as_bytes()),
-            None => {
-                out.extend_from_slice(b"gone:");
-                out.extend_from_slice(itoa::Buffer::new().format(conn).as_bytes());
-            }
+            }) if !raw => name.clone(),
+            Some(record) => record.id.clone(),
+            None => format!("gone:{conn}").into_bytes().into(),
         }
+    }
+
+    /// Appends [`Self::holder_text`].
+    pub fn write_holder(&self, conn: ConnId, raw: bool, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.holder_text(conn, raw));
     }
 
     /// `me`: `1 <id> <name>`, the name being the id when none is registered.
@@ -99,11 +107,11 @@ impl Registry {
         out.extend_from_slice(b"1 ");
         let part = self.read(conn);
         if let Some(record) = part.get(&conn) {
-            out.extend_from_slice(record.id.as_bytes());
+            out.extend_from_slice(&record.id);
             out.push(b' ');
             match &record.name {
                 Some(name) => out.extend_from_slice(name),
-                None => out.extend_from_slice(record.id.as_bytes()),
+                None => out.extend_from_slice(&record.id),
             }
         }
         out.push(b'\n');
@@ -112,7 +120,8 @@ impl Registry {
     /// `who [NAME]`: `<id>: <name>` for every registered connection (or those named `name`),
     /// sorted by id.
     pub fn write_who(&self, name: &[u8], out: &mut Vec<u8>) {
-        let mut rows: Vec<(Box<str>, Box<[u8]>)> = Vec::new();
+        // (id, registered name), both shared with the records.
+        let mut rows: Vec<(Text, Text)> = Vec::new();
         for part in self.parts.iter() {
             let part = part.read().unwrap_or_else(|e| e.into_inner());
             for record in part.values() {
@@ -125,7 +134,7 @@ impl Registry {
         }
         rows.sort();
         for (id, registered) in rows {
-            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(&id);
             out.extend_from_slice(b": ");
             out.extend_from_slice(&registered);
             out.push(b'\n');

@@ -362,6 +362,9 @@ impl Session {
         match request {
             Request::Stats => server.stats.snapshot().render(out),
             Request::Me => server.registry.write_me(conn, out),
+            Request::Iam(name) if name.len() as u64 > server.config.max_name_bytes => {
+                Reply::NameTooLong.write_to(out)
+            }
             Request::Iam(name) => {
                 server.registry.set_name(conn, name.as_bytes());
                 if let Some(label) = &self.presence.label {
@@ -381,11 +384,19 @@ impl Session {
             }
             Request::List { kind, name } => {
                 let rows = self.collect(kind, name).await?;
-                match kind {
-                    ListKind::Locks { kind, raw: true } => {
-                        protocol::write_go_map(&rows, kind == LockKind::Shared, out)
-                    }
-                    _ => protocol::write_rows(&rows, out),
+                // Sorting and writing a big listing takes time: do it off the shard threads,
+                // so the other clients of this thread are not kept waiting meanwhile.
+                let listing = if rows.len() > RENDER_INLINE_ROWS {
+                    tokio::task::spawn_blocking(move || render_listing(kind, rows))
+                        .await
+                        .map_err(|_| Gone)?
+                } else {
+                    render_listing(kind, rows)
+                };
+                if out.is_empty() {
+                    *out = listing;
+                } else {
+                    out.extend_from_slice(&listing);
                 }
                 tokio::task::yield_now().await;
             }
@@ -399,8 +410,7 @@ impl Session {
         Ok(())
     }
 
-    /// Gathers a listing from every shard (or from `name`'s shard), sorted by name, then
-    /// holder text, so listings are stable and readable.
+    /// Gathers a listing from every shard (or from `name`'s shard), unsorted.
     async fn collect(&mut self, kind: ListKind, name: Option<LockName>) -> Result<Listing, Gone> {
         let core = self.presence.core.clone();
         let server = &core.server;
@@ -410,22 +420,53 @@ impl Session {
             None => (0..server.router.shards()).collect(),
         };
         let key = key.map(|((_, hash), n)| (hash, n));
+        let targets_local = targets.contains(&core.id);
         let mut rows = Vec::new();
         let mut waiting = Vec::new();
-        for shard in targets {
-            if shard == core.id {
-                rows.extend(core.list(kind, key.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
-            } else {
+        for &shard in &targets {
+            if shard != core.id {
                 let (done, rx) = oneshot::channel();
                 let name = key.clone();
                 server.post_locks(shard, LockMsg::List { kind, name, done })?;
                 waiting.push(rx);
             }
         }
+        if targets_local {
+            rows.extend(core.clone().list(kind, key).await);
+        }
         for rx in waiting {
             rows.extend(rx.await.map_err(|_| Gone)?);
         }
-        rows.sort_unstable();
         Ok(rows)
     }
+}
+
+/// Listings with more rows than this are sorted and written on a blocking thread.
+const RENDER_INLINE_ROWS: usize = 4096;
+
+/// A listing's bytes: rows sorted by name, then holder text, so listings are stable and
+/// readable; a name seen twice by a scan of a changing table (released and taken again while
+/// it was listed) is shown once.
+fn render_listing(kind: ListKind, mut rows: Listing) -> Vec<u8> {
+    rows.sort_unstable();
+    let mut out = Vec::new();
+    match kind {
+        ListKind::Locks {
+            kind: LockKind::Exclusive,
+            raw,
+        } => {
+            rows.dedup_by(|later, earlier| later.0 == earlier.0);
+            if raw {
+                protocol::write_go_map(&rows, false, &mut out);
+            } else {
+                protocol::write_rows(&rows, &mut out);
+            }
+        }
+        ListKind::Locks {
+            kind: LockKind::Shared,
+            raw: true,
+        } => protocol::write_go_map(&rows, true, &mut out),
+        _ => protocol::write_rows(&rows, &mut out),
+    }
+    out
 }

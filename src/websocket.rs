@@ -62,10 +62,14 @@ impl PeerWatch for WsWatch<'_> {
 pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission: Admission) {
     let config = &core.server.config;
     let limits = config.conn_limits();
+    // Replies are flushed, at the client's pace, whenever more than --max-unsent-bytes of them
+    // are buffered (and after every message), so the library's own cap on its write buffer
+    // would only refuse a listing bigger than that: leave it unbounded. (It must also exceed
+    // the library's write buffer size, or every connection panics.)
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(limits.max_line))
         .max_frame_size(Some(limits.max_line))
-        .max_write_buffer_size(limits.max_unsent);
+        .max_write_buffer_size(usize::MAX);
     let allowed: Vec<String> = config.allowed_origins().map(str::to_owned).collect();
     // The error type is the handshake library's own HTTP response; its size is not ours to
     // choose, and it is built at most once per connection.
@@ -94,6 +98,8 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     // of input would (one more byte for the newline added then).
     let mut lines = LineFramer::new(limits.max_line.saturating_add(1));
     let mut out = Vec::new();
+    // Reply bytes handed to the library since it last flushed them to the client.
+    let mut unflushed = 0usize;
     let mut stash = VecDeque::new();
     loop {
         if core.is_closing() {
@@ -145,6 +151,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
                     if flush(&mut ws, write_timeout).await.is_err() {
                         return;
                     }
+                    unflushed = 0;
                 }
                 let mut watch = WsWatch {
                     ws: &mut ws,
@@ -161,6 +168,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             if session.flush(&mut out).await.is_err() {
                 return;
             }
+            unflushed += out.len();
             let reply = match std::str::from_utf8(&out) {
                 Ok(text) => Message::text(text),
                 // Lock names are bytes: a listing of non-UTF-8 names goes as binary.
@@ -173,9 +181,15 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
                 None => ws.feed(reply).await,
             };
             if fed.is_err() {
-                // More unread replies than --max-unsent-bytes, a reader stalled for
-                // --write-timeout, or the peer is gone.
+                // A reader stalled for --write-timeout, or the peer is gone.
                 return;
+            }
+            if unflushed > limits.max_unsent {
+                // Replies piled up: the client gets them at its pace before any more run.
+                if flush(&mut ws, write_timeout).await.is_err() {
+                    return;
+                }
+                unflushed = 0;
             }
         }
         lines.compact();
@@ -185,6 +199,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
         if flush(&mut ws, write_timeout).await.is_err() {
             return;
         }
+        unflushed = 0;
     }
     let close = ws.close(None);
     let _ = tokio::time::timeout(write_timeout.unwrap_or(HANDSHAKE_TIMEOUT), close).await;

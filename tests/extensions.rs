@@ -249,18 +249,6 @@ async fn a_shared_waiter_moves_up_when_the_one_ahead_leaves(setup: Setup) {
     lenient.expect("2 Got Shared Lock\n").await;
 }
 
-async fn replies_before_a_wait_are_sent_before_it_waits(setup: Setup) {
-    let server = TestServer::start(setup);
-    let mut holder = server.connect().await;
-    holder.check("g bb\n", "1 Got Lock\n").await;
-    let mut waiter = server.connect().await;
-    waiter.send("g aa\ngw 60000 bb\n").await;
-    // `g aa` is answered while `gw` still waits (the test would hang here otherwise).
-    waiter.expect("1 Got Lock\n").await;
-    holder.check("r bb\n", "1 Released Lock\n").await;
-    waiter.expect("1 Got Lock\n").await;
-}
-
 async fn a_long_wait_is_not_idleness(setup: Setup) {
     let server = TestServer::start_with(setup, |c| c.idle_timeout = 1);
     let mut holder = server.connect().await;
@@ -282,7 +270,6 @@ async fn a_long_wait_is_not_idleness(setup: Setup) {
 
 for_each_shard_count_setup!(
     a_shared_waiter_moves_up_when_the_one_ahead_leaves,
-    replies_before_a_wait_are_sent_before_it_waits,
     a_long_wait_is_not_idleness,
     waiters_are_served_first_come_first_served,
     a_wait_times_out_and_later_commands_wait_behind_it,

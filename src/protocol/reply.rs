@@ -36,6 +36,8 @@ pub enum Reply {
     RateLimit(crate::ratelimit::Decision),
     /// Arguments that do not fit the command.
     Usage(Verb),
+    /// `iam`: a name longer than `--max-name-bytes`.
+    NameTooLong,
 }
 
 impl Reply {
@@ -58,6 +60,7 @@ impl Reply {
             Reply::Disabled => b"0 disabled\n",
             Reply::RegisteredName => b"1 ok\n",
             Reply::LimitReached => b"0 Lock Limit Reached\n",
+            Reply::NameTooLong => b"0 Name Too Long\n",
             Reply::GotToken(token) => {
                 out.extend_from_slice(b"1 ");
                 return write_count(out, token, b" Got Lock\n");
@@ -122,18 +125,18 @@ pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";
 
 /// Writes listing rows as `name: holder` lines (`d`, `sd`, `h`). No rows, no bytes: the
 /// original's form.
-pub fn write_rows(rows: &[(LockName, Vec<u8>)], out: &mut Vec<u8>) {
+pub fn write_rows<H: AsRef<[u8]>>(rows: &[(LockName, H)], out: &mut Vec<u8>) {
     for (name, holder) in rows {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
-        out.extend_from_slice(holder);
+        out.extend_from_slice(holder.as_ref());
         out.push(b'\n');
     }
 }
 
 /// `dump` / `dump shared`: one line in Go's `%v` map syntax, keys sorted (`rows` must be sorted
 /// by name), raw connection ids: `map[a:x b:y]`, or for shared locks `map[a:[x y]]`.
-pub fn write_go_map(rows: &[(LockName, Vec<u8>)], shared_locks: bool, out: &mut Vec<u8>) {
+pub fn write_go_map<H: AsRef<[u8]>>(rows: &[(LockName, H)], shared_locks: bool, out: &mut Vec<u8>) {
     out.extend_from_slice(b"map[");
     let mut previous: Option<&LockName> = None;
     for (name, holder) in rows {
@@ -152,7 +155,7 @@ pub fn write_go_map(rows: &[(LockName, Vec<u8>)], shared_locks: bool, out: &mut 
                 out.push(b'[');
             }
         }
-        out.extend_from_slice(holder);
+        out.extend_from_slice(holder.as_ref());
         previous = Some(name);
     }
     if shared_locks && previous.is_some() {

@@ -6,6 +6,8 @@
 //! borrow, aborts the process if the change panics half-way, and publishes the table's sizes to
 //! the stats cell afterwards.
 
+use std::collections::HashMap;
+use std::rc::Rc;
 use std::sync::Arc;
 
 use tokio::sync::oneshot;
@@ -31,8 +33,13 @@ pub struct BatchDone {
     pub replies: Vec<Reply>,
 }
 
-/// A listing of (name, holder text) pairs from one shard.
-pub type Listing = Vec<(LockName, Vec<u8>)>;
+/// A listing of (name, holder text) pairs from one shard. The holder text is shared with the
+/// registry (see [`crate::registry::Registry::holder_text`]), not copied per row.
+pub type Listing = Vec<(LockName, Arc<[u8]>)>;
+
+/// Slab slots scanned per slice of a listing of every exclusive lock: a shard holding half a
+/// million locks lists them in slices, serving everyone else in between, as orphaning does.
+const LIST_SLICE: usize = 4096;
 
 /// `gw`/`sgw`: take the lock for `conn`, or queue it for up to `ms` milliseconds; the answer
 /// goes to `reply` whenever it is decided.
@@ -97,7 +104,8 @@ pub enum LockMsg {
 impl ShardCore {
     /// Runs `change` on the table: the one place the table is borrowed for writing. A panic
     /// inside aborts the process (see [`AbortOnPanic`]); the table's sizes are published to the
-    /// stats cell after every change, so `q` never waits on a mailbox.
+    /// stats cell after every change, so `q` never waits on a mailbox, and only then are the
+    /// waiters the change answered told, so what they read next (`q`) includes it.
     #[inline]
     fn with_table<R>(&self, change: impl FnOnce(&mut ShardTable) -> R) -> R {
         let mut table = self.table.borrow_mut();
@@ -105,6 +113,12 @@ impl ShardCore {
         let result = change(&mut table);
         std::mem::forget(guard);
         self.publish_sizes(&table);
+        if table.has_announcements() {
+            for (to, reply) in table.take_announcements() {
+                // A waiter gone since is released by its orphan message.
+                let _ = to.send(reply);
+            }
+        }
         result
     }
 
@@ -151,7 +165,7 @@ impl ShardCore {
     }
 
     /// `gw`/`sgw` on this shard: grant now, or queue and arm the timeout.
-    pub fn start_wait(self: &std::rc::Rc<Self>, request: WaitRequest) {
+    pub fn start_wait(self: &Rc<Self>, request: WaitRequest) {
         let WaitRequest {
             conn,
             quota,
@@ -178,7 +192,7 @@ impl ShardCore {
 
     /// Forgets rate limiters that are back to full capacity, once a second, for the life of
     /// the shard.
-    pub async fn evict_rate_limits(self: std::rc::Rc<Self>) {
+    pub async fn evict_rate_limits(self: Rc<Self>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -215,7 +229,7 @@ impl ShardCore {
 
     /// Releases everything `conn` held in this shard: the first slice now, the rest (if any) in
     /// a task that yields between slices so other clients keep being served.
-    pub fn orphan(self: &std::rc::Rc<Self>, conn: ConnId, departure: Arc<Departure>) {
+    pub fn orphan(self: &Rc<Self>, conn: ConnId, departure: Arc<Departure>) {
         if self.orphan_slice(conn, departure.label.as_deref()) {
             return;
         }
@@ -230,10 +244,47 @@ impl ShardCore {
         });
     }
 
-    /// A listing of this shard's locks, holders as text. The text is looked up here, on the
-    /// shard, while the table still holds the locks: a departing holder's registry record
-    /// outlives its locks in this shard (see [`Departure`]), so it is always found.
-    pub fn list(&self, kind: ListKind, name: Option<(u64, &[u8])>) -> Listing {
+    /// A listing of this shard's locks, holders as text, unsorted. The text is looked up here,
+    /// on the shard, while the table still holds the locks: a departing holder's registry
+    /// record outlives its locks in this shard (see [`Departure`]), so it is always found. A
+    /// listing of every exclusive lock is built in slices, yielding between them.
+    pub async fn list(self: Rc<Self>, kind: ListKind, name: Option<(u64, LockName)>) -> Listing {
+        let registry = &self.server.registry;
+        let ListKind::Locks {
+            kind: LockKind::Exclusive,
+            raw,
+        } = kind
+        else {
+            return self.list_now(kind, name.as_ref().map(|(h, n)| (*h, n.as_bytes())));
+        };
+        if name.is_some() {
+            return self.list_now(kind, name.as_ref().map(|(h, n)| (*h, n.as_bytes())));
+        }
+        // One lookup per holder, not per lock: most listings show few holders of many locks.
+        let mut texts: HashMap<ConnId, Arc<[u8]>> = HashMap::new();
+        let mut rows = Vec::new();
+        let mut slice = Vec::new();
+        let mut next = Some(0);
+        while let Some(from) = next {
+            next = self
+                .table
+                .borrow()
+                .list_exclusive_slots(from, LIST_SLICE, &mut slice);
+            for (name, holder) in slice.drain(..) {
+                let text = texts
+                    .entry(holder)
+                    .or_insert_with(|| registry.holder_text(holder, raw));
+                rows.push((name, text.clone()));
+            }
+            if next.is_some() {
+                tokio::task::yield_now().await;
+            }
+        }
+        rows
+    }
+
+    /// A listing built in one step: one name's, the shared locks, or `h`.
+    fn list_now(&self, kind: ListKind, name: Option<(u64, &[u8])>) -> Listing {
         let table = self.table.borrow();
         let registry = &self.server.registry;
         match kind {
@@ -242,11 +293,13 @@ impl ShardCore {
                     LockKind::Exclusive => table.list_exclusive(name),
                     LockKind::Shared => table.list_shared(name.map(|(_, n)| n)),
                 };
+                let mut texts: HashMap<ConnId, Arc<[u8]>> = HashMap::new();
                 rows.into_iter()
                     .map(|(name, holder)| {
-                        let mut text = Vec::new();
-                        registry.write_holder(holder, raw, &mut text);
-                        (name, text)
+                        let text = texts
+                            .entry(holder)
+                            .or_insert_with(|| registry.holder_text(holder, raw));
+                        (name, text.clone())
                     })
                     .collect()
             }
@@ -266,7 +319,7 @@ impl ShardCore {
                         text.extend_from_slice(itoa::Buffer::new().format(age_ms).as_bytes());
                         text.extend_from_slice(b"ms ");
                         registry.write_holder(row.conn, false, &mut text);
-                        (row.name, text)
+                        (row.name, Arc::from(text))
                     })
                     .collect()
             }
@@ -274,7 +327,7 @@ impl ShardCore {
     }
 
     /// Handles one message about this shard's table.
-    pub fn handle_locks(self: &std::rc::Rc<Self>, msg: LockMsg) {
+    pub fn handle_locks(self: &Rc<Self>, msg: LockMsg) {
         match msg {
             LockMsg::Batch {
                 conn,
@@ -295,7 +348,11 @@ impl ShardCore {
             LockMsg::Orphan { conn, departure } => self.orphan(conn, departure),
             LockMsg::Wait(request) => self.start_wait(request),
             LockMsg::List { kind, name, done } => {
-                let _ = done.send(self.list(kind, name.as_ref().map(|(h, n)| (*h, n.as_bytes()))));
+                let core = self.clone();
+                tokio::task::spawn_local(async move {
+                    // The asker may have gone meanwhile; then nobody wants the rows.
+                    let _ = done.send(core.list(kind, name).await);
+                });
             }
         }
     }

@@ -3,7 +3,7 @@
 
 use hashbrown::hash_table::Entry;
 
-use super::{unix_micros, GetOutcome, Holdings, Quota, ShardTable, Slot, NIL};
+use super::{unix_micros, GetOutcome, Holdings, Quota, ShardTable, Slot, FREE, NIL};
 use crate::name::LockName;
 use crate::protocol::LockKind;
 use crate::ConnId;
@@ -94,7 +94,7 @@ impl ShardTable {
     }
 
     /// Releases the exclusive lock if `conn` holds it, without serving waiters.
-    pub(super) fn release_quietly(&mut self, conn: ConnId, hash: u64, name: &[u8]) -> bool {
+    fn release_quietly(&mut self, conn: ConnId, hash: u64, name: &[u8]) -> bool {
         let slots = &self.slots;
         let Ok(found) = self
             .index
@@ -132,6 +132,7 @@ impl ShardTable {
     fn free(&mut self, at: u32) {
         let slot = &mut self.slots[at as usize];
         slot.name = LockName::empty();
+        slot.holder = FREE;
         slot.next = self.free_head;
         self.free_head = at;
     }

@@ -57,6 +57,25 @@ impl ShardTable {
         }
     }
 
+    /// The exclusive locks in slab slots `from..from + count`, for a listing built a slice at a
+    /// time; returns where the next slice starts, or None when this was the last. A lock taken
+    /// or released between slices may or may not be seen, and one released and taken again
+    /// may be seen twice (the caller drops the repeat), as with any scan of a live table.
+    pub fn list_exclusive_slots(
+        &self,
+        from: usize,
+        count: usize,
+        rows: &mut Vec<(LockName, ConnId)>,
+    ) -> Option<usize> {
+        let end = from.saturating_add(count).min(self.slots.len());
+        for slot in self.slots.get(from..end).unwrap_or_default() {
+            if slot.holder != super::FREE {
+                rows.push((slot.name.clone(), slot.holder));
+            }
+        }
+        (end < self.slots.len()).then_some(end)
+    }
+
     /// Every (shared lock, holder) pair (or only `name`'s), unsorted.
     pub fn list_shared(&self, name: Option<&[u8]>) -> Vec<(LockName, ConnId)> {
         let mut out = Vec::new();

@@ -46,11 +46,15 @@ pub use waiters::{WaitQueues, Waiter};
 /// "No slot": the end of a list.
 const NIL: u32 = u32::MAX;
 
+/// The holder of a free slot: no connection ever has this id (they count up from 1), so a scan
+/// of the slab can tell free slots from held locks, whatever their names.
+const FREE: ConnId = ConnId::MAX;
+
 /// One held exclusive lock.
 struct Slot {
     /// The lock's name (empty while the slot is free).
     name: LockName,
-    /// The connection holding it.
+    /// The connection holding it ([`FREE`] while the slot is free).
     holder: ConnId,
     /// The grant's fencing token (also when it was taken, in Unix microseconds).
     token: u64,
@@ -148,6 +152,8 @@ pub struct ShardTable {
     started: Instant,
     /// Totals for the stats.
     pub counts: TableCounts,
+    /// Waiters' answers decided by the current change, sent once it is published.
+    announcements: Vec<(tokio::sync::oneshot::Sender<Reply>, Reply)>,
 }
 
 impl ShardTable {
@@ -164,6 +170,7 @@ impl ShardTable {
             limits: RateLimits::new(hasher),
             started: Instant::now(),
             counts: TableCounts::default(),
+            announcements: Vec::new(),
         }
     }
 

@@ -2,7 +2,7 @@
 //! each released lock to its first waiter.
 
 use super::Orphaned;
-use super::{ShardTable, NIL};
+use super::{ShardTable, FREE, NIL};
 use crate::name::LockName;
 use crate::protocol::LockKind;
 use crate::ConnId;
@@ -49,6 +49,7 @@ impl ShardTable {
             }
             // Free the slot in place (`self.free` would borrow all of `self`).
             slot.name = LockName::empty();
+            slot.holder = FREE;
             slot.next = self.free_head;
             self.free_head = at;
             if let Ok(found) = self.index.find_entry(hash, |&other| other == at) {

@@ -50,7 +50,7 @@ impl ShardTable {
     }
 
     /// Releases a shared lock if `conn` holds it, without serving waiters.
-    pub(super) fn shared_release_quietly(&mut self, conn: ConnId, name: &[u8]) -> bool {
+    fn shared_release_quietly(&mut self, conn: ConnId, name: &[u8]) -> bool {
         let Some(holders) = self.shared.get_mut(name) else {
             return false;
         };

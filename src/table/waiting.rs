@@ -2,9 +2,10 @@
 //! hands the lock to the first live waiter the moment it is released or orphaned.
 //!
 //! A grant that races the waiter's disconnect is safe either way: a waiter whose connection is
-//! gone is skipped (its reply channel is closed); one that vanishes right after its grant is
-//! orphaned like any other holder, since the grant is recorded before it is announced; and if
-//! the announcement itself fails, the grant is undone and the next waiter served.
+//! gone is skipped (its reply channel is closed); one that vanishes right after its grant, or
+//! whose answer cannot be delivered, holds the lock like any other holder until its orphan
+//! message (always sent when a connection ends, behind its wait request) releases it and serves
+//! the next waiter. Answers are announced after the table change is complete and published.
 
 use std::sync::Arc;
 
@@ -55,7 +56,7 @@ impl ShardTable {
             }
             // The connection waits on the other end; if it is already gone, its orphan
             // message (behind this request) releases what was just granted.
-            let _ = reply.send(answer);
+            self.announce(reply, answer);
             return None;
         }
         let id = self.waits.next_id();
@@ -96,12 +97,31 @@ impl ShardTable {
         if let Some(waiter) = self.waits.remove(kind, name.as_bytes(), id) {
             self.forget_wait(waiter.conn, id);
             self.counts.waits_timed_out += 1;
-            let _ = waiter.reply.send(Reply::TimedOut);
+            self.announce(waiter.reply, Reply::TimedOut);
             if kind == LockKind::Shared {
                 // A waiter at the head with a low limit may have held back others behind it.
                 self.grant_shared_waiters(name.as_bytes());
             }
         }
+    }
+
+    /// Queues a waiter's answer, sent by [`Self::take_announcements`]'s caller once the
+    /// change that decided it is complete and published, so a client that reads the answer and
+    /// then asks `q` sees the change counted.
+    fn announce(&mut self, to: oneshot::Sender<Reply>, reply: Reply) {
+        self.announcements.push((to, reply));
+    }
+
+    /// Whether any waiter's answer waits to be sent (checked on every change: cheaper than
+    /// taking an empty vector).
+    #[inline]
+    pub fn has_announcements(&self) -> bool {
+        !self.announcements.is_empty()
+    }
+
+    /// The waiters' answers decided since the last call, to send now.
+    pub fn take_announcements(&mut self) -> Vec<(oneshot::Sender<Reply>, Reply)> {
+        std::mem::take(&mut self.announcements)
     }
 
     /// Removes waiter `id` from its connection's list.
@@ -121,20 +141,11 @@ impl ShardTable {
             let lock = LockName::new(name);
             match self.get(waiter.conn, hash, &lock, waiter.quota.as_deref()) {
                 GetOutcome::Granted | GetOutcome::AlreadyHeld => {
-                    if waiter.reply.send(Reply::Got).is_err() {
-                        // Gone between the check and the answer: undo, serve the next.
-                        self.release_quietly(waiter.conn, hash, name);
-                        if let Some(quota) = &waiter.quota {
-                            quota.give_back();
-                        }
-                        continue;
-                    }
                     self.counts.waits_granted += 1;
+                    self.announce(waiter.reply, Reply::Got);
                     return;
                 }
-                GetOutcome::OverLimit => {
-                    let _ = waiter.reply.send(Reply::LimitReached);
-                }
+                GetOutcome::OverLimit => self.announce(waiter.reply, Reply::LimitReached),
                 GetOutcome::Busy => {
                     // Cannot happen (the lock was just freed); keep the waiter first in line.
                     self.waits.push_front(&lock, waiter);
@@ -169,18 +180,10 @@ impl ShardTable {
             let lock = LockName::new(name);
             match self.shared_get(waiter.conn, &lock, waiter.quota.as_deref()) {
                 Some(count) => {
-                    if waiter.reply.send(Reply::SharedGot(count)).is_err() {
-                        self.shared_release_quietly(waiter.conn, name);
-                        if let Some(quota) = &waiter.quota {
-                            quota.give_back();
-                        }
-                        continue;
-                    }
                     self.counts.waits_granted += 1;
+                    self.announce(waiter.reply, Reply::SharedGot(count));
                 }
-                None => {
-                    let _ = waiter.reply.send(Reply::LimitReached);
-                }
+                None => self.announce(waiter.reply, Reply::LimitReached),
             }
         }
     }

@@ -292,6 +292,11 @@ impl Raw {
     /// `q` over this connection.
     pub async fn stats(&mut self) -> BTreeMap<String, u64> {
         self.send("q\n").await;
+        self.read_stats().await
+    }
+
+    /// Reads the reply to a `q` already sent.
+    pub async fn read_stats(&mut self) -> BTreeMap<String, u64> {
         let mut stats = BTreeMap::new();
         loop {
             let line = self.line().await;

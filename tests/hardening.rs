@@ -1,0 +1,131 @@
+//! Defects an outside reading of the server proved, each pinned by a test: listings bigger than
+//! the unread-reply limit, `q` right after a wait, an over-long line behind pipelined commands,
+//! replies before a wait, registered names that would make every listing huge.
+
+mod common;
+
+use common::{Setup, TestServer};
+
+/// Locks held by one connection registered under a long name, so that `d` answers about
+/// `rows` × (name + holder) bytes.
+async fn hold_a_big_listing(server: &TestServer, rows: usize) -> common::Raw {
+    let mut holder = server.connect().await;
+    let holder_name = "h".repeat(100);
+    holder
+        .check(&format!("iam {holder_name}\n"), "1 ok\n")
+        .await;
+    let batch: String = (0..rows).map(|i| format!("g listed-{i:05}\n")).collect();
+    holder.check(&batch, &"1 Got Lock\n".repeat(rows)).await;
+    holder
+}
+
+async fn a_listing_bigger_than_the_unsent_limit_is_served_with_what_follows_it(setup: Setup) {
+    let server = TestServer::start_with(setup, |c| c.max_unsent_bytes = 200_000);
+    // 2600 rows of about 123 bytes: ~320 KB, well past the limit.
+    let _holder = hold_a_big_listing(&server, 2600).await;
+    let mut reader = server.connect().await;
+    reader.check("g mine\n", "1 Got Lock\n").await;
+    // One write: the listing, and a command pipelined behind it.
+    reader.send("d\ni mine\n").await;
+    let mut rows = 0;
+    loop {
+        let line = reader.line().await;
+        if line == "1 Locked\n" {
+            break;
+        }
+        assert!(line.contains(": "), "not a listing row: {line:?}");
+        rows += 1;
+    }
+    assert_eq!(rows, 2601);
+    // Still connected, still holding its lock.
+    reader.check("i mine\n", "1 Locked\n").await;
+    let mut other = server.connect().await;
+    other.check("g mine\n", "0 Cannot Get Lock\n").await;
+    assert_eq!(server.stats().orphans, 0);
+}
+
+async fn q_right_after_a_wait_counts_it(setup: Setup) {
+    let server = TestServer::start(setup);
+    let mut client = server.connect().await;
+    for i in 1..=1500u64 {
+        client.send(format!("gw 0 granted-{i}\nq\n")).await;
+        client.expect("1 Got Lock\n").await;
+        let stats = client.read_stats().await;
+        assert_eq!(stats["locks"], i, "after grant {i}");
+        assert_eq!(stats["lock_waits_granted"], i, "after grant {i}");
+    }
+    let mut holder = server.connect().await;
+    holder.check("g busy\n", "1 Got Lock\n").await;
+    for i in 1..=100u64 {
+        client.send("gw 1 busy\nq\n").await;
+        client.expect("0 Timed Out\n").await;
+        let stats = client.read_stats().await;
+        assert_eq!(stats["lock_waits_timed_out"], i, "after timeout {i}");
+    }
+}
+
+async fn replies_before_a_wait_are_sent_before_it_waits(setup: Setup) {
+    let server = TestServer::start(setup);
+    let mut holder = server.connect().await;
+    holder.check("g bb\n", "1 Got Lock\n").await;
+    let mut waiter = server.connect().await;
+    waiter.send("g aa\ngw 60000 bb\n").await;
+    // `g aa` is answered while `gw` still waits (the test would hang here otherwise).
+    waiter.expect("1 Got Lock\n").await;
+    holder.check("r bb\n", "1 Released Lock\n").await;
+    waiter.expect("1 Got Lock\n").await;
+}
+
+async fn registered_names_are_bounded(setup: Setup) {
+    let server = TestServer::start_with(setup, |c| c.max_name_bytes = 4096);
+    let mut client = server.connect().await;
+    // A 256 KiB name would make every listing row of this client's locks 256 KiB long.
+    let huge = "n".repeat(256 * 1024);
+    client
+        .check(&format!("iam {huge}\n"), "0 Name Too Long\n")
+        .await;
+    let longest = "n".repeat(4096);
+    client.check(&format!("iam {longest}\n"), "1 ok\n").await;
+    client
+        .check(&format!("iam {longest}x\n"), "0 Name Too Long\n")
+        .await;
+    // The refused name left the accepted one in place.
+    client.check("g named\n", "1 Got Lock\n").await;
+    client
+        .check("d named\n", &format!("named: {longest}\n"))
+        .await;
+}
+
+for_each_transport!(
+    a_listing_bigger_than_the_unsent_limit_is_served_with_what_follows_it,
+    q_right_after_a_wait_counts_it,
+    replies_before_a_wait_are_sent_before_it_waits,
+    registered_names_are_bounded,
+);
+
+/// How a byte stream's over-long line is refused (a websocket message is bounded by the
+/// library instead).
+mod byte_streams {
+    use super::common::{self, Setup, TestServer};
+
+    async fn an_over_long_line_is_refused_after_the_commands_before_it(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.max_line_bytes = 64);
+        let mut client = server.connect().await;
+        let mut batch: String = (0..10).map(|i| format!("g before-{i}\n")).collect();
+        batch.push_str(&"x".repeat(100));
+        batch.push('\n');
+        client.send(batch).await;
+        client
+            .expect(format!("{}0 Line Too Long\n", "1 Got Lock\n".repeat(10)))
+            .await;
+        client.expect_closed().await;
+        // They were applied too: the connection's end released all ten.
+        server
+            .wait_for_stats("the ten locks orphaned", |s| {
+                s["orphans"] == 10 && s["locks"] == 0
+            })
+            .await;
+    }
+
+    crate::for_each_byte_stream!(an_over_long_line_is_refused_after_the_commands_before_it);
+}

@@ -15,6 +15,8 @@
 //! - [`shard`]: a shard thread's state, its mailbox and the routing of names to shards.
 //! - [`table`]: one shard's lock table, the authority on who holds what, with its wait queues
 //!   and fencing tokens.
+//! - [`fencing`]: the fencing token clock and the durable ceiling that keeps tokens increasing
+//!   across restarts and clock steps.
 //! - [`ratelimit`]: the GCRA limiter behind `rl`.
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
@@ -28,6 +30,7 @@ pub mod config;
 mod connection;
 pub mod doors;
 pub mod exporter;
+pub mod fencing;
 pub mod name;
 pub mod pidfile;
 pub mod protocol;

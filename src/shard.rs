@@ -224,6 +224,8 @@ pub struct Shared {
     pub mailboxes: Box<[Mailbox]>,
     pub stats: Stats,
     pub registry: Registry,
+    /// The fencing token ceiling every shard's token clock stays below.
+    pub fencing: Arc<crate::fencing::Fencing>,
     /// Source of connection ids; never reused, so a late orphan cannot hit a newer connection.
     next_conn: AtomicU64,
     /// Connections open now, for `--max-connections` (see [`Admission`]).
@@ -236,7 +238,12 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config, mailboxes: Vec<Mailbox>, measure_latency: bool) -> Self {
+    pub fn new(
+        config: Config,
+        mailboxes: Vec<Mailbox>,
+        measure_latency: bool,
+        fencing: Arc<crate::fencing::Fencing>,
+    ) -> Self {
         let shards = mailboxes.len();
         Shared {
             config,
@@ -244,6 +251,7 @@ impl Shared {
             mailboxes: mailboxes.into(),
             stats: Stats::new(shards),
             registry: Registry::default(),
+            fencing,
             next_conn: AtomicU64::new(1),
             live_connections: AtomicU64::new(0),
             unix_connections: AtomicU64::new(0),
@@ -289,7 +297,10 @@ impl ShardCore {
     pub fn new(id: usize, shared: Arc<Shared>) -> Self {
         ShardCore {
             id,
-            table: RefCell::new(ShardTable::new(shared.router.hasher().clone())),
+            table: RefCell::new(ShardTable::with_tokens(
+                shared.router.hasher().clone(),
+                shared.fencing.clock(),
+            )),
             shared,
             closing: Cell::new(false),
             closing_notify: Notify::new(),

@@ -684,7 +684,11 @@ mod tests {
         let mut tokens = fencing.clock();
         assert_eq!(tokens.issue(), T0);
         clock.set(T0 + 1_000_000);
-        assert_eq!(tokens.issue(), T0 + 1_000_000, "within the reserve: no wait");
+        assert_eq!(
+            tokens.issue(),
+            T0 + 1_000_000,
+            "within the reserve: no wait"
+        );
         assert_eq!(fencing.waited(), Duration::ZERO);
         // A step far forward, past the ceiling, is served once a new ceiling is durable.
         clock.set(T0 + HOUR);

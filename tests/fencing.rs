@@ -539,3 +539,75 @@ fn a_burst_of_grants_waits_at_a_ceiling_that_is_not_yet_saved() {
     assert!(server.stop_with(Signal::SIGTERM).success());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn grants_stop_at_the_saved_ceiling_while_it_cannot_be_rewritten_and_resume_after() {
+    let dir = temp_dir("unwritable-later");
+    let home = dir.join("home");
+    std::fs::create_dir(&home).unwrap();
+    let state = home.join("state");
+    let server = Glockd::start(Launch {
+        state_file: Some(&state),
+        args: vec!["-token-reserve-ms".into(), "100".into()],
+        metrics: true,
+        ..Launch::default()
+    });
+    // A client taking tokens one after another, reporting each.
+    let (tokens_tx, tokens) = std::sync::mpsc::channel::<u64>();
+    let mut stream = server.connect();
+    let client = std::thread::spawn(move || {
+        let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+        loop {
+            let (mut grant, mut release) = (String::new(), String::new());
+            if stream.write_all(b"gt x\nr x\n").is_err()
+                || reader.read_line(&mut grant).unwrap_or(0) == 0
+                || reader.read_line(&mut release).unwrap_or(0) == 0
+                || tokens_tx.send(parse_tokens(&grant)[0]).is_err()
+            {
+                return;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Take the state file's directory away: every ceiling write now fails.
+    let moved = dir.join("moved");
+    std::fs::rename(&home, &moved).unwrap();
+    while server.metric("glockd_fencing_ceiling_write_errors_total") == 0.0 {
+        assert!(Instant::now() < deadline, "no write failed");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The last ceiling that reached the disk; wait until the clock is well past it, so that
+    // any token issued now would be above it.
+    let saved = saved_ceiling(&moved.join("state"));
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    };
+    while now() < saved + 50_000 {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before: Vec<u64> = tokens.try_iter().collect();
+    assert!(!before.is_empty());
+    assert!(
+        before.iter().all(|&t| t < saved),
+        "a token at or past the saved ceiling {saved}"
+    );
+    // Give the directory back: the next write succeeds and the waiting grant goes through.
+    std::fs::rename(&moved, &home).unwrap();
+    let after = loop {
+        let token = tokens
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .expect("grants resume once the ceiling is saved");
+        assert!(token < saved_ceiling(&state));
+        if token >= saved {
+            break token;
+        }
+    };
+    assert!(after < saved_ceiling(&state));
+    assert!(server.metric("glockd_fencing_ceiling_wait_seconds_total") > 0.0);
+    assert!(server.stop_with(Signal::SIGKILL).code().is_none());
+    client.join().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+}

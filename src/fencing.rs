@@ -453,11 +453,6 @@ impl TokenClock {
         token
     }
 
-    /// The last token issued.
-    pub fn last(&self) -> u64 {
-        self.last
-    }
-
     #[cold]
     #[inline(never)]
     fn near_ceiling(&mut self, token: u64) -> u64 {

@@ -142,10 +142,27 @@ pub struct Config {
     #[arg(long, default_value_t = 5)]
     pub shutdown_timeout: u64,
 
+    /// Keep the fencing token ceiling in this file, so tokens stay above every earlier grant
+    /// across restarts and clock steps (see the README's fencing tokens). Without it tokens only
+    /// increase while the system clock does. Give each server a file of its own.
+    #[arg(long, value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub state_file: Option<OsString>,
+
+    /// How far ahead of the clock the saved fencing token ceiling is kept, in milliseconds. It
+    /// is renewed when half is used; a restart skips at most this much of the token range.
+    #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub token_reserve_ms: u64,
+
     /// Fault injection for tests only (not a flag): a connection that sends exactly this line
     /// panics while handling it.
     #[arg(skip)]
     pub panic_on_line: Option<Vec<u8>>,
+
+    /// Fault injection for tests only (not a flag): every fencing ceiling write waits this long
+    /// before its new file takes the old one's place, so tests can watch grants wait at the
+    /// ceiling instead of passing it.
+    #[arg(skip)]
+    pub slow_ceiling_write: Option<std::time::Duration>,
 }
 
 impl Default for Config {
@@ -177,6 +194,14 @@ impl Config {
     /// The unix socket path, if enabled (`-unix ''` disables it, as in the original).
     pub fn unix_path(&self) -> Option<&std::path::Path> {
         self.unix
+            .as_deref()
+            .filter(|path| !path.is_empty())
+            .map(std::path::Path::new)
+    }
+
+    /// The state file, if set (`-state-file ''` means none).
+    pub fn state_file_path(&self) -> Option<&std::path::Path> {
+        self.state_file
             .as_deref()
             .filter(|path| !path.is_empty())
             .map(std::path::Path::new)
@@ -363,6 +388,24 @@ mod tests {
     }
 
     #[test]
+    fn the_state_file_and_token_reserve() {
+        let c = parse(&[]);
+        assert!(c.state_file_path().is_none());
+        assert_eq!(c.token_reserve_ms, 3000);
+        let c = parse(&[
+            "-state-file",
+            "/var/lib/glockd/state",
+            "-token-reserve-ms=500",
+        ]);
+        assert_eq!(
+            c.state_file_path(),
+            Some(std::path::Path::new("/var/lib/glockd/state"))
+        );
+        assert_eq!(c.token_reserve_ms, 500);
+        assert!(parse(&["--state-file="]).state_file_path().is_none());
+    }
+
+    #[test]
     fn bad_values_are_errors_not_guesses() {
         let bad = |args: &[&str]| {
             let mut all = vec!["glockd"];
@@ -373,5 +416,9 @@ mod tests {
         assert!(bad(&["-dump=maybe"]));
         assert!(bad(&["-shards", "0"]));
         assert!(bad(&["-nosuchflag"]));
+        assert!(bad(&["-token-reserve-ms", "0"]));
+        assert!(bad(&["-token-reserve-ms", "9"]));
+        assert!(bad(&["-token-reserve-ms", "600001"]));
+        assert!(bad(&["-token-reserve-ms", "soon"]));
     }
 }

@@ -98,6 +98,19 @@ impl Exporter {
                 "glockd_rate_limit_decisions_total",
                 "rl decisions by result: allowed, limited."
             );
+            describe_gauge!(
+                "glockd_fencing_ceiling",
+                "The durable fencing token ceiling: every token issued is below it (0 without \
+                 -state-file)."
+            );
+            describe_counter!(
+                "glockd_fencing_ceiling_writes_total",
+                "Fencing token ceilings written and synced to the state file."
+            );
+            describe_counter!(
+                "glockd_fencing_ceiling_write_errors_total",
+                "Ceiling writes that failed (each is retried; grants wait at the old ceiling)."
+            );
             describe_histogram!(
                 "glockd_command_duration_seconds",
                 Unit::Seconds,
@@ -144,6 +157,10 @@ impl Exporter {
                 .absolute(snapshot.rate_limit_allowed);
             counter!("glockd_rate_limit_decisions_total", "result" => "limited")
                 .absolute(snapshot.rate_limit_limited);
+            let fencing = &self.server.fencing;
+            gauge!("glockd_fencing_ceiling").set(fencing.ceiling().unwrap_or(0) as f64);
+            counter!("glockd_fencing_ceiling_writes_total").absolute(fencing.writes());
+            counter!("glockd_fencing_ceiling_write_errors_total").absolute(fencing.write_errors());
             for (shard, cell) in stats.cells().enumerate() {
                 let shard = shard.to_string();
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "exclusive")
@@ -163,7 +180,22 @@ impl Exporter {
         });
         let mut text = self.handle.render();
         self.render_latency(&mut text);
+        self.render_fencing_wait(&mut text);
         text
+    }
+
+    /// The time grants waited at the fencing ceiling, written by hand: the recorder's counters
+    /// are whole numbers, and these waits are fractions of a second.
+    fn render_fencing_wait(&self, text: &mut String) {
+        let name = "glockd_fencing_ceiling_wait_seconds_total";
+        let _ = writeln!(
+            text,
+            "# HELP {name} Time exclusive grants waited for a ceiling write, summed over shards \
+             (0 in normal operation)."
+        );
+        let _ = writeln!(text, "# TYPE {name} counter");
+        let seconds = self.server.fencing.waited().as_secs_f64();
+        let _ = writeln!(text, "{name} {seconds}");
     }
 
     /// The latency histogram, written by hand: cumulative `le` buckets in seconds, `_sum`,

@@ -22,6 +22,8 @@
 //!   [`shard::locks`]) everything a shard does to its lock table.
 //! - [`table`]: one shard's lock table, the authority on who holds what, with its wait queues
 //!   and fencing tokens.
+//! - [`fencing`]: the fencing token clock and the durable ceiling that keeps tokens increasing
+//!   across restarts and clock steps.
 //! - [`ratelimit`]: the GCRA limiter behind `rl`.
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
@@ -35,6 +37,7 @@ pub mod config;
 mod connection;
 pub mod doors;
 pub mod exporter;
+pub mod fencing;
 pub mod framer;
 pub mod lifecycle;
 pub mod name;

@@ -7,7 +7,17 @@ use glockd::{Config, ServerHandle};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
 fn main() -> ExitCode {
-    let config = Config::from_args();
+    #[allow(unused_mut)] // only debug builds change it
+    let mut config = Config::from_args();
+    // Debug builds only: the binary's tests make ceiling writes slow to show that grants wait
+    // for them. A release build never reads this variable.
+    #[cfg(debug_assertions)]
+    if let Some(ms) = std::env::var("GLOCKD_TEST_SLOW_CEILING_WRITE_MS")
+        .ok()
+        .and_then(|ms| ms.parse().ok())
+    {
+        config.slow_ceiling_write = Some(std::time::Duration::from_millis(ms));
+    }
     let pidfile = match config.pidfile.as_deref().map(Pidfile::acquire).transpose() {
         Ok(pidfile) => pidfile,
         Err(e) => {
@@ -44,6 +54,7 @@ fn main() -> ExitCode {
     };
 
     let shards = config.shard_count();
+    let durable_tokens = config.state_file_path().is_some();
     let server = match glockd::start(config) {
         Ok(server) => server,
         Err(e) => {
@@ -51,6 +62,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if !durable_tokens {
+        eprintln!(
+            "glockd: note: without -state-file, fencing tokens only increase while the system \
+             clock does (a restart with the clock set back hands out smaller ones)"
+        );
+    }
     announce(&server, shards);
 
     let clean = runtime.block_on(serve_until_signalled(server, term, int));

@@ -35,6 +35,8 @@ pub struct ServerHandle {
     threads: Vec<JoinHandle<()>>,
     /// The Prometheus endpoint's thread, if on.
     metrics: Option<crate::exporter::Endpoint>,
+    /// The thread keeping the fencing ceiling ahead of the tokens, with `-state-file`.
+    renewer: Option<crate::fencing::Renewer>,
 }
 
 impl ServerHandle {
@@ -112,6 +114,10 @@ impl ServerHandle {
             // A shard thread that panicked has already reported it on stderr.
             let _ = thread.join();
         }
+        // Only now: a shard waiting at the ceiling needs the renewer to go on.
+        if let Some(mut renewer) = self.renewer.take() {
+            renewer.stop();
+        }
         if let Some(path) = &self.unix_path {
             crate::doors::remove_unix(path);
         }
@@ -147,6 +153,9 @@ pub fn start_with(config: Config, tcp: Option<StdTcpListener>) -> io::Result<Ser
 /// Starts a server on listeners bound by the caller, ignoring the config's door settings.
 pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Result<ServerHandle> {
     let shards = config.shard_count();
+    // The first ceiling is durable before any shard exists, so before any grant.
+    let fencing = crate::fencing::Fencing::from_config(&config)?;
+    let renewer = fencing.start_renewer()?;
     let metrics_listener = listeners.metrics.take();
     let metrics_addr = metrics_listener
         .as_ref()
@@ -161,6 +170,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         config,
         mailboxes,
         metrics_listener.is_some(),
+        fencing,
     ));
     let cores = if server.config.pin {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -190,6 +200,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         metrics_addr,
         threads,
         metrics: None,
+        renewer,
     };
     for _ in 0..shards {
         match ready_rx.recv() {

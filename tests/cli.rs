@@ -122,6 +122,8 @@ fn help_lists_the_flags() {
         "--verbose",
         "--shards",
         "--pin",
+        "--state-file",
+        "--token-reserve-ms",
     ] {
         assert!(
             text.contains(flag),

@@ -44,6 +44,8 @@ pub struct ServerState {
     pub mailboxes: Mailboxes<ShardMsg>,
     pub stats: Stats,
     pub registry: Registry,
+    /// The fencing token ceiling every shard's token clock stays below.
+    pub fencing: Arc<crate::fencing::Fencing>,
     /// Source of connection ids; never reused, so a late orphan cannot hit a newer connection.
     next_conn: AtomicU64,
     /// Connections open now, for `--max-connections` (see [`crate::lifecycle::Admission`]).
@@ -56,7 +58,12 @@ pub struct ServerState {
 }
 
 impl ServerState {
-    pub fn new(config: Config, mailboxes: Mailboxes<ShardMsg>, measure_latency: bool) -> Self {
+    pub fn new(
+        config: Config,
+        mailboxes: Mailboxes<ShardMsg>,
+        measure_latency: bool,
+        fencing: Arc<crate::fencing::Fencing>,
+    ) -> Self {
         let shards = mailboxes.len();
         ServerState {
             config,
@@ -64,6 +71,7 @@ impl ServerState {
             mailboxes,
             stats: Stats::new(shards),
             registry: Registry::default(),
+            fencing,
             next_conn: AtomicU64::new(1),
             live_connections: AtomicU64::new(0),
             unix_connections: AtomicU64::new(0),
@@ -104,7 +112,10 @@ impl ShardCore {
     pub fn new(id: usize, server: Arc<ServerState>) -> Self {
         ShardCore {
             id,
-            table: RefCell::new(ShardTable::new(server.router.hasher().clone())),
+            table: RefCell::new(ShardTable::with_tokens(
+                server.router.hasher().clone(),
+                server.fencing.clock(),
+            )),
             server,
             conns: ThreadConns::default(),
         }

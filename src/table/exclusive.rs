@@ -3,7 +3,7 @@
 
 use hashbrown::hash_table::Entry;
 
-use super::{unix_micros, GetOutcome, Holdings, Quota, ShardTable, Slot, FREE, NIL};
+use super::{GetOutcome, Holdings, Quota, ShardTable, Slot, FREE, NIL};
 use crate::name::LockName;
 use crate::protocol::LockKind;
 use crate::ConnId;
@@ -54,14 +54,14 @@ impl ShardTable {
         if quota.is_some_and(|q| !q.try_take()) {
             return GetOutcome::OverLimit;
         }
-        // The next fencing token (see the module docs).
-        self.last_token = (self.last_token + 1).max(unix_micros());
+        // Taken before anything changes: at the ceiling this waits for a durable new one.
+        let token = self.tokens.issue();
         let holdings = self.holdings.entry(conn).or_insert_with(Holdings::new);
         let head = holdings.exclusive_head;
         let slot = Slot {
             name: name.clone(),
             holder: conn,
-            token: self.last_token,
+            token,
             prev: NIL,
             next: head,
         };

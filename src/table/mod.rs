@@ -12,10 +12,10 @@
 //! no second copy of the name. Shared locks keep a small holder set per name and a name set per
 //! connection.
 //!
-//! Every grant of an exclusive lock gets a fencing token from a hybrid logical clock: the Unix
-//! time in microseconds, or one more than the last token if that is larger, so tokens strictly
-//! increase for the life of the server and, as long as a shard grants fewer than a million locks
-//! a second on average, across restarts too. The token doubles as the time the lock was taken.
+//! Every grant of an exclusive lock gets a fencing token from the shard's [`TokenClock`]: the
+//! Unix time in microseconds, or one more than the last token if that is larger, kept below a
+//! durable ceiling when the server has a state file (see [`crate::fencing`]). The token doubles
+//! as the time the lock was taken.
 
 mod exclusive;
 mod holders;
@@ -33,6 +33,7 @@ use std::time::Instant;
 
 use hashbrown::hash_table::HashTable;
 
+use crate::fencing::TokenClock;
 use crate::name::LockName;
 use crate::protocol::{LockKind, LockOp, Reply};
 use crate::ratelimit::RateLimits;
@@ -142,8 +143,8 @@ pub struct ShardTable {
     /// Per connection, what it holds here. An entry stays (empty) until the connection goes, so
     /// a client that takes and releases the same lock in a loop does not allocate each time.
     holdings: HashMap<ConnId, Holdings, NameHasher>,
-    /// The last fencing token handed out.
-    last_token: u64,
+    /// Where fencing tokens come from.
+    tokens: TokenClock,
     /// Connections waiting for locks of this shard.
     waits: WaitQueues,
     /// `rl` limiters of this shard's names.
@@ -157,7 +158,13 @@ pub struct ShardTable {
 }
 
 impl ShardTable {
+    /// A table whose tokens come from the clock alone.
     pub fn new(hasher: NameHasher) -> Self {
+        ShardTable::with_tokens(hasher, TokenClock::default())
+    }
+
+    /// A table whose fencing tokens come from `tokens`.
+    pub fn with_tokens(hasher: NameHasher, tokens: TokenClock) -> Self {
         ShardTable {
             hasher: hasher.clone(),
             index: HashTable::new(),
@@ -165,7 +172,7 @@ impl ShardTable {
             free_head: NIL,
             shared: HashMap::with_hasher(hasher.clone()),
             holdings: HashMap::with_hasher(hasher.clone()),
-            last_token: 0,
+            tokens,
             waits: WaitQueues::new(hasher.clone()),
             limits: RateLimits::new(hasher),
             started: Instant::now(),

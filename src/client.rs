@@ -314,6 +314,91 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
     }
 }
 
+/// How long [`ShardedClient::connect`] waits for the answer to `shards`: a server that does
+/// not know the command (the original Go server answers nothing to an unknown command) is
+/// then used through one connection.
+const SHARDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A shard-aware client: one connection per shard, on each shard's own port, and each name
+/// sent to the connection of the shard that owns it, so no command crosses the server's
+/// threads. It learns the shard count, the routing function and the ports from `shards`; a
+/// server without shard ports, or one that does not know `shards`, is used through a single
+/// connection, with the same answers.
+///
+/// The locks belong to the connection that took them, as always: dropping the client releases
+/// them all.
+pub struct ShardedClient {
+    /// One connection per shard, in shard order (or a single one).
+    conns: Vec<Client>,
+}
+
+impl ShardedClient {
+    /// Connects to a server's main TCP port and, if it has them, to its shard ports.
+    pub async fn connect(host: &str, port: u16) -> io::Result<Self> {
+        let mut first = Client::connect((host, port)).await?;
+        let asked = tokio::time::timeout(SHARDS_TIMEOUT, first.request(&Request::Shards)).await;
+        let ports = match asked {
+            Ok(reply) => parse_shards(&reply?),
+            // No answer: the connection may still get one later, so it is not used.
+            Err(_) => {
+                return Ok(ShardedClient {
+                    conns: vec![Client::connect((host, port)).await?],
+                })
+            }
+        };
+        let Some(ports) = ports.filter(|ports| ports.len() > 1) else {
+            return Ok(ShardedClient { conns: vec![first] });
+        };
+        let mut conns = Vec::with_capacity(ports.len());
+        for port in ports {
+            conns.push(Client::connect((host, port)).await?);
+        }
+        Ok(ShardedClient { conns })
+    }
+
+    /// How many connections it keeps: the server's shard count, or 1.
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// The connection that owns `name`'s shard: send it anything about that name.
+    pub fn for_name(&mut self, name: &[u8]) -> &mut Client {
+        let shard = crate::routing::shard_of(name, self.conns.len());
+        &mut self.conns[shard]
+    }
+
+    /// `g` on the owning shard's connection.
+    pub async fn get(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        self.for_name(name.as_ref()).get(name.as_ref()).await
+    }
+
+    /// `r` on the owning shard's connection.
+    pub async fn release(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        self.for_name(name.as_ref()).release(name.as_ref()).await
+    }
+
+    /// `i` on the owning shard's connection.
+    pub async fn inspect(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {
+        self.for_name(name.as_ref()).inspect(name.as_ref()).await
+    }
+}
+
+/// The shard ports from a `shards` reply (`1 COUNT fnv1a64 [PORT…]`); None when the reply is
+/// not one, uses another routing function, or lists no ports.
+fn parse_shards(reply: &[u8]) -> Option<Vec<u16>> {
+    let text = std::str::from_utf8(reply).ok()?;
+    let mut words = text.split(' ');
+    if words.next()? != "1" {
+        return None;
+    }
+    let count: usize = words.next()?.parse().ok()?;
+    if words.next()? != crate::protocol::ROUTING {
+        return None;
+    }
+    let ports: Vec<u16> = words.map(str::parse).collect::<Result<_, _>>().ok()?;
+    (ports.len() == count).then_some(ports)
+}
+
 /// An `rl` decision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RateLimited {
@@ -355,6 +440,17 @@ fn check_line(line: &[u8]) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shards_replies_parse_to_their_ports() {
+        assert_eq!(
+            parse_shards(b"1 2 fnv1a64 7000 7001"),
+            Some(vec![7000, 7001])
+        );
+        assert_eq!(parse_shards(b"1 2 fnv1a64"), None);
+        assert_eq!(parse_shards(b"1 2 crc32 7000 7001"), None);
+        assert_eq!(parse_shards(b"0 Invalid Command"), None);
+    }
 
     #[test]
     fn reply_codes_parse() {

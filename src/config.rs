@@ -73,9 +73,21 @@ pub struct Config {
           default_value = "false", default_missing_value = "true")]
     pub verbose: bool,
 
-    /// Number of shard threads (each owns a slice of the lock table). Default: one per core.
+    /// Number of shard threads (each owns a slice of the lock table). Default: one per two
+    /// cores, at least one (see `default_shards`).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub shards: Option<u16>,
+
+    /// First of the shard ports: port BASE + k serves the line protocol on shard k's own
+    /// thread, for shard-aware clients (see `shards`); 0 (the default) turns them off.
+    #[arg(long, default_value_t = 0)]
+    pub shard_port: u16,
+
+    /// Microseconds a shard thread keeps polling its sockets and mailbox after work before it
+    /// parks; 0 parks at once. Polling saves the wake-ups of cross-shard traffic at the cost
+    /// of CPU time while the server is lightly loaded.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub poll_us: u64,
 
     /// Pin each shard thread to its own core (`-pin=false` lets the OS schedule them).
     #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
@@ -230,9 +242,21 @@ impl Config {
     pub fn shard_count(&self) -> usize {
         match self.shards {
             Some(n) => usize::from(n),
-            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            None => default_shards(std::thread::available_parallelism().map_or(1, |n| n.get())),
         }
     }
+}
+
+/// The shard count when `-shards` is not given: one shard thread per two cores, at least one.
+///
+/// A command whose name another thread owns costs a message each way, so more shards only
+/// pay when there are cores to spare for them: on a machine of one or two cores, which also
+/// runs its clients or a load generator, one shard is fastest (measured: see the README's
+/// Performance section), and from four cores on the shards' added capacity outgrows the
+/// cross-thread cost (the README's cost model). Half the cores leaves the rest to the kernel's
+/// network work and to clients on the same machine.
+pub fn default_shards(cores: usize) -> usize {
+    (cores / 2).max(1)
 }
 
 /// A connection's limits, from the flags of the same names; shared by TCP, unix socket and
@@ -385,6 +409,10 @@ mod tests {
         assert!(parse(&["-verbose"]).verbose);
         assert!(!parse(&["-pin=false"]).pin);
         assert_eq!(parse(&["-shards", "4"]).shard_count(), 4);
+        assert_eq!(
+            (1..=8).map(default_shards).collect::<Vec<_>>(),
+            [1, 1, 1, 2, 2, 3, 3, 4]
+        );
     }
 
     #[test]

@@ -283,6 +283,7 @@ where
             if let Some(started) = started {
                 session.record_latency(started.elapsed());
             }
+            core.check_mail();
             // Time spent running commands (a `gw` may wait minutes) is not idleness.
             if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
                 timer.as_mut().reset(Instant::now() + d);

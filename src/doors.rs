@@ -30,6 +30,9 @@ pub struct Listeners {
     pub unix: Option<(StdUnixListener, PathBuf)>,
     /// The Prometheus metrics endpoint (HTTP).
     pub metrics: Option<StdTcpListener>,
+    /// `-shard-port BASE`: the line protocol over TCP on port BASE + k, served by shard k's
+    /// own thread, so a client that sends each name to its owner's port crosses no thread.
+    pub shard_ports: Vec<StdTcpListener>,
 }
 
 impl Listeners {
@@ -57,6 +60,20 @@ impl Listeners {
                         .map_err(|e| io::Error::new(e.kind(), format!("metrics {addr}: {e}")))
                 })
                 .transpose()?,
+            shard_ports: match config.shard_port {
+                0 => Vec::new(),
+                base => (0..config.shard_count())
+                    .map(|k| {
+                        let port = u16::try_from(usize::from(base) + k).map_err(|_| {
+                            io::Error::new(
+                                io::ErrorKind::InvalidInput,
+                                format!("-shard-port {base}: port {base} + {k} is past 65535"),
+                            )
+                        })?;
+                        tcp_on(port)?.ok_or_else(|| io::Error::other("port 0"))
+                    })
+                    .collect::<io::Result<_>>()?,
+            },
         })
     }
 }
@@ -104,6 +121,8 @@ pub fn remove_unix(path: &Path) {
 /// A door being accepted on.
 pub enum Door {
     Tcp(TcpListener),
+    /// A shard's own port: its connections stay on the thread that accepted them.
+    ShardTcp(TcpListener),
     Ws(TcpListener),
     Unix(UnixListener),
 }
@@ -116,7 +135,14 @@ enum Accepted {
 }
 
 impl Door {
-    /// Registers the std listeners with this thread's runtime.
+    /// Registers a shard port's listener with this thread's runtime.
+    pub fn open_shard_port(listener: StdTcpListener) -> io::Result<Door> {
+        listener.set_nonblocking(true)?;
+        Ok(Door::ShardTcp(TcpListener::from_std(listener)?))
+    }
+
+    /// Registers the std listeners with this thread's runtime (the shard ports are opened by
+    /// their own threads).
     pub fn open(listeners: Listeners) -> io::Result<Vec<Door>> {
         let mut doors = Vec::new();
         if let Some(l) = listeners.tcp {
@@ -136,7 +162,7 @@ impl Door {
 
     async fn accept(&self) -> io::Result<Accepted> {
         Ok(match self {
-            Door::Tcp(l) => {
+            Door::Tcp(l) | Door::ShardTcp(l) => {
                 let (stream, peer) = l.accept().await?;
                 Accepted::Tcp(stream, peer)
             }
@@ -149,9 +175,13 @@ impl Door {
     }
 }
 
-/// Accepts connections at one door and deals them out to the shards in turn, until shutdown.
+/// Accepts connections at one door and deals them out to the shards in turn (a shard port's
+/// stay on this thread), until shutdown.
 pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
-    let shards = core.server.router.shards();
+    let shards = match door {
+        Door::ShardTcp(_) => 1,
+        _ => core.server.router.shards(),
+    };
     let mut next = 0usize;
     let mut backoff = Duration::from_millis(1);
     loop {
@@ -180,7 +210,7 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
             refuse(&core, accepted);
             continue;
         };
-        let target = next;
+        let target = if shards == 1 { core.id } else { next };
         next = (next + 1) % shards;
         let incoming = match accepted {
             Accepted::Tcp(stream, peer) => stream

@@ -85,6 +85,11 @@ impl Exporter {
                 "glockd_shard_mailbox_commands_total",
                 "Lock commands in those batches (per message: the batching factor)."
             );
+            describe_counter!(
+                "glockd_shard_mailbox_wakeups_total",
+                "Wake-ups other threads sent this shard's parked thread (a running one looks at \
+                 its mailbox itself)."
+            );
             describe_gauge!("glockd_shards", "Shard threads.");
             describe_gauge!(
                 "glockd_lock_waiters",
@@ -161,8 +166,8 @@ impl Exporter {
             gauge!("glockd_fencing_ceiling").set(fencing.ceiling().unwrap_or(0) as f64);
             counter!("glockd_fencing_ceiling_writes_total").absolute(fencing.writes());
             counter!("glockd_fencing_ceiling_write_errors_total").absolute(fencing.write_errors());
-            for (shard, cell) in stats.cells().enumerate() {
-                let shard = shard.to_string();
+            for (shard_index, cell) in stats.cells().enumerate() {
+                let shard = shard_index.to_string();
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "exclusive")
                     .set(cell.locks.get() as f64);
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "shared")
@@ -173,8 +178,10 @@ impl Exporter {
                     .absolute(cell.remote_commands.get());
                 counter!("glockd_shard_mailbox_messages_total", "shard" => shard.clone())
                     .absolute(cell.mailbox_messages.get());
-                counter!("glockd_shard_mailbox_commands_total", "shard" => shard)
+                counter!("glockd_shard_mailbox_commands_total", "shard" => shard.clone())
                     .absolute(cell.mailbox_commands.get());
+                let wakes = self.server.mailboxes.get(shard_index).wakes();
+                counter!("glockd_shard_mailbox_wakeups_total", "shard" => shard).absolute(wakes);
             }
             self.process.collect();
         });

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
 
-use crate::shard::{Departure, LockMsg, ServerState, ShardCore};
+use crate::shard::{Departure, Outgoing, ServerState, ShardCore};
 use crate::ConnId;
 
 /// A connection's place under `--max-connections`: taken when the connection is accepted,
@@ -236,10 +236,10 @@ impl Drop for Presence {
             label: self.label.clone(),
         });
         for shard in self.touched.iter() {
-            // A stopped shard is a server shutting down: nothing left to release.
-            let _ = server.post_locks(
+            // Behind the connection's own operations, the same way they went.
+            self.core.send_later(
                 shard,
-                LockMsg::Orphan {
+                Outgoing::Orphan {
                     conn: self.conn,
                     departure: departure.clone(),
                 },

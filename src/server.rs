@@ -32,6 +32,8 @@ pub struct ServerHandle {
     ws_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
+    /// Each shard's own port, in shard order (`-shard-port`).
+    shard_addrs: Vec<SocketAddr>,
     threads: Vec<JoinHandle<()>>,
     /// The Prometheus endpoint's thread, if on.
     metrics: Option<crate::exporter::Endpoint>,
@@ -55,6 +57,11 @@ impl ServerHandle {
         self.unix_path.as_deref()
     }
 
+    /// Each shard's own port (`-shard-port`), in shard order; empty when off.
+    pub fn shard_addrs(&self) -> &[SocketAddr] {
+        &self.shard_addrs
+    }
+
     /// The metrics endpoint's address, if enabled.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
@@ -66,6 +73,20 @@ impl ServerHandle {
     /// shard 0, the next on shard 1, and so on.
     pub fn shard_of(&self, name: &[u8]) -> usize {
         self.server.router.route(name).0
+    }
+
+    /// Lock commands run on their connection's own thread, and commands that crossed to
+    /// another shard's thread, since start (summed over every shard).
+    pub fn local_and_remote_commands(&self) -> (u64, u64) {
+        self.server
+            .stats
+            .cells()
+            .fold((0, 0), |(local, remote), cell| {
+                (
+                    local + cell.local_commands.get(),
+                    remote + cell.remote_commands.get(),
+                )
+            })
     }
 
     /// The stats as `q` would show them now.
@@ -164,6 +185,11 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
     let tcp_addr = listeners.tcp.as_ref().map(|l| l.local_addr()).transpose()?;
     let ws_addr = listeners.ws.as_ref().map(|l| l.local_addr()).transpose()?;
     let unix_path = listeners.unix.as_ref().map(|(_, path)| path.clone());
+    let shard_addrs = listeners
+        .shard_ports
+        .iter()
+        .map(|l| l.local_addr())
+        .collect::<io::Result<Vec<_>>>()?;
 
     let (mailboxes, inboxes) = Mailboxes::new(shards);
     let server = Arc::new(ServerState::new(
@@ -171,6 +197,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         mailboxes,
         metrics_listener.is_some(),
         fencing,
+        shard_addrs.iter().map(SocketAddr::port).collect(),
     ));
     let cores = if server.config.pin {
         core_affinity::get_core_ids().unwrap_or_default()
@@ -180,15 +207,20 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
 
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
     let mut threads = Vec::with_capacity(shards);
+    let mut shard_ports: Vec<Option<StdTcpListener>> = std::mem::take(&mut listeners.shard_ports)
+        .into_iter()
+        .map(Some)
+        .collect();
     let mut listeners = Some(listeners);
     for (id, inbox) in inboxes.into_iter().enumerate() {
         let server = server.clone();
         let core_id = (!cores.is_empty()).then(|| cores[id % cores.len()]);
         let listener = if id == 0 { listeners.take() } else { None };
+        let shard_port = shard_ports.get_mut(id).and_then(Option::take);
         let ready = ready_tx.clone();
         let thread = std::thread::Builder::new()
             .name(format!("glockd-shard-{id}"))
-            .spawn(move || run_shard(id, server, inbox, listener, core_id, ready))?;
+            .spawn(move || run_shard(id, server, inbox, listener, shard_port, core_id, ready))?;
         threads.push(thread);
     }
     drop(ready_tx);
@@ -198,6 +230,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         ws_addr,
         unix_path,
         metrics_addr,
+        shard_addrs,
         threads,
         metrics: None,
         renewer,
@@ -227,6 +260,7 @@ fn run_shard(
     server: Arc<ServerState>,
     inbox: Inbox<ShardMsg>,
     listeners: Option<Listeners>,
+    shard_port: Option<StdTcpListener>,
     core_id: Option<core_affinity::CoreId>,
     ready: std::sync::mpsc::Sender<io::Result<()>>,
 ) {
@@ -240,6 +274,9 @@ fn run_shard(
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Senders wake this thread only while it is parked (see `routing::Mailbox`).
+        .on_thread_park(crate::routing::about_to_park)
+        .on_thread_unpark(crate::routing::unparked)
         .build()
     {
         Ok(runtime) => runtime,
@@ -264,18 +301,38 @@ fn run_shard(
                 }
             }
         }
+        if let Some(listener) = shard_port {
+            match Door::open_shard_port(listener) {
+                Ok(door) => {
+                    tokio::task::spawn_local(crate::doors::accept_loop(core.clone(), door));
+                }
+                Err(e) => {
+                    let _ = ready.send(Err(e));
+                    return;
+                }
+            }
+        }
         let _ = ready.send(Ok(()));
         tokio::task::spawn_local(core.clone().evict_rate_limits());
-        crate::routing::drain(inbox, |msg| match msg {
-            ShardMsg::Locks(msg) => {
-                core.handle_locks(msg);
-                Flow::Continue
+        tokio::task::spawn_local(core.clone().flush_outbox());
+        tokio::task::spawn_local(core.clone().busy_poll());
+        crate::routing::drain(inbox, |msg| {
+            core.note_work();
+            match msg {
+                ShardMsg::Locks(msg) => {
+                    core.handle_locks(msg);
+                    Flow::Continue
+                }
+                ShardMsg::Replies(replies) => {
+                    core.deliver(replies);
+                    Flow::Continue
+                }
+                ShardMsg::Conns(msg) => {
+                    crate::lifecycle::handle(&core, msg);
+                    Flow::Continue
+                }
+                ShardMsg::Stop => Flow::Stop,
             }
-            ShardMsg::Conns(msg) => {
-                crate::lifecycle::handle(&core, msg);
-                Flow::Continue
-            }
-            ShardMsg::Stop => Flow::Stop,
         })
         .await;
     });

@@ -23,7 +23,9 @@ use tokio::sync::oneshot;
 use crate::lifecycle::{Admission, Presence};
 use crate::name::LockName;
 use crate::protocol::{self, ListKind, LockKind, LockOp, Reply, Request, Verb, WaitKind};
-use crate::shard::{BatchDone, Listing, LockMsg, RoutedOp, ShardCore, WaitRequest};
+use crate::shard::{
+    BatchDone, ConnBatch, Listing, LockMsg, Outgoing, RoutedOp, ShardCore, WaitRequest,
+};
 use crate::table::Quota;
 
 pub use crate::routing::Gone;
@@ -61,7 +63,7 @@ enum Slot {
 
 /// A batch being built for one remote shard.
 #[derive(Default)]
-struct Outgoing {
+struct PendingBatch {
     ops: Vec<RoutedOp>,
     replies: Vec<Reply>,
     waiting: Option<oneshot::Receiver<BatchDone>>,
@@ -76,7 +78,7 @@ pub struct Session {
     /// nothing is pending, which lets local replies go straight to the output.
     slots: Vec<Slot>,
     /// Per shard, the batch being built (unused for this thread's own shard).
-    outgoing: Vec<Outgoing>,
+    outgoing: Vec<PendingBatch>,
     /// Per shard, the replies of the last sent batch.
     results: Vec<Vec<Reply>>,
     /// Commands per verb since the last `record_latency`, when latency is being measured.
@@ -92,7 +94,7 @@ impl Session {
             quota: (limit > 0).then(|| Arc::new(Quota::new(limit))),
             presence: Presence::open(core, id_text, admission),
             slots: Vec::new(),
-            outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
+            outgoing: (0..shards).map(|_| PendingBatch::default()).collect(),
             results: vec![Vec::new(); shards],
             batch_verbs: measure.then_some([0; Verb::COUNT]),
         }
@@ -320,20 +322,20 @@ impl Session {
             return Ok(());
         }
         let conn = self.presence.conn;
-        let server = self.presence.core.server.clone();
+        let core = &self.presence.core;
         for (shard, batch) in self.outgoing.iter_mut().enumerate() {
             if batch.ops.is_empty() {
                 continue;
             }
             let (done, waiting) = oneshot::channel();
-            let msg = LockMsg::Batch {
+            let batch_out = ConnBatch {
                 conn,
                 quota: self.quota.clone(),
                 ops: std::mem::take(&mut batch.ops),
                 replies: std::mem::take(&mut batch.replies),
                 done,
             };
-            server.post_locks(shard, msg)?;
+            core.send_later(shard, Outgoing::Ops(batch_out));
             batch.waiting = Some(waiting);
         }
         for (shard, batch) in self.outgoing.iter_mut().enumerate() {
@@ -361,6 +363,9 @@ impl Session {
         let conn = self.presence.conn;
         match request {
             Request::Stats => server.stats.snapshot().render(out),
+            Request::Shards => {
+                protocol::write_shards(server.router.shards(), &server.shard_ports, out)
+            }
             Request::Me => server.registry.write_me(conn, out),
             Request::Iam(name) if name.len() as u64 > server.config.max_name_bytes => {
                 Reply::NameTooLong.write_to(out)
@@ -380,7 +385,7 @@ impl Session {
                     .registry
                     .write_who(name.as_ref().map_or(&[][..], |n| n.as_bytes()), out);
                 // A listing can be long: let the other clients of this thread have a turn.
-                tokio::task::yield_now().await;
+                self.presence.core.pause().await;
             }
             Request::List { kind, name } => {
                 let rows = self.collect(kind, name).await?;
@@ -398,7 +403,7 @@ impl Session {
                 } else {
                     out.extend_from_slice(&listing);
                 }
-                tokio::task::yield_now().await;
+                self.presence.core.pause().await;
             }
             // Answered or routed by `step` and `run_later` before they come here.
             Request::Empty

@@ -193,6 +193,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             }
         }
         lines.compact();
+        core.check_mail();
         if let Some(started) = started {
             session.record_latency(started.elapsed());
         }

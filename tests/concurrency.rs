@@ -179,6 +179,7 @@ async fn q_counts_are_exact(setup: Setup) {
         ("command_sg", 3),
         ("command_sgl", 0),
         ("command_sgw", 0),
+        ("command_shards", 0),
         ("command_si", 1),
         ("command_sr", 1),
         ("command_t", 0),

@@ -90,13 +90,13 @@ fn run_case(server: &TestServer, runtime: &tokio::runtime::Runtime, actions: &[A
     });
 }
 
-fn model_test(shards: u16) {
+fn model_test(shards: u16, poll_us: u64) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let server = TestServer::start(shards);
+    let server = TestServer::start_with(shards, |c| c.poll_us = poll_us);
     let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
         cases: 48,
         failure_persistence: None,
@@ -112,10 +112,15 @@ fn model_test(shards: u16) {
 
 #[test]
 fn random_interleavings_match_the_model_with_one_shard() {
-    model_test(1);
+    model_test(1, 0);
 }
 
 #[test]
 fn random_interleavings_match_the_model_with_four_shards() {
-    model_test(4);
+    model_test(4, 0);
+}
+
+#[test]
+fn random_interleavings_match_the_model_with_four_busily_polling_shards() {
+    model_test(4, 50);
 }

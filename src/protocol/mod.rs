@@ -16,7 +16,9 @@ mod reply;
 mod request;
 mod verb;
 
-pub use reply::{write_go_map, write_rows, Reply, LINE_TOO_LONG, TOO_MANY_CONNECTIONS};
+pub use reply::{
+    write_go_map, write_rows, write_shards, Reply, LINE_TOO_LONG, ROUTING, TOO_MANY_CONNECTIONS,
+};
 pub use request::{
     parse, parse_rate_limit, split_number, ListKind, LockKind, LockOp, RateParams, Request,
     WaitKind, MAX_RATE_LIMIT_WINDOW_MS,

@@ -123,6 +123,24 @@ pub const LINE_TOO_LONG: &[u8] = b"0 Line Too Long\n";
 /// The one line a connection over `--max-connections` gets before it is closed.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";
 
+/// The name of the routing function in the `shards` reply (see [`crate::routing::shard_of`]).
+pub const ROUTING: &str = "fnv1a64";
+
+/// `shards`: `1 COUNT fnv1a64 [PORT…]`, the ports being each shard's own, in shard order,
+/// when the server has them (`-shard-port`).
+pub fn write_shards(count: usize, ports: &[u16], out: &mut Vec<u8>) {
+    let mut n = itoa::Buffer::new();
+    out.extend_from_slice(b"1 ");
+    out.extend_from_slice(n.format(count).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(ROUTING.as_bytes());
+    for port in ports {
+        out.push(b' ');
+        out.extend_from_slice(n.format(*port).as_bytes());
+    }
+    out.push(b'\n');
+}
+
 /// Writes listing rows as `name: holder` lines (`d`, `sd`, `h`). No rows, no bytes: the
 /// original's form.
 pub fn write_rows<H: AsRef<[u8]>>(rows: &[(LockName, H)], out: &mut Vec<u8>) {

@@ -131,6 +131,8 @@ pub enum Request {
     Me,
     /// `q`: the stats.
     Stats,
+    /// `shards`: the shard count, the routing function and the shard ports.
+    Shards,
 }
 
 impl Request {
@@ -161,6 +163,7 @@ impl Request {
             Request::Who(_) => Verb::Who,
             Request::Me => Verb::Me,
             Request::Stats => Verb::Stats,
+            Request::Shards => Verb::Shards,
         })
     }
 
@@ -317,6 +320,7 @@ pub fn parse(line: &[u8]) -> Request {
         Verb::Who => Request::Who(optional()),
         Verb::Me => Request::Me,
         Verb::Stats => Request::Stats,
+        Verb::Shards => Request::Shards,
     }
 }
 

@@ -37,6 +37,8 @@ pub enum Verb {
     SharedGetLimit,
     /// `sgw MS LIMIT NAME`: like `sgl`, waiting up to MS milliseconds for a free slot.
     SharedGetWait,
+    /// `shards`: how names map to shards, and each shard's own port.
+    Shards,
     /// `si NAME`: the holder count of a shared lock.
     SharedInspect,
     /// `sr NAME`: release a shared lock this connection holds.
@@ -58,7 +60,7 @@ pub enum Class {
     RateLimit,
     /// Reading the tables or the registry: `d sd dump h who`.
     Inspect,
-    /// The connection's own identity: `me iam`.
+    /// The connection's own identity and placement: `me iam shards`.
     Connection,
     /// The server's counters: `q`.
     Admin,
@@ -153,6 +155,7 @@ const FACTS: [Facts; Verb::COUNT] = [
     facts("sg", "sg NAME", Shared, Gate::Open, Line),
     facts("sgl", "sgl LIMIT NAME", Shared, Gate::Open, Line),
     facts("sgw", "sgw MS LIMIT NAME", Shared, Gate::Open, Line),
+    facts("shards", "shards", Connection, Gate::Open, Line),
     facts("si", "si NAME", Shared, Gate::Open, Line),
     facts("sr", "sr NAME", Shared, Gate::Open, Line),
     facts("t", "t NAME", Lock, Gate::Open, Line),
@@ -161,7 +164,7 @@ const FACTS: [Facts; Verb::COUNT] = [
 
 impl Verb {
     /// All verbs, sorted by their command word, so `q` can print its counters in order.
-    pub const ALL: [Verb; 20] = [
+    pub const ALL: [Verb; 21] = [
         Verb::Dump,
         Verb::FullDump,
         Verb::Get,
@@ -178,6 +181,7 @@ impl Verb {
         Verb::SharedGet,
         Verb::SharedGetLimit,
         Verb::SharedGetWait,
+        Verb::Shards,
         Verb::SharedInspect,
         Verb::SharedRelease,
         Verb::Token,
@@ -235,6 +239,7 @@ impl Verb {
             b"rl" => Verb::RateLimit,
             b"sgl" => Verb::SharedGetLimit,
             b"sgw" => Verb::SharedGetWait,
+            b"shards" => Verb::Shards,
             b"t" => Verb::Token,
             _ => return None,
         })

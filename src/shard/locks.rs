@@ -71,25 +71,45 @@ impl Drop for Departure {
     }
 }
 
-/// Work on a shard's lock table, sent by connections on other threads.
-pub enum LockMsg {
-    /// Apply `ops` in order for `conn` and send back the replies.
-    Batch {
-        conn: ConnId,
-        /// The connection's lock allowance, when `--max-locks-per-conn` is set.
-        quota: Option<Arc<Quota>>,
-        ops: Vec<RoutedOp>,
-        /// Reply buffer to fill (sent empty, reused across batches).
-        replies: Vec<Reply>,
-        done: oneshot::Sender<BatchDone>,
-    },
-    /// `conn` is gone: release everything it holds here. Sent after every batch of that
-    /// connection, through the same FIFO, so a lock granted by an in-flight batch is released too.
+/// One connection's operations for one shard, from one batch of its pipelined lines.
+pub struct ConnBatch {
+    pub conn: ConnId,
+    /// The connection's lock allowance, when `--max-locks-per-conn` is set.
+    pub quota: Option<Arc<Quota>>,
+    pub ops: Vec<RoutedOp>,
+    /// Reply buffer to fill (sent empty, reused across batches).
+    pub replies: Vec<Reply>,
+    /// Where the connection waits for its replies. Answered on the connection's own thread,
+    /// which gets them back in one [`super::ShardMsg::Replies`] per batch message.
+    pub done: oneshot::Sender<BatchDone>,
+}
+
+/// What a thread's connections send a shard in one scheduler pass, in the order they sent it.
+pub enum Outgoing {
+    /// A connection's operations.
+    Ops(ConnBatch),
+    /// `conn` is gone: release everything it holds here. It travels the same way as the
+    /// connection's operations, behind them, so a lock granted by a batch still in flight is
+    /// released too.
     Orphan {
         conn: ConnId,
         /// Held until this shard has released everything; the last holder forgets the
         /// connection's registry record.
         departure: Arc<Departure>,
+    },
+}
+
+/// Replies on their way back to the thread whose connections asked.
+pub type Replies = Vec<(oneshot::Sender<BatchDone>, BatchDone)>;
+
+/// Work on a shard's lock table, sent by connections on other threads.
+pub enum LockMsg {
+    /// Apply each connection's operations in order. Every connection of the thread `origin`
+    /// that had work for this shard in one scheduler pass is in the one message, so the
+    /// wake-up it costs is shared; the replies go back to `origin` the same way.
+    Batches {
+        origin: usize,
+        batches: Vec<Outgoing>,
     },
     /// `gw`/`sgw`: take the lock, or queue for it.
     Wait(WaitRequest),
@@ -236,7 +256,7 @@ impl ShardCore {
         let core = self.clone();
         tokio::task::spawn_local(async move {
             loop {
-                tokio::task::yield_now().await;
+                core.pause().await;
                 if core.orphan_slice(conn, departure.label.as_deref()) {
                     return;
                 }
@@ -277,7 +297,7 @@ impl ShardCore {
                 rows.push((name, text.clone()));
             }
             if next.is_some() {
-                tokio::task::yield_now().await;
+                self.pause().await;
             }
         }
         rows
@@ -326,26 +346,83 @@ impl ShardCore {
         }
     }
 
+    /// Queues one connection's operations for `shard`: they leave with every other
+    /// connection's of this thread when the outbox is flushed, at the end of this scheduler
+    /// pass (see [`Self::flush_outbox`]).
+    pub fn send_later(&self, shard: usize, batch: Outgoing) {
+        let mut outbox = self.outbox.borrow_mut();
+        if outbox.iter().all(Vec::is_empty) {
+            self.outbox_ready.notify_one();
+        }
+        outbox[shard].push(batch);
+    }
+
+    /// Sends what this thread's connections queued for other shards, one message per shard,
+    /// whenever there is any. This task is woken by the first connection that queues work and
+    /// runs after the other tasks that were ready at that moment, so everything this thread's
+    /// connections produce in one scheduler pass travels together.
+    pub async fn flush_outbox(self: Rc<Self>) {
+        let shards = self.server.router.shards();
+        let mut spare: Vec<Vec<Outgoing>> = (0..shards).map(|_| Vec::new()).collect();
+        loop {
+            self.outbox_ready.notified().await;
+            std::mem::swap(&mut *self.outbox.borrow_mut(), &mut spare);
+            for (shard, batches) in spare.iter_mut().enumerate() {
+                if batches.is_empty() {
+                    continue;
+                }
+                let batches = std::mem::take(batches);
+                let msg = LockMsg::Batches {
+                    origin: self.id,
+                    batches,
+                };
+                // A stopped shard is a server shutting down; the connections waiting on it see
+                // their reply channels close.
+                let _ = self.server.post_locks(shard, msg);
+            }
+        }
+    }
+
+    /// Hands replies from another shard to the connections of this thread that wait for them.
+    pub fn deliver(&self, replies: Replies) {
+        for (done, batch) in replies {
+            // The connection may be gone (its orphan message follows); nobody wants these.
+            let _ = done.send(batch);
+        }
+    }
+
     /// Handles one message about this shard's table.
     pub fn handle_locks(self: &Rc<Self>, msg: LockMsg) {
         match msg {
-            LockMsg::Batch {
-                conn,
-                quota,
-                mut ops,
-                mut replies,
-                done,
-            } => {
+            LockMsg::Batches { origin, batches } => {
                 let cell = self.cell();
                 cell.mailbox_messages.add(1);
-                cell.mailbox_commands.add(ops.len() as u64);
-                self.apply_batch(conn, quota.as_deref(), &ops, &mut replies);
-                ops.clear();
-                // The connection may be gone (its orphan message is queued behind this one);
-                // then nobody wants the replies.
-                let _ = done.send(BatchDone { ops, replies });
+                let mut answers = Vec::with_capacity(batches.len());
+                for outgoing in batches {
+                    match outgoing {
+                        Outgoing::Ops(ConnBatch {
+                            conn,
+                            quota,
+                            mut ops,
+                            mut replies,
+                            done,
+                        }) => {
+                            cell.mailbox_commands.add(ops.len() as u64);
+                            self.apply_batch(conn, quota.as_deref(), &ops, &mut replies);
+                            ops.clear();
+                            answers.push((done, BatchDone { ops, replies }));
+                        }
+                        Outgoing::Orphan { conn, departure } => self.orphan(conn, departure),
+                    }
+                }
+                if !answers.is_empty() {
+                    // A stopped origin is a server shutting down: nobody wants the replies.
+                    let _ = self
+                        .server
+                        .mailboxes
+                        .post(origin, super::ShardMsg::Replies(answers));
+                }
             }
-            LockMsg::Orphan { conn, departure } => self.orphan(conn, departure),
             LockMsg::Wait(request) => self.start_wait(request),
             LockMsg::List { kind, name, done } => {
                 let core = self.clone();

@@ -10,8 +10,10 @@
 pub mod locks;
 
 use std::cell::RefCell;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use tokio::sync::Notify;
 
 use crate::config::Config;
 use crate::lifecycle::{ConnMsg, ThreadConns};
@@ -21,7 +23,9 @@ use crate::stats::{ShardCell, Stats};
 use crate::table::ShardTable;
 use crate::ConnId;
 
-pub use locks::{BatchDone, Departure, Listing, LockMsg, RoutedOp, WaitRequest};
+pub use locks::{
+    BatchDone, ConnBatch, Departure, Listing, LockMsg, Outgoing, Replies, RoutedOp, WaitRequest,
+};
 
 /// Locks released per slice when orphaning: a connection that held a million locks is released
 /// a slice at a time, with the shard serving everyone else in between.
@@ -31,6 +35,8 @@ pub const ORPHAN_SLICE: usize = 4096;
 pub enum ShardMsg {
     /// Work on this shard's lock table.
     Locks(LockMsg),
+    /// Replies from another shard for connections on this thread.
+    Replies(Replies),
     /// A connection's life on this thread: adopt a new one, or close them all.
     Conns(ConnMsg),
     /// Shutdown, last step: leave the mailbox loop.
@@ -52,6 +58,8 @@ pub struct ServerState {
     pub live_connections: AtomicU64,
     /// Unix socket connections so far: their ids are `unix:1`, `unix:2`… as in the original.
     unix_connections: AtomicU64,
+    /// Each shard's own port (`-shard-port`), in shard order, for the `shards` reply.
+    pub shard_ports: Vec<u16>,
     /// Whether connections time their commands (only while the metrics endpoint is on, so a
     /// server without it pays nothing for it).
     pub measure_latency: bool,
@@ -63,6 +71,7 @@ impl ServerState {
         mailboxes: Mailboxes<ShardMsg>,
         measure_latency: bool,
         fencing: Arc<crate::fencing::Fencing>,
+        shard_ports: Vec<u16>,
     ) -> Self {
         let shards = mailboxes.len();
         ServerState {
@@ -76,6 +85,7 @@ impl ServerState {
             live_connections: AtomicU64::new(0),
             unix_connections: AtomicU64::new(0),
             measure_latency,
+            shard_ports,
         }
     }
 
@@ -106,6 +116,17 @@ pub struct ShardCore {
     table: RefCell<ShardTable>,
     /// The connections living on this thread, and shutdown's progress through them.
     pub conns: ThreadConns,
+    /// Per shard, the operations this thread's connections queued for it in this scheduler
+    /// pass (see [`ShardCore::send_later`]).
+    outbox: RefCell<Vec<Vec<Outgoing>>>,
+    /// Wakes the task that flushes `outbox`.
+    outbox_ready: Notify,
+    /// `-poll-us`: how long to keep polling after work before parking (None: park at once).
+    poll: Option<std::time::Duration>,
+    /// When this thread last had work, while polling busily.
+    last_work: std::cell::Cell<std::time::Instant>,
+    /// Wakes the busy-polling task.
+    working: Notify,
 }
 
 impl ShardCore {
@@ -116,6 +137,12 @@ impl ShardCore {
                 server.router.hasher().clone(),
                 server.fencing.clock(),
             )),
+            outbox: RefCell::new((0..server.router.shards()).map(|_| Vec::new()).collect()),
+            outbox_ready: Notify::new(),
+            poll: (server.config.poll_us > 0)
+                .then(|| std::time::Duration::from_micros(server.config.poll_us)),
+            last_work: std::cell::Cell::new(std::time::Instant::now()),
+            working: Notify::new(),
             server,
             conns: ThreadConns::default(),
         }
@@ -125,6 +152,48 @@ impl ShardCore {
     #[inline]
     pub fn cell(&self) -> &ShardCell {
         self.server.stats.cell(self.id)
+    }
+
+    /// Lets the other tasks of this thread have a turn in the middle of long work (a listing,
+    /// a mass orphaning), taking any mail that came in meanwhile.
+    pub async fn pause(&self) {
+        self.check_mail();
+        tokio::task::yield_now().await;
+    }
+
+    /// Takes this shard's mail if any came in: senders do not wake a thread that is running
+    /// (see [`crate::routing::Mailbox`]), so a running thread looks itself, after every batch
+    /// of a connection and between slices of long work.
+    #[inline]
+    pub fn check_mail(&self) {
+        self.server.mailboxes.get(self.id).check();
+        self.note_work();
+    }
+
+    /// This thread just had work: with `-poll-us`, it keeps polling for a while.
+    #[inline]
+    pub fn note_work(&self) {
+        if self.poll.is_some() {
+            self.last_work.set(std::time::Instant::now());
+            self.working.notify_one();
+        }
+    }
+
+    /// With `-poll-us`: keeps this thread polling its sockets and mailbox, instead of parking,
+    /// for that long after its last work, so that a reply or a command arriving meanwhile
+    /// costs no wake-up (as Seastar's reactors do).
+    pub async fn busy_poll(self: std::rc::Rc<Self>) {
+        let Some(window) = self.poll else {
+            return;
+        };
+        loop {
+            self.working.notified().await;
+            while self.last_work.get().elapsed() < window {
+                self.server.mailboxes.get(self.id).check();
+                // Each turn polls the sockets without blocking, then runs what is ready.
+                tokio::task::yield_now().await;
+            }
+        }
     }
 
     /// Whether shutdown has begun on this thread.

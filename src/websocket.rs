@@ -62,10 +62,17 @@ impl PeerWatch for WsWatch<'_> {
 pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission: Admission) {
     let config = &core.server.config;
     let limits = config.conn_limits();
+    // tungstenite panics unless its write buffer's limit is above the size at which it starts
+    // writing (128 KiB by default), and --max-unsent-bytes may be below that. Starting to write
+    // at half the limit at most makes the relation hold for any limit (the `max` covers a limit
+    // of 0 from a library caller) and leaves room for a reply past the ones buffered; with the
+    // default 8 MiB limit the library's 128 KiB stays.
+    let write_buffer = (limits.max_unsent / 2).min(128 * 1024);
     let ws_config = WebSocketConfig::default()
         .max_message_size(Some(limits.max_line))
         .max_frame_size(Some(limits.max_line))
-        .max_write_buffer_size(limits.max_unsent);
+        .write_buffer_size(write_buffer)
+        .max_write_buffer_size(limits.max_unsent.max(write_buffer + 1));
     let allowed: Vec<String> = config.allowed_origins().map(str::to_owned).collect();
     // The error type is the handshake library's own HTTP response; its size is not ours to
     // choose, and it is built at most once per connection.

@@ -11,6 +11,38 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser};
 
+// The range of every numeric flag. A value outside is refused at start with one line naming
+// the flag: a value that cannot work (a timeout so long the clock overflows, a keepalive the
+// kernel refuses) must stop the server at start, not fail every connection later.
+
+/// The longest a timeout flag may be, in seconds: a year. Longer is of no use to anyone, and
+/// keeps every deadline made from a flag far from overflowing the clock.
+pub const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 60 * 60;
+/// `--max-wait-ms`: at most a year, like the timeouts.
+pub const MAX_WAIT_MS: u64 = MAX_TIMEOUT_SECS * 1000;
+/// `--max-line-bytes`: room for a command word and a short name at least; at most 1 GiB, so
+/// one client cannot make the server buffer more than that for a single line.
+pub const MIN_LINE_BYTES: u64 = 64;
+pub const MAX_LINE_BYTES: u64 = 1 << 30;
+/// `--max-unsent-bytes`: a page of replies at least; at most 1 TiB, far past any memory the
+/// server could have (so it means "no limit") and still a `usize` wherever it is used.
+pub const MIN_UNSENT_BYTES: u64 = 4096;
+pub const MAX_UNSENT_BYTES: u64 = 1 << 40;
+/// `--max-connections`: at most 2^30, a thousand times Linux's default ceiling on one
+/// process's open files (`fs.nr_open`, 2^20); any real machine runs out of descriptors first.
+pub const MAX_CONNECTIONS: u64 = 1 << 30;
+/// `--keepalive-idle` and `--keepalive-interval`: the largest values Linux accepts
+/// (`TCP_KEEPIDLE`, `TCP_KEEPINTVL`); past them every connection's setsockopt fails.
+pub const MAX_KEEPALIVE_SECS: u64 = 32_767;
+/// `--keepalive-count`: the largest Linux accepts (`TCP_KEEPCNT`).
+pub const MAX_KEEPALIVE_COUNT: u32 = 127;
+/// The most `--keepalive-idle` + `--keepalive-interval` x `--keepalive-count` may add up to:
+/// the server gives up on unacknowledged data after that long (`TCP_USER_TIMEOUT`), which
+/// Linux takes in milliseconds as a C `int`, so 2^31 - 1 ms (about 24.8 days) at most.
+pub const MAX_KEEPALIVE_GIVE_UP_SECS: u64 = i32::MAX as u64 / 1000;
+/// `--shards`: one thread each; more than this is a mistake, not a configuration.
+pub const MAX_SHARDS: u16 = 1024;
+
 /// The server's settings. Every limit is here, named and documented.
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -75,7 +107,7 @@ pub struct Config {
 
     /// Number of shard threads (each owns a slice of the lock table). Default: one per two
     /// cores, at least one (see `default_shards`).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=i64::from(MAX_SHARDS)))]
     pub shards: Option<u16>,
 
     /// First of the shard ports: port BASE + k serves the line protocol on shard k's own
@@ -96,12 +128,14 @@ pub struct Config {
 
     /// Longest accepted request line in bytes, newline included. A longer line gets
     /// `0 Line Too Long` and the connection is closed (its locks are orphaned as usual).
-    #[arg(long, default_value_t = 1 << 20, value_parser = clap::value_parser!(u64).range(64..=(1 << 30)))]
+    #[arg(long, default_value_t = 1 << 20,
+          value_parser = clap::value_parser!(u64).range(MIN_LINE_BYTES..=MAX_LINE_BYTES))]
     pub max_line_bytes: u64,
 
     /// Most connections served at once. The next one gets `0 Too Many Connections` and is
     /// closed; the rest are served as usual.
-    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
     pub max_connections: u64,
 
     /// Longest name a connection may register with `iam`, in bytes; a longer one answers
@@ -111,47 +145,57 @@ pub struct Config {
     pub max_name_bytes: u64,
 
     /// Most locks (exclusive plus shared) one connection may hold; 0 means no limit. Beyond it
-    /// `g` and `sg` answer `0 Lock Limit Reached`.
+    /// `g` and `sg` answer `0 Lock Limit Reached`. Any count is accepted: it is only compared
+    /// with what a connection holds, and one past what memory can hold is simply no limit.
     #[arg(long, default_value_t = 0)]
     pub max_locks_per_conn: u64,
 
     /// Most reply bytes a connection may leave unread. A client that keeps sending while its
     /// unread replies pass this is disconnected (and its locks orphaned); one that has stopped
     /// sending (waiting on a big listing, say) is simply not read from until it catches up.
-    #[arg(long, default_value_t = 8 << 20, value_parser = clap::value_parser!(u64).range(4096..))]
+    #[arg(long, default_value_t = 8 << 20,
+          value_parser = clap::value_parser!(u64).range(MIN_UNSENT_BYTES..=MAX_UNSENT_BYTES))]
     pub max_unsent_bytes: u64,
 
     /// Seconds a reply write may make no progress before the connection is closed as dead;
     /// 0 waits forever.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     pub write_timeout: u64,
 
     /// Seconds a connection may send nothing before it is closed; 0 (the default) never closes
     /// an idle connection, since holding a lock quietly is the normal case.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     pub idle_timeout: u64,
 
     /// TCP keepalive: seconds of silence before the first probe; 0 turns keepalive off. With
     /// the interval and count below, a holder whose machine vanished is found and its locks
     /// released after idle + interval x count seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_KEEPALIVE_SECS))]
     pub keepalive_idle: u64,
 
     /// TCP keepalive: seconds between probes.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_KEEPALIVE_SECS))]
     pub keepalive_interval: u64,
 
     /// TCP keepalive: unanswered probes before the connection is dropped.
-    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 6,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_KEEPALIVE_COUNT)))]
     pub keepalive_count: u32,
 
-    /// Longest wait `gw` and `sgw` accept, in milliseconds.
-    #[arg(long, default_value_t = 3_600_000)]
+    /// Longest wait `gw` and `sgw` accept, in milliseconds (0: only waits of 0 ms, a plain
+    /// try).
+    #[arg(long, default_value_t = 3_600_000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_WAIT_MS))]
     pub max_wait_ms: u64,
 
     /// Seconds shutdown waits for connections to receive the replies to what they already sent
     /// before closing them anyway.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     pub shutdown_timeout: u64,
 
     /// Keep the fencing token ceiling in this file, so tokens stay above every earlier grant
@@ -184,9 +228,14 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Parses the process's command line (Go or GNU style); exits with usage on error.
+    /// Parses the process's command line (Go or GNU style). On a bad flag or value it exits
+    /// with clap's status (2) and one line on stderr naming the flag, so that a service
+    /// manager's log shows the reason in one entry.
     pub fn from_args() -> Self {
-        Config::parse_from(go_style_args(std::env::args_os()))
+        match Config::try_from_args(std::env::args_os()) {
+            Ok(config) => config,
+            Err(e) => exit_on(e),
+        }
     }
 
     /// Parses an explicit command line (first item is the program name).
@@ -195,7 +244,30 @@ impl Config {
         I: IntoIterator<Item = T>,
         T: Into<OsString>,
     {
-        Config::try_parse_from(go_style_args(args))
+        let config = Config::try_parse_from(go_style_args(args))?;
+        config.check_together()?;
+        Ok(config)
+    }
+
+    /// What no one flag's range can check: the keepalive flags' sum, when keepalive is on.
+    fn check_together(&self) -> Result<(), clap::Error> {
+        if self.keepalive_idle == 0 {
+            return Ok(());
+        }
+        // Within the flags' ranges this is at most 32767 x 128: no overflow.
+        let give_up =
+            self.keepalive_idle + self.keepalive_interval * u64::from(self.keepalive_count);
+        if give_up <= MAX_KEEPALIVE_GIVE_UP_SECS {
+            return Ok(());
+        }
+        Err(Config::command().error(
+            clap::error::ErrorKind::ValueValidation,
+            format!(
+                "--keepalive-idle + --keepalive-interval x --keepalive-count is {give_up} \
+                 seconds, more than the {MAX_KEEPALIVE_GIVE_UP_SECS} the kernel accepts for \
+                 giving up on a silent peer"
+            ),
+        ))
     }
 
     /// The metrics endpoint's address, if enabled.
@@ -271,6 +343,34 @@ pub struct ConnLimits {
     pub write_timeout: Option<std::time::Duration>,
     /// `--idle-timeout`: how long a connection may send nothing (None: forever).
     pub idle_timeout: Option<std::time::Duration>,
+}
+
+/// Exits for a command line clap refused: `--help` and `--version` print as usual; an error is
+/// one line, `glockd: <what clap said> (see --help)`.
+fn exit_on(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        e.exit();
+    }
+    eprintln!("glockd: {} (see --help)", one_line(&e));
+    std::process::exit(e.exit_code());
+}
+
+/// The first line of clap's message for `e`, without its `error: ` prefix (the rest is usage
+/// and tips, several lines).
+fn one_line(e: &clap::Error) -> String {
+    let text = e.render().to_string();
+    let first = text.lines().next().unwrap_or_default();
+    first
+        .strip_prefix("error: ")
+        .unwrap_or(first)
+        .trim()
+        .to_owned()
 }
 
 /// The metrics endpoint's address, or off.
@@ -448,5 +548,96 @@ mod tests {
         assert!(bad(&["-token-reserve-ms", "9"]));
         assert!(bad(&["-token-reserve-ms", "600001"]));
         assert!(bad(&["-token-reserve-ms", "soon"]));
+    }
+
+    #[test]
+    fn every_numeric_flag_has_a_range() {
+        let ok = |args: &[&str]| {
+            let mut all = vec!["glockd"];
+            all.extend_from_slice(args);
+            Config::try_from_args(all).is_ok()
+        };
+        // Flag, lowest accepted, highest accepted, just below, just above; "" where the
+        // number's type is the bound (below 0, above u64::MAX).
+        let ranges = [
+            ["-shards", "1", "1024", "0", "1025"],
+            ["-max-line-bytes", "64", "1073741824", "63", "1073741825"],
+            [
+                "-max-unsent-bytes",
+                "4096",
+                "1099511627776",
+                "4095",
+                "1099511627777",
+            ],
+            ["-max-connections", "1", "1073741824", "0", "1073741825"],
+            ["-max-locks-per-conn", "0", "18446744073709551615", "", ""],
+            ["-write-timeout", "0", "31536000", "", "31536001"],
+            ["-idle-timeout", "0", "31536000", "", "31536001"],
+            ["-shutdown-timeout", "0", "31536000", "", "31536001"],
+            ["-keepalive-idle", "0", "32767", "", "32768"],
+            ["-keepalive-interval", "1", "32767", "0", "32768"],
+            ["-keepalive-count", "1", "127", "0", "128"],
+            ["-max-wait-ms", "0", "31536000000", "", "31536000001"],
+        ];
+        assert_eq!(MAX_TIMEOUT_SECS, 31_536_000);
+        for [flag, low, high, below, above] in ranges {
+            assert!(ok(&[flag, low]), "{flag} {low}");
+            assert!(ok(&[flag, high]), "{flag} {high}");
+            for out in [below, above].into_iter().filter(|v| !v.is_empty()) {
+                assert!(!ok(&[flag, out]), "{flag} {out}");
+            }
+        }
+        // The defaults are all in range.
+        let c = parse(&[]);
+        assert_eq!(
+            (c.max_line_bytes, c.max_unsent_bytes, c.max_connections),
+            (1 << 20, 8 << 20, 10_000)
+        );
+        assert_eq!(
+            (c.write_timeout, c.idle_timeout, c.shutdown_timeout),
+            (30, 0, 5)
+        );
+        assert_eq!(
+            (c.keepalive_idle, c.keepalive_interval, c.keepalive_count),
+            (60, 10, 6)
+        );
+        assert_eq!(c.max_wait_ms, 3_600_000);
+    }
+
+    #[test]
+    fn keepalive_flags_together_fit_the_kernels_user_timeout() {
+        let ok = |idle: &str, interval: &str, count: &str| {
+            Config::try_from_args([
+                "glockd",
+                "-keepalive-idle",
+                idle,
+                "-keepalive-interval",
+                interval,
+                "-keepalive-count",
+                count,
+            ])
+            .is_ok()
+        };
+        // 17628 + 32767 x 65 is exactly the most.
+        assert!(ok("17628", "32767", "65"));
+        assert!(!ok("17629", "32767", "65"));
+        assert!(!ok("32767", "32767", "127"));
+        // Keepalive off: the others are not used.
+        assert!(ok("0", "32767", "127"));
+        let e = Config::try_from_args([
+            "glockd",
+            "-keepalive-idle",
+            "17629",
+            "-keepalive-interval",
+            "32767",
+            "-keepalive-count",
+            "65",
+        ])
+        .expect_err("refused");
+        assert!(
+            one_line(&e).contains("--keepalive-count"),
+            "{}",
+            one_line(&e)
+        );
     }
 }

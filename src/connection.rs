@@ -245,6 +245,15 @@ impl<S: AsyncRead + Unpin> PeerWatch for StreamWatch<'_, S> {
     }
 }
 
+/// `d` from now, saturating: a timeout too long for the clock becomes a deadline that never
+/// comes (30 years, as tokio's own `sleep`), so no flag value can make a connection panic.
+fn deadline_in(d: std::time::Duration) -> Instant {
+    let far = std::time::Duration::from_secs(30 * 365 * 24 * 60 * 60);
+    Instant::now()
+        .checked_add(d)
+        .unwrap_or_else(|| Instant::now() + far)
+}
+
 /// Polls an optional timer.
 fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool {
     timer
@@ -286,7 +295,7 @@ where
             core.check_mail();
             // Time spent running commands (a `gw` may wait minutes) is not idleness.
             if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
-                timer.as_mut().reset(Instant::now() + d);
+                timer.as_mut().reset(deadline_in(d));
             }
             eof |= buffers.side_eof;
             more = match ran {
@@ -337,7 +346,7 @@ where
             match buffers.poll_write_out(&mut stream, cx) {
                 Ok(true) => {
                     if let (Some(timer), Some(d)) = (stall.as_mut(), limits.write_timeout) {
-                        timer.as_mut().reset(Instant::now() + d);
+                        timer.as_mut().reset(deadline_in(d));
                     }
                 }
                 Ok(false) => {}
@@ -401,7 +410,7 @@ where
         }
         if event.read {
             if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
-                timer.as_mut().reset(Instant::now() + d);
+                timer.as_mut().reset(deadline_in(d));
             }
         }
         eof |= event.eof;

@@ -30,18 +30,26 @@ struct Glockd {
 }
 
 impl Glockd {
-    /// Starts the binary and waits for its "listening" line.
+    /// Starts the binary on loopback, with 2 unpinned shards, no websocket door and no
+    /// metrics, and waits for its "listening" line.
     fn start(args: &[&str]) -> Glockd {
+        let mut all = vec![
+            "-bind",
+            "127.0.0.1",
+            "-pin=false",
+            "-shards",
+            "2",
+            "-ws=0",
+            "-metrics=off",
+        ];
+        all.extend_from_slice(args);
+        Glockd::start_exact(&all)
+    }
+
+    /// Starts the binary with exactly `args` (a flag may be given only once) and waits for its
+    /// "listening" line.
+    fn start_exact(args: &[&str]) -> Glockd {
         let mut child = Command::new(BIN)
-            .args([
-                "-bind",
-                "127.0.0.1",
-                "-pin=false",
-                "-shards",
-                "2",
-                "-ws=0",
-                "-metrics=off",
-            ])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -298,4 +306,258 @@ fn fencing_tokens_keep_growing_across_a_restart() {
         before[1]
     );
     assert_eq!(second.stop_with(Signal::SIGTERM), Some(0));
+}
+
+/// Sends `command` as one websocket message and returns the text of the next `replies`
+/// messages.
+fn ask_ws(port: u16, command: &str, replies: usize) -> Vec<String> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/"))
+            .await
+            .expect("websocket handshake");
+        ws.send(Message::text(command)).await.expect("send");
+        let mut got = Vec::new();
+        while got.len() < replies {
+            let message = tokio::time::timeout(Duration::from_secs(20), ws.next())
+                .await
+                .expect("a reply in time")
+                .expect("the connection stays open")
+                .expect("a message");
+            got.push(message.into_text().expect("text").to_string());
+        }
+        got
+    })
+}
+
+/// Runs the binary with `args` (and every door off, should it start after all), expecting it
+/// to exit at once; its exit code and stderr. A server that starts is killed and fails the
+/// test instead of hanging it.
+fn run_refused(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(BIN)
+        .args(["-bind", "127.0.0.1", "-port=0", "-ws=0", "-metrics=off"])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn glockd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} was accepted: the server started");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    (status.code(), stderr)
+}
+
+/// Every numeric flag, with the values just outside its range. Each must be refused before
+/// anything starts: exit status 2 and one line on stderr naming the flag.
+#[test]
+fn numeric_flags_out_of_range_are_refused_in_one_line() {
+    let refused: &[(&str, &[&str])] = &[
+        ("port", &["65536"]),
+        ("ws", &["65536"]),
+        ("unix-mode", &["10000"]),
+        ("shards", &["0", "1025"]),
+        ("max-line-bytes", &["63", "1073741825"]),
+        ("max-unsent-bytes", &["4095", "1099511627777"]),
+        ("max-connections", &["0", "1073741825"]),
+        ("max-locks-per-conn", &["-1", "18446744073709551616"]),
+        ("write-timeout", &["31536001"]),
+        ("idle-timeout", &["31536001", "18446744073709551615"]),
+        ("keepalive-idle", &["32768"]),
+        ("keepalive-interval", &["0", "32768"]),
+        ("keepalive-count", &["0", "128"]),
+        ("shutdown-timeout", &["31536001"]),
+        ("max-wait-ms", &["31536000001"]),
+    ];
+    for (flag, values) in refused {
+        for value in *values {
+            // `-flag=value`: a value starting with `-` is still the flag's value.
+            let arg = format!("-{flag}={value}");
+            let (code, stderr) = run_refused(&[&arg]);
+            assert_eq!(code, Some(2), "{arg}: {stderr}");
+            assert_eq!(stderr.trim_end().lines().count(), 1, "{arg}: {stderr}");
+            assert!(
+                stderr.starts_with("glockd: ") && stderr.contains(&format!("--{flag}")),
+                "{arg}: {stderr}"
+            );
+        }
+    }
+    // Each in range, but together past what the kernel takes as the time to give up on a
+    // silent peer (TCP_USER_TIMEOUT): every connection would log an error.
+    let (code, stderr) = run_refused(&[
+        "-keepalive-idle=32767",
+        "-keepalive-interval=32767",
+        "-keepalive-count=127",
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--keepalive-count"), "{stderr}");
+}
+
+/// The lowest value of every numeric flag at once: the server starts and serves, over TCP and
+/// over websockets (whose write buffer must fit under 4 KiB of unread replies).
+#[test]
+fn every_numeric_flag_at_its_lowest_starts_and_serves() {
+    let (port, ws) = (free_port(), free_port());
+    let (port_arg, ws_arg) = (port.to_string(), ws.to_string());
+    let server = Glockd::start_exact(&[
+        "-bind",
+        "127.0.0.1",
+        "-pin=false",
+        "-metrics=off",
+        "-port",
+        &port_arg,
+        "-ws",
+        &ws_arg,
+        "-shards",
+        "1",
+        "-max-line-bytes",
+        "64",
+        "-max-unsent-bytes",
+        "4096",
+        "-max-connections",
+        "1",
+        "-max-locks-per-conn",
+        "0",
+        "-write-timeout",
+        "0",
+        "-idle-timeout",
+        "0",
+        "-keepalive-idle",
+        "1",
+        "-keepalive-interval",
+        "1",
+        "-keepalive-count",
+        "1",
+        "-shutdown-timeout",
+        "0",
+        "-max-wait-ms",
+        "0",
+    ]);
+    assert_eq!(
+        ask(port, "g x\ngw 0 y\ni x\n"),
+        "1 Got Lock\n1 Got Lock\n1 Locked\n"
+    );
+    // One connection at a time: the TCP one's place is given back when it closes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if ask(port, "i x\n") == "0 Not Locked\n" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first connection never left");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(ask_ws(ws, "g x\ni x", 2), ["1 Got Lock\n", "1 Locked\n"]);
+    assert_eq!(server.stop_with(Signal::SIGTERM), Some(0));
+}
+
+/// The highest value of every numeric flag at once (timeouts of a year, the idle timeout
+/// included): the server starts, serves, and shuts down.
+#[test]
+fn every_numeric_flag_at_its_highest_starts_and_serves() {
+    let port = free_port();
+    let port_arg = port.to_string();
+    let server = Glockd::start(&[
+        "-port",
+        &port_arg,
+        "-max-line-bytes",
+        "1073741824",
+        "-max-unsent-bytes",
+        "1099511627776",
+        "-max-connections",
+        "1073741824",
+        "-max-locks-per-conn",
+        "18446744073709551615",
+        "-write-timeout",
+        "31536000",
+        "-idle-timeout",
+        "31536000",
+        "-keepalive-idle",
+        "32767",
+        "-keepalive-interval",
+        "32767",
+        // The three keepalive flags also add up to at most 2147483 s (checked below).
+        "-keepalive-count",
+        "64",
+        "-shutdown-timeout",
+        "31536000",
+        "-max-wait-ms",
+        "31536000000",
+    ]);
+    assert_eq!(
+        ask(port, "g x\ngw 31536000000 y\nsgw 31536000000 1 z\ni x\n"),
+        "1 Got Lock\n1 Got Lock\n1 Got Shared Lock\n1 Locked\n"
+    );
+    assert_eq!(server.stop_with(Signal::SIGTERM), Some(0));
+    // The most shards start too (parsing alone is checked in the unit tests; this starts them).
+    let port = free_port();
+    let port_arg = port.to_string();
+    let server = Glockd::start_exact(&[
+        "-bind",
+        "127.0.0.1",
+        "-pin=false",
+        "-ws=0",
+        "-metrics=off",
+        "-port",
+        &port_arg,
+        "-shards",
+        "1024",
+        "-keepalive-count",
+        "127",
+    ]);
+    assert_eq!(ask(port, "g x\ni x\n"), "1 Got Lock\n1 Locked\n");
+    assert_eq!(server.stop_with(Signal::SIGTERM), Some(0));
+}
+
+/// Unread websocket replies bounded below the websocket library's own 128 KiB write buffer:
+/// every connection used to panic in the library's configuration check.
+#[test]
+fn a_small_max_unsent_bytes_serves_websockets() {
+    let (port, ws) = (free_port(), free_port());
+    let (port_arg, ws_arg) = (port.to_string(), ws.to_string());
+    let server = Glockd::start_exact(&[
+        "-bind",
+        "127.0.0.1",
+        "-pin=false",
+        "-shards",
+        "2",
+        "-metrics=off",
+        "-keepalive-idle",
+        "0",
+        "-port",
+        &port_arg,
+        "-ws",
+        &ws_arg,
+        "-max-unsent-bytes",
+        "65536",
+    ]);
+    assert_eq!(ask_ws(ws, "g x", 1), ["1 Got Lock\n"]);
+    // 3000 replies to one message: past the 32 KiB at which the door starts writing, within
+    // the 64 KiB limit.
+    let many: Vec<String> = (0..3000).map(|i| format!("g many-{i}")).collect();
+    let replies = ask_ws(ws, &many.join("\n"), 3000);
+    assert!(replies.iter().all(|r| r == "1 Got Lock\n"), "{replies:?}");
+    assert_eq!(ask(port, "i x\n"), "0 Not Locked\n", "x was orphaned");
+    assert_eq!(server.stop_with(Signal::SIGTERM), Some(0));
 }

@@ -230,7 +230,7 @@ async fn holders_are_listed_with_their_age_and_waiters(setup: Setup) {
     assert!(probe.line().await.starts_with("1 "));
 }
 
-async fn a_shared_waiter_moves_up_when_the_one_ahead_leaves(setup: Setup) {
+async fn a_shared_waiter_is_not_held_back_by_the_one_ahead(setup: Setup) {
     let server = TestServer::start(setup);
     let mut holder = server.connect().await;
     holder.check("sg sem1\n", "1 Got Shared Lock\n").await;
@@ -239,14 +239,16 @@ async fn a_shared_waiter_moves_up_when_the_one_ahead_leaves(setup: Setup) {
     server
         .wait_for_stats("queued", |s| s["lock_waiters"] == 1)
         .await;
+    // The head of the line (limit 1) cannot be served; the next one (limit 5) fits at once.
     let mut lenient = server.connect().await;
-    lenient.send("sgw 20000 5 sem1\n").await;
-    server
-        .wait_for_stats("queued", |s| s["lock_waiters"] == 2)
+    lenient
+        .check("sgw 20000 5 sem1\n", "2 Got Shared Lock\n")
         .await;
-    // The head of the line (limit 1) leaves; the next one (limit 5) fits at once.
+    // The head leaves the queue when it goes.
     strict.reset();
-    lenient.expect("2 Got Shared Lock\n").await;
+    server
+        .wait_for_stats("the strict waiter gone", |s| s["lock_waiters"] == 0)
+        .await;
 }
 
 async fn a_long_wait_is_not_idleness(setup: Setup) {
@@ -269,7 +271,7 @@ async fn a_long_wait_is_not_idleness(setup: Setup) {
 }
 
 for_each_shard_count_setup!(
-    a_shared_waiter_moves_up_when_the_one_ahead_leaves,
+    a_shared_waiter_is_not_held_back_by_the_one_ahead,
     a_long_wait_is_not_idleness,
     waiters_are_served_first_come_first_served,
     a_wait_times_out_and_later_commands_wait_behind_it,
@@ -314,4 +316,178 @@ mod over_websockets_and_unix {
     }
 
     crate::for_each_transport!(waiting_works_through_every_door);
+}
+
+/// `sgw` waiters with different limits on one name: a waiter that cannot be served yet never
+/// holds back one that can, over every door.
+mod semaphore_waits {
+    use std::time::Duration;
+
+    use super::common::{self, Raw, Setup, Stream, Transport};
+
+    /// Ends the client's sending side (a FIN) and keeps reading: a client that sent its last
+    /// command and waits for the answers. Under a websocket, the TCP connection is half-closed
+    /// without a close frame.
+    fn half_close(raw: &Raw) {
+        let socket = match &raw.stream {
+            Stream::Tcp(tcp) => socket2::SockRef::from(tcp),
+            Stream::Unix(unix) => socket2::SockRef::from(unix),
+            Stream::Ws(ws) => socket2::SockRef::from(ws.tcp()),
+        };
+        socket
+            .shutdown(std::net::Shutdown::Write)
+            .expect("half-close");
+    }
+
+    async fn sgw_refuses_a_limit_of_0(setup: Setup) {
+        let server = common::TestServer::start(setup);
+        let mut c = server.connect().await;
+        // A limit of 0 can never be met: refused, never queued.
+        c.check("sgw 100 0 pool\n", "0 Usage: sgw MS LIMIT NAME\n")
+            .await;
+        // `sgl 0` answers (it queues nothing), as it always did.
+        c.check("sgl 0 pool\n", "0 Shared Lock Full\n").await;
+        // The empty semaphore serves at once.
+        c.check("sgw 1000 5 pool\n", "1 Got Shared Lock\n").await;
+        let stats = c.stats().await;
+        assert_eq!(stats["lock_waiters"], 0);
+        assert_eq!(stats["lock_waits_timed_out"], 0);
+    }
+
+    async fn a_waiter_that_cannot_be_served_does_not_block_one_that_can(setup: Setup) {
+        let server = common::TestServer::start(setup);
+        let mut holders = Vec::new();
+        for n in 1..=3 {
+            let mut h = server.connect().await;
+            h.check("sg pool\n", &format!("{n} Got Shared Lock\n"))
+                .await;
+            holders.push(h);
+        }
+        // Three holders: a limit of 3 has to wait…
+        let mut a = server.connect().await;
+        a.send("sgw 60000 3 pool\n").await;
+        server
+            .wait_for_stats("A queued", |s| s["lock_waiters"] == 1)
+            .await;
+        // …and a limit of 5 behind it is served at once (queued, it would time out).
+        let mut b = server.connect().await;
+        b.check("sgw 5000 5 pool\n", "4 Got Shared Lock\n").await;
+        // A release lets in a queued waiter that fits, past the one that does not.
+        let mut c = server.connect().await;
+        c.check("sgw 5000 5 pool\n", "5 Got Shared Lock\n").await;
+        let mut d = server.connect().await;
+        d.send("sgw 60000 5 pool\n").await;
+        server
+            .wait_for_stats("D queued", |s| s["lock_waiters"] == 2)
+            .await;
+        holders[0]
+            .check("sr pool\n", "1 Released Shared Lock\n")
+            .await;
+        d.expect("5 Got Shared Lock\n").await;
+        // A keeps its place, and gets its slot once there is room under its limit.
+        server
+            .wait_for_stats("A still queued", |s| s["lock_waiters"] == 1)
+            .await;
+        for holder in holders.iter_mut().skip(1).chain([&mut b]) {
+            holder.check("sr pool\n", "1 Released Shared Lock\n").await;
+        }
+        a.expect("3 Got Shared Lock\n").await;
+    }
+
+    async fn a_half_closed_waiter_ahead_does_not_block_one_that_can_be_served(setup: Setup) {
+        let server = common::TestServer::start(setup);
+        let mut holder = server.connect().await;
+        holder.check("sg fin\n", "1 Got Shared Lock\n").await;
+        // A waits for a slot it cannot have yet (limit 1, one holder), then half-closes: its
+        // last command is sent, and it still reads.
+        let mut a = server.connect().await;
+        a.send("sgw 20000 1 fin\n").await;
+        server
+            .wait_for_stats("A queued", |s| s["lock_waiters"] == 1)
+            .await;
+        half_close(&a);
+        // Over a byte stream the half-closed waiter stays queued until its turn; a websocket
+        // without a close frame is a client gone, and leaves the queue at once.
+        let websocket = setup.transport == Transport::Ws;
+        let ahead = if websocket {
+            server
+                .wait_for_stats("A gone", |s| s["lock_waiters"] == 0)
+                .await;
+            0
+        } else {
+            // Give the server time to read the FIN (it shows in no counter).
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            1
+        };
+        // A new waiter that fits is served at once…
+        let mut b = server.connect().await;
+        b.check("sgw 20000 3 fin\n", "2 Got Shared Lock\n").await;
+        // …and a queued one that fits is let in by a release, past A.
+        let mut c = server.connect().await;
+        c.send("sgw 20000 2 fin\n").await;
+        server
+            .wait_for_stats("C queued", |s| s["lock_waiters"] == ahead + 1)
+            .await;
+        holder.check("sr fin\n", "1 Released Shared Lock\n").await;
+        c.expect("2 Got Shared Lock\n").await;
+        server
+            .wait_for_stats("only A left", |s| s["lock_waiters"] == ahead)
+            .await;
+        b.check("sr fin\n", "1 Released Shared Lock\n").await;
+        c.check("sr fin\n", "1 Released Shared Lock\n").await;
+        if !websocket {
+            // A's turn: it reads its grant, then the server closes the connection it
+            // half-closed, and the slot is orphaned.
+            a.expect("1 Got Shared Lock\n").await;
+            a.expect_closed().await;
+        }
+        server
+            .wait_for_stats("nothing held or queued", |s| {
+                s["shared_locks"] == 0 && s["lock_waiters"] == 0
+            })
+            .await;
+    }
+
+    async fn waiters_that_fit_keep_their_order(setup: Setup) {
+        let server = common::TestServer::start(setup);
+        let mut holders = Vec::new();
+        for n in 1..=3 {
+            let mut h = server.connect().await;
+            h.check("sg order\n", &format!("{n} Got Shared Lock\n"))
+                .await;
+            holders.push(h);
+        }
+        // Queued in a known order: two with limit 3, one with limit 1 between them.
+        let mut waiters = Vec::new();
+        for (n, limit) in [(1, 3), (2, 1), (3, 3)] {
+            let mut w = server.connect().await;
+            w.send(format!("sgw 20000 {limit} order\n")).await;
+            server
+                .wait_for_stats("queued", |s| s["lock_waiters"] == n)
+                .await;
+            waiters.push(w);
+        }
+        let mut probe = server.connect().await;
+        // Room for one: the first that fits gets it, and the second does not.
+        holders[0]
+            .check("sr order\n", "1 Released Shared Lock\n")
+            .await;
+        waiters[0].expect("3 Got Shared Lock\n").await;
+        probe.check("si order\n", "3 Shared Locked\n").await;
+        holders[1]
+            .check("sr order\n", "1 Released Shared Lock\n")
+            .await;
+        waiters[2].expect("3 Got Shared Lock\n").await;
+        probe.check("si order\n", "3 Shared Locked\n").await;
+        server
+            .wait_for_stats("limit 1 still waits", |s| s["lock_waiters"] == 1)
+            .await;
+    }
+
+    crate::for_each_transport!(
+        sgw_refuses_a_limit_of_0,
+        a_waiter_that_cannot_be_served_does_not_block_one_that_can,
+        a_half_closed_waiter_ahead_does_not_block_one_that_can_be_served,
+        waiters_that_fit_keep_their_order,
+    );
 }

@@ -285,12 +285,15 @@ pub fn parse(line: &[u8]) -> Request {
             None => Request::Usage(verb),
         },
         Verb::SharedGetWait => match parse_numbers_then_name(rest, 2) {
-            Some(([ms, limit], name)) => Request::Wait {
+            // A limit of 0 can never be met: such a waiter could only sit in the queue until
+            // its time is up, so it is refused like any other malformed argument. (`sgl 0`
+            // stays an answer, `0 Shared Lock Full`: it queues nothing.)
+            Some(([ms, limit], name)) if limit >= 1 => Request::Wait {
                 ms,
                 kind: WaitKind::Shared { limit },
                 name,
             },
-            None => Request::Usage(verb),
+            _ => Request::Usage(verb),
         },
         Verb::Dump => Request::List {
             kind: locks(LockKind::Exclusive, false),
@@ -491,6 +494,24 @@ mod tests {
         assert_eq!(parse(b"gw -1 name"), Request::Usage(Verb::GetWait));
         assert_eq!(parse(b"gw"), Request::Usage(Verb::GetWait));
         assert_eq!(parse(b"sgw 10 pool"), Request::Usage(Verb::SharedGetWait));
+        assert_eq!(parse(b"sgw 10 0 pool"), Request::Usage(Verb::SharedGetWait));
+        assert_eq!(
+            parse(b"sgw 10 00 pool"),
+            Request::Usage(Verb::SharedGetWait)
+        );
+        assert_eq!(
+            parse(b"sgw 10 1 pool"),
+            Request::Wait {
+                ms: 10,
+                kind: WaitKind::Shared { limit: 1 },
+                name: LockName::from("pool")
+            }
+        );
+        // `sgl 0` is an answer, not a usage error: it never has room, and it queues nothing.
+        assert_eq!(
+            parse(b"sgl 0 pool"),
+            lock(LockOp::SharedGetLimit(0), b"pool")
+        );
         assert_eq!(
             parse(b"sgl 4294967296 pool"),
             Request::Usage(Verb::SharedGetLimit)

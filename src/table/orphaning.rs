@@ -30,12 +30,9 @@ impl ShardTable {
         // A connection that is gone waits for nothing.
         // Names someone waits for, to hand over once this slice is released.
         let mut handovers: Vec<(LockKind, LockName)> = Vec::new();
+        // (A waiter leaving frees no slot and holds back nobody: no hand-over for it.)
         for (kind, name, id) in holdings.waits.drain(..) {
             self.waits.remove(kind, name.as_bytes(), id);
-            if kind == LockKind::Shared {
-                // It may have stood first in line with a low limit, holding back the others.
-                handovers.push((LockKind::Shared, name));
-            }
         }
         let mut budget = budget;
         let mut at = holdings.exclusive_head;

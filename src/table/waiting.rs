@@ -40,7 +40,10 @@ impl ShardTable {
                 let count = holders.map_or(0, |h| h.len() as u64);
                 if holders.is_some_and(|h| h.contains(conn)) {
                     Some(Reply::SharedGot(count))
-                } else if count < limit && !self.waits.has(LockKind::Shared, name.as_bytes()) {
+                } else if count < limit {
+                    // Granted at once even if others wait: every grant pass leaves no queued
+                    // waiter that fits under its limit, so those still queued could not have
+                    // been served now, and this does not overtake any of them.
                     Some(match self.shared_get(conn, name, quota.as_deref()) {
                         Some(count) => Reply::SharedGot(count),
                         None => Reply::LimitReached,
@@ -98,10 +101,9 @@ impl ShardTable {
             self.forget_wait(waiter.conn, id);
             self.counts.waits_timed_out += 1;
             self.announce(waiter.reply, Reply::TimedOut);
-            if kind == LockKind::Shared {
-                // A waiter at the head with a low limit may have held back others behind it.
-                self.grant_shared_waiters(name.as_bytes());
-            }
+            // No grant pass: a waiter leaving changes no holder count, and a shared waiter
+            // never holds back the ones behind it (see `grant_shared_waiters`), so nobody
+            // could be let in now who was not let in already.
         }
     }
 
@@ -155,27 +157,37 @@ impl ShardTable {
         }
     }
 
-    /// Room was just made in `name`'s shared lock: lets waiters in, in order, while they fit
-    /// under their limits.
+    /// Room was just made in `name`'s shared lock: walks the queue in order and lets in every
+    /// waiter that fits under its own limit. One that does not fit keeps its place without
+    /// holding back those behind it, so a waiter whose limit is not met (a low limit, or a
+    /// client that half-closed and waits for its turn) never blocks one that can be served
+    /// now; among those that fit, first come, first served.
+    ///
+    /// One pass is enough: the holder count only grows during the walk, so a waiter passed over stays unable to fit until the next release,
+    /// which walks again. After the pass no queued waiter fits.
     pub(super) fn grant_shared_waiters(&mut self, name: &[u8]) {
+        // How many waiters at the front were passed over; they stay queued, in order.
+        let mut passed = 0;
         loop {
-            let Some(front) = self.waits.front(LockKind::Shared, name) else {
+            let count = self.shared_count(name);
+            // The next waiter to take out: one whose connection is gone, or one that fits.
+            let next = self
+                .waits
+                .iter(LockKind::Shared, Some(name))
+                .skip(passed)
+                .enumerate()
+                .find(|(_, (_, w))| w.reply.is_closed() || count < shared_limit(w.kind))
+                .map(|(skipped, (_, w))| (skipped, w.id));
+            let Some((skipped, id)) = next else {
                 return;
             };
-            let limit = match front.kind {
-                WaitKind::Shared { limit } => limit,
-                WaitKind::Exclusive => u64::MAX,
-            };
-            let closed = front.reply.is_closed();
-            if !closed && self.shared_count(name) >= limit {
-                return; // first come, first served: the head waits, and so does everyone else
-            }
-            let Some(waiter) = self.waits.pop_front(LockKind::Shared, name) else {
+            passed += skipped;
+            let Some(waiter) = self.waits.remove(LockKind::Shared, name, id) else {
                 return;
             };
             self.forget_wait(waiter.conn, waiter.id);
-            if closed {
-                continue;
+            if waiter.reply.is_closed() {
+                continue; // the waiting connection is gone
             }
             let lock = LockName::new(name);
             match self.shared_get(waiter.conn, &lock, waiter.quota.as_deref()) {
@@ -186,5 +198,116 @@ impl ShardTable {
                 None => self.announce(waiter.reply, Reply::LimitReached),
             }
         }
+    }
+}
+
+/// The most holders a shared waiter accepts before it takes its slot (`sgw`'s LIMIT).
+fn shared_limit(kind: WaitKind) -> u64 {
+    match kind {
+        WaitKind::Shared { limit } => limit,
+        // Not queued for a shared lock; were it there, nothing would stop it.
+        WaitKind::Exclusive => u64::MAX,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::sync::oneshot::{self, error::TryRecvError, Receiver};
+
+    use super::*;
+
+    /// `sgw` for `conn` with `limit`: the receiver of its answer, and its waiter id if queued.
+    fn sgw(t: &mut ShardTable, conn: ConnId, limit: u64) -> (Receiver<Reply>, Option<u64>) {
+        let (tx, rx) = oneshot::channel();
+        let name = LockName::from("pool");
+        let hash = t.hash(name.as_bytes());
+        let id = t.wait(conn, None, WaitKind::Shared { limit }, hash, &name, tx);
+        (rx, id)
+    }
+
+    fn sg(t: &mut ShardTable, conn: ConnId) {
+        t.shared_get(conn, &LockName::from("pool"), None)
+            .expect("no quota");
+    }
+
+    /// The answer `rx` got, once the table's decisions are announced (as the shard does after
+    /// every change).
+    fn answer(t: &mut ShardTable, rx: &mut Receiver<Reply>) -> Option<Reply> {
+        for (to, reply) in t.take_announcements() {
+            let _ = to.send(reply);
+        }
+        match rx.try_recv() {
+            Ok(reply) => Some(reply),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Closed) => panic!("the waiter was dropped unanswered"),
+        }
+    }
+
+    #[test]
+    fn a_waiter_that_fits_is_served_past_one_that_does_not() {
+        let mut t = table_with_holders(3);
+        let (mut low, id) = sgw(&mut t, 10, 3);
+        assert!(id.is_some(), "3 holders, limit 3: it waits");
+        // Fits under its own limit: granted at once, though another waits.
+        let (mut high, id) = sgw(&mut t, 11, 5);
+        assert_eq!(
+            (id, answer(&mut t, &mut high)),
+            (None, Some(Reply::SharedGot(4)))
+        );
+        let (mut later, id) = sgw(&mut t, 12, 5);
+        assert_eq!(
+            (id, answer(&mut t, &mut later)),
+            (None, Some(Reply::SharedGot(5)))
+        );
+        let (mut queued, id) = sgw(&mut t, 13, 5);
+        assert!(id.is_some());
+        // One slot frees: the walk passes over the low limit and serves the one behind it.
+        assert!(t.shared_release(1, b"pool"));
+        assert_eq!(answer(&mut t, &mut queued), Some(Reply::SharedGot(5)));
+        assert_eq!(answer(&mut t, &mut low), None);
+        assert_eq!(t.waiters(), 1);
+        // The low limit is served once the count is below it.
+        for conn in [2, 3, 11] {
+            assert!(t.shared_release(conn, b"pool"));
+        }
+        assert_eq!(answer(&mut t, &mut low), Some(Reply::SharedGot(3)));
+        assert_eq!(t.waiters(), 0);
+    }
+
+    #[test]
+    fn waiters_that_fit_are_served_in_order() {
+        let mut t = table_with_holders(3);
+        let (mut first, _) = sgw(&mut t, 10, 3);
+        let (mut strict, _) = sgw(&mut t, 11, 1);
+        let (mut second, _) = sgw(&mut t, 12, 3);
+        assert_eq!(t.waiters(), 3);
+        // Room for one: the first that fits, not the second.
+        assert!(t.shared_release(1, b"pool"));
+        assert_eq!(answer(&mut t, &mut first), Some(Reply::SharedGot(3)));
+        assert_eq!(answer(&mut t, &mut second), None);
+        assert!(t.shared_release(2, b"pool"));
+        assert_eq!(answer(&mut t, &mut second), Some(Reply::SharedGot(3)));
+        assert_eq!(answer(&mut t, &mut strict), None);
+        assert_eq!(t.waiters(), 1);
+    }
+
+    #[test]
+    fn waiters_that_are_gone_leave_the_queue_wherever_they_stand() {
+        let mut t = table_with_holders(2);
+        let (_kept, _) = sgw(&mut t, 10, 1);
+        let (gone, _) = sgw(&mut t, 11, 2);
+        let (mut next, _) = sgw(&mut t, 12, 2);
+        drop(gone);
+        assert!(t.shared_release(1, b"pool"));
+        assert_eq!(answer(&mut t, &mut next), Some(Reply::SharedGot(2)));
+        assert_eq!(t.waiters(), 1, "only the waiter with limit 1 is left");
+    }
+
+    fn table_with_holders(n: ConnId) -> ShardTable {
+        let mut t = ShardTable::new(crate::name_hasher());
+        for conn in 1..=n {
+            sg(&mut t, conn);
+        }
+        t
     }
 }

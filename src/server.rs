@@ -111,7 +111,9 @@ impl ServerHandle {
         // read; mailboxes keep running meanwhile, since a closing connection may still wait on
         // another shard. Then, all drained (or out of time), the shard threads end.
         let grace = Duration::from_secs(self.server.config.shutdown_timeout);
-        let deadline = std::time::Instant::now() + grace;
+        // A `Config` built in code is not bounded like the command line's: never overflow.
+        let now = std::time::Instant::now();
+        let deadline = now.checked_add(grace).unwrap_or(now + Duration::from_secs(86_400));
         let (drained_tx, drained_rx) = std::sync::mpsc::channel();
         let mut closing = 0;
         for shard in 0..self.server.mailboxes.len() {

@@ -6,7 +6,10 @@
 # competes with the server for a core; everything listens on 127.0.0.1 only, on free ports.
 #
 #   loadgen/compare.sh            # full matrix, about 10 minutes
-#   QUICK=1 loadgen/compare.sh    # smaller and shorter, under 2 minutes
+#   QUICK=1 loadgen/compare.sh    # smaller and shorter, under 3 minutes
+#
+# The last table is what a newcomer meets: nothing pinned, glockd with its defaults, one and two
+# shards, shard-aware clients, Redis (NEWCOMER=0 skips it, for binaries without -shard-port).
 #
 # Knobs (environment): REPS (runs per cell, alternating targets), DUR (measured seconds per run),
 # WARMUP, CONNS, HOLD_LOCKS, IDLE_CONNS, NO_BUILD=1 (use the binaries already built), BIN (where
@@ -255,6 +258,100 @@ rss_per() {
     stop "$lgpid"
     awk -v a="$before" -v b="$during" -v n="$n" -v f="$format" 'BEGIN { printf f, (b - a) * 1024 / n }'
 }
+# What a newcomer meets: nothing pinned (no taskset; glockd with its defaults, metrics endpoint
+# included), pipeline 1 and 32: the default shard count, one shard, two shards, two shards with
+# shard-aware clients (--shard-aware over -shard-port), and Redis. NEWCOMER=0 skips it (a
+# binary from before -shard-port cannot run it).
+if [[ "${NEWCOMER:-1}" == 1 ]]; then
+    # Two free ports in a row, for -shard-port with two shards.
+    free_pair() {
+        local port
+        while :; do
+            port=$(free_port)
+            if ! (exec 3<>"/dev/tcp/127.0.0.1/$((port + 1))") 2>/dev/null; then
+                echo "$port"
+                return
+            fi
+        done
+    }
+    declare -A NPORT NPID
+    NVARIANTS=(defaults shards1 shards2 aware redis)
+    for v in "${NVARIANTS[@]}"; do
+        port=$(free_port)
+        case $v in
+            defaults) start "n-$v" "$port" "$BIN/glockd" --bind 127.0.0.1 --port "$port" --ws 0 \
+                --metrics "127.0.0.1:$(free_port)" ;;
+            shards1) start "n-$v" "$port" "$BIN/glockd" --bind 127.0.0.1 --port "$port" --ws 0 \
+                --metrics off --shards 1 ;;
+            shards2) start "n-$v" "$port" "$BIN/glockd" --bind 127.0.0.1 --port "$port" --ws 0 \
+                --metrics off --shards 2 ;;
+            aware) start "n-$v" "$port" "$BIN/glockd" --bind 127.0.0.1 --port "$port" --ws 0 \
+                --metrics off --shards 2 --shard-port "$(free_pair)" ;;
+            redis) start "n-$v" "$port" redis-server --bind 127.0.0.1 --port "$port" --save '' \
+                --appendonly no --protected-mode no ;;
+        esac
+        NPORT[$v]=$port
+        NPID[$v]=$SERVER_PID
+    done
+    for pipeline in 1 32; do
+        for rep in $(seq 1 "$REPS"); do
+            for v in "${NVARIANTS[@]}"; do
+                flags=(--target glockd)
+                [[ $v == redis ]] && flags=(--target redis)
+                [[ $v == aware ]] && flags+=(--shard-aware)
+                before=$(cpu_ticks "${NPID[$v]}")
+                name="new-p$pipeline-$v-$rep"
+                if ! "$BIN/loadgen" --quiet --json "${flags[@]}" --addr "127.0.0.1:${NPORT[$v]}" \
+                    --workload churn --conns "$CONNS" --pipeline "$pipeline" --duration "${DUR}s" \
+                    --warmup 0s >"$OUT/$name.json" 2>"$OUT/$name.err"; then
+                    log "run $name failed: $(head -c 400 "$OUT/$name.err")"
+                fi
+                after=$(cpu_ticks "${NPID[$v]}")
+                echo $((after - before)) >"$OUT/$name.cpu"
+                log "newcomer p$pipeline $v #$rep: $(fmt "$(field ops_per_sec <"$OUT/$name.json")") ops/s"
+            done
+        done
+    done
+    for v in "${NVARIANTS[@]}"; do
+        stop "${NPID[$v]}"
+    done
+    # Server CPU per command (ns), median over repetitions.
+    new_cpu() { # PIPELINE VARIANT
+        local rep ticks cmds
+        for rep in $(seq 1 "$REPS"); do
+            ticks=$(cat "$OUT/new-p$1-$2-$rep.cpu")
+            cmds=$(field commands <"$OUT/new-p$1-$2-$rep.json")
+            awk -v t="$ticks" -v c="$cmds" -v hz="$CLK_TCK" 'BEGIN { if (c > 0) print t / hz * 1e9 / c }'
+        done | median
+    }
+    declare -A N1 N32 C1 C32
+    for v in "${NVARIANTS[@]}"; do
+        N1[$v]=$(med "new-p1-$v" ops_per_sec)
+        N32[$v]=$(med "new-p32-$v" ops_per_sec)
+        C1[$v]=$(new_cpu 1 "$v")
+        C32[$v]=$(new_cpu 32 "$v")
+    done
+    NEWCOMER_TABLE=$(
+        echo
+        echo "Nothing pinned, as a newcomer runs it; $REPS runs per cell, ${DUR}s each, medians; $CONNS connections of churn."
+        echo
+        echo "| | p1 ops/s | p32 ops/s | server CPU per command, p1 (ns) | p32 (ns) |"
+        echo "|---|---|---|---|---|"
+        for v in "${NVARIANTS[@]}"; do
+            case $v in
+                defaults) label="\`glockd\` with its defaults" ;;
+                shards1) label="\`glockd -shards 1\`" ;;
+                shards2) label="\`glockd -shards 2\`" ;;
+                aware) label="\`glockd -shards 2\`, shard-aware clients" ;;
+                redis) label="Redis" ;;
+            esac
+            echo "| $label | $(fmt "${N1[$v]}") | $(fmt "${N32[$v]}") | $(fmt "${C1[$v]}") | $(fmt1 "${C32[$v]}") |"
+        done
+        echo
+        echo "Defaults: $(ratio "${N1[defaults]}" "${N1[shards1]}")× (p1) and $(ratio "${N32[defaults]}" "${N32[shards1]}")× (p32) \`-shards 1\`, $(ratio "${N1[defaults]}" "${N1[redis]}")× Redis at p1. CPU per command at \`-shards 2\`: $(ratio "${C1[shards2]}" "${C1[shards1]}")× (p1) and $(ratio "${C32[shards2]}" "${C32[shards1]}")× (p32) \`-shards 1\`; shard-aware: $(ratio "${C1[aware]}" "${C1[shards1]}")× and $(ratio "${C32[aware]}" "${C32[shards1]}")×."
+    )
+fi
+
 # Memory per held lock: HOLD_LOCKS exclusive locks with 16-byte names.
 hold_rss() { # TARGET PID PORT → prints bytes per lock
     rss_per hold "$1" "$2" "$3" "$HOLD_LOCKS" %.1f \
@@ -298,3 +395,4 @@ Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1); $REP
 
 Held locks: $HOLD_LOCKS; idle connections: $IDLE_CONNS. Raw JSON reports: $OUT
 EOF
+echo "${NEWCOMER_TABLE:-}"

@@ -284,7 +284,9 @@ pub fn tune_tcp(config: &Config, stream: &TcpStream, id: &str) {
         // vanished, the kernel retransmits for many minutes instead. Give up on unacknowledged
         // data after the same time keepalive would take.
         // Saturating, for a `Config` built in code (the command line bounds the sum).
-        let give_up = config.keepalive_interval.saturating_mul(u64::from(config.keepalive_count));
+        let give_up = config
+            .keepalive_interval
+            .saturating_mul(u64::from(config.keepalive_count));
         let give_up = config.keepalive_idle.saturating_add(give_up);
         if let Err(e) = socket.set_tcp_user_timeout(Some(Duration::from_secs(give_up))) {
             eprintln!("glockd: could not set the TCP user timeout for {id}: {e}");

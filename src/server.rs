@@ -113,7 +113,9 @@ impl ServerHandle {
         let grace = Duration::from_secs(self.server.config.shutdown_timeout);
         // A `Config` built in code is not bounded like the command line's: never overflow.
         let now = std::time::Instant::now();
-        let deadline = now.checked_add(grace).unwrap_or(now + Duration::from_secs(86_400));
+        let deadline = now
+            .checked_add(grace)
+            .unwrap_or(now + Duration::from_secs(86_400));
         let (drained_tx, drained_rx) = std::sync::mpsc::channel();
         let mut closing = 0;
         for shard in 0..self.server.mailboxes.len() {

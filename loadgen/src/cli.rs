@@ -84,6 +84,13 @@ pub struct Args {
     #[arg(long, default_value_t = 1)]
     pub pipeline: usize,
 
+    /// Send each name to the server's port for the shard that owns it (glockd's `shards` and
+    /// `-shard-port`), so no command crosses the server's threads: connection i uses shard
+    /// i mod N and picks only names that shard owns. A server without shard ports gets an
+    /// ordinary run (said on stderr).
+    #[arg(long)]
+    pub shard_aware: bool,
+
     /// Client threads, each with its own single-threaded runtime.
     #[arg(long, default_value_t = 1)]
     pub threads: usize,
@@ -230,6 +237,10 @@ pub struct Config {
     pub locks_per_conn: u64,
     /// Seed for every connection's key choices.
     pub seed: u64,
+    /// `--shard-aware`: asked of the server at start.
+    pub shard_aware: bool,
+    /// Each shard's own address, in shard order, once asked (empty: not shard-aware).
+    pub shard_addrs: Vec<std::net::SocketAddr>,
     /// Show a progress line (only honoured on a terminal).
     pub progress: bool,
 }
@@ -290,6 +301,8 @@ impl Config {
             wait_ms: args.wait_ms,
             locks_per_conn: args.locks_per_conn,
             seed,
+            shard_aware: args.shard_aware,
+            shard_addrs: Vec::new(),
             progress: !args.quiet,
         };
         config.check()?;

@@ -34,18 +34,21 @@ const READ_SPACE: usize = 16 * 1024;
 pub trait Dial: Clone + 'static {
     /// The byte stream of one connection.
     type Stream: AsyncRead + AsyncWrite + Unpin + 'static;
-    /// Connects once.
-    fn dial(&self) -> impl std::future::Future<Output = io::Result<Self::Stream>>;
+    /// Connects connection number `index` once.
+    fn dial(&self, index: u64) -> impl std::future::Future<Output = io::Result<Self::Stream>>;
 }
 
-/// TCP, with Nagle off: a pipelined window is one write and must leave at once.
+/// TCP, with Nagle off: a pipelined window is one write and must leave at once. Connection
+/// `index` goes to `addrs[index % addrs.len()]`: the server's one address, or, shard-aware,
+/// each shard's own.
 #[derive(Clone)]
-pub struct TcpDial(pub SocketAddr);
+pub struct TcpDial(pub std::rc::Rc<[SocketAddr]>);
 
 impl Dial for TcpDial {
     type Stream = TcpStream;
-    async fn dial(&self) -> io::Result<TcpStream> {
-        let stream = TcpStream::connect(self.0).await?;
+    async fn dial(&self, index: u64) -> io::Result<TcpStream> {
+        let addr = self.0[(index % self.0.len() as u64) as usize];
+        let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(stream)
     }
@@ -57,7 +60,7 @@ pub struct UnixDial(pub PathBuf);
 
 impl Dial for UnixDial {
     type Stream = UnixStream;
-    async fn dial(&self) -> io::Result<UnixStream> {
+    async fn dial(&self, _index: u64) -> io::Result<UnixStream> {
         UnixStream::connect(&self.0).await
     }
 }

@@ -22,6 +22,7 @@ pub mod report;
 pub mod resp;
 pub mod run;
 pub mod session;
+pub mod shards;
 pub mod shared;
 pub mod wait;
 pub mod wire;

@@ -27,7 +27,10 @@ const SETUP: Duration = Duration::from_secs(300);
 
 /// Runs the load described by `config` and reports what it measured. Blocks the calling thread
 /// (which must not be inside an async runtime) for the length of the run.
-pub fn run(config: Config) -> Result<Report, String> {
+pub fn run(mut config: Config) -> Result<Report, String> {
+    if config.shard_aware {
+        config.shard_addrs = crate::shards::discover(&config)?;
+    }
     let config = Arc::new(config);
     let run = Arc::new(RunShared::new(&config));
     // Every client thread and this one meet here once all connections are up (for hold and
@@ -139,7 +142,12 @@ fn client_thread(
         let config = Rc::new(Config::clone(&config));
         match &config.endpoint {
             Endpoint::Tcp(addr) => {
-                let dial = TcpDial(*addr);
+                let addrs: std::rc::Rc<[_]> = if config.shard_addrs.is_empty() {
+                    [*addr].into()
+                } else {
+                    config.shard_addrs.as_slice().into()
+                };
+                let dial = TcpDial(addrs);
                 thread_main(thread, config.clone(), run, barrier, rec.clone(), dial).await
             }
             Endpoint::Unix(path) => {
@@ -195,7 +203,7 @@ async fn thread_main<D: Dial>(
             if config.workload == Workload::OrphanStorm {
                 return None;
             }
-            let mut stream = connect(&dial, &rec).await?;
+            let mut stream = connect(&dial, index, &rec).await?;
             if holding {
                 let ok = hold_setup(&mut stream, index, &config, &run, &rec).await;
                 return ok.then_some((index, stream));
@@ -308,8 +316,8 @@ async fn thread_main<D: Dial>(
 }
 
 /// Opens one connection and counts it; a failure is counted as an error instead.
-async fn connect<D: Dial>(dial: &D, rec: &RefCell<Recorder>) -> Option<D::Stream> {
-    match dial.dial().await {
+async fn connect<D: Dial>(dial: &D, index: u64, rec: &RefCell<Recorder>) -> Option<D::Stream> {
+    match dial.dial(index).await {
         Ok(stream) => {
             rec.borrow_mut().counts.connections += 1;
             Some(stream)
@@ -383,7 +391,7 @@ async fn orphan_storm<D: Dial>(
         if Instant::now() >= end {
             return true;
         }
-        let Some(mut stream) = connect(&dial, &rec).await else {
+        let Some(mut stream) = connect(&dial, index, &rec).await else {
             return false;
         };
         let limit = Some(config.locks_per_conn);

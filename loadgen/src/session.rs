@@ -68,6 +68,10 @@ pub struct Session {
     thinking: VecDeque<(Instant, u64)>,
     /// Operations started and not finished.
     active: usize,
+    /// Scratch room for a key's name, to find its shard.
+    name: Vec<u8>,
+    /// Shard-aware: the shard this connection talks to (connection `index` mod N).
+    shard: usize,
     /// Keys of the active operations (needed only when several run at once).
     in_use: Option<HashSet<u64, BuildHasherDefault<IdHasher>>>,
     /// Contention: keys this connection is recorded as holding.
@@ -99,6 +103,7 @@ impl Session {
             _ => config.pipeline > 1 || config.rate.is_some(),
         };
         let me = run.next_conn.fetch_add(1, Ordering::Relaxed);
+        let config_shards = config.shard_addrs.len();
         let seed = config.seed ^ index.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ me;
         Session {
             rng: SmallRng::seed_from_u64(seed),
@@ -112,6 +117,8 @@ impl Session {
             thinking: VecDeque::new(),
             active: 0,
             in_use: concurrent.then(HashSet::default),
+            name: Vec::new(),
+            shard: (index % config_shards.max(1) as u64) as usize,
             held: Vec::new(),
             op_limit,
             started: 0,
@@ -146,6 +153,29 @@ impl Session {
         self.local_budget.claim(&self.run)
     }
 
+    /// A random key; shard-aware, one whose name this connection's shard owns (connection i
+    /// talks to shard i mod N).
+    fn pick_owned(&mut self) -> u64 {
+        let config = self.config.clone();
+        let shards = config.shard_addrs.len();
+        let mut key = config.keys.pick(&mut self.rng);
+        if shards <= 1 {
+            return key;
+        }
+        let mine = self.shard;
+        // About one try in `shards` succeeds; the bound only guards a key space too small to
+        // give this shard any name.
+        for _ in 0..64 * shards {
+            self.name.clear();
+            config.keys.write_name(key, &mut self.name);
+            if crate::shards::shard_of(&self.name, shards) == mine {
+                break;
+            }
+            key = config.keys.pick(&mut self.rng);
+        }
+        key
+    }
+
     /// A key no active operation of this connection uses.
     fn pick_key(&mut self) -> Option<u64> {
         if let KeyPlan::Sequence { next, step, end } = &mut self.plan {
@@ -153,16 +183,23 @@ impl Session {
             *next += *step;
             return (key < *end).then_some(key);
         }
-        let keys = &self.config.keys;
-        let Some(in_use) = &mut self.in_use else {
-            return Some(keys.pick(&mut self.rng));
-        };
+        if self.in_use.is_none() {
+            return Some(self.pick_owned());
+        }
         for _ in 0..16 {
-            let key = keys.pick(&mut self.rng);
-            if in_use.insert(key) {
+            let key = self.pick_owned();
+            if self
+                .in_use
+                .as_mut()
+                .is_some_and(|in_use| in_use.insert(key))
+            {
                 return Some(key);
             }
         }
+        let keys = &self.config.keys;
+        let Some(in_use) = &mut self.in_use else {
+            return None;
+        };
         // A hot or small key space: look for a free key from a random start.
         if keys.count() <= 1 << 16 {
             let start = keys.pick(&mut self.rng);

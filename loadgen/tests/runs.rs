@@ -282,3 +282,36 @@ fn a_server_that_grants_everything_is_caught() {
     assert!(report.counts.violations > 0, "{}", report.table());
     assert!(report.errors >= report.counts.violations);
 }
+
+#[test]
+fn shard_aware_churn_crosses_no_thread() {
+    let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = glockd::Config {
+        shards: Some(2),
+        pin: false,
+        ..glockd::Config::default()
+    };
+    let listeners = glockd::Listeners {
+        tcp: Some(bind()),
+        shard_ports: vec![bind(), bind()],
+        ..glockd::Listeners::default()
+    };
+    let server = glockd::start_with_listeners(config, listeners).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let report = loadgen(&format!(
+        "--addr {addr} --workload churn --conns 8 --pipeline 4 --requests 20000 --duration 30s \
+         --shard-aware"
+    ));
+    assert_clean(&report);
+    assert_eq!(report.counts.violations, 0);
+    let (local, remote) = server.local_and_remote_commands();
+    assert_eq!(remote, 0, "every name went to its owner's port");
+    assert!(local >= 20_000);
+    // Against a server without shard ports it is an ordinary run.
+    let (_plain, plain_addr) = glockd(2);
+    let report = loadgen(&format!(
+        "--addr {plain_addr} --workload churn --conns 4 --requests 2000 --duration 30s \
+         --shard-aware"
+    ));
+    assert_clean(&report);
+}

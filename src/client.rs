@@ -21,6 +21,9 @@ pub struct Client<S = TcpStream> {
     stream: BufReader<S>,
     /// This connection's `me` line, learnt on first use (reset by `iam`).
     me_line: Option<Vec<u8>>,
+    /// Whether the server counts the lines of listings for this connection (`framed`);
+    /// asked on the first listing.
+    framed: Option<bool>,
 }
 
 fn invalid(what: impl Into<String>) -> io::Error {
@@ -51,6 +54,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Client {
             stream: BufReader::new(stream),
             me_line: None,
+            framed: None,
         }
     }
 
@@ -275,15 +279,42 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
-    /// A listing command (`d`, `d NAME`, `sd`, `who`…): its lines, each without `\n`. A server
-    /// that has listings disabled answers one `0 disabled` line.
+    /// A listing command (`d`, `d NAME`, `sd`, `who`, `h`, `q`…): its lines, each without `\n`.
+    /// A server that has listings disabled answers one `0 disabled` line.
+    ///
+    /// The client asks for framed replies (`framed`) on its first listing, and then reads the
+    /// count line and that many lines. A server that does not know `framed` (the original, which
+    /// answers nothing to an unknown command, or answers `0 …`) gets `me` sent behind each
+    /// listing instead, whose reply (`1 <id> <name>`) ends it: a listing row always ends in
+    /// `: <holder>`.
     pub async fn listing(&mut self, command: &[u8]) -> io::Result<Vec<Vec<u8>>> {
         check_line(command)?;
-        if self.me_line.is_none() {
-            self.me().await?;
+        if self.framed.is_none() {
+            self.framed = Some(self.ask_framed().await?);
         }
         let mut bytes = command.to_vec();
         bytes.push(b'\n');
+        if self.framed == Some(true) {
+            self.send(&bytes).await?;
+            let head = self.read_line().await?;
+            let count = reply_code(&head)?;
+            if count == 0 {
+                // `0 lines`, or a one-line refusal such as `0 disabled`.
+                return Ok(if head.starts_with(b"0 lines") {
+                    Vec::new()
+                } else {
+                    vec![head]
+                });
+            }
+            let mut lines = Vec::new();
+            for _ in 0..count {
+                lines.push(self.read_line().await?);
+            }
+            return Ok(lines);
+        }
+        if self.me_line.is_none() {
+            self.me().await?;
+        }
         Request::Me.write_to(&mut bytes);
         self.send(&bytes).await?;
         let mut lines = Vec::new();
@@ -293,6 +324,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
                 return Ok(lines);
             }
             lines.push(line);
+        }
+    }
+
+    /// Asks for framed listings; false when the server does not know `framed`.
+    async fn ask_framed(&mut self) -> io::Result<bool> {
+        let mut bytes = Vec::new();
+        Request::Framed.write_to(&mut bytes);
+        self.send(&bytes).await?;
+        match tokio::time::timeout(FRAMED_TIMEOUT, self.read_line()).await {
+            Ok(reply) => Ok(reply?.starts_with(b"1 ")),
+            // The original server answers nothing to a command it does not know.
+            Err(_) => Ok(false),
         }
     }
 
@@ -313,6 +356,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         Ok(replies)
     }
 }
+
+/// How long a client waits for the answer to `framed` before it takes the server for one that
+/// does not know the command (the original answers nothing to those).
+const FRAMED_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How long [`ShardedClient::connect`] waits for the answer to `shards`: a server that does
 /// not know the command (the original Go server answers nothing to an unknown command) is

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::lifecycle::{Admission, Presence};
 use crate::name::LockName;
-use crate::protocol::{self, ListKind, LockKind, LockOp, Reply, Request, Verb, WaitKind};
+use crate::protocol::{self, ListKind, LockKind, LockOp, Reply, Request, Shape, Verb, WaitKind};
 use crate::shard::{
     BatchDone, ConnBatch, Listing, LockMsg, Outgoing, RoutedOp, ShardCore, WaitRequest,
 };
@@ -83,6 +83,8 @@ pub struct Session {
     results: Vec<Vec<Reply>>,
     /// Commands per verb since the last `record_latency`, when latency is being measured.
     batch_verbs: Option<[u32; Verb::COUNT]>,
+    /// After `framed`: multi-line replies start with a line counting them.
+    framed: bool,
 }
 
 impl Session {
@@ -97,6 +99,7 @@ impl Session {
             outgoing: (0..shards).map(|_| PendingBatch::default()).collect(),
             results: vec![Vec::new(); shards],
             batch_verbs: measure.then_some([0; Verb::COUNT]),
+            framed: false,
         }
     }
 
@@ -359,10 +362,29 @@ impl Session {
     /// Commands that are not about one lock: listings, stats and the registry. Runs after every
     /// earlier command of the connection is answered.
     async fn run_global(&mut self, request: Request, out: &mut Vec<u8>) -> Result<(), Gone> {
+        let framed = self.framed
+            && request
+                .verb()
+                .is_some_and(|verb| verb.facts().shape == Shape::Lines);
+        if !framed {
+            return self.answer_global(request, out).await;
+        }
+        let mut lines = Vec::new();
+        self.answer_global(request, &mut lines).await?;
+        protocol::write_framed(&lines, out);
+        Ok(())
+    }
+
+    /// What [`Self::run_global`] answers, in the original (unframed) form.
+    async fn answer_global(&mut self, request: Request, out: &mut Vec<u8>) -> Result<(), Gone> {
         let server = self.core().server.clone();
         let conn = self.presence.conn;
         match request {
             Request::Stats => server.stats.snapshot().render(out),
+            Request::Framed => {
+                self.framed = true;
+                Reply::Framed.write_to(out)
+            }
             Request::Shards => {
                 protocol::write_shards(server.router.shards(), &server.shard_ports, out)
             }

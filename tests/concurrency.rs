@@ -165,6 +165,7 @@ async fn q_counts_are_exact(setup: Setup) {
     let expect = [
         ("command_d", 1),
         ("command_dump", 0),
+        ("command_framed", 0),
         ("command_g", 2),
         ("command_gt", 0),
         ("command_gw", 0),

@@ -96,7 +96,43 @@ async fn registered_names_are_bounded(setup: Setup) {
         .await;
 }
 
+async fn framed_replies_count_their_lines(setup: Setup) {
+    let server = TestServer::start_with(setup, |c| c.dump = true);
+    let mut client = server.connect().await;
+    let me = client.id();
+    client.check("g a\ng b\n", "1 Got Lock\n1 Got Lock\n").await;
+    // The original form first: no count, and nothing at all for an empty listing.
+    client.check("d a\n", &format!("a: {me}\n")).await;
+    client.check("framed\n", "1 Framed\n").await;
+    client
+        .check("d\n", &format!("2 lines\na: {me}\nb: {me}\n"))
+        .await;
+    client.check("sd\n", "0 lines\n").await;
+    client.check("d nobody\n", "0 lines\n").await;
+    // One-line replies are as they were.
+    client.check("i a\n", "1 Locked\n").await;
+    client
+        .check("dump\n", &format!("map[a:{me} b:{me}]\n"))
+        .await;
+    client.send("q\n").await;
+    let head = client.line().await;
+    let count: usize = head
+        .strip_suffix(" lines\n")
+        .and_then(|n| n.parse().ok())
+        .expect("a count line");
+    for _ in 0..count {
+        assert!(client.line().await.contains(": "));
+    }
+    // Nothing more: the next reply is the next command's.
+    client.check("i b\n", "1 Locked\n").await;
+    // A listing turned off answers one line whose integer says nothing follows.
+    let off = TestServer::start_with(setup, |c| c.dump = false);
+    let mut client = off.connect().await;
+    client.check("framed\nd\n", "1 Framed\n0 disabled\n").await;
+}
+
 for_each_transport!(
+    framed_replies_count_their_lines,
     a_listing_bigger_than_the_unsent_limit_is_served_with_what_follows_it,
     q_right_after_a_wait_counts_it,
     replies_before_a_wait_are_sent_before_it_waits,

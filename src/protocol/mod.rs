@@ -17,7 +17,8 @@ mod request;
 mod verb;
 
 pub use reply::{
-    write_go_map, write_rows, write_shards, Reply, LINE_TOO_LONG, ROUTING, TOO_MANY_CONNECTIONS,
+    write_framed, write_go_map, write_rows, write_shards, Reply, LINE_TOO_LONG, ROUTING,
+    TOO_MANY_CONNECTIONS,
 };
 pub use request::{
     parse, parse_rate_limit, split_number, ListKind, LockKind, LockOp, RateParams, Request,

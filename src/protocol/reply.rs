@@ -38,6 +38,8 @@ pub enum Reply {
     Usage(Verb),
     /// `iam`: a name longer than `--max-name-bytes`.
     NameTooLong,
+    /// `framed`: multi-line replies are counted from now on.
+    Framed,
 }
 
 impl Reply {
@@ -61,6 +63,7 @@ impl Reply {
             Reply::RegisteredName => b"1 ok\n",
             Reply::LimitReached => b"0 Lock Limit Reached\n",
             Reply::NameTooLong => b"0 Name Too Long\n",
+            Reply::Framed => b"1 Framed\n",
             Reply::GotToken(token) => {
                 out.extend_from_slice(b"1 ");
                 return write_count(out, token, b" Got Lock\n");
@@ -103,7 +106,7 @@ impl Reply {
     pub fn code(self) -> u64 {
         match self {
             Reply::Got | Reply::Released | Reply::Locked => 1,
-            Reply::SharedReleased | Reply::RegisteredName => 1,
+            Reply::SharedReleased | Reply::RegisteredName | Reply::Framed => 1,
             Reply::GotToken(_) | Reply::Token(_) => 1,
             Reply::SharedGot(n) | Reply::SharedCount(n) => n,
             Reply::RateLimit(d) => u64::from(d.allowed),
@@ -139,6 +142,16 @@ pub fn write_shards(count: usize, ports: &[u16], out: &mut Vec<u8>) {
         out.extend_from_slice(n.format(*port).as_bytes());
     }
     out.push(b'\n');
+}
+
+/// The framed form of a multi-line reply (after `framed`): a line `N lines` counting the
+/// lines that follow, then the lines. Zero lines is `0 lines`; a command turned off answers
+/// `0 disabled`, which reads the same way: nothing follows a line whose integer is 0.
+pub fn write_framed(lines: &[u8], out: &mut Vec<u8>) {
+    let count = memchr::memchr_iter(b'\n', lines).count();
+    out.extend_from_slice(itoa::Buffer::new().format(count).as_bytes());
+    out.extend_from_slice(b" lines\n");
+    out.extend_from_slice(lines);
 }
 
 /// Writes listing rows as `name: holder` lines (`d`, `sd`, `h`). No rows, no bytes: the

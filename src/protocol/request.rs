@@ -133,6 +133,8 @@ pub enum Request {
     Stats,
     /// `shards`: the shard count, the routing function and the shard ports.
     Shards,
+    /// `framed`: count the lines of every multi-line reply from now on.
+    Framed,
 }
 
 impl Request {
@@ -164,6 +166,7 @@ impl Request {
             Request::Me => Verb::Me,
             Request::Stats => Verb::Stats,
             Request::Shards => Verb::Shards,
+            Request::Framed => Verb::Framed,
         })
     }
 
@@ -324,6 +327,7 @@ pub fn parse(line: &[u8]) -> Request {
         Verb::Me => Request::Me,
         Verb::Stats => Request::Stats,
         Verb::Shards => Request::Shards,
+        Verb::Framed => Request::Framed,
     }
 }
 

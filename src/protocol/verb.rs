@@ -9,6 +9,8 @@ pub enum Verb {
     Dump,
     /// `dump [shared]`: the lock table in Go's map syntax.
     FullDump,
+    /// `framed`: from now on, every reply of several lines starts with a line counting them.
+    Framed,
     /// `g NAME`: take an exclusive lock.
     Get,
     /// `gt NAME`: take an exclusive lock and answer its fencing token.
@@ -60,7 +62,7 @@ pub enum Class {
     RateLimit,
     /// Reading the tables or the registry: `d sd dump h who`.
     Inspect,
-    /// The connection's own identity and placement: `me iam shards`.
+    /// The connection's own identity, placement and reply form: `me iam shards framed`.
     Connection,
     /// The server's counters: `q`.
     Admin,
@@ -96,7 +98,8 @@ impl Gate {
 pub enum Shape {
     /// Exactly one line.
     Line,
-    /// Any number of lines, none when there is nothing to list (the original's form).
+    /// Any number of lines, none when there is nothing to list (the original's form); after
+    /// `framed`, preceded by a line counting them.
     Lines,
 }
 
@@ -135,6 +138,7 @@ use Shape::*;
 const FACTS: [Facts; Verb::COUNT] = [
     facts("d", "d [NAME]", Inspect, Gate::Dump, Lines),
     facts("dump", "dump [shared]", Inspect, Gate::Dump, Line),
+    facts("framed", "framed", Connection, Gate::Open, Line),
     facts("g", "g NAME", Lock, Gate::Open, Line),
     facts("gt", "gt NAME", Lock, Gate::Open, Line),
     facts("gw", "gw MS NAME", Lock, Gate::Open, Line),
@@ -164,9 +168,10 @@ const FACTS: [Facts; Verb::COUNT] = [
 
 impl Verb {
     /// All verbs, sorted by their command word, so `q` can print its counters in order.
-    pub const ALL: [Verb; 21] = [
+    pub const ALL: [Verb; 22] = [
         Verb::Dump,
         Verb::FullDump,
+        Verb::Framed,
         Verb::Get,
         Verb::GetToken,
         Verb::GetWait,
@@ -229,6 +234,7 @@ impl Verb {
             b"d" => Verb::Dump,
             b"sd" => Verb::SharedDump,
             b"dump" => Verb::FullDump,
+            b"framed" => Verb::Framed,
             b"q" => Verb::Stats,
             b"me" => Verb::Me,
             b"iam" => Verb::Iam,

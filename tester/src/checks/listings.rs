@@ -220,3 +220,56 @@ mod tests {
         assert!(!has_entry(shared, "a:[x]"));
     }
 }
+
+/// After `framed`, `d NAME` starts with a line counting the rows that follow (`1 lines`, then
+/// the row), and an empty listing is `0 lines`: a client can read a listing without a marker.
+/// Over the websocket door the count line leads the listing's one message.
+pub async fn framed_counts_rows(ctx: &Ctx) -> Result<(), Verdict> {
+    if ctx.compat() {
+        return Err(Verdict::skip(
+            "compat mode: the original had no framed form of listings",
+        ));
+    }
+    let name = ctx.lock_name("framed");
+    let (mut a, mut b) = (ctx.connect().await?, ctx.connect().await?);
+    let id = a.id().await?;
+    a.expect(&format!("g {name}"), 1).await?;
+    b.expect("framed", 1).await?;
+    for (step, want) in [
+        ("", vec!["1 lines".to_owned(), format!("{name}: {id}")]),
+        (" and `r`", vec!["0 lines".to_owned()]),
+    ] {
+        if !step.is_empty() {
+            a.expect(&format!("r {name}"), 1).await?;
+        }
+        let what = format!("`d {name}` after `framed`{step}");
+        b.send(&format!("d {name}")).await?;
+        let got = framed_reply(&mut b, &what).await?;
+        if got.first().is_some_and(|head| head == "0 disabled") {
+            close_all([a, b]).await;
+            return Err(Verdict::skip(format!("{what} answered \"0 disabled\"")));
+        }
+        ensure(got == want, &what, rows_text(&want), rows_text(&got))?;
+    }
+    close_all([a, b]).await;
+    Ok(())
+}
+
+/// A framed reply's lines, its count line first: one message over the websocket door; over a
+/// byte stream the count line and as many lines as it says.
+async fn framed_reply(conn: &mut Conn, what: &str) -> Result<Vec<String>, Verdict> {
+    if conn.framed() {
+        return conn.read_message(what).await;
+    }
+    let head = conn.read_line(what).await?;
+    let count = head
+        .split_once(' ')
+        .and_then(|(n, _)| n.parse::<usize>().ok())
+        .filter(|&n| n <= 2)
+        .ok_or_else(|| Verdict::expected(what, "a count line `N lines`", quoted(&head)))?;
+    let mut lines = vec![head];
+    for _ in 0..count {
+        lines.push(conn.read_line(what).await?);
+    }
+    Ok(lines)
+}

@@ -66,6 +66,7 @@ pub fn all() -> Vec<Check> {
         check!("sd_name_lists_holders", listings::sd_name),
         check!("dump_contains_lock", listings::dump),
         check!("dump_shared_contains_lock", listings::dump_shared),
+        check!("framed_listing_counts_rows", listings::framed_counts_rows),
         check!("registry_me", registry::me),
         check!("registry_iam", registry::iam),
         check!("registry_who_lists_name", registry::who),

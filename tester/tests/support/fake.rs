@@ -99,6 +99,8 @@ struct Client {
     id: String,
     /// The `iam` name.
     name: Option<String>,
+    /// After `framed`: listings start with a line counting their rows.
+    framed: bool,
 }
 
 /// Everything the fake knows.
@@ -123,8 +125,8 @@ struct State {
 }
 
 /// Every command word, sorted (the order of the `q` lines).
-const WORDS: [&str; 13] = [
-    "d", "dump", "g", "i", "iam", "me", "q", "r", "sd", "sg", "si", "sr", "who",
+const WORDS: [&str; 14] = [
+    "d", "dump", "framed", "g", "i", "iam", "me", "q", "r", "sd", "sg", "si", "sr", "who",
 ];
 
 /// A running fake, stopped when dropped.
@@ -194,6 +196,7 @@ fn register(state: &Mutex<State>, peer: SocketAddr) -> u64 {
         Client {
             id: peer.to_string(),
             name: None,
+            framed: false,
         },
     );
     conn
@@ -430,7 +433,19 @@ fn known(s: &mut State, conn: u64, word: &str, rest: &str, f: &Faults) -> String
                     .collect()
             };
             rows.sort();
-            rows.concat()
+            let framed = s.clients.get(&conn).is_some_and(|c| c.framed);
+            let count = if framed {
+                format!("{} lines\n", rows.len())
+            } else {
+                String::new()
+            };
+            count + &rows.concat()
+        }
+        "framed" => {
+            if let Some(client) = s.clients.get_mut(&conn) {
+                client.framed = true;
+            }
+            "1 Framed\n".into()
         }
         "dump" => {
             if f.dump_empty {
@@ -486,7 +501,19 @@ fn known(s: &mut State, conn: u64, word: &str, rest: &str, f: &Faults) -> String
                 .map(|(c, n)| format!("{}: {n}\n", c.id))
                 .collect();
             rows.sort();
-            rows.concat()
+            let framed = s.clients.get(&conn).is_some_and(|c| c.framed);
+            let count = if framed {
+                format!("{} lines\n", rows.len())
+            } else {
+                String::new()
+            };
+            count + &rows.concat()
+        }
+        "framed" => {
+            if let Some(client) = s.clients.get_mut(&conn) {
+                client.framed = true;
+            }
+            "1 Framed\n".into()
         }
         "q" => stats(s, f),
         _ => unreachable!(),

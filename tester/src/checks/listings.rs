@@ -203,24 +203,6 @@ fn floor_boundary(s: &str, mut at: usize) -> usize {
     at
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn map_entries_match_whole() {
-        let line = "map[a:1.2.3.4:5 ab:1.2.3.4:6]";
-        assert!(has_entry(line, "a:1.2.3.4:5"));
-        assert!(has_entry(line, "ab:1.2.3.4:6"));
-        assert!(!has_entry(line, "b:1.2.3.4:6"));
-        assert!(!has_entry(line, "a:1.2.3.4:"));
-        let shared = "map[a:[x y] b:[z]]";
-        assert!(has_entry(shared, "a:[x y]"));
-        assert!(has_entry(shared, "b:[z]"));
-        assert!(!has_entry(shared, "a:[x]"));
-    }
-}
-
 /// After `framed`, `d NAME` starts with a line counting the rows that follow (`1 lines`, then
 /// the row), and an empty listing is `0 lines`: a client can read a listing without a marker.
 /// Over the websocket door the count line leads the listing's one message.
@@ -272,4 +254,22 @@ async fn framed_reply(conn: &mut Conn, what: &str) -> Result<Vec<String>, Verdic
         lines.push(conn.read_line(what).await?);
     }
     Ok(lines)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn map_entries_match_whole() {
+        let line = "map[a:1.2.3.4:5 ab:1.2.3.4:6]";
+        assert!(has_entry(line, "a:1.2.3.4:5"));
+        assert!(has_entry(line, "ab:1.2.3.4:6"));
+        assert!(!has_entry(line, "b:1.2.3.4:6"));
+        assert!(!has_entry(line, "a:1.2.3.4:"));
+        let shared = "map[a:[x y] b:[z]]";
+        assert!(has_entry(shared, "a:[x y]"));
+        assert!(has_entry(shared, "b:[z]"));
+        assert!(!has_entry(shared, "a:[x]"));
+    }
 }

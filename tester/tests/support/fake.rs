@@ -509,12 +509,6 @@ fn known(s: &mut State, conn: u64, word: &str, rest: &str, f: &Faults) -> String
             };
             count + &rows.concat()
         }
-        "framed" => {
-            if let Some(client) = s.clients.get_mut(&conn) {
-                client.framed = true;
-            }
-            "1 Framed\n".into()
-        }
         "q" => stats(s, f),
         _ => unreachable!(),
     }

@@ -11,11 +11,25 @@ use std::path::PathBuf;
 
 use clap::{CommandFactory, Parser};
 
+/// The release, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit the binary was built from (`unknown` outside a git checkout; see `build.rs`).
+pub const COMMIT: &str = env!("GLOCKD_COMMIT");
+
+/// What `--version` prints after the program's name.
+const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("GLOCKD_COMMIT"),
+    ")"
+);
+
 /// The server's settings. Every limit is here, named and documented.
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "glockd",
-    version,
+    version = VERSION_LINE,
     about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them."
 )]
 pub struct Config {

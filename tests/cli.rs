@@ -135,6 +135,23 @@ fn help_lists_the_flags() {
 }
 
 #[test]
+fn version_names_the_release_and_the_commit() {
+    for flag in ["--version", "-version"] {
+        let out = Command::new(BIN).arg(flag).output().expect("run");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let expected = format!("glockd {} (commit ", env!("CARGO_PKG_VERSION"));
+        assert!(text.starts_with(&expected), "{text}");
+        let commit = text.trim_end().trim_start_matches(&expected);
+        let commit = commit.strip_suffix(')').expect("closing parenthesis");
+        assert!(
+            commit == "unknown" || commit.chars().all(|c| c.is_ascii_hexdigit()),
+            "{text}"
+        );
+    }
+}
+
+#[test]
 fn bad_flags_exit_non_zero_with_a_reason() {
     let out = Command::new(BIN)
         .args(["-port", "many"])

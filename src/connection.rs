@@ -304,9 +304,9 @@ where
         let backlogged = buffers.unsent() > limits.max_unsent;
         if backlogged && buffers.input.pending() > read_ahead {
             if core.server.config.verbose {
-                eprintln!(
-                    "glockd: a client kept sending with more than --max-unsent-bytes unread; \
-                     closing it"
+                tracing::info!(
+                    event = "unsent_limit",
+                    "a client kept sending with more than --max-unsent-bytes unread; closing it"
                 );
             }
             return;
@@ -389,8 +389,9 @@ where
         };
         if event.stalled {
             if core.server.config.verbose {
-                eprintln!(
-                    "glockd: a client did not read its replies for --write-timeout; closing it"
+                tracing::info!(
+                    event = "write_timeout",
+                    "a client did not read its replies for --write-timeout; closing it"
                 );
             }
             return;

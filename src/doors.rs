@@ -170,7 +170,12 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
             Err(e) => {
                 // Out of file descriptors or memory, or a connection reset before we got to it:
                 // none is fatal. Back off so a persistent error does not spin the thread.
-                eprintln!("glockd: accept failed: {e}");
+                tracing::warn!(
+                    event = "accept_failed",
+                    error = %e,
+                    retry_ms = backoff.as_millis() as u64,
+                    "accept failed"
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -202,7 +207,11 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
                     .mailboxes
                     .post(target, ShardMsg::Conns(ConnMsg::Adopt(incoming)));
             }
-            Err(e) => eprintln!("glockd: could not hand over a connection: {e}"),
+            Err(e) => tracing::warn!(
+                event = "handover_failed",
+                error = %e,
+                "could not hand over a connection"
+            ),
         }
     }
 }
@@ -227,11 +236,11 @@ fn refuse(core: &ShardCore, accepted: Accepted) {
         }
         Accepted::Unix(stream) => {
             let _ = stream.try_write(protocol::TOO_MANY_CONNECTIONS);
-            "a unix socket client".to_owned()
+            "unix".to_owned()
         }
     };
     if core.server.config.verbose {
-        eprintln!("glockd: refused {who}: --max-connections reached");
+        tracing::info!(event = "refuse", conn = %who, reason = "max_connections");
     }
 }
 
@@ -248,7 +257,12 @@ pub fn tune_tcp(config: &Config, stream: &TcpStream, id: &str) {
             .with_retries(config.keepalive_count);
         let socket = socket2::SockRef::from(stream);
         if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
-            eprintln!("glockd: could not enable keepalive for {id}: {e}");
+            tracing::warn!(
+                event = "keepalive_failed",
+                conn = %id,
+                error = %e,
+                "could not enable TCP keepalive"
+            );
         }
         // Keepalive only probes an idle connection; when a reply is in flight to a machine that
         // vanished, the kernel retransmits for many minutes instead. Give up on unacknowledged
@@ -256,7 +270,12 @@ pub fn tune_tcp(config: &Config, stream: &TcpStream, id: &str) {
         let give_up =
             config.keepalive_idle + config.keepalive_interval * u64::from(config.keepalive_count);
         if let Err(e) = socket.set_tcp_user_timeout(Some(Duration::from_secs(give_up))) {
-            eprintln!("glockd: could not set the TCP user timeout for {id}: {e}");
+            tracing::warn!(
+                event = "keepalive_failed",
+                conn = %id,
+                error = %e,
+                "could not set the TCP user timeout"
+            );
         }
     }
 }

@@ -30,6 +30,8 @@
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
 //! - [`exporter`]: the Prometheus `/metrics` endpoint.
 //! - [`pidfile`]: the flock'ed pidfile.
+//! - [`logging`]: log lines through a bounded queue and a writer thread of their own, so a
+//!   stuck stderr costs lines (counted), never service.
 //! - [`client`]: an async client, used by the tests and the tester's tests.
 
 pub mod client;
@@ -40,6 +42,7 @@ pub mod exporter;
 pub mod fencing;
 pub mod framer;
 pub mod lifecycle;
+pub mod logging;
 pub mod name;
 pub mod pidfile;
 pub mod protocol;

@@ -85,7 +85,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             if config.verbose {
-                eprintln!("glockd: websocket handshake with {id} failed: {e}");
+                tracing::info!(event = "handshake_failed", conn = %id, error = %e);
             }
             return;
         }

@@ -124,6 +124,8 @@ fn help_lists_the_flags() {
         "--pin",
         "--state-file",
         "--token-reserve-ms",
+        "--log-format",
+        "--log-file",
     ] {
         assert!(
             text.contains(flag),

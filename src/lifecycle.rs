@@ -251,9 +251,6 @@ impl Drop for Presence {
         }
         self.core.cell().connections_closed.add(1);
         self.core.conns.closed();
-        if let Some(label) = &self.label {
-            tracing::info!(event = "disconnect", conn = %label);
-        }
     }
 }
 

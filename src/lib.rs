@@ -32,6 +32,7 @@
 //! - [`pidfile`]: the flock'ed pidfile.
 //! - [`logging`]: log lines through a bounded queue and a writer thread of their own, so a
 //!   stuck stderr costs lines (counted), never service.
+//! - [`signals`]: what each signal does to a running server.
 //! - [`client`]: an async client, used by the tests and the tester's tests.
 
 pub mod client;
@@ -52,6 +53,7 @@ pub mod routing;
 pub mod server;
 mod session;
 pub mod shard;
+pub mod signals;
 pub mod stats;
 pub mod table;
 mod websocket;

@@ -1,20 +1,24 @@
-//! The `glockd` binary: flags, pidfile, logging, start, wait for a signal, shut down.
+//! The `glockd` binary: flags, pidfile, logging, start, serve until a signal says otherwise.
 //!
 //! Errors that stop the server from starting go straight to stderr as one `glockd: …` line
 //! (nothing else is being served, so waiting on stderr costs nothing); everything else goes
 //! through the logger, which never makes the server wait.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use glockd::config::{COMMIT, VERSION};
 use glockd::logging;
 use glockd::pidfile::Pidfile;
+use glockd::signals::{Action, Signals};
 use glockd::{Config, ServerHandle};
-use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
 
+/// Exit status after SIGQUIT, or a second stopping signal during shutdown (128 + SIGINT, as a
+/// shell reports an interrupted program).
+const AT_ONCE: i32 = 130;
+
 fn main() -> ExitCode {
-    #[allow(unused_mut)] // only debug builds change it
     let mut config = Config::from_args();
     // Debug builds only: the binary's tests make ceiling writes slow to show that grants wait
     // for them. A release build never reads this variable.
@@ -43,13 +47,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(1, &format!("cannot start: {e}")),
     };
-    let signals = runtime.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        ))
-    });
-    let (term, int) = match signals {
+    let mut signals = match runtime.block_on(async { Signals::install() }) {
         Ok(signals) => signals,
         Err(e) => return fail(1, &format!("cannot install signal handlers: {e}")),
     };
@@ -68,16 +66,11 @@ fn main() -> ExitCode {
     }
     announce(&server, &settings, fd_limit);
 
-    let clean = runtime.block_on(serve_until_signalled(server, term, int));
-    drop(pidfile);
-    logging::finish(logging::FINISH_WITHIN);
-    if clean {
-        ExitCode::SUCCESS
-    } else {
-        // A second signal means "now": do not wait for the shards (dropping the runtime would
-        // wait for the shutdown still running on its blocking pool).
-        std::process::exit(130);
-    }
+    let exit = Exit {
+        pidfile,
+        unix: server.unix_path().map(|p| p.to_owned()),
+    };
+    runtime.block_on(serve_until_signalled(server, &mut signals, exit))
 }
 
 /// The exit after a start-up error: the logger's lines first (bounded), then one line straight
@@ -164,20 +157,104 @@ fn announce(server: &ServerHandle, config: &Config, fd_limit: u64) {
     );
 }
 
-/// Waits for SIGTERM or SIGINT, then shuts down gracefully; true unless a second signal cut
-/// the shutdown short.
-async fn serve_until_signalled(server: ServerHandle, mut term: Signal, mut int: Signal) -> bool {
-    let name = tokio::select! {
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+/// What must not be left behind however the process ends: the pidfile and the unix socket.
+struct Exit {
+    pidfile: Option<Pidfile>,
+    unix: Option<PathBuf>,
+}
+
+impl Exit {
+    /// Ends the process now, without waiting for connections (their locks go with it).
+    fn now(self, status: i32) -> ! {
+        if let Some(path) = &self.unix {
+            glockd::doors::remove_unix(path);
+        }
+        drop(self.pidfile);
+        logging::finish(logging::FINISH_WITHIN);
+        std::process::exit(status)
+    }
+
+    /// Ends the process after a clean shutdown (the server already removed its socket).
+    fn clean(self) -> ExitCode {
+        drop(self.pidfile);
+        logging::finish(logging::FINISH_WITHIN);
+        ExitCode::SUCCESS
+    }
+}
+
+/// Serves until a signal says stop (see [`glockd::signals`]), then shuts down gracefully, or at
+/// once on SIGQUIT or a second stopping signal.
+async fn serve_until_signalled(
+    server: ServerHandle,
+    signals: &mut Signals,
+    exit: Exit,
+) -> ExitCode {
+    let stopped_by = loop {
+        let (name, action) = signals.recv().await;
+        match action {
+            Action::Shutdown => break name,
+            Action::Quit => {
+                warn!(
+                    event = "quit",
+                    signal = %name,
+                    "exiting at once, without draining connections"
+                );
+                exit.now(AT_ONCE);
+            }
+            Action::Status => log_status(name, Some(&server)),
+            action => on_signal(name, action),
+        }
     };
-    info!(event = "shutdown", signal = %name, "shutting down");
+    info!(event = "shutdown", signal = %stopped_by, "shutting down");
     let stopping = tokio::task::spawn_blocking(move || server.shutdown());
-    let second = tokio::select! {
-        _ = stopping => return true,
-        _ = term.recv() => "SIGTERM",
-        _ = int.recv() => "SIGINT",
+    tokio::pin!(stopping);
+    loop {
+        tokio::select! {
+            _ = &mut stopping => return exit.clean(),
+            (name, action) = signals.recv() => match action {
+                Action::Shutdown | Action::Quit => {
+                    // A second signal means "now": do not wait for the shards (returning would
+                    // wait for the shutdown still running on the blocking pool).
+                    warn!(event = "quit", signal = %name, "second signal; exiting at once");
+                    exit.now(AT_ONCE);
+                }
+                Action::Status => log_status(name, None),
+                action => on_signal(name, action),
+            }
+        }
+    }
+}
+
+/// The signals that neither stop the server nor ask for its status.
+fn on_signal(name: &'static str, action: Action) {
+    match action {
+        Action::Reload => {
+            let log_file = logging::reopen();
+            info!(event = "reload", signal = %name, log_file, "reloaded");
+        }
+        Action::Ignore => info!(event = "signal", signal = %name, "ignored"),
+        _ => {}
+    }
+}
+
+/// SIGUSR1: one line with the numbers an operator checks first.
+fn log_status(name: &'static str, server: Option<&ServerHandle>) {
+    let Some(server) = server else {
+        info!(event = "status", signal = %name, "shutting down");
+        return;
     };
-    warn!(event = "quit", signal = %second, "second signal; exiting at once");
-    false
+    let stats = server.stats();
+    info!(
+        event = "status",
+        signal = %name,
+        connections = stats.connections,
+        connections_total = stats.connections_total,
+        locks = stats.locks,
+        shared_locks = stats.shared_locks,
+        orphans = stats.orphans,
+        shared_orphans = stats.shared_orphans,
+        lock_waiters = stats.lock_waiters,
+        invalid_commands = stats.invalid_commands,
+        log_dropped = logging::dropped_lines(),
+    );
 }

@@ -33,11 +33,14 @@
 //! - [`logging`]: log lines through a bounded queue and a writer thread of their own, so a
 //!   stuck stderr costs lines (counted), never service.
 //! - [`signals`]: what each signal does to a running server.
+//! - [`descriptors`]: the open-file limit, shared out between the server, a reserve and the
+//!   connections.
 //! - [`client`]: an async client, used by the tests and the tester's tests.
 
 pub mod client;
 pub mod config;
 mod connection;
+pub mod descriptors;
 pub mod doors;
 pub mod exporter;
 pub mod fencing;

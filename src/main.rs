@@ -1,4 +1,5 @@
-//! The `glockd` binary: flags, pidfile, logging, start, serve until a signal says otherwise.
+//! The `glockd` binary: flags, pidfile, logging, descriptors, start, serve until a signal says
+//! otherwise.
 //!
 //! Errors that stop the server from starting go straight to stderr as one `glockd: …` line
 //! (nothing else is being served, so waiting on stderr costs nothing); everything else goes
@@ -8,10 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use glockd::config::{COMMIT, VERSION};
+use glockd::descriptors::{self, Budget};
 use glockd::logging;
 use glockd::pidfile::Pidfile;
 use glockd::signals::{Action, Signals};
-use glockd::{Config, ServerHandle};
+use glockd::{Config, Listeners, ServerHandle};
 use tracing::{info, warn};
 
 /// Exit status after SIGQUIT, or a second stopping signal during shutdown (128 + SIGINT, as a
@@ -36,7 +38,7 @@ fn main() -> ExitCode {
     if let Err(e) = logging::start(config.log_format, config.log_file_path()) {
         return fail(1, &e);
     }
-    let fd_limit = raise_open_file_limit(&config);
+    let fd_limit = raise_open_file_limit();
 
     // Signal handlers go in before anything is served, so a SIGTERM that arrives the moment
     // the server is up still shuts it down cleanly.
@@ -52,8 +54,39 @@ fn main() -> ExitCode {
         Err(e) => return fail(1, &format!("cannot install signal handlers: {e}")),
     };
 
+    let listeners = match Listeners::bind(&config) {
+        Ok(listeners) => listeners,
+        Err(e) => return fail(1, &format!("cannot start: {e}")),
+    };
+    let budget = Budget::measure(fd_limit, &config);
+    if budget.connections == 0 {
+        return fail(
+            1,
+            &format!(
+                "cannot start: the open-file limit {} leaves no descriptor for connections \
+                 ({} open, {} for the server's threads, {} kept in reserve)",
+                budget.limit,
+                budget.in_use,
+                budget.server,
+                descriptors::RESERVE
+            ),
+        );
+    }
+    if budget.limited_by_descriptors() {
+        warn!(
+            event = "fd_limit",
+            fd_limit = budget.limit,
+            max_connections = budget.connections,
+            wanted = budget.wanted,
+            "the open-file limit allows fewer connections than -max-connections; serving at \
+             most max_connections at once, and the next client gets `0 Too Many Connections` \
+             (raise the limit, e.g. LimitNOFILE= in a systemd unit, to serve more)"
+        );
+    }
+    config.max_connections = budget.connections;
+
     let settings = config.clone();
-    let server = match glockd::start(config) {
+    let server = match glockd::start_with_listeners(config, listeners) {
         Ok(server) => server,
         Err(e) => return fail(1, &format!("cannot start: {e}")),
     };
@@ -64,7 +97,7 @@ fn main() -> ExitCode {
              restart with the clock set back hands out smaller ones)"
         );
     }
-    announce(&server, &settings, fd_limit);
+    announce(&server, &settings, &budget);
 
     let exit = Exit {
         pidfile,
@@ -81,22 +114,11 @@ fn fail(status: u8, error: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(status)
 }
 
-/// Every connection is a file descriptor: raise the soft limit to the hard one, as Redis does,
-/// and say so if that still cannot hold --max-connections. Returns the limit in force.
-fn raise_open_file_limit(config: &Config) -> u64 {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) => {
-            if limit < config.max_connections + 32 {
-                warn!(
-                    event = "fd_limit",
-                    fd_limit = limit,
-                    max_connections = config.max_connections,
-                    "the open-file limit is below -max-connections; connections past it will be \
-                     refused by the OS"
-                );
-            }
-            limit
-        }
+/// Every connection is a file descriptor: raise the soft limit to the hard one, as Redis does.
+/// Returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    match descriptors::raise_limit() {
+        Ok(limit) => limit,
         Err(e) => {
             let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
             warn!(
@@ -112,7 +134,7 @@ fn raise_open_file_limit(config: &Config) -> u64 {
 
 /// One line saying what runs where and under which limits (tests and scripts wait for its
 /// `listening on`).
-fn announce(server: &ServerHandle, config: &Config, fd_limit: u64) {
+fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
     let mut doors = Vec::new();
     if let Some(addr) = server.tcp_addr() {
         doors.push(format!("tcp {addr}"));
@@ -138,7 +160,8 @@ fn announce(server: &ServerHandle, config: &Config, fd_limit: u64) {
         version = %VERSION,
         commit = %COMMIT,
         shards = config.shard_count(),
-        fd_limit,
+        fd_limit = budget.limit,
+        fd_reserve = descriptors::RESERVE,
         max_connections = config.max_connections,
         max_line_bytes = config.max_line_bytes,
         max_unsent_bytes = config.max_unsent_bytes,
@@ -256,5 +279,6 @@ fn log_status(name: &'static str, server: Option<&ServerHandle>) {
         lock_waiters = stats.lock_waiters,
         invalid_commands = stats.invalid_commands,
         log_dropped = logging::dropped_lines(),
+        fds_open = descriptors::open_now().unwrap_or(0),
     );
 }

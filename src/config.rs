@@ -9,7 +9,21 @@ use std::ffi::OsString;
 use std::net::IpAddr;
 use std::path::PathBuf;
 
-use clap::{CommandFactory, Parser};
+use clap::{CommandFactory, Parser, ValueEnum};
+
+/// The release, from Cargo.toml.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The git commit the binary was built from (`unknown` outside a git checkout; see `build.rs`).
+pub const COMMIT: &str = env!("GLOCKD_COMMIT");
+
+/// What `--version` prints after the program's name.
+const VERSION_LINE: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("GLOCKD_COMMIT"),
+    ")"
+);
 
 // The range of every numeric flag. A value outside is refused at start with one line naming
 // the flag: a value that cannot work (a timeout so long the clock overflows, a keepalive the
@@ -47,7 +61,7 @@ pub const MAX_SHARDS: u16 = 1024;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "glockd",
-    version,
+    version = VERSION_LINE,
     about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them."
 )]
 pub struct Config {
@@ -100,10 +114,20 @@ pub struct Config {
           default_value = "true", default_missing_value = "true")]
     pub dump: bool,
 
-    /// Log connects, disconnects and orphaned locks to stderr.
+    /// Log connects, disconnects (with the reason), name changes and orphaned locks.
     #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
           default_value = "false", default_missing_value = "true")]
     pub verbose: bool,
+
+    /// Log line format: `text` (timestamp, level, message, key=value fields) or `json` (one
+    /// object per line).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Append log lines to this file instead of stderr; SIGHUP reopens it (after a rotation).
+    /// Fatal start-up errors still go to stderr.
+    #[arg(long, value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub log_file: Option<OsString>,
 
     /// Number of shard threads (each owns a slice of the lock table). Default: one per two
     /// cores, at least one (see `default_shards`).
@@ -283,6 +307,14 @@ impl Config {
             .map(std::path::Path::new)
     }
 
+    /// The log file, if set (`-log-file ''` means stderr).
+    pub fn log_file_path(&self) -> Option<&std::path::Path> {
+        self.log_file
+            .as_deref()
+            .filter(|path| !path.is_empty())
+            .map(std::path::Path::new)
+    }
+
     /// The state file, if set (`-state-file ''` means none).
     pub fn state_file_path(&self) -> Option<&std::path::Path> {
         self.state_file
@@ -371,6 +403,15 @@ fn one_line(e: &clap::Error) -> String {
         .unwrap_or(first)
         .trim()
         .to_owned()
+}
+
+/// How log lines are written (see [`crate::logging`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// `2025-01-02T03:04:05.678901Z  INFO event=disconnect conn=127.0.0.1:50312 reason=eof`
+    Text,
+    /// `{"timestamp":"2025-01-02T03:04:05.678901Z","level":"INFO","event":"disconnect",…}`
+    Json,
 }
 
 /// The metrics endpoint's address, or off.
@@ -507,6 +548,14 @@ mod tests {
         assert!(parse(&["-dump"]).dump);
         assert!(!parse(&["-registry=0"]).registry);
         assert!(parse(&["-verbose"]).verbose);
+        assert_eq!(parse(&[]).log_format, LogFormat::Text);
+        assert_eq!(parse(&["-log-format", "json"]).log_format, LogFormat::Json);
+        assert_eq!(parse(&["-log-format=json"]).log_format, LogFormat::Json);
+        assert!(parse(&[]).log_file_path().is_none());
+        assert_eq!(
+            parse(&["-log-file", "/var/log/glockd.log"]).log_file_path(),
+            Some(std::path::Path::new("/var/log/glockd.log"))
+        );
         assert!(!parse(&["-pin=false"]).pin);
         assert_eq!(parse(&["-shards", "4"]).shard_count(), 4);
         assert_eq!(
@@ -548,6 +597,7 @@ mod tests {
         assert!(bad(&["-token-reserve-ms", "9"]));
         assert!(bad(&["-token-reserve-ms", "600001"]));
         assert!(bad(&["-token-reserve-ms", "soon"]));
+        assert!(bad(&["-log-format", "xml"]));
     }
 
     #[test]

@@ -46,6 +46,119 @@ const MIN_READ_AHEAD: usize = 64 * 1024;
 /// does not leave an idle connection holding its peak memory.
 const KEEP_CAPACITY: usize = 16 * 1024;
 
+/// Why a connection ended, as its `disconnect` log line says (`reason=…`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disconnect {
+    /// The client closed its side (or, over a websocket, sent a close frame).
+    Eof,
+    /// The connection was reset or broken under us.
+    Reset,
+    /// The kernel gave up on the peer: keepalive probes or unacknowledged data timed out.
+    TimedOut,
+    /// Some other I/O error.
+    Error(io::ErrorKind),
+    /// Nothing was sent for `--idle-timeout`.
+    Idle,
+    /// A reply write made no progress for `--write-timeout`.
+    WriteTimeout,
+    /// The client kept sending with more than `--max-unsent-bytes` of replies unread.
+    UnsentLimit,
+    /// A line (or websocket message) was longer than `--max-line-bytes`.
+    LineTooLong,
+    /// The server is shutting down.
+    Shutdown,
+    /// Serving it panicked (a bug; logged with the panic).
+    Panic,
+}
+
+impl Disconnect {
+    /// The reason as a log field's value.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Disconnect::Eof => "eof",
+            Disconnect::Reset => "reset",
+            Disconnect::TimedOut => "timed_out",
+            Disconnect::Error(_) => "error",
+            Disconnect::Idle => "idle",
+            Disconnect::WriteTimeout => "write_timeout",
+            Disconnect::UnsentLimit => "unsent_limit",
+            Disconnect::LineTooLong => "line_too_long",
+            Disconnect::Shutdown => "shutdown",
+            Disconnect::Panic => "panic",
+        }
+    }
+
+    /// The reason an I/O error on the connection gives.
+    pub(crate) fn from_io(error: &io::Error) -> Disconnect {
+        match error.kind() {
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::WriteZero => Disconnect::Reset,
+            io::ErrorKind::TimedOut => Disconnect::TimedOut,
+            kind => Disconnect::Error(kind),
+        }
+    }
+
+    /// The reason when a command could not finish because its client or the server went away:
+    /// shutdown if the server is closing, else the client left (a reset seen while it waited).
+    pub(crate) fn gone(core: &ShardCore) -> Disconnect {
+        if core.is_closing() {
+            Disconnect::Shutdown
+        } else {
+            Disconnect::Reset
+        }
+    }
+}
+
+/// Logs a connection's `disconnect` line under `-verbose`: with the reason it is given, or, if
+/// the connection's task ended without one, `shutdown` (cancelled at the end of shutdown's
+/// grace) or `panic`.
+pub(crate) struct Farewell {
+    /// The protocol id; None when not verbose (nothing to log).
+    label: Option<String>,
+    core: Rc<ShardCore>,
+    reason: Option<Disconnect>,
+}
+
+impl Farewell {
+    pub(crate) fn new(core: &Rc<ShardCore>, id: &str) -> Farewell {
+        Farewell {
+            label: core.server.config.verbose.then(|| id.to_owned()),
+            core: core.clone(),
+            reason: None,
+        }
+    }
+
+    /// Logs the line now, with `reason`.
+    pub(crate) fn say(mut self, reason: Disconnect) {
+        self.reason = Some(reason);
+    }
+}
+
+impl Drop for Farewell {
+    fn drop(&mut self) {
+        let Some(label) = &self.label else {
+            return;
+        };
+        let reason = self.reason.unwrap_or(if self.core.is_closing() {
+            Disconnect::Shutdown
+        } else {
+            Disconnect::Panic
+        });
+        match reason {
+            Disconnect::Error(kind) => tracing::info!(
+                event = "disconnect",
+                conn = %label,
+                reason = reason.as_str(),
+                error = %kind
+            ),
+            _ => tracing::info!(event = "disconnect", conn = %label, reason = reason.as_str()),
+        }
+    }
+}
+
 /// Why a connection stops running lines.
 enum Stop {
     /// A line (or unfinished input) is longer than `--max-line-bytes`.
@@ -53,6 +166,8 @@ enum Stop {
     /// The server is gone (shutdown), or the client left while its command waited: close
     /// without a word.
     Gone,
+    /// A reply could not be written: timed out, or an I/O error.
+    Ended(Disconnect),
 }
 
 impl From<Gone> for Stop {
@@ -167,12 +282,13 @@ impl Buffers {
         let rest = &self.out[self.written..];
         let write = stream.write_all(rest);
         let written = match limits.write_timeout {
-            Some(limit) => tokio::time::timeout(limit, write)
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into())),
+            Some(limit) => match tokio::time::timeout(limit, write).await {
+                Ok(written) => written,
+                Err(_) => return Err(Stop::Ended(Disconnect::WriteTimeout)),
+            },
             None => write.await,
         };
-        written.map_err(|_| Stop::Gone)?;
+        written.map_err(|e| Stop::Ended(Disconnect::from_io(&e)))?;
         self.out.clear();
         self.written = 0;
         Ok(())
@@ -262,13 +378,25 @@ fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool
 }
 
 /// Serves one connection until it closes. `id_text` is its protocol id (`ip:port`).
-pub async fn serve<S>(core: Rc<ShardCore>, mut stream: S, id_text: String, admission: Admission)
+pub async fn serve<S>(core: Rc<ShardCore>, stream: S, id_text: String, admission: Admission)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let farewell = Farewell::new(&core, &id_text);
+    let mut session = Session::new(core.clone(), id_text, admission);
+    let reason = run(&core, stream, &mut session).await;
+    // Said before the session goes (and with it the connection's locks), so the disconnect
+    // line comes before the orphan lines.
+    farewell.say(reason);
+}
+
+/// Runs a connection's I/O until it ends, and says why.
+async fn run<S>(core: &Rc<ShardCore>, mut stream: S, session: &mut Session) -> Disconnect
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let limits = core.server.config.conn_limits();
     let read_ahead = limits.max_line.max(MIN_READ_AHEAD);
-    let mut session = Session::new(core.clone(), id_text, admission);
     let mut buffers = Buffers {
         input: LineFramer::new(limits.max_line),
         side: BytesMut::new(),
@@ -288,7 +416,7 @@ where
         // before any more lines run.
         if buffers.unsent() <= limits.max_unsent {
             let started = session.measures_latency().then(std::time::Instant::now);
-            let ran = buffers.run_lines(&mut session, &limits, &mut stream).await;
+            let ran = buffers.run_lines(session, &limits, &mut stream).await;
             if let Some(started) = started {
                 session.record_latency(started.elapsed());
             }
@@ -303,9 +431,11 @@ where
                 Err(Stop::LineTooLong) => {
                     session.core().cell().invalid_commands.add(1);
                     buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
-                    return finish(&mut stream, &mut buffers, &limits).await;
+                    finish(&mut stream, &mut buffers, &limits).await;
+                    return Disconnect::LineTooLong;
                 }
-                Err(Stop::Gone) => return,
+                Err(Stop::Gone) => return Disconnect::gone(core),
+                Err(Stop::Ended(reason)) => return reason,
             };
         }
         // A listing the client asked for is served at its pace, and so are the commands it
@@ -313,13 +443,7 @@ where
         // unread is not reading them: cut it off.
         let backlogged = buffers.unsent() > limits.max_unsent;
         if backlogged && buffers.input.pending() > read_ahead {
-            if core.server.config.verbose {
-                eprintln!(
-                    "glockd: a client kept sending with more than --max-unsent-bytes unread; \
-                     closing it"
-                );
-            }
-            return;
+            return Disconnect::UnsentLimit;
         }
         if !more && (eof || core.is_closing()) {
             if eof && buffers.input.pending() > 0 {
@@ -331,10 +455,15 @@ where
                     .is_err()
                     || session.flush(&mut buffers.out).await.is_err()
                 {
-                    return;
+                    return Disconnect::gone(core);
                 }
             }
-            return finish(&mut stream, &mut buffers, &limits).await;
+            finish(&mut stream, &mut buffers, &limits).await;
+            return if eof {
+                Disconnect::Eof
+            } else {
+                Disconnect::Shutdown
+            };
         }
 
         // While replies pile up, input is still read (up to the read-ahead) to see whether the
@@ -395,18 +524,15 @@ where
         .await;
         let event = match event {
             Ok(event) => event,
-            Err(_) => return, // reset, broken pipe…: the client is gone.
+            // Reset, broken pipe…: the client is gone.
+            Err(e) => return Disconnect::from_io(&e),
         };
         if event.stalled {
-            if core.server.config.verbose {
-                eprintln!(
-                    "glockd: a client did not read its replies for --write-timeout; closing it"
-                );
-            }
-            return;
+            return Disconnect::WriteTimeout;
         }
         if event.idle {
-            return finish(&mut stream, &mut buffers, &limits).await;
+            finish(&mut stream, &mut buffers, &limits).await;
+            return Disconnect::Idle;
         }
         if event.read {
             if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {

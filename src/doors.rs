@@ -200,7 +200,12 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
             Err(e) => {
                 // Out of file descriptors or memory, or a connection reset before we got to it:
                 // none is fatal. Back off so a persistent error does not spin the thread.
-                eprintln!("glockd: accept failed: {e}");
+                tracing::warn!(
+                    event = "accept_failed",
+                    error = %e,
+                    retry_ms = backoff.as_millis() as u64,
+                    "accept failed"
+                );
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -232,7 +237,11 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
                     .mailboxes
                     .post(target, ShardMsg::Conns(ConnMsg::Adopt(incoming)));
             }
-            Err(e) => eprintln!("glockd: could not hand over a connection: {e}"),
+            Err(e) => tracing::warn!(
+                event = "handover_failed",
+                error = %e,
+                "could not hand over a connection"
+            ),
         }
     }
 }
@@ -257,11 +266,11 @@ fn refuse(core: &ShardCore, accepted: Accepted) {
         }
         Accepted::Unix(stream) => {
             let _ = stream.try_write(protocol::TOO_MANY_CONNECTIONS);
-            "a unix socket client".to_owned()
+            "unix".to_owned()
         }
     };
     if core.server.config.verbose {
-        eprintln!("glockd: refused {who}: --max-connections reached");
+        tracing::info!(event = "refuse", conn = %who, reason = "max_connections");
     }
 }
 
@@ -278,7 +287,12 @@ pub fn tune_tcp(config: &Config, stream: &TcpStream, id: &str) {
             .with_retries(config.keepalive_count);
         let socket = socket2::SockRef::from(stream);
         if let Err(e) = socket.set_tcp_keepalive(&keepalive) {
-            eprintln!("glockd: could not enable keepalive for {id}: {e}");
+            tracing::warn!(
+                event = "keepalive_failed",
+                conn = %id,
+                error = %e,
+                "could not enable TCP keepalive"
+            );
         }
         // Keepalive only probes an idle connection; when a reply is in flight to a machine that
         // vanished, the kernel retransmits for many minutes instead. Give up on unacknowledged
@@ -289,7 +303,12 @@ pub fn tune_tcp(config: &Config, stream: &TcpStream, id: &str) {
             .saturating_mul(u64::from(config.keepalive_count));
         let give_up = config.keepalive_idle.saturating_add(give_up);
         if let Err(e) = socket.set_tcp_user_timeout(Some(Duration::from_secs(give_up))) {
-            eprintln!("glockd: could not set the TCP user timeout for {id}: {e}");
+            tracing::warn!(
+                event = "keepalive_failed",
+                conn = %id,
+                error = %e,
+                "could not set the TCP user timeout"
+            );
         }
     }
 }

@@ -116,6 +116,10 @@ impl Exporter {
                 "glockd_fencing_ceiling_write_errors_total",
                 "Ceiling writes that failed (each is retried; grants wait at the old ceiling)."
             );
+            describe_counter!(
+                "glockd_log_dropped_total",
+                "Log lines dropped because the log writer was behind (its queue was full)."
+            );
             describe_histogram!(
                 "glockd_command_duration_seconds",
                 Unit::Seconds,
@@ -166,6 +170,7 @@ impl Exporter {
             gauge!("glockd_fencing_ceiling").set(fencing.ceiling().unwrap_or(0) as f64);
             counter!("glockd_fencing_ceiling_writes_total").absolute(fencing.writes());
             counter!("glockd_fencing_ceiling_write_errors_total").absolute(fencing.write_errors());
+            counter!("glockd_log_dropped_total").absolute(crate::logging::dropped_lines());
             for (shard_index, cell) in stats.cells().enumerate() {
                 let shard = shard_index.to_string();
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "exclusive")
@@ -261,7 +266,11 @@ impl Endpoint {
                     let listener = match TcpListener::from_std(listener) {
                         Ok(listener) => listener,
                         Err(e) => {
-                            eprintln!("glockd: metrics endpoint failed: {e}");
+                            tracing::error!(
+                                event = "metrics_failed",
+                                error = %e,
+                                "metrics endpoint failed"
+                            );
                             return;
                         }
                     };

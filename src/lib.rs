@@ -30,16 +30,23 @@
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
 //! - [`exporter`]: the Prometheus `/metrics` endpoint.
 //! - [`pidfile`]: the flock'ed pidfile.
+//! - [`logging`]: log lines through a bounded queue and a writer thread of their own, so a
+//!   stuck stderr costs lines (counted), never service.
+//! - [`signals`]: what each signal does to a running server.
+//! - [`descriptors`]: the open-file limit, shared out between the server, a reserve and the
+//!   connections.
 //! - [`client`]: an async client, used by the tests and the tester's tests.
 
 pub mod client;
 pub mod config;
 mod connection;
+pub mod descriptors;
 pub mod doors;
 pub mod exporter;
 pub mod fencing;
 pub mod framer;
 pub mod lifecycle;
+pub mod logging;
 pub mod name;
 pub mod pidfile;
 pub mod protocol;
@@ -49,6 +56,7 @@ pub mod routing;
 pub mod server;
 mod session;
 pub mod shard;
+pub mod signals;
 pub mod stats;
 pub mod table;
 mod websocket;

@@ -142,7 +142,11 @@ pub fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
         }),
     };
     if let Err(e) = result {
-        eprintln!("glockd: could not adopt a connection: {e}");
+        tracing::warn!(
+            event = "adopt_failed",
+            error = %e,
+            "could not adopt a connection"
+        );
     }
 }
 
@@ -209,7 +213,7 @@ impl Presence {
             .verbose
             .then(|| Arc::<str>::from(id_text.as_str()));
         if let Some(label) = &label {
-            eprintln!("{label} connected");
+            tracing::info!(event = "connect", conn = %label);
         }
         server.registry.insert(conn, id_text);
         core.cell().connections_opened.add(1);
@@ -247,9 +251,6 @@ impl Drop for Presence {
         }
         self.core.cell().connections_closed.add(1);
         self.core.conns.closed();
-        if let Some(label) = &self.label {
-            eprintln!("{label} disconnected");
-        }
     }
 }
 

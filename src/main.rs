@@ -1,13 +1,26 @@
-//! The `glockd` binary: flags, pidfile, start, wait for a signal, shut down.
+//! The `glockd` binary: flags, pidfile, logging, descriptors, start, serve until a signal says
+//! otherwise.
+//!
+//! Errors that stop the server from starting go straight to stderr as one `glockd: …` line
+//! (nothing else is being served, so waiting on stderr costs nothing); everything else goes
+//! through the logger, which never makes the server wait.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use glockd::config::{COMMIT, VERSION};
+use glockd::descriptors::{self, Budget};
+use glockd::logging;
 use glockd::pidfile::Pidfile;
-use glockd::{Config, ServerHandle};
-use tokio::signal::unix::{signal, Signal, SignalKind};
+use glockd::signals::{Action, Signals};
+use glockd::{Config, Listeners, ServerHandle};
+use tracing::{info, warn};
+
+/// Exit status after SIGQUIT, or a second stopping signal during shutdown (128 + SIGINT, as a
+/// shell reports an interrupted program).
+const AT_ONCE: i32 = 130;
 
 fn main() -> ExitCode {
-    #[allow(unused_mut)] // only debug builds change it
     let mut config = Config::from_args();
     // Debug builds only: the binary's tests make ceiling writes slow to show that grants wait
     // for them. A release build never reads this variable.
@@ -20,12 +33,12 @@ fn main() -> ExitCode {
     }
     let pidfile = match config.pidfile.as_deref().map(Pidfile::acquire).transpose() {
         Ok(pidfile) => pidfile,
-        Err(e) => {
-            eprintln!("glockd: {e}");
-            return ExitCode::from(4);
-        }
+        Err(e) => return fail(4, &e),
     };
-    raise_open_file_limit(&config);
+    if let Err(e) = logging::start(config.log_format, config.log_file_path()) {
+        return fail(1, &e);
+    }
+    let fd_limit = raise_open_file_limit();
 
     // Signal handlers go in before anything is served, so a SIGTERM that arrives the moment
     // the server is up still shuts it down cleanly.
@@ -34,70 +47,94 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(runtime) => runtime,
-        Err(e) => {
-            eprintln!("glockd: cannot start: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(1, &format!("cannot start: {e}")),
     };
-    let signals = runtime.block_on(async {
-        Ok::<_, std::io::Error>((
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        ))
-    });
-    let (term, int) = match signals {
+    let mut signals = match runtime.block_on(async { Signals::install() }) {
         Ok(signals) => signals,
-        Err(e) => {
-            eprintln!("glockd: cannot install signal handlers: {e}");
-            return ExitCode::from(1);
-        }
+        Err(e) => return fail(1, &format!("cannot install signal handlers: {e}")),
     };
 
-    let shards = config.shard_count();
-    let durable_tokens = config.state_file_path().is_some();
-    let server = match glockd::start(config) {
-        Ok(server) => server,
-        Err(e) => {
-            eprintln!("glockd: cannot start: {e}");
-            return ExitCode::from(1);
-        }
+    let listeners = match Listeners::bind(&config) {
+        Ok(listeners) => listeners,
+        Err(e) => return fail(1, &format!("cannot start: {e}")),
     };
-    if !durable_tokens {
-        eprintln!(
-            "glockd: note: without -state-file, fencing tokens only increase while the system \
-             clock does (a restart with the clock set back hands out smaller ones)"
+    let budget = Budget::measure(fd_limit, &config);
+    if budget.connections == 0 {
+        return fail(
+            1,
+            &format!(
+                "cannot start: the open-file limit {} leaves no descriptor for connections \
+                 ({} open, {} for the server's threads, {} kept in reserve)",
+                budget.limit,
+                budget.in_use,
+                budget.server,
+                descriptors::RESERVE
+            ),
         );
     }
-    announce(&server, shards);
+    if budget.limited_by_descriptors() {
+        warn!(
+            event = "fd_limit",
+            fd_limit = budget.limit,
+            max_connections = budget.connections,
+            wanted = budget.wanted,
+            "the open-file limit allows fewer connections than -max-connections; serving at \
+             most max_connections at once, and the next client gets `0 Too Many Connections` \
+             (raise the limit, e.g. LimitNOFILE= in a systemd unit, to serve more)"
+        );
+    }
+    config.max_connections = budget.connections;
 
-    let clean = runtime.block_on(serve_until_signalled(server, term, int));
-    drop(pidfile);
-    if clean {
-        ExitCode::SUCCESS
-    } else {
-        // A second signal means "now": do not wait for the shards (dropping the runtime would
-        // wait for the shutdown still running on its blocking pool).
-        eprintln!("glockd: second signal; exiting at once");
-        std::process::exit(130);
+    let settings = config.clone();
+    let server = match glockd::start_with_listeners(config, listeners) {
+        Ok(server) => server,
+        Err(e) => return fail(1, &format!("cannot start: {e}")),
+    };
+    if settings.state_file_path().is_none() {
+        warn!(
+            event = "fencing",
+            "without -state-file, fencing tokens only increase while the system clock does (a \
+             restart with the clock set back hands out smaller ones)"
+        );
+    }
+    announce(&server, &settings, &budget);
+
+    let exit = Exit {
+        pidfile,
+        unix: server.unix_path().map(|p| p.to_owned()),
+    };
+    runtime.block_on(serve_until_signalled(server, &mut signals, exit))
+}
+
+/// The exit after a start-up error: the logger's lines first (bounded), then one line straight
+/// to stderr.
+fn fail(status: u8, error: &dyn std::fmt::Display) -> ExitCode {
+    logging::finish(logging::FINISH_WITHIN);
+    eprintln!("glockd: {error}");
+    ExitCode::from(status)
+}
+
+/// Every connection is a file descriptor: raise the soft limit to the hard one, as Redis does.
+/// Returns the limit in force.
+fn raise_open_file_limit() -> u64 {
+    match descriptors::raise_limit() {
+        Ok(limit) => limit,
+        Err(e) => {
+            let (soft, _) = rlimit::getrlimit(rlimit::Resource::NOFILE).unwrap_or((1024, 1024));
+            warn!(
+                event = "fd_limit",
+                fd_limit = soft,
+                error = %e,
+                "could not raise the open-file limit"
+            );
+            soft
+        }
     }
 }
 
-/// Every connection is a file descriptor: raise the soft limit to the hard one, as Redis does,
-/// and say so if that still cannot hold --max-connections.
-fn raise_open_file_limit(config: &Config) {
-    match rlimit::increase_nofile_limit(u64::MAX) {
-        Ok(limit) if limit < config.max_connections + 32 => eprintln!(
-            "glockd: warning: open-file limit is {limit}, below --max-connections {}; \
-             connections past it will be refused by the OS",
-            config.max_connections
-        ),
-        Ok(_) => {}
-        Err(e) => eprintln!("glockd: warning: could not raise the open-file limit: {e}"),
-    }
-}
-
-/// One line on stderr saying where the server listens (tests and scripts wait for it).
-fn announce(server: &ServerHandle, shards: usize) {
+/// One line saying what runs where and under which limits (tests and scripts wait for its
+/// `listening on`).
+fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
     let mut doors = Vec::new();
     if let Some(addr) = server.tcp_addr() {
         doors.push(format!("tcp {addr}"));
@@ -106,32 +143,142 @@ fn announce(server: &ServerHandle, shards: usize) {
         doors.push(format!("ws {addr}"));
     }
     if let Some(path) = server.unix_path() {
-        doors.push(format!("unix {}", path.display()));
+        // Quoted and escaped: a path may hold any byte.
+        doors.push(format!("unix {path:?}"));
     }
     if let Some(addr) = server.metrics_addr() {
         doors.push(format!("metrics http://{addr}/metrics"));
     }
     if doors.is_empty() {
-        eprintln!("glockd: warning: every door is disabled (-port=0 -ws=0, no -unix)");
+        warn!(
+            event = "no_doors",
+            "every door is disabled (-port=0 -ws=0, no -unix)"
+        );
     }
-    eprintln!(
-        "glockd: listening on {} with {shards} shards",
+    info!(
+        event = "start",
+        version = %VERSION,
+        commit = %COMMIT,
+        shards = config.shard_count(),
+        fd_limit = budget.limit,
+        fd_reserve = descriptors::RESERVE,
+        max_connections = config.max_connections,
+        max_line_bytes = config.max_line_bytes,
+        max_unsent_bytes = config.max_unsent_bytes,
+        max_name_bytes = config.max_name_bytes,
+        max_locks_per_conn = config.max_locks_per_conn,
+        max_wait_ms = config.max_wait_ms,
+        write_timeout = config.write_timeout,
+        idle_timeout = config.idle_timeout,
+        keepalive_idle = config.keepalive_idle,
+        keepalive_interval = config.keepalive_interval,
+        keepalive_count = config.keepalive_count,
+        shutdown_timeout = config.shutdown_timeout,
+        verbose = config.verbose,
+        "listening on {}",
         doors.join(", ")
     );
 }
 
-/// Waits for SIGTERM or SIGINT, then shuts down gracefully; true unless a second signal cut
-/// the shutdown short.
-async fn serve_until_signalled(server: ServerHandle, mut term: Signal, mut int: Signal) -> bool {
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// What must not be left behind however the process ends: the pidfile and the unix socket.
+struct Exit {
+    pidfile: Option<Pidfile>,
+    unix: Option<PathBuf>,
+}
+
+impl Exit {
+    /// Ends the process now, without waiting for connections (their locks go with it).
+    fn now(self, status: i32) -> ! {
+        if let Some(path) = &self.unix {
+            glockd::doors::remove_unix(path);
+        }
+        drop(self.pidfile);
+        logging::finish(logging::FINISH_WITHIN);
+        std::process::exit(status)
     }
-    eprintln!("glockd: shutting down");
+
+    /// Ends the process after a clean shutdown (the server already removed its socket).
+    fn clean(self) -> ExitCode {
+        drop(self.pidfile);
+        logging::finish(logging::FINISH_WITHIN);
+        ExitCode::SUCCESS
+    }
+}
+
+/// Serves until a signal says stop (see [`glockd::signals`]), then shuts down gracefully, or at
+/// once on SIGQUIT or a second stopping signal.
+async fn serve_until_signalled(
+    server: ServerHandle,
+    signals: &mut Signals,
+    exit: Exit,
+) -> ExitCode {
+    let stopped_by = loop {
+        let (name, action) = signals.recv().await;
+        match action {
+            Action::Shutdown => break name,
+            Action::Quit => {
+                warn!(
+                    event = "quit",
+                    signal = %name,
+                    "exiting at once, without draining connections"
+                );
+                exit.now(AT_ONCE);
+            }
+            Action::Status => log_status(name, Some(&server)),
+            action => on_signal(name, action),
+        }
+    };
+    info!(event = "shutdown", signal = %stopped_by, "shutting down");
     let stopping = tokio::task::spawn_blocking(move || server.shutdown());
-    tokio::select! {
-        _ = stopping => true,
-        _ = term.recv() => false,
-        _ = int.recv() => false,
+    tokio::pin!(stopping);
+    loop {
+        tokio::select! {
+            _ = &mut stopping => return exit.clean(),
+            (name, action) = signals.recv() => match action {
+                Action::Shutdown | Action::Quit => {
+                    // A second signal means "now": do not wait for the shards (returning would
+                    // wait for the shutdown still running on the blocking pool).
+                    warn!(event = "quit", signal = %name, "second signal; exiting at once");
+                    exit.now(AT_ONCE);
+                }
+                Action::Status => log_status(name, None),
+                action => on_signal(name, action),
+            }
+        }
     }
+}
+
+/// The signals that neither stop the server nor ask for its status.
+fn on_signal(name: &'static str, action: Action) {
+    match action {
+        Action::Reload => {
+            let log_file = logging::reopen();
+            info!(event = "reload", signal = %name, log_file, "reloaded");
+        }
+        Action::Ignore => info!(event = "signal", signal = %name, "ignored"),
+        _ => {}
+    }
+}
+
+/// SIGUSR1: one line with the numbers an operator checks first.
+fn log_status(name: &'static str, server: Option<&ServerHandle>) {
+    let Some(server) = server else {
+        info!(event = "status", signal = %name, "shutting down");
+        return;
+    };
+    let stats = server.stats();
+    info!(
+        event = "status",
+        signal = %name,
+        connections = stats.connections,
+        connections_total = stats.connections_total,
+        locks = stats.locks,
+        shared_locks = stats.shared_locks,
+        orphans = stats.orphans,
+        shared_orphans = stats.shared_orphans,
+        lock_waiters = stats.lock_waiters,
+        invalid_commands = stats.invalid_commands,
+        log_dropped = logging::dropped_lines(),
+        fds_open = descriptors::open_now().unwrap_or(0),
+    );
 }

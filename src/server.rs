@@ -270,9 +270,11 @@ fn run_shard(
 ) {
     if let Some(core_id) = core_id {
         if !core_affinity::set_for_current(core_id) {
-            eprintln!(
-                "glockd: warning: could not pin shard {id} to core {}; running unpinned",
-                core_id.id
+            tracing::warn!(
+                event = "pin_failed",
+                shard = id,
+                core = core_id.id,
+                "could not pin a shard thread to its core; running unpinned"
             );
         }
     }

@@ -395,9 +395,10 @@ impl Session {
             Request::Iam(name) => {
                 server.registry.set_name(conn, name.as_bytes());
                 if let Some(label) = &self.presence.label {
-                    eprintln!(
-                        "{label} changed their name to '{}'",
-                        String::from_utf8_lossy(name.as_bytes())
+                    tracing::info!(
+                        event = "iam",
+                        conn = %label,
+                        name = crate::logging::printable(name.as_bytes()).as_ref()
                     );
                 }
                 Reply::RegisteredName.write_to(out);

@@ -19,10 +19,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
+use crate::connection::{Disconnect, Farewell};
 use crate::framer::LineFramer;
 use crate::lifecycle::Admission;
 use crate::protocol;
-use crate::routing::Gone;
 use crate::session::{PeerWatch, Session, Step};
 use crate::shard::ShardCore;
 
@@ -85,15 +85,48 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             if config.verbose {
-                eprintln!("glockd: websocket handshake with {id} failed: {e}");
+                tracing::info!(
+                    event = "handshake_failed",
+                    conn = %id,
+                    error = %e
+                );
             }
             return;
         }
-        Err(_) => return,
+        Err(_) => {
+            if config.verbose {
+                tracing::info!(event = "handshake_failed", conn = %id, error = "timed out");
+            }
+            return;
+        }
     };
+    let farewell = Farewell::new(&core, &id);
+    let mut session = Session::new(core.clone(), id, admission);
+    let reason = run(&core, &mut ws, &mut session).await;
+    // Said before the session goes (and with it the connection's locks), so the disconnect
+    // line comes before the orphan lines.
+    farewell.say(reason);
+    // A clean ending gets a close frame; a broken or stalled connection would not take it.
+    let clean = matches!(
+        reason,
+        Disconnect::Eof | Disconnect::Idle | Disconnect::LineTooLong | Disconnect::Shutdown
+    );
+    if clean {
+        let close = ws.close(None);
+        let _ =
+            tokio::time::timeout(limits.write_timeout.unwrap_or(HANDSHAKE_TIMEOUT), close).await;
+    }
+}
+
+/// Runs a websocket connection's messages until it ends, and says why.
+async fn run(
+    core: &Rc<ShardCore>,
+    ws: &mut WebSocketStream<TcpStream>,
+    session: &mut Session,
+) -> Disconnect {
+    let limits = core.server.config.conn_limits();
     let write_timeout = limits.write_timeout;
     let idle_timeout = limits.idle_timeout;
-    let mut session = Session::new(core.clone(), id, admission);
     // A message is bounded by the library at --max-line-bytes, and ends its last line as end
     // of input would (one more byte for the newline added then).
     let mut lines = LineFramer::new(limits.max_line.saturating_add(1));
@@ -103,35 +136,36 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     let mut stash = VecDeque::new();
     loop {
         if core.is_closing() {
-            break;
+            return Disconnect::Shutdown;
         }
         let stashed = stash.pop_front();
         let next = async {
             if let Some(message) = stashed {
-                return Some(Ok(message));
+                return Ok(Some(Ok(message)));
             }
             match idle_timeout {
-                Some(limit) => tokio::time::timeout(limit, ws.next()).await.ok().flatten(),
-                None => ws.next().await,
+                Some(limit) => tokio::time::timeout(limit, ws.next()).await,
+                None => Ok(ws.next().await),
             }
         };
         let message = tokio::select! {
             message = next => message,
-            _ = core.conns.closing() => break,
+            _ = core.conns.closing() => return Disconnect::Shutdown,
         };
         let data = match message {
-            Some(Ok(Message::Text(text))) => bytes::Bytes::from(text),
-            Some(Ok(Message::Binary(data))) => data,
+            Err(_) => return Disconnect::Idle,
+            Ok(Some(Ok(Message::Text(text)))) => bytes::Bytes::from(text),
+            Ok(Some(Ok(Message::Binary(data)))) => data,
             // Pings are answered by the library with the next write or read.
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
-            Some(Ok(Message::Close(_))) | None => break,
-            Some(Err(WsError::Capacity(_))) => {
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_)))) => continue,
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return Disconnect::Eof,
+            Ok(Some(Err(WsError::Capacity(_)))) => {
                 session.core().cell().invalid_commands.add(1);
                 let reply = Message::binary(protocol::LINE_TOO_LONG);
-                let _ = send(&mut ws, reply, write_timeout).await;
-                break;
+                let _ = send(ws, reply, write_timeout).await;
+                return Disconnect::LineTooLong;
             }
-            Some(Err(_)) => return,
+            Ok(Some(Err(e))) => return ended_by(&e),
         };
         let started = session.measures_latency().then(std::time::Instant::now);
         lines.extend(&data);
@@ -148,13 +182,13 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             if let Step::Later(request) = session.step(line, &mut out) {
                 if matches!(request, protocol::Request::Wait { .. }) {
                     // The replies before a wait go out before it waits, not after.
-                    if flush(&mut ws, write_timeout).await.is_err() {
-                        return;
+                    if let Err(reason) = flush(ws, write_timeout).await {
+                        return reason;
                     }
                     unflushed = 0;
                 }
                 let mut watch = WsWatch {
-                    ws: &mut ws,
+                    ws: &mut *ws,
                     stash: &mut stash,
                 };
                 if session
@@ -162,11 +196,11 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
                     .await
                     .is_err()
                 {
-                    return;
+                    return Disconnect::gone(core);
                 }
             }
             if session.flush(&mut out).await.is_err() {
-                return;
+                return Disconnect::gone(core);
             }
             unflushed += out.len();
             let reply = match std::str::from_utf8(&out) {
@@ -175,19 +209,20 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
                 Err(_) => Message::binary(out.clone()),
             };
             let fed = match write_timeout {
-                Some(limit) => tokio::time::timeout(limit, ws.feed(reply))
-                    .await
-                    .unwrap_or(Err(WsError::ConnectionClosed)),
+                Some(limit) => match tokio::time::timeout(limit, ws.feed(reply)).await {
+                    Ok(fed) => fed,
+                    // A reader stalled for --write-timeout.
+                    Err(_) => return Disconnect::WriteTimeout,
+                },
                 None => ws.feed(reply).await,
             };
-            if fed.is_err() {
-                // A reader stalled for --write-timeout, or the peer is gone.
-                return;
+            if let Err(e) = fed {
+                return ended_by(&e);
             }
             if unflushed > limits.max_unsent {
                 // Replies piled up: the client gets them at its pace before any more run.
-                if flush(&mut ws, write_timeout).await.is_err() {
-                    return;
+                if let Err(reason) = flush(ws, write_timeout).await {
+                    return reason;
                 }
                 unflushed = 0;
             }
@@ -197,13 +232,11 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
         if let Some(started) = started {
             session.record_latency(started.elapsed());
         }
-        if flush(&mut ws, write_timeout).await.is_err() {
-            return;
+        if let Err(reason) = flush(ws, write_timeout).await {
+            return reason;
         }
         unflushed = 0;
     }
-    let close = ws.close(None);
-    let _ = tokio::time::timeout(write_timeout.unwrap_or(HANDSHAKE_TIMEOUT), close).await;
 }
 
 /// Whether the request's `Origin` is allowed. Browsers always send one; a request without it
@@ -227,22 +260,37 @@ fn forbidden() -> ErrorResponse {
     response
 }
 
-/// Sends what is buffered, within the write timeout; `Gone` if the peer does not take it.
-async fn flush(ws: &mut WebSocketStream<TcpStream>, limit: Option<Duration>) -> Result<(), Gone> {
-    match limit {
-        Some(limit) => match tokio::time::timeout(limit, ws.flush()).await {
-            Ok(Ok(())) => Ok(()),
-            _ => Err(Gone),
-        },
-        None => ws.flush().await.map_err(|_| Gone),
+/// Why the connection ends after a websocket error.
+fn ended_by(error: &WsError) -> Disconnect {
+    match error {
+        WsError::Io(e) => Disconnect::from_io(e),
+        WsError::ConnectionClosed | WsError::AlreadyClosed => Disconnect::Eof,
+        // A protocol violation, bad UTF-8 in a text message…: the client broke the rules.
+        _ => Disconnect::Error(std::io::ErrorKind::InvalidData),
     }
+}
+
+/// Sends what is buffered, within the write timeout; why the connection ends if the peer does
+/// not take it.
+async fn flush(
+    ws: &mut WebSocketStream<TcpStream>,
+    limit: Option<Duration>,
+) -> Result<(), Disconnect> {
+    let flushed = match limit {
+        Some(limit) => match tokio::time::timeout(limit, ws.flush()).await {
+            Ok(flushed) => flushed,
+            Err(_) => return Err(Disconnect::WriteTimeout),
+        },
+        None => ws.flush().await,
+    };
+    flushed.map_err(|e| ended_by(&e))
 }
 
 async fn send(
     ws: &mut WebSocketStream<TcpStream>,
     message: Message,
     limit: Option<Duration>,
-) -> Result<(), Gone> {
-    ws.feed(message).await.map_err(|_| Gone)?;
+) -> Result<(), Disconnect> {
+    ws.feed(message).await.map_err(|e| ended_by(&e))?;
     flush(ws, limit).await
 }

@@ -132,6 +132,8 @@ fn help_lists_the_flags() {
         "--pin",
         "--state-file",
         "--token-reserve-ms",
+        "--log-format",
+        "--log-file",
     ] {
         assert!(
             text.contains(flag),
@@ -140,6 +142,23 @@ fn help_lists_the_flags() {
     }
     let go_style = Command::new(BIN).arg("-help").output().expect("run");
     assert!(go_style.status.success());
+}
+
+#[test]
+fn version_names_the_release_and_the_commit() {
+    for flag in ["--version", "-version"] {
+        let out = Command::new(BIN).arg(flag).output().expect("run");
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        let expected = format!("glockd {} (commit ", env!("CARGO_PKG_VERSION"));
+        assert!(text.starts_with(&expected), "{text}");
+        let commit = text.trim_end().trim_start_matches(&expected);
+        let commit = commit.strip_suffix(')').expect("closing parenthesis");
+        assert!(
+            commit == "unknown" || commit.chars().all(|c| c.is_ascii_hexdigit()),
+            "{text}"
+        );
+    }
 }
 
 #[test]

@@ -339,8 +339,10 @@ impl Fencing {
             let pause = match self.renew_if_due() {
                 Ok(wrote) => {
                     if failures > 0 && wrote {
-                        eprintln!(
-                            "glockd: the fencing token ceiling is saved again (after {failures} failed writes)"
+                        tracing::info!(
+                            event = "ceiling_saved",
+                            failures,
+                            "the fencing token ceiling is saved again"
                         );
                         failures = 0;
                     }
@@ -348,8 +350,10 @@ impl Fencing {
                 }
                 Err(e) => {
                     if failures == 0 {
-                        eprintln!(
-                            "glockd: error: {e}; retrying, and exclusive grants wait at the current ceiling until a write succeeds"
+                        tracing::error!(
+                            event = "ceiling_write_failed",
+                            error = %e,
+                            "retrying, and exclusive grants wait at the current ceiling until a write succeeds"
                         );
                     }
                     failures = failures.saturating_add(1);

@@ -229,9 +229,10 @@ impl ShardCore {
         let (orphaned, done) = self.with_table(|table| {
             table.orphan_some(conn, ORPHAN_SLICE, |name| {
                 if let Some(label) = label {
-                    eprintln!(
-                        "{label} orphaned lock {}",
-                        String::from_utf8_lossy(name.as_bytes())
+                    tracing::info!(
+                        event = "orphan",
+                        conn = %label,
+                        name = crate::logging::printable(name.as_bytes()).as_ref()
                     );
                 }
             })
@@ -241,7 +242,7 @@ impl ShardCore {
         cell.shared_orphans.add(orphaned.shared);
         if let Some(label) = label {
             if orphaned.shared > 0 {
-                eprintln!("{label} orphaned {} shared locks", orphaned.shared);
+                tracing::info!(event = "orphan", conn = %label, shared = orphaned.shared);
             }
         }
         done
@@ -444,7 +445,7 @@ struct AbortOnPanic;
 
 impl Drop for AbortOnPanic {
     fn drop(&mut self) {
-        eprintln!("glockd: a lock table operation panicked; aborting");
+        crate::logging::fatal("a lock table operation panicked; aborting");
         std::process::abort();
     }
 }

@@ -273,8 +273,21 @@ impl Config {
         Ok(config)
     }
 
-    /// What no one flag's range can check: the keepalive flags' sum, when keepalive is on.
+    /// What no one flag's range can check: the shard ports' last port, and the keepalive
+    /// flags' sum, when keepalive is on.
     fn check_together(&self) -> Result<(), clap::Error> {
+        let last_shard_port = usize::from(self.shard_port) + self.shard_count() - 1;
+        if self.shard_port != 0 && last_shard_port > usize::from(u16::MAX) {
+            return Err(Config::command().error(
+                clap::error::ErrorKind::ValueValidation,
+                format!(
+                    "--shard-port {} with {} shards needs ports up to {last_shard_port}, past \
+                     65535",
+                    self.shard_port,
+                    self.shard_count()
+                ),
+            ));
+        }
         if self.keepalive_idle == 0 {
             return Ok(());
         }

@@ -65,6 +65,8 @@ pub(crate) enum Disconnect {
     UnsentLimit,
     /// A line (or websocket message) was longer than `--max-line-bytes`.
     LineTooLong,
+    /// A websocket text message was not UTF-8 (the protocol requires it of text messages).
+    BadText,
     /// The server is shutting down.
     Shutdown,
     /// Serving it panicked (a bug; logged with the panic).
@@ -83,6 +85,7 @@ impl Disconnect {
             Disconnect::WriteTimeout => "write_timeout",
             Disconnect::UnsentLimit => "unsent_limit",
             Disconnect::LineTooLong => "line_too_long",
+            Disconnect::BadText => "bad_text",
             Disconnect::Shutdown => "shutdown",
             Disconnect::Panic => "panic",
         }

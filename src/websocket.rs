@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::connection::{Disconnect, Farewell};
-use crate::framer::LineFramer;
+use crate::framer::{LineFramer, LineTooLong};
 use crate::lifecycle::Admission;
 use crate::protocol;
 use crate::session::{PeerWatch, Session, Step};
@@ -65,10 +65,13 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     // Replies are flushed, at the client's pace, whenever more than --max-unsent-bytes of them
     // are buffered (and after every message), so the library's own cap on its write buffer
     // would only refuse a listing bigger than that: leave it unbounded. (It must also exceed
-    // the library's write buffer size, or every connection panics.)
+    // the library's write buffer size, or every connection panics.) A message may carry many
+    // commands, each line bounded by --max-line-bytes as over TCP; the message as a whole by
+    // the larger of that and --max-unsent-bytes.
+    let max_message = limits.max_line.max(limits.max_unsent);
     let ws_config = WebSocketConfig::default()
-        .max_message_size(Some(limits.max_line))
-        .max_frame_size(Some(limits.max_line))
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
         .max_write_buffer_size(usize::MAX);
     let allowed: Vec<String> = config.allowed_origins().map(str::to_owned).collect();
     // The error type is the handshake library's own HTTP response; its size is not ours to
@@ -109,7 +112,11 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     // A clean ending gets a close frame; a broken or stalled connection would not take it.
     let clean = matches!(
         reason,
-        Disconnect::Eof | Disconnect::Idle | Disconnect::LineTooLong | Disconnect::Shutdown
+        Disconnect::Eof
+            | Disconnect::Idle
+            | Disconnect::LineTooLong
+            | Disconnect::BadText
+            | Disconnect::Shutdown
     );
     if clean {
         let close = ws.close(None);
@@ -127,8 +134,8 @@ async fn run(
     let limits = core.server.config.conn_limits();
     let write_timeout = limits.write_timeout;
     let idle_timeout = limits.idle_timeout;
-    // A message is bounded by the library at --max-line-bytes, and ends its last line as end
-    // of input would (one more byte for the newline added then).
+    // Each line of a message is bounded as over TCP; a message ends its last line as end of
+    // input would (one more byte for the newline added then).
     let mut lines = LineFramer::new(limits.max_line.saturating_add(1));
     let mut out = Vec::new();
     // Reply bytes handed to the library since it last flushed them to the client.
@@ -165,6 +172,12 @@ async fn run(
                 let _ = send(ws, reply, write_timeout).await;
                 return Disconnect::LineTooLong;
             }
+            Ok(Some(Err(WsError::Utf8(_)))) => {
+                session.core().cell().invalid_commands.add(1);
+                let reply = Message::binary(protocol::TEXT_NOT_UTF8);
+                let _ = send(ws, reply, write_timeout).await;
+                return Disconnect::BadText;
+            }
             Ok(Some(Err(e))) => return ended_by(&e),
         };
         let started = session.measures_latency().then(std::time::Instant::now);
@@ -172,9 +185,18 @@ async fn run(
         if !data.ends_with(b"\n") {
             lines.extend(b"\n");
         }
-        // Bounded above (the message limit), so this cannot fail; if it did, it would be the
-        // refusal a too-long message gets.
-        while let Ok(Some(line)) = lines.next_line() {
+        loop {
+            let line = match lines.next_line() {
+                Ok(Some(line)) => line,
+                Ok(None) => break,
+                Err(LineTooLong) => {
+                    // The lines before it were answered; refuse this one and close, as over TCP.
+                    session.core().cell().invalid_commands.add(1);
+                    let reply = Message::binary(protocol::LINE_TOO_LONG);
+                    let _ = send(ws, reply, write_timeout).await;
+                    return Disconnect::LineTooLong;
+                }
+            };
             if protocol::trim(line).is_empty() {
                 continue; // a blank line gets nothing, as over TCP
             }

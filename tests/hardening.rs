@@ -131,7 +131,39 @@ async fn framed_replies_count_their_lines(setup: Setup) {
     client.check("framed\nd\n", "1 Framed\n0 disabled\n").await;
 }
 
+async fn many_short_lines_in_one_write_or_message_are_each_answered(setup: Setup) {
+    // Every line is short; together they are far over the line limit (over a websocket: one
+    // message of them, which the line limit does not bound).
+    let server = TestServer::start_with(setup, |c| c.max_line_bytes = 64);
+    let mut client = server.connect().await;
+    client.check("g mine\n", "1 Got Lock\n").await;
+    client
+        .check(&"i x\n".repeat(500), &"0 Not Locked\n".repeat(500))
+        .await;
+    client.check("i mine\n", "1 Locked\n").await;
+}
+
+async fn q_right_after_a_hand_off_counts_the_orphan(setup: Setup) {
+    let server = TestServer::start(setup);
+    let mut waiter = server.connect().await;
+    for i in 1..=100u64 {
+        let mut holder = server.connect().await;
+        holder.check(&format!("g k{i}\n"), "1 Got Lock\n").await;
+        waiter.send(format!("gw 5000 k{i}\nq\n")).await;
+        // The holder leaves; its lock goes to the waiter, whose `q` must count the orphan.
+        drop(holder);
+        waiter.expect("1 Got Lock\n").await;
+        let stats = waiter.read_stats().await;
+        assert_eq!(stats["orphans"], i, "after hand-off {i}");
+        waiter
+            .check(&format!("r k{i}\n"), "1 Released Lock\n")
+            .await;
+    }
+}
+
 for_each_transport!(
+    many_short_lines_in_one_write_or_message_are_each_answered,
+    q_right_after_a_hand_off_counts_the_orphan,
     framed_replies_count_their_lines,
     a_listing_bigger_than_the_unsent_limit_is_served_with_what_follows_it,
     q_right_after_a_wait_counts_it,

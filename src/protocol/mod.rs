@@ -18,7 +18,7 @@ mod verb;
 
 pub use reply::{
     write_framed, write_go_map, write_rows, write_shards, Reply, LINE_TOO_LONG, ROUTING,
-    TOO_MANY_CONNECTIONS,
+    TEXT_NOT_UTF8, TOO_MANY_CONNECTIONS,
 };
 pub use request::{
     parse, parse_rate_limit, split_number, ListKind, LockKind, LockOp, RateParams, Request,

@@ -123,6 +123,11 @@ fn write_count(out: &mut Vec<u8>, n: u64, text: &[u8]) {
 /// The reply line for a line longer than the configured limit (the connection is then closed).
 pub const LINE_TOO_LONG: &[u8] = b"0 Line Too Long\n";
 
+/// The one line a websocket client gets for a text message that is not UTF-8 before the
+/// connection is closed (the websocket protocol requires text messages to be UTF-8; names that
+/// are not go in binary messages).
+pub const TEXT_NOT_UTF8: &[u8] = b"0 Text Message Not UTF-8\n";
+
 /// The one line a connection over `--max-connections` gets before it is closed.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";
 

@@ -226,8 +226,9 @@ impl ShardCore {
 
     /// Releases up to one slice of what `conn` held in this shard; true when nothing is left.
     fn orphan_slice(&self, conn: ConnId, label: Option<&str>) -> bool {
+        let cell = self.cell();
         let (orphaned, done) = self.with_table(|table| {
-            table.orphan_some(conn, ORPHAN_SLICE, |name| {
+            let (orphaned, done) = table.orphan_some(conn, ORPHAN_SLICE, |name| {
                 if let Some(label) = label {
                     tracing::info!(
                         event = "orphan",
@@ -235,11 +236,13 @@ impl ShardCore {
                         name = crate::logging::printable(name.as_bytes()).as_ref()
                     );
                 }
-            })
+            });
+            // Counted inside the change, so a waiter handed one of these locks, and told so
+            // once the change is published, sees the orphan counted in its next `q`.
+            cell.orphans.add(orphaned.exclusive);
+            cell.shared_orphans.add(orphaned.shared);
+            (orphaned, done)
         });
-        let cell = self.cell();
-        cell.orphans.add(orphaned.exclusive);
-        cell.shared_orphans.add(orphaned.shared);
         if let Some(label) = label {
             if orphaned.shared > 0 {
                 tracing::info!(event = "orphan", conn = %label, shared = orphaned.shared);

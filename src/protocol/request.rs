@@ -236,6 +236,7 @@ impl Request {
 }
 
 /// Parses one line (without its `\n`; a trailing `\r` is trimmed like any whitespace).
+#[inline]
 pub fn parse(line: &[u8]) -> Request {
     let line = trim(line);
     if line.is_empty() {
@@ -248,21 +249,51 @@ pub fn parse(line: &[u8]) -> Request {
     let Some(verb) = Verb::from_word(word) else {
         return Request::Invalid;
     };
-    let lock = |op| Request::Lock {
-        op,
-        name: normalise(rest),
-    };
+    // The hot path, kept small enough to inline: a plain lock command is its operation and a
+    // name. Everything else is parsed out of line.
+    match plain_lock_op(verb) {
+        Some(op) => Request::Lock {
+            op,
+            name: normalise(rest),
+        },
+        None => parse_other(verb, rest),
+    }
+}
+
+/// The operation of a lock command that takes nothing but a name.
+#[inline]
+fn plain_lock_op(verb: Verb) -> Option<LockOp> {
+    Some(match verb {
+        Verb::Get => LockOp::Get,
+        Verb::Release => LockOp::Release,
+        Verb::Inspect => LockOp::Inspect,
+        Verb::SharedGet => LockOp::SharedGet,
+        Verb::SharedRelease => LockOp::SharedRelease,
+        Verb::SharedInspect => LockOp::SharedInspect,
+        Verb::GetToken => LockOp::GetToken,
+        Verb::Token => LockOp::Token,
+        _ => return None,
+    })
+}
+
+/// The commands that are not a plain operation on one name: numbers, listings, the registry.
+#[inline(never)]
+fn parse_other(verb: Verb, rest: &[u8]) -> Request {
     let optional = || Some(normalise(rest)).filter(|name| !name.is_empty());
     let locks = |kind, raw| ListKind::Locks { kind, raw };
     match verb {
-        Verb::Get => lock(LockOp::Get),
-        Verb::Release => lock(LockOp::Release),
-        Verb::Inspect => lock(LockOp::Inspect),
-        Verb::SharedGet => lock(LockOp::SharedGet),
-        Verb::SharedRelease => lock(LockOp::SharedRelease),
-        Verb::SharedInspect => lock(LockOp::SharedInspect),
-        Verb::GetToken => lock(LockOp::GetToken),
-        Verb::Token => lock(LockOp::Token),
+        // `parse` took these.
+        Verb::Get
+        | Verb::Release
+        | Verb::Inspect
+        | Verb::SharedGet
+        | Verb::SharedRelease
+        | Verb::SharedInspect
+        | Verb::GetToken
+        | Verb::Token => Request::Lock {
+            op: plain_lock_op(verb).unwrap_or(LockOp::Inspect),
+            name: normalise(rest),
+        },
         Verb::SharedGetLimit => parse_numbers_then_name(rest, 1)
             .and_then(|([limit, ..], name)| {
                 let limit = u32::try_from(limit).ok()?;

@@ -96,6 +96,35 @@ async fn registered_names_are_bounded(setup: Setup) {
         .await;
 }
 
+async fn a_name_in_the_form_of_a_connection_id_is_refused(setup: Setup) {
+    let server = TestServer::start_with(setup, |c| c.dump = true);
+    let mut victim = server.connect().await;
+    let victim_id = victim.id();
+    let mut client = server.connect().await;
+    client.check("iam honest\n", "1 ok\n").await;
+    for id in [
+        victim_id.as_str(),
+        "127.0.0.1:59210",
+        "[::1]:5000",
+        "::1:5000",
+        "unix:1",
+    ] {
+        client
+            .check(&format!("iam {id}\n"), "0 Name Looks Like An Id\n")
+            .await;
+    }
+    // The refusal left the earlier name in place, and listings show it, not the victim's id.
+    client.check("g mine\n", "1 Got Lock\n").await;
+    client.check("d mine\n", "mine: honest\n").await;
+    client
+        .check("me\n", &format!("1 {} honest\n", client.id()))
+        .await;
+    // Names that merely contain a colon or an address are still fine.
+    client.check("iam host.example:80\n", "1 ok\n").await;
+    client.check("iam 127.0.0.1\n", "1 ok\n").await;
+    victim.check("i mine\n", "1 Locked\n").await;
+}
+
 async fn framed_replies_count_their_lines(setup: Setup) {
     let server = TestServer::start_with(setup, |c| c.dump = true);
     let mut client = server.connect().await;
@@ -137,6 +166,7 @@ for_each_transport!(
     q_right_after_a_wait_counts_it,
     replies_before_a_wait_are_sent_before_it_waits,
     registered_names_are_bounded,
+    a_name_in_the_form_of_a_connection_id_is_refused,
 );
 
 /// How a byte stream's over-long line is refused (a websocket message is bounded by the

@@ -54,6 +54,11 @@ pub const MAX_KEEPALIVE_COUNT: u32 = 127;
 /// the server gives up on unacknowledged data after that long (`TCP_USER_TIMEOUT`), which
 /// Linux takes in milliseconds as a C `int`, so 2^31 - 1 ms (about 24.8 days) at most.
 pub const MAX_KEEPALIVE_GIVE_UP_SECS: u64 = i32::MAX as u64 / 1000;
+/// `--line-timeout`: at most a day; a line still unfinished after that is not coming.
+pub const MAX_LINE_TIMEOUT_SECS: u64 = 24 * 60 * 60;
+/// `--ws-handshake-timeout`: at least a second, at most five minutes (a handshake is one
+/// request and one response).
+pub const MAX_HANDSHAKE_SECS: u64 = 300;
 /// `--shards`: one thread each; more than this is a mistake, not a configuration.
 pub const MAX_SHARDS: u16 = 1024;
 
@@ -192,6 +197,20 @@ pub struct Config {
     #[arg(long, default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     pub idle_timeout: u64,
+
+    /// Seconds an unfinished line (bytes without a newline) may wait for the rest before the
+    /// connection is closed (its locks orphaned); 0 turns this off. A client that dribbles a
+    /// line, or sends a huge one and stops, holds its buffer no longer than this. TCP and unix
+    /// sockets; a websocket message arrives whole.
+    #[arg(long, default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_LINE_TIMEOUT_SECS))]
+    pub line_timeout: u64,
+
+    /// Seconds a websocket client may take to finish its opening handshake; until then it holds
+    /// a connection place without being a client.
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_HANDSHAKE_SECS))]
+    pub ws_handshake_timeout: u64,
 
     /// TCP keepalive: seconds of silence before the first probe; 0 turns keepalive off. With
     /// the interval and count below, a holder whose machine vanished is found and its locks
@@ -339,6 +358,8 @@ impl Config {
             max_unsent: usize::try_from(self.max_unsent_bytes).unwrap_or(usize::MAX),
             write_timeout: secs(self.write_timeout),
             idle_timeout: secs(self.idle_timeout),
+            line_timeout: secs(self.line_timeout),
+            ws_handshake_timeout: std::time::Duration::from_secs(self.ws_handshake_timeout),
         }
     }
 
@@ -375,6 +396,10 @@ pub struct ConnLimits {
     pub write_timeout: Option<std::time::Duration>,
     /// `--idle-timeout`: how long a connection may send nothing (None: forever).
     pub idle_timeout: Option<std::time::Duration>,
+    /// `--line-timeout`: how long an unfinished line may wait for its newline (None: forever).
+    pub line_timeout: Option<std::time::Duration>,
+    /// `--ws-handshake-timeout`: how long a websocket client may take over its handshake.
+    pub ws_handshake_timeout: std::time::Duration,
 }
 
 /// Exits for a command line clap refused: `--help` and `--version` print as usual; an error is
@@ -623,6 +648,8 @@ mod tests {
             ["-max-locks-per-conn", "0", "18446744073709551615", "", ""],
             ["-write-timeout", "0", "31536000", "", "31536001"],
             ["-idle-timeout", "0", "31536000", "", "31536001"],
+            ["-line-timeout", "0", "86400", "", "86401"],
+            ["-ws-handshake-timeout", "1", "300", "0", "301"],
             ["-shutdown-timeout", "0", "31536000", "", "31536001"],
             ["-keepalive-idle", "0", "32767", "", "32768"],
             ["-keepalive-interval", "1", "32767", "0", "32768"],
@@ -652,6 +679,7 @@ mod tests {
             (60, 10, 6)
         );
         assert_eq!(c.max_wait_ms, 3_600_000);
+        assert_eq!((c.line_timeout, c.ws_handshake_timeout), (10, 5));
     }
 
     #[test]

@@ -170,6 +170,8 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
         max_wait_ms = config.max_wait_ms,
         write_timeout = config.write_timeout,
         idle_timeout = config.idle_timeout,
+        line_timeout = config.line_timeout,
+        ws_handshake_timeout = config.ws_handshake_timeout,
         keepalive_idle = config.keepalive_idle,
         keepalive_interval = config.keepalive_interval,
         keepalive_count = config.keepalive_count,

@@ -26,9 +26,6 @@ use crate::protocol;
 use crate::session::{PeerWatch, Session, Step};
 use crate::shard::ShardCore;
 
-/// How long a client may take to finish the websocket handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Messages kept while a command waits (`gw`); past this, the connection is not read until
 /// the wait ends.
 const STASH: usize = 64;
@@ -81,7 +78,9 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     };
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(ws_config));
-    let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    // Until the handshake is done the client holds a connection place without being one:
+    // --ws-handshake-timeout bounds how long.
+    let mut ws = match tokio::time::timeout(limits.ws_handshake_timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             if config.verbose {
@@ -113,8 +112,11 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     );
     if clean {
         let close = ws.close(None);
-        let _ =
-            tokio::time::timeout(limits.write_timeout.unwrap_or(HANDSHAKE_TIMEOUT), close).await;
+        let _ = tokio::time::timeout(
+            limits.write_timeout.unwrap_or(limits.ws_handshake_timeout),
+            close,
+        )
+        .await;
     }
 }
 

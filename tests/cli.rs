@@ -260,13 +260,26 @@ fn a_pidfile_that_is_a_symbolic_link_is_refused_and_its_target_untouched() {
         ])
         .output()
         .expect("run");
-    assert!(!refused.status.success(), "started through a symlinked pidfile");
+    assert!(
+        !refused.status.success(),
+        "started through a symlinked pidfile"
+    );
     let reason = String::from_utf8_lossy(&refused.stderr);
-    assert!(reason.contains("symbolic link"), "no reason given: {reason}");
-    assert_eq!(reason.trim().lines().count(), 1, "one-line reason: {reason}");
+    assert!(
+        reason.contains("symbolic link"),
+        "no reason given: {reason}"
+    );
+    assert_eq!(
+        reason.trim().lines().count(),
+        1,
+        "one-line reason: {reason}"
+    );
     assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me\n");
     assert!(
-        std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(),
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
         "the link is left alone"
     );
     let _ = std::fs::remove_dir_all(dir);

@@ -195,3 +195,96 @@ mod byte_streams {
 
     crate::for_each_byte_stream!(an_over_long_line_is_refused_after_the_commands_before_it);
 }
+
+/// How long an unfinished line is kept (a websocket message arrives whole instead).
+mod unfinished_lines {
+    use std::time::{Duration, Instant};
+
+    use super::common::{self, Setup, TestServer};
+
+    async fn an_unfinished_line_closes_the_connection_after_the_line_timeout(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.line_timeout = 1);
+        let mut slow = server.connect().await;
+        slow.check("g held\n", "1 Got Lock\n").await;
+        let started = Instant::now();
+        // Half a line, and nothing more.
+        slow.send("g x").await;
+        // Everyone else is served meanwhile, and the slow client keeps its lock until then.
+        let mut other = server.connect().await;
+        while started.elapsed() < Duration::from_millis(700) {
+            other.check("i held\n", "1 Locked\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        slow.expect_closed().await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "closed after {took:?}"
+        );
+        server
+            .wait_for_stats("the slow client's lock orphaned", |s| {
+                s["orphans"] == 1 && s["locks"] == 0
+            })
+            .await;
+        // The half line was never a command: nothing counted as invalid.
+        assert_eq!(server.stats().invalid_commands, 0);
+        other.check("g x\n", "1 Got Lock\n").await;
+    }
+
+    async fn a_line_that_finishes_in_time_keeps_the_connection(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.line_timeout = 1);
+        let mut client = server.connect().await;
+        // Each line is finished well within the timeout, but an unfinished one is always
+        // waiting: the clock starts again with each new line.
+        client.send("g a").await;
+        for i in 0..8 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            client.send(format!("\ni a{i}")).await;
+            let expected = if i == 0 {
+                "1 Got Lock\n"
+            } else {
+                "0 Not Locked\n"
+            };
+            client.expect(expected).await;
+        }
+        client.check("\ni a\n", "0 Not Locked\n1 Locked\n").await;
+    }
+
+    crate::for_each_byte_stream!(
+        an_unfinished_line_closes_the_connection_after_the_line_timeout,
+        a_line_that_finishes_in_time_keeps_the_connection,
+    );
+}
+
+mod websocket_handshake {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::AsyncReadExt;
+
+    use super::common::{Setup, TestServer, Transport};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_client_that_never_finishes_its_handshake_is_closed() {
+        let setup = Setup {
+            shards: 1,
+            transport: Transport::Ws,
+        };
+        let server = TestServer::start_with(setup, |c| c.ws_handshake_timeout = 1);
+        let addr = server.ws_addr.expect("websocket door");
+        let started = Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Others still get in and are served.
+        let mut other = server.connect().await;
+        other.check("i x\n", "0 Not Locked\n").await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest))
+            .await
+            .expect("closed in time");
+        assert!(read.is_ok() || rest.is_empty());
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "closed after {took:?}"
+        );
+    }
+}

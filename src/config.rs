@@ -167,6 +167,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
     pub max_connections: u64,
 
+    /// Most connections served at once from one client address (an IPv6 address counts as
+    /// its /64), across the TCP and websocket doors; 0 means no limit. The next one gets
+    /// `0 Too Many Connections` (HTTP 503 on the websocket door) and is closed, so one address
+    /// cannot take every place under `--max-connections`.
+    #[arg(long, default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_CONNECTIONS))]
+    pub max_connections_per_ip: u64,
+
+    /// Leave loopback clients (127.0.0.0/8, ::1) out of `--max-connections-per-ip`: a proxy,
+    /// sidecar or test on the same machine is many clients behind one address.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true")]
+    pub per_ip_exempt_loopback: bool,
+
     /// Longest name a connection may register with `iam`, in bytes; a longer one answers
     /// `0 Name Too Long`. Every listing row shows its holder's name, so this bounds what one
     /// client can make a listing cost.
@@ -645,6 +659,13 @@ mod tests {
                 "1099511627777",
             ],
             ["-max-connections", "1", "1073741824", "0", "1073741825"],
+            [
+                "-max-connections-per-ip",
+                "0",
+                "1073741824",
+                "",
+                "1073741825",
+            ],
             ["-max-locks-per-conn", "0", "18446744073709551615", "", ""],
             ["-write-timeout", "0", "31536000", "", "31536001"],
             ["-idle-timeout", "0", "31536000", "", "31536001"],
@@ -680,6 +701,9 @@ mod tests {
         );
         assert_eq!(c.max_wait_ms, 3_600_000);
         assert_eq!((c.line_timeout, c.ws_handshake_timeout), (10, 5));
+        assert_eq!(c.max_connections_per_ip, 1000);
+        assert!(c.per_ip_exempt_loopback);
+        assert!(!parse(&["-per-ip-exempt-loopback=false"]).per_ip_exempt_loopback);
     }
 
     #[test]

@@ -288,3 +288,91 @@ mod websocket_handshake {
         );
     }
 }
+
+/// `--max-connections-per-ip`: one address cannot take every place.
+mod per_ip {
+    use std::time::{Duration, Instant};
+
+    use super::common::{Raw, Setup, TestServer, Transport, REPLY_TIMEOUT};
+
+    fn limited(setup: Setup) -> TestServer {
+        TestServer::start_with(setup, |c| {
+            c.max_connections_per_ip = 3;
+            c.per_ip_exempt_loopback = false;
+        })
+    }
+
+    /// Connects over TCP until admitted (a place freed by a close is given back right after
+    /// the close is seen, not at once).
+    async fn connect_when_admitted(server: &TestServer) -> Raw {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let mut client = Raw::connect(server.addr).await;
+            client.send("i probe\n").await;
+            if client.line().await == "0 Not Locked\n" {
+                return client;
+            }
+            assert!(Instant::now() < deadline, "no place was freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn the_fourth_connection_from_one_address_is_refused(setup: Setup) {
+        let server = limited(setup);
+        let mut a = Raw::connect(server.addr).await;
+        let mut b = Raw::connect(server.addr).await;
+        let c = Raw::connect(server.addr).await;
+        a.check("g mine\n", "1 Got Lock\n").await;
+        let mut refused = Raw::connect(server.addr).await;
+        refused.expect("0 Too Many Connections\n").await;
+        refused.expect_closed().await;
+        // The websocket door counts the same address too, and refuses in HTTP.
+        let ws = server.ws_addr.expect("websocket door");
+        let error = tokio_tungstenite::connect_async(format!("ws://{ws}/"))
+            .await
+            .expect_err("refused");
+        assert!(error.to_string().contains("503"), "{error}");
+        b.check("i mine\n", "1 Locked\n").await;
+        // One closing frees a place.
+        drop(c);
+        let mut d = connect_when_admitted(&server).await;
+        d.check("g mine\n", "0 Cannot Get Lock\n").await;
+        assert_eq!(server.stats().connections, 3);
+    }
+
+    async fn loopback_is_exempt_by_default(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.max_connections_per_ip = 2);
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            let mut client = Raw::connect(server.addr).await;
+            client.check("i x\n", "0 Not Locked\n").await;
+            clients.push(client);
+        }
+    }
+
+    mod tcp_1 {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_fourth_connection_from_one_address_is_refused() {
+            super::the_fourth_connection_from_one_address_is_refused(super::setup(1)).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn loopback_is_exempt_by_default() {
+            super::loopback_is_exempt_by_default(super::setup(1)).await
+        }
+    }
+
+    mod tcp_4 {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_fourth_connection_from_one_address_is_refused() {
+            super::the_fourth_connection_from_one_address_is_refused(super::setup(4)).await
+        }
+    }
+
+    /// TCP for the test connections, with the websocket door open too.
+    fn setup(shards: u16) -> Setup {
+        Setup {
+            shards,
+            transport: Transport::Ws,
+        }
+    }
+}

@@ -59,6 +59,9 @@ pub const MAX_LINE_TIMEOUT_SECS: u64 = 24 * 60 * 60;
 /// `--ws-handshake-timeout`: at least a second, at most five minutes (a handshake is one
 /// request and one response).
 pub const MAX_HANDSHAKE_SECS: u64 = 300;
+/// `--metrics-max-connections`: scrapers are a handful of Prometheus servers; a few thousand
+/// is already far past any real need.
+pub const MAX_METRICS_CONNECTIONS: u64 = 4096;
 /// `--shards`: one thread each; more than this is a mistake, not a configuration.
 pub const MAX_SHARDS: u16 = 1024;
 
@@ -92,6 +95,13 @@ pub struct Config {
     /// endpoint (and the latency timing behind it).
     #[arg(long, default_value = "127.0.0.1:9997", value_parser = metrics_addr)]
     pub metrics: MetricsAddr,
+
+    /// Most `/metrics` connections served at once; the next is answered 503 and closed at
+    /// once (counted in `glockd_metrics_connections_refused_total`), so idle sockets opened at
+    /// the endpoint cannot pile up. Prometheus opens one per scrape target.
+    #[arg(long, default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_METRICS_CONNECTIONS))]
+    pub metrics_max_connections: u64,
 
     /// Unix socket path to listen on; empty (the default) disables it. A stale socket file
     /// is replaced; any other file at that path is an error.
@@ -670,6 +680,7 @@ mod tests {
             ["-write-timeout", "0", "31536000", "", "31536001"],
             ["-idle-timeout", "0", "31536000", "", "31536001"],
             ["-line-timeout", "0", "86400", "", "86401"],
+            ["-metrics-max-connections", "1", "4096", "0", "4097"],
             ["-ws-handshake-timeout", "1", "300", "0", "301"],
             ["-shutdown-timeout", "0", "31536000", "", "31536001"],
             ["-keepalive-idle", "0", "32767", "", "32768"],
@@ -702,6 +713,7 @@ mod tests {
         assert_eq!(c.max_wait_ms, 3_600_000);
         assert_eq!((c.line_timeout, c.ws_handshake_timeout), (10, 5));
         assert_eq!(c.max_connections_per_ip, 1000);
+        assert_eq!(c.metrics_max_connections, 64);
         assert!(c.per_ip_exempt_loopback);
         assert!(!parse(&["-per-ip-exempt-loopback=false"]).per_ip_exempt_loopback);
     }

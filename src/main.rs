@@ -164,6 +164,7 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
         fd_reserve = descriptors::RESERVE,
         max_connections = config.max_connections,
         max_connections_per_ip = config.max_connections_per_ip,
+        metrics_max_connections = config.metrics_max_connections,
         max_line_bytes = config.max_line_bytes,
         max_unsent_bytes = config.max_unsent_bytes,
         max_name_bytes = config.max_name_bytes,

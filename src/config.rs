@@ -222,10 +222,10 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     pub idle_timeout: u64,
 
-    /// Seconds an unfinished line (bytes without a newline) may wait for the rest before the
-    /// connection is closed (its locks orphaned); 0 turns this off. A client that dribbles a
-    /// line, or sends a huge one and stops, holds its buffer no longer than this. TCP and unix
-    /// sockets; a websocket message arrives whole.
+    /// Seconds an unfinished line (bytes without a newline; over a websocket, a message not
+    /// yet complete) may wait for the rest before the connection is closed (its locks
+    /// orphaned); 0 turns this off. A client that dribbles a line, or sends a huge one and
+    /// stops, holds its buffer no longer than this.
     #[arg(long, default_value_t = 10,
           value_parser = clap::value_parser!(u64).range(0..=MAX_LINE_TIMEOUT_SECS))]
     pub line_timeout: u64,

@@ -256,10 +256,63 @@ mod unfinished_lines {
     );
 }
 
-mod websocket_handshake {
+/// How long a websocket client may take over its handshake, and over one message.
+mod websocket_timeouts {
     use std::time::{Duration, Instant};
 
-    use tokio::io::AsyncReadExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_message_left_unfinished_closes_the_connection_after_the_line_timeout() {
+        let setup = Setup {
+            shards: 1,
+            transport: Transport::Ws,
+        };
+        let server = TestServer::start_with(setup, |c| c.line_timeout = 1);
+        let addr = server.ws_addr.expect("websocket door");
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(
+            b"GET / HTTP/1.1\r\nHost: glockd\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .expect("handshake request");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            slow.read_exact(&mut byte)
+                .await
+                .expect("handshake response");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&head)
+        );
+        // A binary frame announcing 1000 bytes, masked (as clients must), with only 10 sent.
+        let started = Instant::now();
+        slow.write_all(&[0x82, 0x80 | 126, 0x03, 0xE8, 0, 0, 0, 0])
+            .await
+            .expect("frame head");
+        slow.write_all(b"g x g x g ").await.expect("part of it");
+        // Others are served meanwhile.
+        let mut other = server.connect().await;
+        while started.elapsed() < Duration::from_millis(700) {
+            other.check("i x\n", "0 Not Locked\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest))
+            .await
+            .expect("closed in time");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "closed after {took:?}"
+        );
+        other.check("g x\n", "1 Got Lock\n").await;
+    }
 
     use super::common::{Setup, TestServer, Transport};
 

@@ -177,8 +177,8 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
     pub max_connections: u64,
 
-    /// Most connections served at once from one client address (an IPv6 address counts as
-    /// its /64), across the TCP and websocket doors; 0 means no limit. The next one gets
+    /// Most connections served at once from one client address, across the TCP and websocket
+    /// doors; 0 means no limit. The next one gets
     /// `0 Too Many Connections` (HTTP 503 on the websocket door) and is closed, so one address
     /// cannot take every place under `--max-connections`.
     #[arg(long, default_value_t = 1000,

@@ -5,7 +5,7 @@
 
 use std::cell::Cell;
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -110,24 +110,24 @@ impl Default for PerIp {
 
 impl PerIp {
     /// The address `ip` is counted under, or None if it is not counted: an IPv4-mapped IPv6
-    /// address counts as its IPv4 address, and an IPv6 address as its /64 (the block one
-    /// machine or one customer gets, so walking through its addresses does not escape the
-    /// limit); loopback is not counted when `exempt_loopback`.
+    /// address counts as its IPv4 address; loopback is not counted when `exempt_loopback`.
+    /// An IPv6 address counts on its own, not as its /64: cloud subnets put many machines in
+    /// one /64, and together they would meet a limit meant for one.
     pub fn key(ip: IpAddr, exempt_loopback: bool) -> Option<IpAddr> {
         let ip = ip.to_canonical();
         if exempt_loopback && ip.is_loopback() {
             return None;
         }
-        Some(match ip {
-            IpAddr::V4(_) => ip,
-            IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        })
+        Some(ip)
     }
 
     fn part(&self, key: IpAddr) -> &Mutex<IpCounts> {
         let hash = match key {
             IpAddr::V4(v4) => u64::from(u32::from(v4)),
-            IpAddr::V6(v6) => (u128::from(v6) >> 64) as u64,
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                (bits >> 64) as u64 ^ bits as u64
+            }
         };
         // Mix the bits so that neighbouring addresses spread over the parts.
         let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
@@ -392,7 +392,7 @@ mod tests {
         );
         assert_eq!(
             key("2001:db8:1:2:aaaa::7", true),
-            Some("2001:db8:1:2::".parse().unwrap())
+            Some("2001:db8:1:2:aaaa::7".parse().unwrap())
         );
         let per_ip = PerIp::default();
         let a: IpAddr = "10.0.0.1".parse().unwrap();

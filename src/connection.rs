@@ -390,6 +390,7 @@ fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool
 /// The `--line-timeout` clock: a timer armed only while an unfinished line waits at the end of
 /// the input, so a client sending whole lines never pays for it.
 struct UnfinishedLine {
+    /// `--line-timeout` (None: off).
     limit: Option<std::time::Duration>,
     /// The timer, armed while an unfinished line waits.
     timer: Option<Pin<Box<Sleep>>>,

@@ -94,6 +94,7 @@ const PER_IP_PARTS: usize = 16;
 /// Connections open now per client address. An entry exists only while its address has a
 /// connection, so the map is never bigger than the connections served.
 pub struct PerIp {
+    /// Address -> connections open now, split by a hash of the address.
     parts: Box<[crossbeam_utils::CachePadded<Mutex<IpCounts>>]>,
 }
 

@@ -105,6 +105,7 @@ pub const EVICT_SLICE: usize = 4096;
 
 /// One name's limiter.
 struct Limiter {
+    /// The name, stored once (the expiry heap finds it by its hash).
     name: LockName,
     /// Its TAT, in nanoseconds since the shard's clock origin (a u64 lasts 584 years).
     tat: u64,
@@ -112,7 +113,9 @@ struct Limiter {
 
 /// One shard's limiters: name -> TAT, and when each comes due for eviction.
 pub struct RateLimits {
+    /// The table's hasher: the expiry heap keeps the hash, not the name.
     hasher: NameHasher,
+    /// Every name with state.
     limiters: HashTable<Limiter>,
     /// (TAT when pushed, name's hash): at least one entry per stored name, due no later than
     /// its TAT. The hash finds the name again without a copy of it.

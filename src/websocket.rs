@@ -40,6 +40,7 @@ type Ws = WebSocketStream<Marked>;
 /// (the caller clears [`Marked::since`] after each one), so that a message left unfinished
 /// can be timed without a timer per message.
 struct Marked {
+    /// The client's connection.
     stream: TcpStream,
     /// When the first bytes after the last complete message were read.
     since: Cell<Option<Instant>>,

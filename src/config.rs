@@ -54,6 +54,14 @@ pub const MAX_KEEPALIVE_COUNT: u32 = 127;
 /// the server gives up on unacknowledged data after that long (`TCP_USER_TIMEOUT`), which
 /// Linux takes in milliseconds as a C `int`, so 2^31 - 1 ms (about 24.8 days) at most.
 pub const MAX_KEEPALIVE_GIVE_UP_SECS: u64 = i32::MAX as u64 / 1000;
+/// `--line-timeout`: at most a day; a line still unfinished after that is not coming.
+pub const MAX_LINE_TIMEOUT_SECS: u64 = 24 * 60 * 60;
+/// `--ws-handshake-timeout`: at least a second, at most five minutes (a handshake is one
+/// request and one response).
+pub const MAX_HANDSHAKE_SECS: u64 = 300;
+/// `--metrics-max-connections`: scrapers are a handful of Prometheus servers; a few thousand
+/// is already far past any real need.
+pub const MAX_METRICS_CONNECTIONS: u64 = 4096;
 /// `--shards`: one thread each; more than this is a mistake, not a configuration.
 pub const MAX_SHARDS: u16 = 1024;
 
@@ -87,6 +95,13 @@ pub struct Config {
     /// endpoint (and the latency timing behind it).
     #[arg(long, default_value = "127.0.0.1:9997", value_parser = metrics_addr)]
     pub metrics: MetricsAddr,
+
+    /// Most `/metrics` connections served at once; the next is answered 503 and closed at
+    /// once (counted in `glockd_metrics_connections_refused_total`), so idle sockets opened at
+    /// the endpoint cannot pile up. Prometheus opens one per scrape target.
+    #[arg(long, default_value_t = 64,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_METRICS_CONNECTIONS))]
+    pub metrics_max_connections: u64,
 
     /// Unix socket path to listen on; empty (the default) disables it. A stale socket file
     /// is replaced; any other file at that path is an error.
@@ -162,6 +177,20 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
     pub max_connections: u64,
 
+    /// Most connections served at once from one client address, across the TCP and websocket
+    /// doors; 0 means no limit. The next one gets
+    /// `0 Too Many Connections` (HTTP 503 on the websocket door) and is closed, so one address
+    /// cannot take every place under `--max-connections`.
+    #[arg(long, default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_CONNECTIONS))]
+    pub max_connections_per_ip: u64,
+
+    /// Leave loopback clients (127.0.0.0/8, ::1) out of `--max-connections-per-ip`: a proxy,
+    /// sidecar or test on the same machine is many clients behind one address.
+    #[arg(long, value_parser = go_bool, num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true")]
+    pub per_ip_exempt_loopback: bool,
+
     /// Longest name a connection may register with `iam`, in bytes; a longer one answers
     /// `0 Name Too Long`. Every listing row shows its holder's name, so this bounds what one
     /// client can make a listing cost.
@@ -192,6 +221,20 @@ pub struct Config {
     #[arg(long, default_value_t = 0,
           value_parser = clap::value_parser!(u64).range(0..=MAX_TIMEOUT_SECS))]
     pub idle_timeout: u64,
+
+    /// Seconds an unfinished line (bytes without a newline; over a websocket, a message not
+    /// yet complete) may wait for the rest before the connection is closed (its locks
+    /// orphaned); 0 turns this off. A client that dribbles a line, or sends a huge one and
+    /// stops, holds its buffer no longer than this.
+    #[arg(long, default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_LINE_TIMEOUT_SECS))]
+    pub line_timeout: u64,
+
+    /// Seconds a websocket client may take to finish its opening handshake; until then it holds
+    /// a connection place without being a client.
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_HANDSHAKE_SECS))]
+    pub ws_handshake_timeout: u64,
 
     /// TCP keepalive: seconds of silence before the first probe; 0 turns keepalive off. With
     /// the interval and count below, a holder whose machine vanished is found and its locks
@@ -352,6 +395,8 @@ impl Config {
             max_unsent: usize::try_from(self.max_unsent_bytes).unwrap_or(usize::MAX),
             write_timeout: secs(self.write_timeout),
             idle_timeout: secs(self.idle_timeout),
+            line_timeout: secs(self.line_timeout),
+            ws_handshake_timeout: std::time::Duration::from_secs(self.ws_handshake_timeout),
         }
     }
 
@@ -388,6 +433,10 @@ pub struct ConnLimits {
     pub write_timeout: Option<std::time::Duration>,
     /// `--idle-timeout`: how long a connection may send nothing (None: forever).
     pub idle_timeout: Option<std::time::Duration>,
+    /// `--line-timeout`: how long an unfinished line may wait for its newline (None: forever).
+    pub line_timeout: Option<std::time::Duration>,
+    /// `--ws-handshake-timeout`: how long a websocket client may take over its handshake.
+    pub ws_handshake_timeout: std::time::Duration,
 }
 
 /// Exits for a command line clap refused: `--help` and `--version` print as usual; an error is
@@ -633,9 +682,19 @@ mod tests {
                 "1099511627777",
             ],
             ["-max-connections", "1", "1073741824", "0", "1073741825"],
+            [
+                "-max-connections-per-ip",
+                "0",
+                "1073741824",
+                "",
+                "1073741825",
+            ],
             ["-max-locks-per-conn", "0", "18446744073709551615", "", ""],
             ["-write-timeout", "0", "31536000", "", "31536001"],
             ["-idle-timeout", "0", "31536000", "", "31536001"],
+            ["-line-timeout", "0", "86400", "", "86401"],
+            ["-metrics-max-connections", "1", "4096", "0", "4097"],
+            ["-ws-handshake-timeout", "1", "300", "0", "301"],
             ["-shutdown-timeout", "0", "31536000", "", "31536001"],
             ["-keepalive-idle", "0", "32767", "", "32768"],
             ["-keepalive-interval", "1", "32767", "0", "32768"],
@@ -665,6 +724,11 @@ mod tests {
             (60, 10, 6)
         );
         assert_eq!(c.max_wait_ms, 3_600_000);
+        assert_eq!((c.line_timeout, c.ws_handshake_timeout), (10, 5));
+        assert_eq!(c.max_connections_per_ip, 1000);
+        assert_eq!(c.metrics_max_connections, 64);
+        assert!(c.per_ip_exempt_loopback);
+        assert!(!parse(&["-per-ip-exempt-loopback=false"]).per_ip_exempt_loopback);
     }
 
     #[test]

@@ -5,8 +5,9 @@
 //! keeps reading and answering. Once its unread replies pass `--max-unsent-bytes`, no more of
 //! its lines run until it has read them (a big listing is served at the client's pace), and a
 //! client that keeps sending meanwhile is disconnected instead of being buffered without end. A write that makes no progress for
-//! `--write-timeout` seconds, input silent for `--idle-timeout`, or a line longer than
-//! `--max-line-bytes` also end the connection; in every case its locks are orphaned.
+//! `--write-timeout` seconds, input silent for `--idle-timeout`, a line longer than
+//! `--max-line-bytes`, or an unfinished line older than `--line-timeout` also end the
+//! connection; in every case its locks are orphaned.
 
 use std::future::Future;
 use std::io;
@@ -59,6 +60,8 @@ pub(crate) enum Disconnect {
     Error(io::ErrorKind),
     /// Nothing was sent for `--idle-timeout`.
     Idle,
+    /// A line stayed unfinished (no newline) for `--line-timeout`.
+    LineTimeout,
     /// A reply write made no progress for `--write-timeout`.
     WriteTimeout,
     /// The client kept sending with more than `--max-unsent-bytes` of replies unread.
@@ -82,6 +85,7 @@ impl Disconnect {
             Disconnect::TimedOut => "timed_out",
             Disconnect::Error(_) => "error",
             Disconnect::Idle => "idle",
+            Disconnect::LineTimeout => "line_timeout",
             Disconnect::WriteTimeout => "write_timeout",
             Disconnect::UnsentLimit => "unsent_limit",
             Disconnect::LineTooLong => "line_too_long",
@@ -193,6 +197,8 @@ struct Event {
     closing: bool,
     idle: bool,
     stalled: bool,
+    /// The unfinished line's timer went off.
+    unfinished: bool,
 }
 
 /// The connection's buffers.
@@ -209,6 +215,9 @@ struct Buffers {
     written: usize,
     /// The client sends more than a small buffer holds at once: read with large buffers.
     pipelining: bool,
+    /// Lines taken from `input` so far: tells whether the unfinished line at the end of the
+    /// input is the one seen before, or a new one.
+    lines_taken: u64,
 }
 
 impl Buffers {
@@ -256,6 +265,7 @@ impl Buffers {
                 ran_line?;
             }
             ran += 1;
+            self.lines_taken += 1;
             // End the batch early when replies pile up (big listings): they are written, and
             // the unread-reply limit applies, before any more lines run.
             if ran == MAX_BATCH || self.unsent() > limits.max_unsent {
@@ -380,6 +390,84 @@ fn poll_timer(timer: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>) -> bool
         .is_some_and(|t| t.as_mut().poll(cx).is_ready())
 }
 
+/// The `--line-timeout` clock: a timer armed only while an unfinished line waits at the end of
+/// the input, so a client sending whole lines never pays for it.
+struct UnfinishedLine {
+    /// `--line-timeout` (None: off).
+    limit: Option<std::time::Duration>,
+    /// The timer, armed while an unfinished line waits.
+    timer: Option<Pin<Box<Sleep>>>,
+    /// When the unfinished line being timed began (at the latest: when it was first seen).
+    since: Instant,
+    /// `Buffers::lines_taken` when it was seen: if more lines were taken since, the unfinished
+    /// line now waiting is a newer one.
+    taken: u64,
+}
+
+impl UnfinishedLine {
+    fn new(limit: Option<std::time::Duration>) -> Self {
+        UnfinishedLine {
+            limit,
+            timer: None,
+            since: Instant::now(),
+            taken: 0,
+        }
+    }
+
+    /// After a batch: arms, moves or disarms the timer for what the input holds now. Cheap when
+    /// nothing is pending (a test and a branch).
+    fn after_batch(&mut self, buffers: &Buffers) {
+        let Some(limit) = self.limit else { return };
+        if buffers.input.pending() == 0 {
+            self.timer = None;
+            return;
+        }
+        if self.timer.is_some() && self.taken == buffers.lines_taken {
+            return; // the same unfinished line as before (perhaps longer): its clock runs on
+        }
+        // A new unfinished line: its time starts now. The timer only moves when it goes off
+        // (see `expired`), so a pipelining client's batches do not reset it each time.
+        self.since = Instant::now();
+        self.taken = buffers.lines_taken;
+        if self.timer.is_none() {
+            self.timer = Some(Box::pin(tokio::time::sleep_until(deadline_at(
+                self.since, limit,
+            ))));
+        }
+    }
+
+    /// The timer went off: true if the line it times really is that old; otherwise it is
+    /// moved to the current line's deadline.
+    fn expired(&mut self, buffers: &Buffers) -> bool {
+        let Some(limit) = self.limit else {
+            return false;
+        };
+        if buffers.input.pending() == 0
+            || self.taken != buffers.lines_taken
+            || buffers.input.has_line()
+        {
+            // Finished meanwhile (its line waits to run, behind unread replies perhaps): not
+            // an unfinished line; the next batch re-arms if needed.
+            self.timer = None;
+            return false;
+        }
+        let deadline = deadline_at(self.since, limit);
+        if deadline <= Instant::now() {
+            return true;
+        }
+        if let Some(timer) = self.timer.as_mut() {
+            timer.as_mut().reset(deadline);
+        }
+        false
+    }
+}
+
+/// `start + d`, saturating like [`deadline_in`].
+fn deadline_at(start: Instant, d: std::time::Duration) -> Instant {
+    let far = std::time::Duration::from_secs(30 * 365 * 24 * 60 * 60);
+    start.checked_add(d).unwrap_or_else(|| start + far)
+}
+
 /// Serves one connection until it closes. `id_text` is its protocol id (`ip:port`).
 pub async fn serve<S>(core: Rc<ShardCore>, stream: S, id_text: String, admission: Admission)
 where
@@ -407,7 +495,9 @@ where
         out: Vec::new(),
         written: 0,
         pipelining: false,
+        lines_taken: 0,
     };
+    let mut unfinished = UnfinishedLine::new(limits.line_timeout);
     let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
     // Armed while replies wait for a reader that does not read.
     let mut stall: Option<Pin<Box<Sleep>>> = None;
@@ -440,6 +530,7 @@ where
                 Err(Stop::Gone) => return Disconnect::gone(core),
                 Err(Stop::Ended(reason)) => return reason,
             };
+            unfinished.after_batch(&buffers);
         }
         // A listing the client asked for is served at its pace, and so are the commands it
         // pipelined behind it; but a client that keeps sending while its replies pile up
@@ -516,7 +607,13 @@ where
             event.closing = closing.as_mut().poll(cx).is_ready();
             event.idle = poll_timer(&mut idle, cx);
             event.stalled = poll_timer(&mut stall, cx);
-            let any = event.read || event.eof || event.closing || event.idle || event.stalled;
+            event.unfinished = poll_timer(&mut unfinished.timer, cx);
+            let any = event.read
+                || event.eof
+                || event.closing
+                || event.idle
+                || event.stalled
+                || event.unfinished;
             let can_run = more && buffers.unsent() <= limits.max_unsent;
             if any || can_run {
                 Poll::Ready(Ok(event))
@@ -536,6 +633,12 @@ where
         if event.idle {
             finish(&mut stream, &mut buffers, &limits).await;
             return Disconnect::Idle;
+        }
+        if event.unfinished && !event.read && unfinished.expired(&buffers) {
+            // Not an invalid command (it never arrived): the replies so far go out, then the
+            // connection closes.
+            finish(&mut stream, &mut buffers, &limits).await;
+            return Disconnect::LineTimeout;
         }
         if event.read {
             if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::config::Config;
-use crate::lifecycle::{Admission, ConnMsg, Incoming};
+use crate::lifecycle::{Admission, ConnMsg, Incoming, Refusal};
 use crate::protocol;
 use crate::shard::{ShardCore, ShardMsg};
 
@@ -211,9 +211,16 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
                 continue;
             }
         };
-        let Some(admission) = Admission::try_new(&core.server) else {
-            refuse(&core, accepted);
-            continue;
+        let peer = match &accepted {
+            Accepted::Tcp(_, peer) | Accepted::Ws(_, peer) => Some(peer.ip()),
+            Accepted::Unix(_) => None,
+        };
+        let admission = match Admission::try_new(&core.server, peer) {
+            Ok(admission) => admission,
+            Err(refusal) => {
+                refuse(&core, accepted, refusal);
+                continue;
+            }
         };
         let target = if shards == 1 { core.id } else { next };
         next = (next + 1) % shards;
@@ -246,9 +253,9 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
     }
 }
 
-/// Turns away a connection over `--max-connections` with one line of explanation, best
-/// effort (never waiting on this client).
-fn refuse(core: &ShardCore, accepted: Accepted) {
+/// Turns away a connection over `--max-connections` (or `--max-connections-per-ip`) with one
+/// line of explanation, best effort (never waiting on this client).
+fn refuse(core: &ShardCore, accepted: Accepted, refusal: Refusal) {
     let who = match accepted {
         Accepted::Tcp(stream, peer) => {
             let _ = stream.try_write(protocol::TOO_MANY_CONNECTIONS);
@@ -270,7 +277,7 @@ fn refuse(core: &ShardCore, accepted: Accepted) {
         }
     };
     if core.server.config.verbose {
-        tracing::info!(event = "refuse", conn = %who, reason = "max_connections");
+        tracing::info!(event = "refuse", conn = %who, reason = refusal.as_str());
     }
 }
 

@@ -11,6 +11,7 @@
 use std::fmt::Write as _;
 use std::io;
 use std::net::TcpListener as StdTcpListener;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -19,7 +20,7 @@ use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gau
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::protocol::Verb;
 use crate::shard::ServerState;
@@ -39,6 +40,8 @@ pub struct Exporter {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     process: metrics_process::Collector,
+    /// Connections turned away over `--metrics-max-connections`.
+    refused: AtomicU64,
 }
 
 impl Exporter {
@@ -120,6 +123,11 @@ impl Exporter {
                 "glockd_log_dropped_total",
                 "Log lines dropped because the log writer was behind (its queue was full)."
             );
+            describe_counter!(
+                "glockd_metrics_connections_refused_total",
+                "Connections to this endpoint closed at once because -metrics-max-connections \
+                 were open already."
+            );
             describe_histogram!(
                 "glockd_command_duration_seconds",
                 Unit::Seconds,
@@ -132,6 +140,7 @@ impl Exporter {
             recorder,
             handle,
             process,
+            refused: AtomicU64::new(0),
         }
     }
 
@@ -171,6 +180,8 @@ impl Exporter {
             counter!("glockd_fencing_ceiling_writes_total").absolute(fencing.writes());
             counter!("glockd_fencing_ceiling_write_errors_total").absolute(fencing.write_errors());
             counter!("glockd_log_dropped_total").absolute(crate::logging::dropped_lines());
+            counter!("glockd_metrics_connections_refused_total")
+                .absolute(self.refused.load(Ordering::Relaxed));
             for (shard_index, cell) in stats.cells().enumerate() {
                 let shard = shard_index.to_string();
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "exclusive")
@@ -303,12 +314,28 @@ impl Drop for Endpoint {
     }
 }
 
+/// What a connection over `--metrics-max-connections` is told before it is closed.
+const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\nConnection: close\r\n\r\ntoo many metrics connections\n";
+
 async fn accept_loop(listener: TcpListener, exporter: Arc<Exporter>) {
+    let max = usize::try_from(exporter.server.config.metrics_max_connections).unwrap_or(usize::MAX);
+    let places = Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS)));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(answer(stream, exporter.clone()));
-            }
+            Ok((stream, _)) => match places.clone().try_acquire_owned() {
+                Ok(place) => {
+                    let exporter = exporter.clone();
+                    tokio::spawn(async move {
+                        answer(stream, exporter).await;
+                        drop(place);
+                    });
+                }
+                Err(_) => {
+                    // Best effort, never waiting on this client: its descriptor goes at once.
+                    let _ = stream.try_write(BUSY);
+                    exporter.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            },
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
@@ -356,4 +383,14 @@ async fn answer(mut stream: TcpStream, exporter: Arc<Exporter>) {
     );
     let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(response.as_bytes())).await;
     let _ = stream.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_busy_answer_counts_its_body() {
+        let text = std::str::from_utf8(super::BUSY).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
+    }
 }

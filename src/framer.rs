@@ -84,6 +84,12 @@ impl LineFramer {
         self.buf.len() - self.start
     }
 
+    /// Whether a complete line waits to be handed out (a scan of the pending bytes: for rare
+    /// checks, not per line).
+    pub fn has_line(&self) -> bool {
+        memchr::memchr(b'\n', &self.buf[self.start..]).is_some()
+    }
+
     /// Takes everything not yet handed out: the last line of input that ended without a
     /// newline, or of a websocket message.
     pub fn take_rest(&mut self) -> BytesMut {

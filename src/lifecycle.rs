@@ -4,9 +4,11 @@
 //! shutdown's drain of every connection on a thread ([`ConnMsg::Close`]).
 
 use std::cell::Cell;
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::Notify;
@@ -14,37 +16,157 @@ use tokio::sync::Notify;
 use crate::shard::{Departure, Outgoing, ServerState, ShardCore};
 use crate::ConnId;
 
-/// A connection's place under `--max-connections`: taken when the connection is accepted,
-/// given back when it ends (whichever thread that happens on).
+/// A connection's place under `--max-connections`, and under `--max-connections-per-ip` for
+/// its address: taken when the connection is accepted, given back when it ends (whichever
+/// thread that happens on).
 pub struct Admission {
     server: Arc<ServerState>,
+    /// The address counted under `--max-connections-per-ip`, if it is.
+    counted: Option<IpAddr>,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `--max-connections` (or the open-file limit) is reached.
+    Full,
+    /// Its address has `--max-connections-per-ip` connections already.
+    PerIp,
+}
+
+impl Refusal {
+    /// The reason as a log field's value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Full => "max_connections",
+            Refusal::PerIp => "max_connections_per_ip",
+        }
+    }
 }
 
 impl Admission {
-    /// Takes a place, or None when the server is full.
-    pub fn try_new(server: &Arc<ServerState>) -> Option<Admission> {
+    /// Takes a place for a client at `peer` (None: a unix socket, which has no address), or
+    /// says why not.
+    pub fn try_new(server: &Arc<ServerState>, peer: Option<IpAddr>) -> Result<Admission, Refusal> {
         let max = server.config.max_connections;
         let live = &server.live_connections;
         let mut now = live.load(Ordering::Relaxed);
         loop {
             if now >= max {
-                return None;
+                return Err(Refusal::Full);
             }
             match live.compare_exchange_weak(now, now + 1, Ordering::AcqRel, Ordering::Relaxed) {
-                Ok(_) => {
-                    return Some(Admission {
-                        server: server.clone(),
-                    })
-                }
+                Ok(_) => break,
                 Err(seen) => now = seen,
             }
         }
+        // From here the place is held: dropping `admission` gives it back.
+        let mut admission = Admission {
+            server: server.clone(),
+            counted: None,
+        };
+        let config = &server.config;
+        if let Some(key) = peer.and_then(|ip| PerIp::key(ip, config.per_ip_exempt_loopback)) {
+            if config.max_connections_per_ip > 0 {
+                if !server.per_ip.try_add(key, config.max_connections_per_ip) {
+                    return Err(Refusal::PerIp);
+                }
+                admission.counted = Some(key);
+            }
+        }
+        Ok(admission)
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
+        if let Some(key) = self.counted {
+            self.server.per_ip.remove(key);
+        }
         self.server.live_connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Parts [`PerIp`] is split into (a power of two), so that accepts on different threads (the
+/// shard ports) and connections ending on every thread rarely wait on one another.
+const PER_IP_PARTS: usize = 16;
+
+/// Connections open now per client address. An entry exists only while its address has a
+/// connection, so the map is never bigger than the connections served.
+pub struct PerIp {
+    /// Address -> connections open now, split by a hash of the address.
+    parts: Box<[crossbeam_utils::CachePadded<Mutex<IpCounts>>]>,
+}
+
+/// Connections per counted address, in one part of [`PerIp`].
+type IpCounts = HashMap<IpAddr, u64>;
+
+impl Default for PerIp {
+    fn default() -> Self {
+        PerIp {
+            parts: (0..PER_IP_PARTS).map(|_| Default::default()).collect(),
+        }
+    }
+}
+
+impl PerIp {
+    /// The address `ip` is counted under, or None if it is not counted: an IPv4-mapped IPv6
+    /// address counts as its IPv4 address; loopback is not counted when `exempt_loopback`.
+    /// An IPv6 address counts on its own, not as its /64: cloud subnets put many machines in
+    /// one /64, and together they would meet a limit meant for one.
+    pub fn key(ip: IpAddr, exempt_loopback: bool) -> Option<IpAddr> {
+        let ip = ip.to_canonical();
+        if exempt_loopback && ip.is_loopback() {
+            return None;
+        }
+        Some(ip)
+    }
+
+    fn part(&self, key: IpAddr) -> &Mutex<IpCounts> {
+        let hash = match key {
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            IpAddr::V6(v6) => {
+                let bits = u128::from(v6);
+                (bits >> 64) as u64 ^ bits as u64
+            }
+        };
+        // Mix the bits so that neighbouring addresses spread over the parts.
+        let mixed = hash.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 60;
+        &self.parts[(mixed as usize) & (PER_IP_PARTS - 1)]
+    }
+
+    // Every update is a single map operation, so a poisoned lock is still consistent.
+    fn lock(&self, key: IpAddr) -> std::sync::MutexGuard<'_, IpCounts> {
+        self.part(key).lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts one more connection from `key`, unless it has `max` already.
+    fn try_add(&self, key: IpAddr, max: u64) -> bool {
+        let mut part = self.lock(key);
+        let count = part.entry(key).or_insert(0);
+        if *count >= max {
+            if *count == 0 {
+                part.remove(&key);
+            }
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn remove(&self, key: IpAddr) {
+        let mut part = self.lock(key);
+        if let Some(count) = part.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                part.remove(&key);
+            }
+        }
+    }
+
+    /// Connections counted for `ip` now (0 if it is not counted).
+    pub fn count(&self, ip: IpAddr) -> u64 {
+        PerIp::key(ip, false).map_or(0, |key| self.lock(key).get(&key).copied().unwrap_or(0))
     }
 }
 
@@ -257,6 +379,34 @@ impl Drop for Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn addresses_are_counted_by_machine() {
+        let key = |s: &str, exempt| PerIp::key(s.parse().unwrap(), exempt);
+        assert_eq!(key("127.0.0.1", true), None);
+        assert_eq!(key("::1", true), None);
+        assert_eq!(key("::ffff:127.0.0.1", true), None);
+        assert_eq!(key("127.0.0.1", false), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(
+            key("::ffff:10.0.0.1", true),
+            Some("10.0.0.1".parse().unwrap())
+        );
+        assert_eq!(
+            key("2001:db8:1:2:aaaa::7", true),
+            Some("2001:db8:1:2:aaaa::7".parse().unwrap())
+        );
+        let per_ip = PerIp::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        assert!(per_ip.try_add(a, 2) && per_ip.try_add(a, 2));
+        assert!(!per_ip.try_add(a, 2));
+        assert_eq!(per_ip.count(a), 2);
+        per_ip.remove(a);
+        assert!(per_ip.try_add(a, 2));
+        per_ip.remove(a);
+        per_ip.remove(a);
+        assert_eq!(per_ip.count(a), 0);
+        assert!(per_ip.parts.iter().all(|p| p.lock().unwrap().is_empty()));
+    }
 
     #[test]
     fn shard_sets_list_their_members() {

@@ -5,9 +5,17 @@
 //! time at which the limiter would be back to full burst capacity. A request of `quantity` is
 //! allowed if, after adding `quantity` emission intervals to the TAT, the TAT is still within the
 //! burst tolerance of now. Names whose TAT has passed are back to their initial state, so they are
-//! dropped ([`RateLimits::evict`]) and memory does not grow with the names ever seen.
+//! dropped ([`RateLimits::evict_some`]) and memory does not grow with the names ever seen.
+//!
+//! Dropping them costs work in proportion to what expired, not to what is stored: each name
+//! has an entry in a min-heap of expiry times, made when the name is stored. An entry that
+//! comes due for a name whose TAT has moved on since is pushed back with the new TAT (lazy
+//! deletion), so a busy name costs one heap move per expiry it escapes, never one per request.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use hashbrown::HashTable;
 
 use crate::name::LockName;
 use crate::NameHasher;
@@ -91,47 +99,127 @@ pub fn decide(tat: Option<u128>, now: u128, limit: Limit) -> (Decision, u128) {
     }
 }
 
-/// One shard's limiters: name -> TAT (nanoseconds since the shard's clock origin).
+/// Heap entries looked at per eviction slice: bounds the time one slice keeps a shard from its
+/// clients (a few hundred microseconds), whatever number of names expired at once.
+pub const EVICT_SLICE: usize = 4096;
+
+/// One name's limiter.
+struct Limiter {
+    /// The name, stored once (the expiry heap finds it by its hash).
+    name: LockName,
+    /// Its TAT, in nanoseconds since the shard's clock origin (a u64 lasts 584 years).
+    tat: u64,
+}
+
+/// One shard's limiters: name -> TAT, and when each comes due for eviction.
 pub struct RateLimits {
-    tats: HashMap<LockName, u128, NameHasher>,
+    /// The table's hasher: the expiry heap keeps the hash, not the name.
+    hasher: NameHasher,
+    /// Every name with state.
+    limiters: HashTable<Limiter>,
+    /// (TAT when pushed, name's hash): at least one entry per stored name, due no later than
+    /// its TAT. The hash finds the name again without a copy of it.
+    expiry: BinaryHeap<Reverse<(u64, u64)>>,
+}
+
+/// A TAT as stored (saturating: a TAT past 584 years is as good as never).
+fn stored_tat(tat: u128) -> u64 {
+    u64::try_from(tat).unwrap_or(u64::MAX)
 }
 
 impl RateLimits {
     pub fn new(hasher: NameHasher) -> Self {
         RateLimits {
-            tats: HashMap::with_hasher(hasher),
+            hasher,
+            limiters: HashTable::new(),
+            expiry: BinaryHeap::new(),
         }
     }
 
     /// Applies one request at time `now`.
     pub fn apply(&mut self, name: &LockName, now: u128, limit: Limit) -> Decision {
-        let stored = self.tats.get(name.as_bytes()).copied();
+        let hash = self.hasher.hash_one(name.as_bytes());
+        let same = |l: &Limiter| l.name.as_bytes() == name.as_bytes();
+        let stored = self.limiters.find(hash, same).map(|l| u128::from(l.tat));
         let (decision, tat) = decide(stored, now, limit);
         if tat > now {
-            match self.tats.get_mut(name.as_bytes()) {
-                Some(slot) => *slot = tat,
+            let tat = stored_tat(tat);
+            match self.limiters.find_mut(hash, same) {
+                Some(limiter) => limiter.tat = tat,
                 None => {
-                    self.tats.insert(name.clone(), tat);
+                    let hasher = &self.hasher;
+                    self.limiters.insert_unique(
+                        hash,
+                        Limiter {
+                            name: name.clone(),
+                            tat,
+                        },
+                        |l| hasher.hash_one(l.name.as_bytes()),
+                    );
+                    self.expiry.push(Reverse((tat, hash)));
                 }
             }
         } else if stored.is_some() {
-            self.tats.remove(name.as_bytes());
+            // Back to full capacity: as good as never seen. Its heap entry finds nothing.
+            if let Ok(entry) = self.limiters.find_entry(hash, same) {
+                entry.remove();
+            }
         }
         decision
     }
 
-    /// Drops every name whose limiter is back to full capacity at `now`.
-    pub fn evict(&mut self, now: u128) {
-        self.tats.retain(|_, tat| *tat > now);
+    /// Drops names whose limiter is back to full capacity at `now`, looking at no more than
+    /// `budget` heap entries. Returns whether more are due (call again, after letting others
+    /// run).
+    pub fn evict_some(&mut self, now: u128, budget: usize) -> bool {
+        let now = stored_tat(now);
+        for _ in 0..budget {
+            let Some(&Reverse((due, hash))) = self.expiry.peek() else {
+                return false;
+            };
+            if due > now {
+                return false;
+            }
+            self.expiry.pop();
+            let hasher = &self.hasher;
+            // The name that pushed this entry, if it is still stored (another name of the same
+            // 64-bit hash has its own entry, and is as good a find).
+            let found = self
+                .limiters
+                .find_entry(hash, |l| hasher.hash_one(l.name.as_bytes()) == hash);
+            if let Ok(entry) = found {
+                let tat = entry.get().tat;
+                if tat <= now {
+                    entry.remove();
+                } else {
+                    // Used since: due again at its new TAT.
+                    self.expiry.push(Reverse((tat, hash)));
+                }
+            }
+        }
+        self.expiry
+            .peek()
+            .is_some_and(|&Reverse((due, _))| due <= now)
     }
 
     /// Names with state.
     pub fn len(&self) -> usize {
-        self.tats.len()
+        self.limiters.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.tats.is_empty()
+        self.limiters.is_empty()
+    }
+
+    /// Gives back memory once most names are gone (called when nothing is due, so never in
+    /// the middle of a mass expiry): a burst of names does not pin its peak for ever.
+    pub fn shrink_if_sparse(&mut self) {
+        if self.limiters.capacity() > 1024 && self.limiters.len() < self.limiters.capacity() / 4 {
+            let hasher = &self.hasher;
+            self.limiters
+                .shrink_to_fit(|l| hasher.hash_one(l.name.as_bytes()));
+            self.expiry.shrink_to_fit();
+        }
     }
 }
 
@@ -258,9 +346,50 @@ mod tests {
             limits.apply(&LockName::from(format!("n{i}").as_str()), 0, l);
         }
         assert_eq!(limits.len(), 100);
-        limits.evict(50 * MS);
+        assert!(!limits.evict_some(50 * MS, EVICT_SLICE));
         assert_eq!(limits.len(), 100);
-        limits.evict(100 * MS);
+        assert!(!limits.evict_some(100 * MS, EVICT_SLICE));
         assert!(limits.is_empty());
+    }
+
+    #[test]
+    fn eviction_is_sliced_and_spares_names_used_since() {
+        let mut limits = RateLimits::new(crate::name_hasher());
+        let l = limit(0, 1, 100, 1);
+        for i in 0..1000 {
+            limits.apply(&LockName::from(format!("n{i}").as_str()), 0, l);
+        }
+        // n0 is used again at 90 ms: its TAT moves to 200 ms.
+        assert!(
+            limits
+                .apply(&LockName::from("n0"), 90 * MS, limit(1, 1, 100, 1))
+                .allowed
+        );
+        // At 150 ms all but n0 are due; slices of 300 take four calls.
+        let mut calls = 0;
+        while limits.evict_some(150 * MS, 300) {
+            calls += 1;
+            assert!(calls < 10);
+        }
+        assert_eq!(calls, 3);
+        assert_eq!(limits.len(), 1);
+        // n0 kept its state: one more is refused.
+        assert!(
+            !limits
+                .apply(&LockName::from("n0"), 150 * MS, limit(0, 1, 100, 1))
+                .allowed
+        );
+        assert!(!limits.evict_some(300 * MS, 300));
+        assert!(limits.is_empty());
+        // A name dropped by a request and stored again is evicted once, not twice.
+        limits.apply(&LockName::from("again"), 400 * MS, l);
+        limits.apply(&LockName::from("again"), 500 * MS, limit(0, 1, 100, 0));
+        assert!(limits.is_empty());
+        limits.apply(&LockName::from("again"), 500 * MS, l);
+        assert!(!limits.evict_some(550 * MS, 300));
+        assert_eq!(limits.len(), 1);
+        assert!(!limits.evict_some(600 * MS, 300));
+        assert!(limits.is_empty());
+        limits.shrink_if_sparse();
     }
 }

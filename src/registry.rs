@@ -142,9 +142,75 @@ impl Registry {
     }
 }
 
+/// Whether `name` has the form of a connection id: `ip:port` (IPv4, or IPv6 with or without
+/// brackets, a scope allowed) or `unix:N`. `iam` refuses such a name: listings show a
+/// registered name where they would show the id, so a client registered under another
+/// connection's id would make its own locks look like that connection's.
+pub fn looks_like_conn_id(name: &[u8]) -> bool {
+    use std::net::{IpAddr, Ipv6Addr};
+    let Ok(name) = std::str::from_utf8(name) else {
+        return false; // every id is ASCII
+    };
+    let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some(n) = name.strip_prefix("unix:") {
+        return all_digits(n);
+    }
+    let Some((host, port)) = name.rsplit_once(':') else {
+        return false;
+    };
+    if !all_digits(port) {
+        return false;
+    }
+    let host = match host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        Some(bracketed) => {
+            let address = bracketed.split_once('%').map_or(bracketed, |(a, _)| a);
+            return address.parse::<Ipv6Addr>().is_ok();
+        }
+        None => host,
+    };
+    host.parse::<IpAddr>().is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_ids_are_recognised_and_ordinary_names_are_not() {
+        for id in [
+            "127.0.0.1:59210",
+            "10.1.2.3:0",
+            "[::1]:5000",
+            "[fe80::1%2]:5000",
+            "[2001:db8::7]:65535",
+            "::1:5000",
+            "2001:db8::1:80",
+            "::ffff:127.0.0.1:9",
+            "unix:1",
+            "unix:123456",
+        ] {
+            assert!(looks_like_conn_id(id.as_bytes()), "{id}");
+        }
+        for name in [
+            "",
+            "worker 1",
+            "unix:",
+            "unix:x",
+            "unix: 1",
+            "127.0.0.1",
+            "127.0.0.1:",
+            "127.0.0.1:port",
+            "host.example:80",
+            "[::1]",
+            "[::1]:",
+            "[nope]:80",
+            "::1",
+            "127.0.0.1:80 extra",
+        ] {
+            assert!(!looks_like_conn_id(name.as_bytes()), "{name}");
+        }
+        assert!(!looks_like_conn_id(b"\xff127.0.0.1:1"));
+    }
 
     #[test]
     fn names_replace_ids_in_listings_but_not_in_raw_dumps() {

@@ -392,6 +392,9 @@ impl Session {
             Request::Iam(name) if name.len() as u64 > server.config.max_name_bytes => {
                 Reply::NameTooLong.write_to(out)
             }
+            Request::Iam(name) if crate::registry::looks_like_conn_id(name.as_bytes()) => {
+                Reply::NameLooksLikeId.write_to(out)
+            }
             Request::Iam(name) => {
                 server.registry.set_name(conn, name.as_bytes());
                 if let Some(label) = &self.presence.label {

@@ -6,13 +6,19 @@
 //! The commands run through the same [`Session`] as TCP ones, on a shard thread like any other
 //! connection, so the locks, replies and stats are the same whichever door a client used.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -26,8 +32,90 @@ use crate::protocol;
 use crate::session::{PeerWatch, Session, Step};
 use crate::shard::ShardCore;
 
-/// How long a client may take to finish the websocket handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The websocket over a TCP stream that notes when bytes of a message not yet complete began
+/// to arrive, for `--line-timeout`.
+type Ws = WebSocketStream<Marked>;
+
+/// A TCP stream that remembers when it was first read from since the last complete message
+/// (the caller clears [`Marked::since`] after each one), so that a message left unfinished
+/// can be timed without a timer per message.
+struct Marked {
+    /// The client's connection.
+    stream: TcpStream,
+    /// When the first bytes after the last complete message were read.
+    since: Cell<Option<Instant>>,
+}
+
+impl AsyncRead for Marked {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if buf.filled().len() > before && this.since.get().is_none() {
+            this.since.set(Some(Instant::now()));
+        }
+        read
+    }
+}
+
+impl AsyncWrite for Marked {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// A message left unfinished for `--line-timeout`.
+struct Unfinished;
+
+/// The next message from the client. A timer is armed only once bytes of an unfinished
+/// message have arrived; if the message is still unfinished `limit` after its first bytes,
+/// the answer is [`Unfinished`].
+async fn next_message(
+    ws: &mut Ws,
+    limit: Option<Duration>,
+) -> Result<Option<Result<Message, WsError>>, Unfinished> {
+    // Bytes read before this call (while a command waited, into the stash) start no clock:
+    // timing restarts with the next read, which errs on the client's side.
+    ws.get_ref().since.set(None);
+    let mut timer: Option<Pin<Box<Sleep>>> = None;
+    let next = std::future::poll_fn(|cx| {
+        if let Poll::Ready(message) = ws.poll_next_unpin(cx) {
+            return Poll::Ready(Ok(message));
+        }
+        let (Some(limit), Some(since)) = (limit, ws.get_ref().since.get()) else {
+            return Poll::Pending;
+        };
+        let timer = timer.get_or_insert_with(|| {
+            let deadline = since.checked_add(limit).unwrap_or(since);
+            Box::pin(tokio::time::sleep_until(deadline))
+        });
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Unfinished)),
+            Poll::Pending => Poll::Pending,
+        }
+    });
+    let message = next.await;
+    // Complete: the next message's time starts with its first bytes. (Bytes of it already
+    // read along with this one are at most one read, and are timed from the next read.)
+    ws.get_ref().since.set(None);
+    message
+}
 
 /// Messages kept while a command waits (`gw`); past this, the connection is not read until
 /// the wait ends.
@@ -36,7 +124,7 @@ const STASH: usize = 64;
 /// Watches a websocket while a command waits: messages that arrive are kept for later, and a
 /// close frame, a dropped connection or an error means the client is gone.
 struct WsWatch<'a> {
-    ws: &'a mut WebSocketStream<TcpStream>,
+    ws: &'a mut Ws,
     stash: &'a mut VecDeque<Message>,
 }
 
@@ -82,9 +170,15 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             .then_some(response)
             .ok_or_else(forbidden)
     };
+    let stream = Marked {
+        stream,
+        since: Cell::new(None),
+    };
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(ws_config));
-    let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+    // Until the handshake is done the client holds a connection place without being one:
+    // --ws-handshake-timeout bounds how long.
+    let mut ws = match tokio::time::timeout(limits.ws_handshake_timeout, handshake).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             if config.verbose {
@@ -103,6 +197,8 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             return;
         }
     };
+    // The handshake's bytes were no message.
+    ws.get_ref().since.set(None);
     let farewell = Farewell::new(&core, &id);
     let mut session = Session::new(core.clone(), id, admission);
     let reason = run(&core, &mut ws, &mut session).await;
@@ -116,21 +212,21 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             | Disconnect::Idle
             | Disconnect::LineTooLong
             | Disconnect::BadText
+            | Disconnect::LineTimeout
             | Disconnect::Shutdown
     );
     if clean {
         let close = ws.close(None);
-        let _ =
-            tokio::time::timeout(limits.write_timeout.unwrap_or(HANDSHAKE_TIMEOUT), close).await;
+        let _ = tokio::time::timeout(
+            limits.write_timeout.unwrap_or(limits.ws_handshake_timeout),
+            close,
+        )
+        .await;
     }
 }
 
 /// Runs a websocket connection's messages until it ends, and says why.
-async fn run(
-    core: &Rc<ShardCore>,
-    ws: &mut WebSocketStream<TcpStream>,
-    session: &mut Session,
-) -> Disconnect {
+async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Disconnect {
     let limits = core.server.config.conn_limits();
     let write_timeout = limits.write_timeout;
     let idle_timeout = limits.idle_timeout;
@@ -150,9 +246,13 @@ async fn run(
             if let Some(message) = stashed {
                 return Ok(Some(Ok(message)));
             }
+            let next = next_message(ws, limits.line_timeout);
             match idle_timeout {
-                Some(limit) => tokio::time::timeout(limit, ws.next()).await,
-                None => Ok(ws.next().await),
+                Some(limit) => tokio::time::timeout(limit, next)
+                    .await
+                    .map_err(|_| Disconnect::Idle)?
+                    .map_err(|Unfinished| Disconnect::LineTimeout),
+                None => next.await.map_err(|Unfinished| Disconnect::LineTimeout),
             }
         };
         let message = tokio::select! {
@@ -160,7 +260,7 @@ async fn run(
             _ = core.conns.closing() => return Disconnect::Shutdown,
         };
         let data = match message {
-            Err(_) => return Disconnect::Idle,
+            Err(reason) => return reason,
             Ok(Some(Ok(Message::Text(text)))) => bytes::Bytes::from(text),
             Ok(Some(Ok(Message::Binary(data)))) => data,
             // Pings are answered by the library with the next write or read.
@@ -294,10 +394,7 @@ fn ended_by(error: &WsError) -> Disconnect {
 
 /// Sends what is buffered, within the write timeout; why the connection ends if the peer does
 /// not take it.
-async fn flush(
-    ws: &mut WebSocketStream<TcpStream>,
-    limit: Option<Duration>,
-) -> Result<(), Disconnect> {
+async fn flush(ws: &mut Ws, limit: Option<Duration>) -> Result<(), Disconnect> {
     let flushed = match limit {
         Some(limit) => match tokio::time::timeout(limit, ws.flush()).await {
             Ok(flushed) => flushed,
@@ -308,11 +405,7 @@ async fn flush(
     flushed.map_err(|e| ended_by(&e))
 }
 
-async fn send(
-    ws: &mut WebSocketStream<TcpStream>,
-    message: Message,
-    limit: Option<Duration>,
-) -> Result<(), Disconnect> {
+async fn send(ws: &mut Ws, message: Message, limit: Option<Duration>) -> Result<(), Disconnect> {
     ws.feed(message).await.map_err(|e| ended_by(&e))?;
     flush(ws, limit).await
 }

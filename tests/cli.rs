@@ -239,6 +239,53 @@ fn a_second_server_on_the_same_pidfile_refuses_to_start() {
 }
 
 #[test]
+fn a_pidfile_that_is_a_symbolic_link_is_refused_and_its_target_untouched() {
+    let dir = temp_dir("pidfile-link");
+    let target = dir.join("precious.conf");
+    std::fs::write(&target, "keep me\n").expect("target written");
+    let link = dir.join("glockd.pid");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&target, &link).expect("symlink");
+
+    let refused = Command::new(BIN)
+        .args([
+            "-bind",
+            "127.0.0.1",
+            "-ws=0",
+            "-metrics=off",
+            "-pidfile",
+            link.to_str().unwrap(),
+            "-port",
+            &free_port().to_string(),
+        ])
+        .output()
+        .expect("run");
+    assert!(
+        !refused.status.success(),
+        "started through a symlinked pidfile"
+    );
+    let reason = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        reason.contains("symbolic link"),
+        "no reason given: {reason}"
+    );
+    assert_eq!(
+        reason.trim().lines().count(),
+        1,
+        "one-line reason: {reason}"
+    );
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep me\n");
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link is left alone"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn sigterm_with_clients_connected_exits_cleanly() {
     use std::io::Write;
     let port = free_port();

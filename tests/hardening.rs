@@ -96,6 +96,35 @@ async fn registered_names_are_bounded(setup: Setup) {
         .await;
 }
 
+async fn a_name_in_the_form_of_a_connection_id_is_refused(setup: Setup) {
+    let server = TestServer::start_with(setup, |c| c.dump = true);
+    let mut victim = server.connect().await;
+    let victim_id = victim.id();
+    let mut client = server.connect().await;
+    client.check("iam honest\n", "1 ok\n").await;
+    for id in [
+        victim_id.as_str(),
+        "127.0.0.1:59210",
+        "[::1]:5000",
+        "::1:5000",
+        "unix:1",
+    ] {
+        client
+            .check(&format!("iam {id}\n"), "0 Name Looks Like An Id\n")
+            .await;
+    }
+    // The refusal left the earlier name in place, and listings show it, not the victim's id.
+    client.check("g mine\n", "1 Got Lock\n").await;
+    client.check("d mine\n", "mine: honest\n").await;
+    client
+        .check("me\n", &format!("1 {} honest\n", client.id()))
+        .await;
+    // Names that merely contain a colon or an address are still fine.
+    client.check("iam host.example:80\n", "1 ok\n").await;
+    client.check("iam 127.0.0.1\n", "1 ok\n").await;
+    victim.check("i mine\n", "1 Locked\n").await;
+}
+
 async fn framed_replies_count_their_lines(setup: Setup) {
     let server = TestServer::start_with(setup, |c| c.dump = true);
     let mut client = server.connect().await;
@@ -169,6 +198,7 @@ for_each_transport!(
     q_right_after_a_wait_counts_it,
     replies_before_a_wait_are_sent_before_it_waits,
     registered_names_are_bounded,
+    a_name_in_the_form_of_a_connection_id_is_refused,
 );
 
 /// How a byte stream's over-long line is refused (a websocket message is bounded by the
@@ -196,4 +226,238 @@ mod byte_streams {
     }
 
     crate::for_each_byte_stream!(an_over_long_line_is_refused_after_the_commands_before_it);
+}
+
+/// How long an unfinished line is kept (a websocket message arrives whole instead).
+mod unfinished_lines {
+    use std::time::{Duration, Instant};
+
+    use super::common::{self, Setup, TestServer};
+
+    async fn an_unfinished_line_closes_the_connection_after_the_line_timeout(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.line_timeout = 1);
+        let mut slow = server.connect().await;
+        slow.check("g held\n", "1 Got Lock\n").await;
+        let started = Instant::now();
+        // Half a line, and nothing more.
+        slow.send("g x").await;
+        // Everyone else is served meanwhile, and the slow client keeps its lock until then.
+        let mut other = server.connect().await;
+        while started.elapsed() < Duration::from_millis(700) {
+            other.check("i held\n", "1 Locked\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        slow.expect_closed().await;
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "closed after {took:?}"
+        );
+        server
+            .wait_for_stats("the slow client's lock orphaned", |s| {
+                s["orphans"] == 1 && s["locks"] == 0
+            })
+            .await;
+        // The half line was never a command: nothing counted as invalid.
+        assert_eq!(server.stats().invalid_commands, 0);
+        other.check("g x\n", "1 Got Lock\n").await;
+    }
+
+    async fn a_line_that_finishes_in_time_keeps_the_connection(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.line_timeout = 1);
+        let mut client = server.connect().await;
+        // Each line is finished well within the timeout, but an unfinished one is always
+        // waiting: the clock starts again with each new line.
+        client.send("g a").await;
+        for i in 0..8 {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            client.send(format!("\ni a{i}")).await;
+            let expected = if i == 0 {
+                "1 Got Lock\n"
+            } else {
+                "0 Not Locked\n"
+            };
+            client.expect(expected).await;
+        }
+        client.check("\ni a\n", "0 Not Locked\n1 Locked\n").await;
+    }
+
+    crate::for_each_byte_stream!(
+        an_unfinished_line_closes_the_connection_after_the_line_timeout,
+        a_line_that_finishes_in_time_keeps_the_connection,
+    );
+}
+
+/// How long a websocket client may take over its handshake, and over one message.
+mod websocket_timeouts {
+    use std::time::{Duration, Instant};
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_message_left_unfinished_closes_the_connection_after_the_line_timeout() {
+        let setup = Setup {
+            shards: 1,
+            transport: Transport::Ws,
+        };
+        let server = TestServer::start_with(setup, |c| c.line_timeout = 1);
+        let addr = server.ws_addr.expect("websocket door");
+        let mut slow = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        slow.write_all(
+            b"GET / HTTP/1.1\r\nHost: glockd\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .expect("handshake request");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            slow.read_exact(&mut byte)
+                .await
+                .expect("handshake response");
+            head.push(byte[0]);
+        }
+        assert!(
+            head.starts_with(b"HTTP/1.1 101"),
+            "{:?}",
+            String::from_utf8_lossy(&head)
+        );
+        // A binary frame announcing 1000 bytes, masked (as clients must), with only 10 sent.
+        let started = Instant::now();
+        slow.write_all(&[0x82, 0x80 | 126, 0x03, 0xE8, 0, 0, 0, 0])
+            .await
+            .expect("frame head");
+        slow.write_all(b"g x g x g ").await.expect("part of it");
+        // Others are served meanwhile.
+        let mut other = server.connect().await;
+        while started.elapsed() < Duration::from_millis(700) {
+            other.check("i x\n", "0 Not Locked\n").await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest))
+            .await
+            .expect("closed in time");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "closed after {took:?}"
+        );
+        other.check("g x\n", "1 Got Lock\n").await;
+    }
+
+    use super::common::{Setup, TestServer, Transport};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_websocket_client_that_never_finishes_its_handshake_is_closed() {
+        let setup = Setup {
+            shards: 1,
+            transport: Transport::Ws,
+        };
+        let server = TestServer::start_with(setup, |c| c.ws_handshake_timeout = 1);
+        let addr = server.ws_addr.expect("websocket door");
+        let started = Instant::now();
+        let mut silent = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        // Others still get in and are served.
+        let mut other = server.connect().await;
+        other.check("i x\n", "0 Not Locked\n").await;
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), silent.read_to_end(&mut rest))
+            .await
+            .expect("closed in time");
+        assert!(read.is_ok() || rest.is_empty());
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(900) && took < Duration::from_secs(5),
+            "closed after {took:?}"
+        );
+    }
+}
+
+/// `--max-connections-per-ip`: one address cannot take every place.
+mod per_ip {
+    use std::time::{Duration, Instant};
+
+    use super::common::{Raw, Setup, TestServer, Transport, REPLY_TIMEOUT};
+
+    fn limited(setup: Setup) -> TestServer {
+        TestServer::start_with(setup, |c| {
+            c.max_connections_per_ip = 3;
+            c.per_ip_exempt_loopback = false;
+        })
+    }
+
+    /// Connects over TCP until admitted (a place freed by a close is given back right after
+    /// the close is seen, not at once).
+    async fn connect_when_admitted(server: &TestServer) -> Raw {
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let mut client = Raw::connect(server.addr).await;
+            client.send("i probe\n").await;
+            if client.line().await == "0 Not Locked\n" {
+                return client;
+            }
+            assert!(Instant::now() < deadline, "no place was freed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn the_fourth_connection_from_one_address_is_refused(setup: Setup) {
+        let server = limited(setup);
+        let mut a = Raw::connect(server.addr).await;
+        let mut b = Raw::connect(server.addr).await;
+        let c = Raw::connect(server.addr).await;
+        a.check("g mine\n", "1 Got Lock\n").await;
+        let mut refused = Raw::connect(server.addr).await;
+        refused.expect("0 Too Many Connections\n").await;
+        refused.expect_closed().await;
+        // The websocket door counts the same address too, and refuses in HTTP.
+        let ws = server.ws_addr.expect("websocket door");
+        let error = tokio_tungstenite::connect_async(format!("ws://{ws}/"))
+            .await
+            .expect_err("refused");
+        assert!(error.to_string().contains("503"), "{error}");
+        b.check("i mine\n", "1 Locked\n").await;
+        // One closing frees a place.
+        drop(c);
+        let mut d = connect_when_admitted(&server).await;
+        d.check("g mine\n", "0 Cannot Get Lock\n").await;
+        assert_eq!(server.stats().connections, 3);
+    }
+
+    async fn loopback_is_exempt_by_default(setup: Setup) {
+        let server = TestServer::start_with(setup, |c| c.max_connections_per_ip = 2);
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            let mut client = Raw::connect(server.addr).await;
+            client.check("i x\n", "0 Not Locked\n").await;
+            clients.push(client);
+        }
+    }
+
+    mod tcp_1 {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_fourth_connection_from_one_address_is_refused() {
+            super::the_fourth_connection_from_one_address_is_refused(super::setup(1)).await
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn loopback_is_exempt_by_default() {
+            super::loopback_is_exempt_by_default(super::setup(1)).await
+        }
+    }
+
+    mod tcp_4 {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_fourth_connection_from_one_address_is_refused() {
+            super::the_fourth_connection_from_one_address_is_refused(super::setup(4)).await
+        }
+    }
+
+    /// TCP for the test connections, with the websocket door open too.
+    fn setup(shards: u16) -> Setup {
+        Setup {
+            shards,
+            transport: Transport::Ws,
+        }
+    }
 }

@@ -486,3 +486,66 @@ fn regex_escape(s: &str) -> String {
         .collect::<String>()
         .replace('\\', "\\\\")
 }
+
+#[test]
+fn metrics_connections_over_the_cap_are_closed_at_once_and_counted() {
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = Config {
+        shards: Some(1),
+        pin: false,
+        metrics_max_connections: 2,
+        ..Config::default()
+    };
+    let server = glockd::start_with_listeners(
+        config,
+        Listeners {
+            tcp: Some(bind()),
+            metrics: Some(bind()),
+            ..Listeners::default()
+        },
+    )
+    .unwrap();
+    let addr = server.metrics_addr().unwrap();
+    // Two idle connections take both places (the endpoint would wait 10 s for their requests).
+    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let mut extra = TcpStream::connect(addr).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut answer = Vec::new();
+    // Closed at once: a 503, or a reset if the close beat the read.
+    let _ = extra.read_to_end(&mut answer);
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "held for {:?}",
+        started.elapsed()
+    );
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+        "{answer}"
+    );
+    // A place comes back when an idle one goes; the scrape counts the refusal.
+    drop(idle);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let mut stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let _ = write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        if let Some((head, body)) = response.split_once("\r\n\r\n") {
+            if head.starts_with("HTTP/1.1 200") {
+                break body.to_owned();
+            }
+        }
+        assert!(Instant::now() < deadline, "no place came back");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let refused = samples(&body)["glockd_metrics_connections_refused_total"][""];
+    assert!(refused >= 1.0, "{refused}");
+}

@@ -38,6 +38,9 @@ pub enum Reply {
     Usage(Verb),
     /// `iam`: a name longer than `--max-name-bytes`.
     NameTooLong,
+    /// `iam`: a name in the form of a connection id (`ip:port`, `unix:N`), which would let
+    /// this connection's locks pass for another's in the listings.
+    NameLooksLikeId,
     /// `framed`: multi-line replies are counted from now on.
     Framed,
 }
@@ -63,6 +66,7 @@ impl Reply {
             Reply::RegisteredName => b"1 ok\n",
             Reply::LimitReached => b"0 Lock Limit Reached\n",
             Reply::NameTooLong => b"0 Name Too Long\n",
+            Reply::NameLooksLikeId => b"0 Name Looks Like An Id\n",
             Reply::Framed => b"1 Framed\n",
             Reply::GotToken(token) => {
                 out.extend_from_slice(b"1 ");

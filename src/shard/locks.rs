@@ -210,16 +210,23 @@ impl ShardCore {
             .set_wait_timer(kind, &name, id, timer.abort_handle());
     }
 
-    /// Forgets rate limiters that are back to full capacity, once a second, for the life of
-    /// the shard.
+    /// Forgets rate limiters that are back to full capacity, for the life of the shard: once
+    /// a second, a slice at a time, letting this thread's clients run between slices until
+    /// nothing more is due (the work is what expired, never a scan of every name).
     pub async fn evict_rate_limits(self: Rc<Self>) {
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
-            let mut table = self.table.borrow_mut();
-            if table.rate_limit_len() > 0 {
-                table.evict_rate_limits();
+            loop {
+                let more = {
+                    let mut table = self.table.borrow_mut();
+                    table.evict_rate_limits()
+                };
+                if !more {
+                    break;
+                }
+                tokio::task::yield_now().await;
             }
         }
     }

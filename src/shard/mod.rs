@@ -56,6 +56,8 @@ pub struct ServerState {
     next_conn: AtomicU64,
     /// Connections open now, for `--max-connections` (see [`crate::lifecycle::Admission`]).
     pub live_connections: AtomicU64,
+    /// Connections open now per client address, for `--max-connections-per-ip`.
+    pub per_ip: crate::lifecycle::PerIp,
     /// Unix socket connections so far: their ids are `unix:1`, `unix:2`… as in the original.
     unix_connections: AtomicU64,
     /// Each shard's own port (`-shard-port`), in shard order, for the `shards` reply.
@@ -83,6 +85,7 @@ impl ServerState {
             fencing,
             next_conn: AtomicU64::new(1),
             live_connections: AtomicU64::new(0),
+            per_ip: crate::lifecycle::PerIp::default(),
             unix_connections: AtomicU64::new(0),
             measure_latency,
             shard_ports,

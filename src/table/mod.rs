@@ -186,10 +186,15 @@ impl ShardTable {
         self.started.elapsed().as_nanos()
     }
 
-    /// Forgets rate limiters that are back to full capacity.
-    pub fn evict_rate_limits(&mut self) {
+    /// Forgets up to a slice of rate limiters that are back to full capacity; true if more
+    /// are due. Gives memory back when nothing is due and most limiters are gone.
+    pub fn evict_rate_limits(&mut self) -> bool {
         let now = self.monotonic_ns();
-        self.limits.evict(now);
+        let more = self.limits.evict_some(now, crate::ratelimit::EVICT_SLICE);
+        if !more {
+            self.limits.shrink_if_sparse();
+        }
+        more
     }
 
     /// Rate limiters with state.

@@ -1,0 +1,64 @@
+//! Measures what `rl` state costs per name, and what clearing it costs: one shard's limiters
+//! for N distinct 16-byte names with a long period (so none expires while they are made), the
+//! resident memory they add, then the time each eviction pass takes once they have all
+//! expired.
+//!
+//! `cargo run --release --example rl_memory [NAMES]`
+
+use std::time::Instant;
+
+use glockd::ratelimit::{Limit, RateLimits};
+use glockd::LockName;
+
+fn main() {
+    let names: u64 = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1_000_000);
+    let day_ms = 24 * 60 * 60 * 1000;
+    let limit = Limit {
+        burst: 1,
+        count: 1,
+        period_ms: day_ms,
+        quantity: 1,
+    };
+    let rss_before = rss_kib();
+    let mut limits = RateLimits::new(glockd::name_hasher());
+    for i in 0..names {
+        let name = LockName::from(format!("rl-name-{i:08}").as_str());
+        limits.apply(&name, 0, limit);
+    }
+    let rss_after = rss_kib();
+    let bytes = (rss_after - rss_before) as f64 * 1024.0 / names as f64;
+    println!(
+        "{names} limiters: {} KiB resident, {bytes:.1} bytes per name",
+        rss_after - rss_before
+    );
+    // Every limiter is back to full capacity after two days: evict them, pass by pass.
+    let later = u128::from(2 * day_ms) * 1_000_000;
+    let started = Instant::now();
+    let mut passes = 0u64;
+    let mut worst = std::time::Duration::ZERO;
+    while !limits.is_empty() {
+        let pass = Instant::now();
+        limits.evict_some(later, glockd::ratelimit::EVICT_SLICE);
+        worst = worst.max(pass.elapsed());
+        passes += 1;
+    }
+    println!(
+        "evicted in {:?} over {passes} passes, longest pass {worst:?}",
+        started.elapsed()
+    );
+}
+
+fn rss_kib() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

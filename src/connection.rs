@@ -25,6 +25,7 @@ use crate::protocol::{self, Request};
 use crate::routing::Gone;
 use crate::session::{NoWatch, PeerWatch, Session, Step};
 use crate::shard::ShardCore;
+use crate::stats::CloseReason;
 
 /// Most lines run per batch before their replies are written: bounds the work between two
 /// writes, and lets a client that pipelines a million commands share its thread.
@@ -292,6 +293,7 @@ where
                 Ok(more) => more,
                 Err(Stop::LineTooLong) => {
                     session.core().cell().invalid_commands.add(1);
+                    core.cell().closed_because(CloseReason::LineTooLong);
                     buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
                     return finish(&mut stream, &mut buffers, &limits).await;
                 }
@@ -303,6 +305,7 @@ where
         // unread is not reading them: cut it off.
         let backlogged = buffers.unsent() > limits.max_unsent;
         if backlogged && buffers.input.pending() > read_ahead {
+            core.cell().closed_because(CloseReason::UnreadReplies);
             if core.server.config.verbose {
                 eprintln!(
                     "glockd: a client kept sending with more than --max-unsent-bytes unread; \
@@ -388,6 +391,7 @@ where
             Err(_) => return, // reset, broken pipe…: the client is gone.
         };
         if event.stalled {
+            core.cell().closed_because(CloseReason::WriteTimeout);
             if core.server.config.verbose {
                 eprintln!(
                     "glockd: a client did not read its replies for --write-timeout; closing it"
@@ -396,6 +400,7 @@ where
             return;
         }
         if event.idle {
+            core.cell().closed_because(CloseReason::IdleTimeout);
             return finish(&mut stream, &mut buffers, &limits).await;
         }
         if event.read {

@@ -171,6 +171,7 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
                 // Out of file descriptors or memory, or a connection reset before we got to it:
                 // none is fatal. Back off so a persistent error does not spin the thread.
                 eprintln!("glockd: accept failed: {e}");
+                core.cell().accept_errors.add(1);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -210,6 +211,8 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
 /// Turns away a connection over `--max-connections` with one line of explanation, best
 /// effort (never waiting on this client).
 fn refuse(core: &ShardCore, accepted: Accepted) {
+    core.cell()
+        .refused(crate::stats::RefuseReason::MaxConnections);
     let who = match accepted {
         Accepted::Tcp(stream, peer) => {
             let _ = stream.try_write(protocol::TOO_MANY_CONNECTIONS);

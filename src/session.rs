@@ -81,6 +81,8 @@ pub struct Session {
     results: Vec<Vec<Reply>>,
     /// Commands per verb since the last `record_latency`, when latency is being measured.
     batch_verbs: Option<[u32; Verb::COUNT]>,
+    /// Time since the last `record_latency` spent waiting for locks, left out of it.
+    waited: std::time::Duration,
 }
 
 impl Session {
@@ -95,6 +97,7 @@ impl Session {
             outgoing: (0..shards).map(|_| Outgoing::default()).collect(),
             results: vec![Vec::new(); shards],
             batch_verbs: measure.then_some([0; Verb::COUNT]),
+            waited: std::time::Duration::ZERO,
         }
     }
 
@@ -145,7 +148,9 @@ impl Session {
             return Step::Done;
         }
         match request {
-            Request::Usage(verb) => self.reply(Reply::Usage(verb), out),
+            Request::Usage(verb) => {
+                self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out)
+            }
             Request::Lock { op, name } => {
                 let (shard, hash) = self.core().server.router.route(name.as_bytes());
                 // A lock allowance is shared by all shards, so with one, commands on different
@@ -199,7 +204,7 @@ impl Session {
                 WaitKind::Exclusive => Verb::GetWait,
                 WaitKind::Shared { .. } => Verb::SharedGetWait,
             };
-            self.reply(Reply::Usage(verb), out);
+            self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out);
             return Ok(());
         }
         self.flush(out).await?;
@@ -216,6 +221,7 @@ impl Session {
             reply,
         };
         let core = self.presence.core.clone();
+        let asked = std::time::Instant::now();
         if shard == core.id {
             core.start_wait(request);
         } else {
@@ -238,6 +244,7 @@ impl Session {
         .await;
         match decided {
             Some(reply) => {
+                self.waited += core.cell().waited(kind, reply, asked);
                 reply.write_to(out);
                 Ok(())
             }
@@ -253,11 +260,13 @@ impl Session {
     }
 
     /// Records the commands run since the last call as having taken `elapsed` each: the time
-    /// from reading their batch to all of its replies being ready, mailbox hops included.
+    /// from reading their batch to all of its replies being ready, mailbox hops included, and
+    /// time spent waiting for locks left out.
     pub fn record_latency(&mut self, elapsed: std::time::Duration) {
         let Some(counts) = &mut self.batch_verbs else {
             return;
         };
+        let elapsed = elapsed.saturating_sub(std::mem::take(&mut self.waited));
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let cell = self.presence.core.cell();
         for (verb, count) in counts.iter_mut().enumerate() {

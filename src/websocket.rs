@@ -127,6 +127,8 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
             Some(Ok(Message::Close(_))) | None => break,
             Some(Err(WsError::Capacity(_))) => {
                 session.core().cell().invalid_commands.add(1);
+                core.cell()
+                    .closed_because(crate::stats::CloseReason::LineTooLong);
                 let reply = Message::binary(protocol::LINE_TOO_LONG);
                 let _ = send(&mut ws, reply, write_timeout).await;
                 break;

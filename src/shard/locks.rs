@@ -145,7 +145,8 @@ impl ShardCore {
         hash: u64,
         name: &LockName,
     ) -> Reply {
-        self.with_table(|table| table.apply(conn, op, hash, name, quota))
+        let reply = self.with_table(|table| table.apply(conn, op, hash, name, quota));
+        self.cell().counted(op.verb(), reply)
     }
 
     /// Applies `ops` in order, appending a reply for each.
@@ -156,11 +157,14 @@ impl ShardCore {
         ops: &[RoutedOp],
         replies: &mut Vec<Reply>,
     ) {
+        let cell = self.cell();
         self.with_table(|table| {
-            replies.extend(
-                ops.iter()
-                    .map(|op| table.apply(conn, op.op, op.hash, &op.name, quota)),
-            )
+            replies.extend(ops.iter().map(|op| {
+                cell.counted(
+                    op.op.verb(),
+                    table.apply(conn, op.op, op.hash, &op.name, quota),
+                )
+            }))
         });
     }
 

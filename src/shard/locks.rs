@@ -99,6 +99,8 @@ pub enum LockMsg {
         name: Option<(u64, LockName)>,
         done: oneshot::Sender<Listing>,
     },
+    /// A health check (`/healthz`): answered at once, which shows the shard's loop is serving.
+    Ping(oneshot::Sender<()>),
 }
 
 impl ShardCore {
@@ -351,6 +353,9 @@ impl ShardCore {
             }
             LockMsg::Orphan { conn, departure } => self.orphan(conn, departure),
             LockMsg::Wait(request) => self.start_wait(request),
+            LockMsg::Ping(done) => {
+                let _ = done.send(());
+            }
             LockMsg::List { kind, name, done } => {
                 let core = self.clone();
                 tokio::task::spawn_local(async move {

@@ -295,7 +295,7 @@ where
                     session.core().cell().invalid_commands.add(1);
                     core.cell().closed_because(CloseReason::LineTooLong);
                     buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
-                    return finish(&mut stream, &mut buffers, &limits).await;
+                    return finish(&mut stream, &mut buffers, &limits, session).await;
                 }
                 Err(Stop::Gone) => return,
             };
@@ -327,7 +327,7 @@ where
                     return;
                 }
             }
-            return finish(&mut stream, &mut buffers, &limits).await;
+            return finish(&mut stream, &mut buffers, &limits, session).await;
         }
 
         // While replies pile up, input is still read (up to the read-ahead) to see whether the
@@ -401,7 +401,7 @@ where
         }
         if event.idle {
             core.cell().closed_because(CloseReason::IdleTimeout);
-            return finish(&mut stream, &mut buffers, &limits).await;
+            return finish(&mut stream, &mut buffers, &limits, session).await;
         }
         if event.read {
             if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
@@ -413,11 +413,20 @@ where
     }
 }
 
-/// Writes what is left of the replies (bounded by the write timeout), then closes the stream.
-async fn finish<S: AsyncWrite + Unpin>(stream: &mut S, buffers: &mut Buffers, limits: &ConnLimits) {
+/// Writes what is left of the replies (bounded by the write timeout), ends the session, then
+/// closes the stream.
+async fn finish<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    buffers: &mut Buffers,
+    limits: &ConnLimits,
+    session: Session,
+) {
     let rest = &buffers.out[buffers.written..];
     let done = async {
         stream.write_all(rest).await?;
+        // Counted closed (and its locks on their way out) before the client can see the
+        // close, so a client that reads the close and then asks `q` finds it gone.
+        drop(session);
         stream.shutdown().await
     };
     match limits.write_timeout {

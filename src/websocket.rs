@@ -203,6 +203,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
         }
         unflushed = 0;
     }
+    drop(session); // counted closed before the client can see the close
     let close = ws.close(None);
     let _ = tokio::time::timeout(write_timeout.unwrap_or(HANDSHAKE_TIMEOUT), close).await;
 }

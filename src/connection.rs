@@ -26,6 +26,7 @@ use crate::protocol::{self, Request};
 use crate::routing::Gone;
 use crate::session::{NoWatch, PeerWatch, Session, Step};
 use crate::shard::ShardCore;
+use crate::stats::CloseReason;
 
 /// Most lines run per batch before their replies are written: bounds the work between two
 /// writes, and lets a client that pipelines a million commands share its thread.
@@ -77,6 +78,32 @@ pub(crate) enum Disconnect {
 }
 
 impl Disconnect {
+    /// The server's own reasons to close, as the metrics count them (`None`: the client's
+    /// doing, or the server stopping).
+    pub(crate) fn close_reason(self) -> Option<CloseReason> {
+        Some(match self {
+            Disconnect::LineTooLong => CloseReason::LineTooLong,
+            Disconnect::UnsentLimit => CloseReason::UnreadReplies,
+            Disconnect::WriteTimeout => CloseReason::WriteTimeout,
+            Disconnect::Idle => CloseReason::IdleTimeout,
+            _ => return None,
+        })
+    }
+
+    /// Whether the connection ended in good order, so that closing it politely (a FIN, a
+    /// websocket close frame) can still reach the client.
+    pub(crate) fn is_clean(self) -> bool {
+        matches!(
+            self,
+            Disconnect::Eof
+                | Disconnect::Idle
+                | Disconnect::LineTooLong
+                | Disconnect::LineTimeout
+                | Disconnect::BadText
+                | Disconnect::Shutdown
+        )
+    }
+
     /// The reason as a log field's value.
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -475,14 +502,33 @@ where
 {
     let farewell = Farewell::new(&core, &id_text);
     let mut session = Session::new(core.clone(), id_text, admission);
-    let reason = run(&core, stream, &mut session).await;
+    let mut stream = stream;
+    let reason = run(&core, &mut stream, &mut session).await;
+    if let Some(why) = reason.close_reason() {
+        core.cell().closed_because(why);
+    }
     // Said before the session goes (and with it the connection's locks), so the disconnect
     // line comes before the orphan lines.
     farewell.say(reason);
+    // The connection is counted closed (and its locks are on their way out) before the client
+    // can see the close, so a client that reads the close and then asks `q` finds it gone.
+    drop(session);
+    if reason.is_clean() {
+        let limit = core.server.config.conn_limits().write_timeout;
+        let shutdown = stream.shutdown();
+        match limit {
+            Some(limit) => {
+                let _ = tokio::time::timeout(limit, shutdown).await;
+            }
+            None => {
+                let _ = shutdown.await;
+            }
+        }
+    }
 }
 
 /// Runs a connection's I/O until it ends, and says why.
-async fn run<S>(core: &Rc<ShardCore>, mut stream: S, session: &mut Session) -> Disconnect
+async fn run<S>(core: &Rc<ShardCore>, stream: &mut S, session: &mut Session) -> Disconnect
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -509,7 +555,7 @@ where
         // before any more lines run.
         if buffers.unsent() <= limits.max_unsent {
             let started = session.measures_latency().then(std::time::Instant::now);
-            let ran = buffers.run_lines(session, &limits, &mut stream).await;
+            let ran = buffers.run_lines(session, &limits, stream).await;
             if let Some(started) = started {
                 session.record_latency(started.elapsed());
             }
@@ -524,7 +570,7 @@ where
                 Err(Stop::LineTooLong) => {
                     session.core().cell().invalid_commands.add(1);
                     buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
-                    finish(&mut stream, &mut buffers, &limits).await;
+                    finish(stream, &mut buffers, &limits).await;
                     return Disconnect::LineTooLong;
                 }
                 Err(Stop::Gone) => return Disconnect::gone(core),
@@ -552,7 +598,7 @@ where
                     return Disconnect::gone(core);
                 }
             }
-            finish(&mut stream, &mut buffers, &limits).await;
+            finish(stream, &mut buffers, &limits).await;
             return if eof {
                 Disconnect::Eof
             } else {
@@ -566,7 +612,7 @@ where
         let mut closing = pin!(core.conns.closing());
         let event = std::future::poll_fn(|cx| {
             let mut event = Event::default();
-            match buffers.poll_write_out(&mut stream, cx) {
+            match buffers.poll_write_out(stream, cx) {
                 Ok(true) => {
                     if let (Some(timer), Some(d)) = (stall.as_mut(), limits.write_timeout) {
                         timer.as_mut().reset(deadline_in(d));
@@ -593,7 +639,7 @@ where
                     input.reserve(room);
                 }
                 let spare = input.capacity() - input.len();
-                match tokio_util::io::poll_read_buf(Pin::new(&mut stream), cx, input) {
+                match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, input) {
                     Poll::Ready(Ok(0)) => event.eof = true,
                     Poll::Ready(Ok(n)) => {
                         // A read that fills the room it had means more is coming.
@@ -631,13 +677,13 @@ where
             return Disconnect::WriteTimeout;
         }
         if event.idle {
-            finish(&mut stream, &mut buffers, &limits).await;
+            finish(stream, &mut buffers, &limits).await;
             return Disconnect::Idle;
         }
         if event.unfinished && !event.read && unfinished.expired(&buffers) {
             // Not an invalid command (it never arrived): the replies so far go out, then the
             // connection closes.
-            finish(&mut stream, &mut buffers, &limits).await;
+            finish(stream, &mut buffers, &limits).await;
             return Disconnect::LineTimeout;
         }
         if event.read {
@@ -650,19 +696,17 @@ where
     }
 }
 
-/// Writes what is left of the replies (bounded by the write timeout), then closes the stream.
+/// Writes what is left of the replies (bounded by the write timeout); [`serve`] closes the
+/// stream once the connection is counted gone.
 async fn finish<S: AsyncWrite + Unpin>(stream: &mut S, buffers: &mut Buffers, limits: &ConnLimits) {
     let rest = &buffers.out[buffers.written..];
-    let done = async {
-        stream.write_all(rest).await?;
-        stream.shutdown().await
-    };
+    let write = stream.write_all(rest);
     match limits.write_timeout {
         Some(limit) => {
-            let _ = tokio::time::timeout(limit, done).await;
+            let _ = tokio::time::timeout(limit, write).await;
         }
         None => {
-            let _ = done.await;
+            let _ = write.await;
         }
     }
 }

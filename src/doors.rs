@@ -206,6 +206,7 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
                     retry_ms = backoff.as_millis() as u64,
                     "accept failed"
                 );
+                core.cell().accept_errors.add(1);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
@@ -256,6 +257,10 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
 /// Turns away a connection over `--max-connections` (or `--max-connections-per-ip`) with one
 /// line of explanation, best effort (never waiting on this client).
 fn refuse(core: &ShardCore, accepted: Accepted, refusal: Refusal) {
+    core.cell().refused(match refusal {
+        Refusal::Full => crate::stats::RefuseReason::MaxConnections,
+        Refusal::PerIp => crate::stats::RefuseReason::MaxConnectionsPerIp,
+    });
     let who = match accepted {
         Accepted::Tcp(stream, peer) => {
             let _ = stream.try_write(protocol::TOO_MANY_CONNECTIONS);

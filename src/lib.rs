@@ -28,7 +28,7 @@
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
-//! - [`exporter`]: the Prometheus `/metrics` endpoint.
+//! - [`exporter`]: the Prometheus `/metrics` endpoint and the `/healthz` check.
 //! - [`pidfile`]: the flock'ed pidfile.
 //! - [`logging`]: log lines through a bounded queue and a writer thread of their own, so a
 //!   stuck stderr costs lines (counted), never service.

@@ -354,6 +354,8 @@ impl Presence {
 impl Drop for Presence {
     fn drop(&mut self) {
         let server = &self.core.server;
+        // Counted closed before its orphans are posted: a `q` that shows them shows it gone.
+        self.core.cell().connections_closed.add(1);
         // The registry record stays until every shard has released this connection's locks
         // (see `Departure`), so listings never show a holder without its id.
         let departure = Arc::new(Departure {
@@ -371,7 +373,6 @@ impl Drop for Presence {
                 },
             );
         }
-        self.core.cell().connections_closed.add(1);
         self.core.conns.closed();
     }
 }

@@ -85,6 +85,8 @@ pub struct Session {
     batch_verbs: Option<[u32; Verb::COUNT]>,
     /// After `framed`: multi-line replies start with a line counting them.
     framed: bool,
+    /// Time since the last `record_latency` spent waiting for locks, left out of it.
+    waited: std::time::Duration,
 }
 
 impl Session {
@@ -100,6 +102,7 @@ impl Session {
             results: vec![Vec::new(); shards],
             batch_verbs: measure.then_some([0; Verb::COUNT]),
             framed: false,
+            waited: std::time::Duration::ZERO,
         }
     }
 
@@ -150,7 +153,9 @@ impl Session {
             return Step::Done;
         }
         match request {
-            Request::Usage(verb) => self.reply(Reply::Usage(verb), out),
+            Request::Usage(verb) => {
+                self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out)
+            }
             Request::Lock { op, name } => {
                 let (shard, hash) = self.core().server.router.route(name.as_bytes());
                 // A lock allowance is shared by all shards, so with one, commands on different
@@ -204,7 +209,7 @@ impl Session {
                 WaitKind::Exclusive => Verb::GetWait,
                 WaitKind::Shared { .. } => Verb::SharedGetWait,
             };
-            self.reply(Reply::Usage(verb), out);
+            self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out);
             return Ok(());
         }
         self.flush(out).await?;
@@ -221,6 +226,7 @@ impl Session {
             reply,
         };
         let core = self.presence.core.clone();
+        let asked = std::time::Instant::now();
         if shard == core.id {
             core.start_wait(request);
         } else {
@@ -243,6 +249,7 @@ impl Session {
         .await;
         match decided {
             Some(reply) => {
+                self.waited += core.cell().waited(kind, reply, asked);
                 reply.write_to(out);
                 Ok(())
             }
@@ -258,11 +265,13 @@ impl Session {
     }
 
     /// Records the commands run since the last call as having taken `elapsed` each: the time
-    /// from reading their batch to all of its replies being ready, mailbox hops included.
+    /// from reading their batch to all of its replies being ready, mailbox hops included, and
+    /// time spent waiting for locks left out.
     pub fn record_latency(&mut self, elapsed: std::time::Duration) {
         let Some(counts) = &mut self.batch_verbs else {
             return;
         };
+        let elapsed = elapsed.saturating_sub(std::mem::take(&mut self.waited));
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let cell = self.presence.core.cell();
         for (verb, count) in counts.iter_mut().enumerate() {

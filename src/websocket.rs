@@ -202,20 +202,16 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     let farewell = Farewell::new(&core, &id);
     let mut session = Session::new(core.clone(), id, admission);
     let reason = run(&core, &mut ws, &mut session).await;
+    if let Some(why) = reason.close_reason() {
+        core.cell().closed_because(why);
+    }
     // Said before the session goes (and with it the connection's locks), so the disconnect
     // line comes before the orphan lines.
     farewell.say(reason);
+    // Counted closed before the client can see the close (see `connection::serve`).
+    drop(session);
     // A clean ending gets a close frame; a broken or stalled connection would not take it.
-    let clean = matches!(
-        reason,
-        Disconnect::Eof
-            | Disconnect::Idle
-            | Disconnect::LineTooLong
-            | Disconnect::BadText
-            | Disconnect::LineTimeout
-            | Disconnect::Shutdown
-    );
-    if clean {
+    if reason.is_clean() {
         let close = ws.close(None);
         let _ = tokio::time::timeout(
             limits.write_timeout.unwrap_or(limits.ws_handshake_timeout),

@@ -17,12 +17,17 @@ use std::time::{Duration, Instant};
 use glockd::{Config, Listeners, ServerHandle};
 
 fn start(shards: u16) -> ServerHandle {
+    start_with(shards, |_| {})
+}
+
+fn start_with(shards: u16, tweak: impl FnOnce(&mut Config)) -> ServerHandle {
     let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = Config {
+    let mut config = Config {
         shards: Some(shards),
         pin: false,
         ..Config::default()
     };
+    tweak(&mut config);
     glockd::start_with_listeners(
         config,
         Listeners {
@@ -241,9 +246,19 @@ fn the_dashboard_is_provisionable() {
         .iter()
         .map(|v| v["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["datasource", "instance"]);
+    assert_eq!(names, ["datasource", "job", "instance"]);
     assert_eq!(variables[0]["type"], "datasource");
     assert_eq!(variables[0]["query"], "prometheus");
+    // Only jobs that export glockd's own series, and only that job's instances: "All" must not
+    // pull in Prometheus' own process_* series.
+    assert_eq!(
+        variables[1]["definition"],
+        "label_values(glockd_build_info, job)"
+    );
+    assert_eq!(
+        variables[2]["definition"],
+        "label_values(glockd_build_info{job=\"$job\"}, instance)"
+    );
     for panel in dashboard["panels"].as_array().unwrap() {
         assert_eq!(
             panel["datasource"]["uid"], "${datasource}",
@@ -252,7 +267,12 @@ fn the_dashboard_is_provisionable() {
         );
         for target in panel["targets"].as_array().unwrap() {
             assert_eq!(target["datasource"]["uid"], "${datasource}");
-            assert!(target["expr"].as_str().unwrap().contains("$instance"));
+            let expr = target["expr"].as_str().unwrap();
+            assert!(
+                expr.matches(r#"job="$job", instance=~"$instance""#).count()
+                    == expr.matches('{').count(),
+                "every selector of {expr} is scoped to the job and instance"
+            );
         }
     }
     let text = std::fs::read_to_string(repo("grafana/dashboards/glockd.json")).unwrap();
@@ -272,17 +292,43 @@ fn every_metric_the_dashboard_queries_is_exported() {
     let names: BTreeSet<String> = samples(&scrape(&server)).into_keys().collect();
     let mut checked = 0;
     for expr in dashboard_expressions() {
-        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-            if word.starts_with("glockd_") || word.starts_with("process_") {
-                assert!(
-                    names.contains(word),
-                    "the dashboard queries {word}, which is not exported"
-                );
-                checked += 1;
-            }
+        for word in metric_names(&expr) {
+            assert!(
+                names.contains(word),
+                "the dashboard queries {word}, which is not exported"
+            );
+            checked += 1;
         }
     }
     assert!(checked >= 12);
+}
+
+/// The names of glockd's and the process' series in a text (recording rules' names, which hold
+/// colons, are not series of the endpoint).
+fn metric_names(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|word| word.starts_with("glockd_") || word.starts_with("process_"))
+        .filter(|word| !word.contains(':'))
+}
+
+#[test]
+fn every_metric_the_alert_rules_use_is_exported() {
+    let server = start(2);
+    exercise(&server);
+    let names: BTreeSet<String> = samples(&scrape(&server)).into_keys().collect();
+    let rules = std::fs::read_to_string(repo("prometheus/glockd.rules.yml")).unwrap();
+    let mut checked = BTreeSet::new();
+    for line in rules.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        for word in metric_names(line) {
+            // A histogram is named by its family in the descriptions.
+            assert!(
+                names.contains(word) || names.contains(&format!("{word}_bucket")),
+                "the alert rules use {word}, which is not exported"
+            );
+            checked.insert(word.to_owned());
+        }
+    }
+    assert!(checked.len() >= 10, "{checked:?}");
 }
 
 /// A Prometheus tool, or None (skipping) where it is missing and not required.
@@ -379,10 +425,12 @@ impl Prometheus {
         let dir = std::env::temp_dir().join(format!("glockd-prometheus-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let config = dir.join("prometheus.yml");
+        let rules = repo("prometheus/glockd.rules.yml");
         std::fs::write(
             &config,
             format!(
-                "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: glockd\n    static_configs:\n      - targets: [\"{target}\"]\n"
+                "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - {}\nscrape_configs:\n  - job_name: glockd\n    static_configs:\n      - targets: [\"{target}\"]\n",
+                rules.display()
             ),
         )
         .unwrap();
@@ -427,6 +475,31 @@ impl Prometheus {
             .unwrap_or_default()
     }
 
+    /// Waits (bounded) until every loaded rule has been evaluated, and asserts none failed.
+    fn wait_until_every_rule_evaluated_cleanly(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = http_get(self.addr, "/api/v1/rules");
+            assert_eq!(status, 200, "{body}");
+            let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let rules: Vec<serde_json::Value> = value["data"]["groups"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|group| group["rules"].as_array().unwrap().clone())
+                .collect();
+            assert!(rules.len() >= 10, "{body}");
+            for rule in &rules {
+                assert_ne!(rule["health"], "err", "{rule}");
+            }
+            if rules.iter().all(|rule| rule["health"] == "ok") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "rules never evaluated: {body}");
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
     /// Waits (bounded) until `expr` returns data.
     fn wait_for(&self, expr: &str) -> Vec<serde_json::Value> {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -469,9 +542,20 @@ fn a_real_prometheus_scrapes_it_and_every_dashboard_panel_has_data() {
     for expr in dashboard_expressions() {
         let expr = expr
             .replace("$__rate_interval", "10s")
+            .replace("$job", "glockd")
             .replace("$instance", &regex_escape(&instance));
         prometheus.wait_for(&expr);
     }
+    // The shipped rules run against the real series: every recording rule yields data, and
+    // every rule evaluates without error.
+    for record in [
+        "instance:glockd_lock_acquisitions:rate5m",
+        "instance:glockd_lock_refusal_ratio:rate5m",
+        "instance_shard:glockd_shard_operations:rate5m",
+    ] {
+        prometheus.wait_for(record);
+    }
+    prometheus.wait_until_every_rule_evaluated_cleanly();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     traffic.join().unwrap();
 }
@@ -548,4 +632,274 @@ fn metrics_connections_over_the_cap_are_closed_at_once_and_counted() {
     };
     let refused = samples(&body)["glockd_metrics_connections_refused_total"][""];
     assert!(refused >= 1.0, "{refused}");
+}
+
+#[test]
+fn the_alert_rules_pass_promtool_and_their_own_tests() {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let run = |args: &[&str]| {
+        let out = Command::new(&promtool)
+            .args(args)
+            .current_dir(repo("prometheus"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "promtool {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["check", "rules", "glockd.rules.yml"]);
+    run(&["test", "rules", "glockd.rules.test.yml"]);
+}
+
+/// A line-protocol connection for the tests below.
+struct Line {
+    stream: TcpStream,
+    reader: std::io::BufReader<TcpStream>,
+}
+
+impl Line {
+    fn connect(addr: SocketAddr) -> Line {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let reader = std::io::BufReader::new(stream.try_clone().unwrap());
+        Line { stream, reader }
+    }
+
+    fn send(&mut self, lines: &str) {
+        self.stream.write_all(lines.as_bytes()).unwrap();
+    }
+
+    fn reply(&mut self) -> String {
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut self.reader, &mut line).unwrap();
+        line
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        self.send(&format!("{line}\n"));
+        self.reply()
+    }
+}
+
+/// One sample of a scrape, by its exact labels (0 when absent).
+fn sample(scraped: &BTreeMap<String, BTreeMap<String, f64>>, name: &str, labels: &str) -> f64 {
+    scraped
+        .get(name)
+        .and_then(|series| series.get(labels))
+        .copied()
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn refusals_are_counted_by_command_and_result() {
+    let server = start_with(2, |config| {
+        config.max_connections = 2;
+        config.max_locks_per_conn = 2;
+    });
+    let addr = server.tcp_addr().unwrap();
+    let mut a = Line::connect(addr);
+    assert_eq!(a.ask("g a"), "1 Got Lock\n");
+    assert_eq!(a.ask("sg t"), "1 Got Shared Lock\n");
+    assert_eq!(a.ask("g b"), "0 Lock Limit Reached\n");
+    let mut b = Line::connect(addr);
+    assert_eq!(b.ask("g a"), "0 Cannot Get Lock\n");
+    assert_eq!(b.ask("sgl 1 t"), "0 Shared Lock Full\n");
+    assert_eq!(b.ask("sgl x t"), "0 Usage: sgl LIMIT NAME\n");
+    assert_eq!(b.ask("r a"), "0 Cannot Release Lock\n");
+    // A third connection is one too many.
+    let mut c = Line::connect(addr);
+    assert_eq!(c.reply(), "0 Too Many Connections\n");
+
+    let scraped = samples(&scrape(&server));
+    let requests = |command: &str, result: &str| {
+        sample(
+            &scraped,
+            "glockd_lock_requests_total",
+            &format!("command=\"{command}\",result=\"{result}\""),
+        )
+    };
+    assert_eq!(requests("g", "granted"), 1.0);
+    assert_eq!(requests("g", "limit"), 1.0);
+    assert_eq!(requests("g", "refused"), 1.0);
+    assert_eq!(requests("sg", "granted"), 1.0);
+    assert_eq!(requests("sgl", "full"), 1.0);
+    assert_eq!(requests("sgl", "usage"), 1.0);
+    assert_eq!(requests("r", "not_held"), 1.0);
+    // The results a command can have are there from the start, at zero.
+    assert!(
+        scraped["glockd_lock_requests_total"].contains_key("command=\"gw\",result=\"timed_out\"")
+    );
+    assert_eq!(requests("gw", "timed_out"), 0.0);
+    // Commands about no lock have no results.
+    assert!(!scraped["glockd_lock_requests_total"]
+        .keys()
+        .any(|labels| labels.starts_with("command=\"q\"")));
+    assert_eq!(
+        sample(
+            &scraped,
+            "glockd_connections_refused_total",
+            "reason=\"max_connections\""
+        ),
+        1.0
+    );
+    assert_eq!(sample(&scraped, "glockd_max_connections", ""), 2.0);
+    // Every lock operation is counted on the shard that applied it; the usage error never
+    // reached a shard.
+    let operations: f64 = scraped["glockd_shard_operations_total"].values().sum();
+    assert_eq!(operations, 6.0);
+    assert_eq!(scraped["glockd_shard_operations_total"].len(), 2);
+    let build = &scraped["glockd_build_info"];
+    assert_eq!(build.len(), 1);
+    let (labels, value) = build.iter().next().unwrap();
+    assert_eq!(*value, 1.0);
+    assert!(
+        labels.starts_with(&format!(
+            "version=\"{}\",commit=\"",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{labels}"
+    );
+    assert_eq!(sample(&scraped, "glockd_accept_errors_total", ""), 0.0);
+}
+
+/// The finite `le` bounds of one labelled histogram in a scrape, in order.
+fn bucket_bounds(text: &str, name: &str, label: &str) -> Vec<f64> {
+    let prefix = format!("{name}_bucket{{{label},le=\"");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .filter_map(|rest| rest.split('"').next())
+        .filter(|le| *le != "+Inf")
+        .map(|le| le.parse().unwrap())
+        .collect()
+}
+
+#[test]
+fn a_command_pipelined_behind_a_wait_is_not_timed_at_the_waits_length() {
+    for shards in [1, 2] {
+        let server = start_with(shards, |config| config.max_wait_ms = 60_000);
+        let addr = server.tcp_addr().unwrap();
+        let mut holder = Line::connect(addr);
+        assert_eq!(holder.ask("g busy"), "1 Got Lock\n");
+        let mut waiter = Line::connect(addr);
+        // One write: the `i` is read in the same batch as the `gw`, and runs after it.
+        waiter.send("gw 10000 busy\ni other\n");
+        std::thread::sleep(Duration::from_millis(400));
+        assert_eq!(holder.ask("r busy"), "1 Released Lock\n");
+        assert_eq!(waiter.reply(), "1 Got Lock\n");
+        assert_eq!(waiter.reply(), "0 Not Locked\n");
+        // And a wait that runs out of time.
+        assert_eq!(holder.ask("g busy2"), "1 Got Lock\n");
+        assert_eq!(waiter.ask("gw 100 busy2"), "0 Timed Out\n");
+
+        let text = scrape(&server);
+        let scraped = samples(&text);
+        // The wait is in the wait histogram: two waits, one of at least 400 ms.
+        let waits = |suffix: &str, labels: &str| {
+            sample(
+                &scraped,
+                &format!("glockd_lock_wait_seconds{suffix}"),
+                labels,
+            )
+        };
+        assert_eq!(waits("_count", "command=\"gw\""), 2.0);
+        assert!(waits("_sum", "command=\"gw\"") >= 0.5);
+        assert_eq!(waits("_bucket", "command=\"gw\",le=\"0.05\""), 0.0);
+        assert_eq!(waits("_bucket", "command=\"gw\",le=\"+Inf\""), 2.0);
+        assert_eq!(waits("_count", "command=\"sgw\""), 0.0);
+        // ... and not in any command's latency: the `i`, and the `gw` itself, took far less
+        // than the 400 ms the batch spent waiting.
+        for command in ["i", "gw"] {
+            let label = format!("command=\"{command}\"");
+            let count = sample(&scraped, "glockd_command_duration_seconds_count", &label);
+            let fast = sample(
+                &scraped,
+                "glockd_command_duration_seconds_bucket",
+                &format!("{label},le=\"0.067108864\""),
+            );
+            assert!(count >= 1.0, "{command}");
+            assert_eq!(fast, count, "{command} timed with the wait in it");
+        }
+        let requests = |result: &str| {
+            sample(
+                &scraped,
+                "glockd_lock_requests_total",
+                &format!("command=\"gw\",result=\"{result}\""),
+            )
+        };
+        assert_eq!(requests("granted"), 1.0);
+        assert_eq!(requests("timed_out"), 1.0);
+        // Buckets reach -max-wait-ms (60 s) and stop there: the last finite bound is 100 s.
+        let bounds = bucket_bounds(&text, "glockd_lock_wait_seconds", "command=\"gw\"");
+        assert_eq!(bounds.first(), Some(&0.0001));
+        assert_eq!(bounds.last(), Some(&100.0));
+    }
+    // With the default -max-wait-ms (an hour), up to 5000 s.
+    let text = scrape(&start(1));
+    let bounds = bucket_bounds(&text, "glockd_lock_wait_seconds", "command=\"sgw\"");
+    assert_eq!(bounds.last(), Some(&5000.0));
+    // Command latency reaches past the old 1.07 s ceiling.
+    let bounds = bucket_bounds(&text, "glockd_command_duration_seconds", "command=\"g\"");
+    assert!(*bounds.last().unwrap() > 10.0, "{bounds:?}");
+}
+
+#[test]
+fn connections_the_server_closes_are_counted_by_reason() {
+    let server = start_with(2, |config| {
+        config.max_line_bytes = 64;
+        config.idle_timeout = 1;
+    });
+    let addr = server.tcp_addr().unwrap();
+    let mut long = Line::connect(addr);
+    long.send(&"x".repeat(100));
+    assert_eq!(long.reply(), "0 Line Too Long\n");
+    let mut idle = Line::connect(addr);
+    let mut polite = Line::connect(addr);
+    assert_eq!(polite.ask("g a"), "1 Got Lock\n");
+    drop(polite);
+    // The idle one is closed after a second of silence.
+    assert_eq!(idle.reply(), "");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let scraped = loop {
+        let scraped = samples(&scrape(&server));
+        if sample(&scraped, "glockd_connections", "") == 0.0 {
+            break scraped;
+        }
+        assert!(Instant::now() < deadline, "connections never closed");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let closed = |reason: &str| {
+        sample(
+            &scraped,
+            "glockd_connections_closed_total",
+            &format!("reason=\"{reason}\""),
+        )
+    };
+    assert_eq!(closed("line_too_long"), 1.0);
+    assert_eq!(closed("idle_timeout"), 1.0);
+    assert_eq!(closed("write_timeout"), 0.0);
+    assert_eq!(closed("unread_replies"), 0.0);
+    assert_eq!(closed("other"), 1.0);
+    let all: f64 = scraped["glockd_connections_closed_total"].values().sum();
+    assert_eq!(
+        all,
+        sample(&scraped, "glockd_connections_accepted_total", "")
+    );
+}
+
+#[test]
+fn healthz_answers_once_every_shard_has() {
+    let server = start(4);
+    let addr = server.metrics_addr().unwrap();
+    let (status, body) = http_get(addr, "/healthz");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("ok: 4 shards answered in "), "{body}");
+    let (status, body) = http_get(addr, "/healthz?timeout_ms=5000");
+    assert_eq!(status, 200, "{body}");
 }

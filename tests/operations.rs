@@ -574,6 +574,8 @@ fn sighup_reopens_the_log_file_and_sigterm_still_cleans_up() {
     let server = Glockd::start(&args, true);
     let mut holder = Client::connect(port);
     assert_eq!(holder.ask(b"g held\n"), "1 Got Lock");
+    // The start-up line is written by the log's own thread: wait for it before rotating.
+    wait_for_file_line(&log, "listening on");
     let rotated = dir.join("glockd.log.1");
     std::fs::rename(&log, &rotated).expect("rotate");
 

@@ -23,8 +23,12 @@ use crate::wire::{self, Parsed, Target};
 /// How long replies may keep coming after the run's end before the connection is given up.
 pub const DRAIN: Duration = Duration::from_secs(5);
 
-/// Open loop: when the next tick is closer than this, poll instead of arming a timer, because
-/// the runtime's timers tick in milliseconds and would smear the schedule.
+/// Open loop: the runtime's timers tick in milliseconds, so a timer armed for a tick fires up
+/// to a millisecond after it, and every command of a slow schedule would leave (and be timed
+/// from its scheduled time) that much late. So a connection sleeps only until this long before
+/// its next tick, then polls (yielding to the other tasks of its thread) until the tick is due:
+/// a spin-then-sleep timer that keeps the schedule to microseconds at any rate. Two ticks of
+/// the timer wheel: a late timer still leaves time to spin.
 const SPIN: Duration = Duration::from_millis(2);
 
 /// Free space kept in the read buffer before each read.
@@ -145,18 +149,22 @@ where
         if bufs.read.capacity() - bufs.read.len() < READ_SPACE {
             bufs.read.reserve(READ_SPACE);
         }
-        let spin = schedule.is_some() && wake.saturating_duration_since(now) < SPIN;
-        let read = if spin {
+        let read = if schedule.is_some() && wake.saturating_duration_since(now) < SPIN {
             tokio::select! {
                 biased;
                 read = stream.read_buf(&mut bufs.read) => read,
                 _ = tokio::task::yield_now() => continue,
             }
         } else {
+            // Open loop: wake early enough to spin up to the tick (see SPIN).
+            let alarm = match schedule {
+                Some(_) => wake.checked_sub(SPIN).unwrap_or(wake),
+                None => wake,
+            };
             tokio::select! {
                 biased;
                 read = stream.read_buf(&mut bufs.read) => read,
-                _ = tokio::time::sleep_until(wake.into()) => continue,
+                _ = tokio::time::sleep_until(alarm.into()) => continue,
             }
         };
         match read {

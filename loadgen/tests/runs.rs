@@ -315,3 +315,29 @@ fn shard_aware_churn_crosses_no_thread() {
     ));
     assert_clean(&report);
 }
+
+/// The open loop keeps its schedule to microseconds at any rate: a slow schedule must not
+/// send late (the runtime's timers tick in milliseconds), or its latency, counted from the
+/// scheduled time, would grow as the rate falls. Against the no-op server, whose work per
+/// command does not depend on the rate, the median at a low rate must not exceed the median
+/// at a high one by more than the noise of a shared machine, far below the millisecond a late
+/// timer costs.
+#[test]
+fn the_open_loop_keeps_its_schedule_at_low_rates() {
+    let (_server, addr) = noop_server();
+    let median = |rate: u32| {
+        let report = loadgen(&format!(
+            "--target noop --addr {addr} --threads 1 --conns 10 --rate {rate} --duration 1s \
+             --warmup 0.2s"
+        ));
+        assert_clean(&report);
+        eprintln!("{rate}/s: {}", report.table());
+        report.latency_us.p50
+    };
+    let high = median(10_000);
+    let low = median(500);
+    assert!(
+        low <= high * 1.5 + 200.0,
+        "median {low:.1} µs at 500/s against {high:.1} µs at 10000/s"
+    );
+}

@@ -119,6 +119,8 @@ pub enum LockMsg {
         name: Option<(u64, LockName)>,
         done: oneshot::Sender<Listing>,
     },
+    /// A health check (`/healthz`): answered at once, which shows the shard's loop is serving.
+    Ping(oneshot::Sender<()>),
 }
 
 impl ShardCore {
@@ -165,7 +167,8 @@ impl ShardCore {
         hash: u64,
         name: &LockName,
     ) -> Reply {
-        self.with_table(|table| table.apply(conn, op, hash, name, quota))
+        let reply = self.with_table(|table| table.apply(conn, op, hash, name, quota));
+        self.cell().counted(op.verb(), reply)
     }
 
     /// Applies `ops` in order, appending a reply for each.
@@ -176,11 +179,14 @@ impl ShardCore {
         ops: &[RoutedOp],
         replies: &mut Vec<Reply>,
     ) {
+        let cell = self.cell();
         self.with_table(|table| {
-            replies.extend(
-                ops.iter()
-                    .map(|op| table.apply(conn, op.op, op.hash, &op.name, quota)),
-            )
+            replies.extend(ops.iter().map(|op| {
+                cell.counted(
+                    op.op.verb(),
+                    table.apply(conn, op.op, op.hash, &op.name, quota),
+                )
+            }))
         });
     }
 
@@ -435,6 +441,9 @@ impl ShardCore {
                 }
             }
             LockMsg::Wait(request) => self.start_wait(request),
+            LockMsg::Ping(done) => {
+                let _ = done.send(());
+            }
             LockMsg::List { kind, name, done } => {
                 let core = self.clone();
                 tokio::task::spawn_local(async move {

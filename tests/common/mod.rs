@@ -160,29 +160,24 @@ impl TestServer {
         self.handle.as_ref().expect("running").stats()
     }
 
-    /// Waits (bounded) until `done(stats)` holds; panics with the last stats otherwise.
+    /// Waits (bounded) until `done(stats)` holds; panics with the last stats otherwise. The
+    /// connection it asks on is closed, and gone from `connections`, when it returns, so the
+    /// caller's next `q` does not count it.
     pub async fn wait_for_stats(&self, what: &str, done: impl Fn(&BTreeMap<String, u64>) -> bool) {
-        let mut client = self.client().await;
-        wait_for_stats_on(&mut client, what, done).await
-    }
-}
-
-async fn wait_for_stats_on(
-    client: &mut glockd::client::Client,
-    what: &str,
-    done: impl Fn(&BTreeMap<String, u64>) -> bool,
-) {
-    let deadline = Instant::now() + REPLY_TIMEOUT;
-    loop {
-        let stats = client.stats().await.expect("q");
-        if done(&stats) {
-            return;
+        let mut asking = Raw::connect(self.addr).await;
+        let deadline = Instant::now() + REPLY_TIMEOUT;
+        loop {
+            let stats = asking.stats().await;
+            if done(&stats) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {stats:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        asking.close().await;
     }
 }
 
@@ -273,6 +268,15 @@ impl Raw {
             "unexpected bytes: {:?}",
             String::from_utf8_lossy(&rest)
         );
+    }
+
+    /// Closes the connection and waits for the server to close its side. The server counts a
+    /// connection closed before it closes the socket, so once this returns, `q` no longer
+    /// counts it (dropping a connection gives no such guarantee: the server may not have read
+    /// the close yet when the next command arrives elsewhere).
+    pub async fn close(mut self) {
+        self.stream.shutdown().await.expect("half-close");
+        self.expect_closed().await;
     }
 
     /// Reads until the server closes the connection (by FIN or reset), discarding what comes;

@@ -1,47 +1,45 @@
-//! The Prometheus endpoint: `GET /metrics` on its own thread, off the shard threads.
+//! The scrape: every per-shard cell summed and written in the Prometheus text format.
 //!
-//! Everything `q` shows comes from the same lock-free per-shard cells, read at scrape time and
-//! handed to the `metrics-exporter-prometheus` recorder as absolute values, so the endpoint and
-//! `q` always agree and the command path never touches the recorder. Command latency is kept in
-//! fixed per-shard buckets (see [`crate::stats::Latency`]), merged and written out here as a
-//! real Prometheus histogram, because the exporter's own histograms buffer every sample between
-//! scrapes. Process figures (memory, CPU, file descriptors, start time) come from
-//! `metrics-process`.
+//! Counters and gauges go through a `metrics-exporter-prometheus` recorder of our own, set to
+//! absolute values read from the cells at scrape time, so the command path never touches the
+//! recorder. Histograms (command latency, lock waits) and fractional counters are written by
+//! hand from the cells' fixed buckets, because the recorder's own histograms buffer every
+//! sample between scrapes.
 
 use std::fmt::Write as _;
-use std::io;
-use std::net::TcpListener as StdTcpListener;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
-use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, Unit};
+use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
 
 use crate::protocol::Verb;
 use crate::shard::ServerState;
-use crate::stats::{latency_bucket_ns, LATENCY_BUCKETS};
+use crate::stats::{
+    latency_bucket_ns, wait_buckets_for, CloseReason, LockResult, RefuseReason, LATENCY_BUCKETS,
+    WAIT_BUCKETS, WAIT_BUCKETS_NS,
+};
 
-/// Largest HTTP request head accepted (a scrape's is a few hundred bytes).
-const MAX_REQUEST: usize = 8 * 1024;
+/// The server's version, for `glockd_build_info`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// How long a scraper may take to send its request.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The commit the server was built from, when the build says (`GLOCKD_COMMIT` in the build's
+/// environment), for `glockd_build_info`.
+pub const COMMIT: &str = match option_env!("GLOCKD_COMMIT") {
+    Some(commit) => commit,
+    None => "unknown",
+};
 
 /// Renders the metrics text.
 pub struct Exporter {
-    server: Arc<ServerState>,
+    pub(super) server: Arc<ServerState>,
     /// A recorder of our own (not the process-global one), so several servers in one process
     /// each export their own numbers.
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     process: metrics_process::Collector,
     /// Connections turned away over `--metrics-max-connections`.
-    refused: AtomicU64,
+    pub(super) refused: AtomicU64,
 }
 
 impl Exporter {
@@ -58,10 +56,36 @@ impl Exporter {
                 "glockd_invalid_commands_total",
                 "Lines whose command word is unknown, or too long."
             );
+            describe_counter!(
+                "glockd_lock_requests_total",
+                "Replies to lock commands by command word and result (granted, refused, full, \
+                 limit, timed_out, released, not_held, held, free, allowed, limited, usage)."
+            );
             describe_gauge!("glockd_connections", "Connections open now, all doors.");
+            describe_gauge!(
+                "glockd_max_connections",
+                "Connections served at once before new ones are turned away (-max-connections)."
+            );
             describe_counter!(
                 "glockd_connections_accepted_total",
                 "Connections accepted since start."
+            );
+            describe_counter!(
+                "glockd_connections_refused_total",
+                "Connections turned away as they arrived, by reason."
+            );
+            describe_counter!(
+                "glockd_connections_closed_total",
+                "Connections that ended, by reason: the server's own decisions, and other (the \
+                 client closed or reset it, or the server shut down)."
+            );
+            describe_counter!(
+                "glockd_accept_errors_total",
+                "Accepts that failed (out of file descriptors, mostly)."
+            );
+            describe_gauge!(
+                "glockd_build_info",
+                "Always 1; the labels say which build is running."
             );
             describe_gauge!(
                 "glockd_locks",
@@ -74,6 +98,11 @@ impl Exporter {
             describe_gauge!(
                 "glockd_shard_locks",
                 "Lock names held now in each shard, by kind."
+            );
+            describe_counter!(
+                "glockd_shard_operations_total",
+                "Lock operations each shard's table applied (lock commands routed to it and \
+                 waits started on it): a hot shard shows here."
             );
             describe_counter!(
                 "glockd_shard_commands_total",
@@ -92,6 +121,15 @@ impl Exporter {
                 "glockd_shard_mailbox_wakeups_total",
                 "Wake-ups other threads sent this shard's parked thread (a running one looks at \
                  its mailbox itself)."
+            );
+            describe_counter!(
+                "glockd_log_dropped_total",
+                "Log lines dropped because the log writer was behind (its queue was full)."
+            );
+            describe_counter!(
+                "glockd_metrics_connections_refused_total",
+                "Connections to this endpoint closed at once because -metrics-max-connections \
+                 were open already."
             );
             describe_gauge!("glockd_shards", "Shard threads.");
             describe_gauge!(
@@ -119,20 +157,6 @@ impl Exporter {
                 "glockd_fencing_ceiling_write_errors_total",
                 "Ceiling writes that failed (each is retried; grants wait at the old ceiling)."
             );
-            describe_counter!(
-                "glockd_log_dropped_total",
-                "Log lines dropped because the log writer was behind (its queue was full)."
-            );
-            describe_counter!(
-                "glockd_metrics_connections_refused_total",
-                "Connections to this endpoint closed at once because -metrics-max-connections \
-                 were open already."
-            );
-            describe_histogram!(
-                "glockd_command_duration_seconds",
-                Unit::Seconds,
-                "Time from reading a command to its reply being ready, by command word."
-            );
             process.describe();
         });
         Exporter {
@@ -148,14 +172,51 @@ impl Exporter {
     pub fn render(&self) -> String {
         let stats = &self.server.stats;
         let snapshot = stats.snapshot();
+        let outcomes = stats.outcomes();
         metrics::with_local_recorder(&self.recorder, || {
+            gauge!("glockd_build_info", "version" => VERSION, "commit" => COMMIT).set(1.0);
             for verb in Verb::ALL {
                 counter!("glockd_commands_total", "command" => verb.word())
                     .absolute(snapshot.commands[verb.index()]);
             }
             counter!("glockd_invalid_commands_total").absolute(snapshot.invalid_commands);
+            for verb in Verb::ALL {
+                let counts = &outcomes.lock_results[verb.index()];
+                let expected = LockResult::expected(verb);
+                for result in LockResult::ALL {
+                    let value = counts[result as usize];
+                    // The results a command can have from the start, at zero; anything else
+                    // only once it happened.
+                    if value > 0 || expected.contains(&result) {
+                        counter!(
+                            "glockd_lock_requests_total",
+                            "command" => verb.word(),
+                            "result" => result.label()
+                        )
+                        .absolute(value);
+                    }
+                }
+            }
             gauge!("glockd_connections").set(snapshot.connections as f64);
+            gauge!("glockd_max_connections").set(self.server.config.max_connections as f64);
             counter!("glockd_connections_accepted_total").absolute(snapshot.connections_total);
+            for reason in RefuseReason::ALL {
+                counter!("glockd_connections_refused_total", "reason" => reason.label())
+                    .absolute(outcomes.connections_refused[reason as usize]);
+            }
+            let mut by_server = 0;
+            for reason in CloseReason::ALL {
+                let value = outcomes.connections_closed_by[reason as usize];
+                by_server += value;
+                counter!("glockd_connections_closed_total", "reason" => reason.label())
+                    .absolute(value);
+            }
+            // A reason is counted a moment before its connection is counted closed, so this
+            // difference can dip while one is on its way out; the recorder's `absolute` keeps
+            // the highest value set, so the counter never goes back.
+            counter!("glockd_connections_closed_total", "reason" => "other")
+                .absolute(outcomes.connections_closed.saturating_sub(by_server));
+            counter!("glockd_accept_errors_total").absolute(outcomes.accept_errors);
             gauge!("glockd_locks", "kind" => "exclusive").set(snapshot.locks as f64);
             gauge!("glockd_locks", "kind" => "shared").set(snapshot.shared_locks as f64);
             counter!("glockd_orphaned_locks_total", "kind" => "exclusive")
@@ -188,6 +249,8 @@ impl Exporter {
                     .set(cell.locks.get() as f64);
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "shared")
                     .set(cell.shared_locks.get() as f64);
+                counter!("glockd_shard_operations_total", "shard" => shard.clone())
+                    .absolute(cell.operations());
                 counter!("glockd_shard_commands_total", "shard" => shard.clone(), "path" => "local")
                     .absolute(cell.local_commands.get());
                 counter!("glockd_shard_commands_total", "shard" => shard.clone(), "path" => "remote")
@@ -197,12 +260,14 @@ impl Exporter {
                 counter!("glockd_shard_mailbox_commands_total", "shard" => shard.clone())
                     .absolute(cell.mailbox_commands.get());
                 let wakes = self.server.mailboxes.get(shard_index).wakes();
-                counter!("glockd_shard_mailbox_wakeups_total", "shard" => shard).absolute(wakes);
+                counter!("glockd_shard_mailbox_wakeups_total", "shard" => shard.clone())
+                    .absolute(wakes);
             }
             self.process.collect();
         });
         let mut text = self.handle.render();
         self.render_latency(&mut text);
+        self.render_lock_waits(&mut text);
         self.render_fencing_wait(&mut text);
         text
     }
@@ -221,176 +286,84 @@ impl Exporter {
         let _ = writeln!(text, "{name} {seconds}");
     }
 
-    /// The latency histogram, written by hand: cumulative `le` buckets in seconds, `_sum`,
-    /// `_count`, per command word.
+    /// The latency histogram: cumulative `le` buckets in seconds, `_sum`, `_count`, per
+    /// command word.
     fn render_latency(&self, text: &mut String) {
         let name = "glockd_command_duration_seconds";
         let _ = writeln!(
             text,
-            "# HELP {name} Time from reading a command to its reply being ready, by command word."
+            "# HELP {name} Time from reading a command to its reply being ready, by command word \
+             (time spent waiting for a lock left out: see glockd_lock_wait_seconds)."
         );
         let _ = writeln!(text, "# TYPE {name} histogram");
         let latency = self.server.stats.latency();
         for verb in Verb::ALL {
             let histogram = &latency[verb.index()];
-            let word = verb.word();
-            let mut cumulative = 0;
-            for i in 0..LATENCY_BUCKETS {
-                cumulative += histogram.buckets[i];
-                let le = latency_bucket_ns(i) as f64 / 1e9;
-                let _ = writeln!(
-                    text,
-                    "{name}_bucket{{command=\"{word}\",le=\"{le}\"}} {cumulative}"
-                );
-            }
-            let count = histogram.count();
-            let _ = writeln!(
+            let bounds = (0..LATENCY_BUCKETS).map(latency_bucket_ns);
+            let label = format!("command=\"{}\"", verb.word());
+            write_histogram(
                 text,
-                "{name}_bucket{{command=\"{word}\",le=\"+Inf\"}} {count}"
+                name,
+                &label,
+                bounds,
+                &histogram.buckets,
+                histogram.sum_ns,
             );
-            let sum = histogram.sum_ns as f64 / 1e9;
-            let _ = writeln!(text, "{name}_sum{{command=\"{word}\"}} {sum}");
-            let _ = writeln!(text, "{name}_count{{command=\"{word}\"}} {count}");
+        }
+    }
+
+    /// How long `gw` and `sgw` waited, with buckets up to the longest wait the server allows
+    /// (`-max-wait-ms`).
+    fn render_lock_waits(&self, text: &mut String) {
+        let name = "glockd_lock_wait_seconds";
+        let _ = writeln!(
+            text,
+            "# HELP {name} How long answered gw and sgw waits took, from the request reaching \
+             the server to the grant, the timeout or the refusal."
+        );
+        let _ = writeln!(text, "# TYPE {name} histogram");
+        let exported = wait_buckets_for(self.server.config.max_wait_ms);
+        let waits = self.server.stats.lock_waits();
+        for (wait, verb) in waits.iter().zip([Verb::GetWait, Verb::SharedGetWait]) {
+            // Waits past the last exported bound (a timeout a hair over -max-wait-ms) are
+            // counted in +Inf only.
+            let mut buckets = [0; WAIT_BUCKETS + 1];
+            buckets[..exported].copy_from_slice(&wait.buckets[..exported]);
+            buckets[exported] = wait.buckets[exported..].iter().sum();
+            let label = format!("command=\"{}\"", verb.word());
+            let bounds = WAIT_BUCKETS_NS[..exported].iter().copied();
+            write_histogram(
+                text,
+                name,
+                &label,
+                bounds,
+                &buckets[..=exported],
+                wait.sum_ns,
+            );
         }
     }
 }
 
-/// The running endpoint: a thread serving HTTP until stopped.
-pub struct Endpoint {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Endpoint {
-    /// Serves `/metrics` on `listener` from a thread of its own.
-    pub fn start(server: Arc<ServerState>, listener: StdTcpListener) -> io::Result<Endpoint> {
-        listener.set_nonblocking(true)?;
-        let (stop, stopped) = oneshot::channel();
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let thread = std::thread::Builder::new()
-            .name("glockd-metrics".into())
-            .spawn(move || {
-                let exporter = Arc::new(Exporter::new(server));
-                runtime.block_on(async move {
-                    let listener = match TcpListener::from_std(listener) {
-                        Ok(listener) => listener,
-                        Err(e) => {
-                            tracing::error!(
-                                event = "metrics_failed",
-                                error = %e,
-                                "metrics endpoint failed"
-                            );
-                            return;
-                        }
-                    };
-                    tokio::select! {
-                        _ = accept_loop(listener, exporter) => {}
-                        _ = stopped => {}
-                    }
-                });
-            })?;
-        Ok(Endpoint {
-            stop: Some(stop),
-            thread: Some(thread),
-        })
+/// Writes one labelled histogram: cumulative `le` buckets in seconds (one per bound in
+/// nanoseconds, then `+Inf`), `_sum` and `_count`. `buckets` holds one count per bound, not
+/// cumulative, then the overflow.
+fn write_histogram(
+    text: &mut String,
+    name: &str,
+    label: &str,
+    bounds: impl Iterator<Item = u64>,
+    buckets: &[u64],
+    sum_ns: u64,
+) {
+    let mut cumulative = 0;
+    for (bound, count) in bounds.zip(buckets) {
+        cumulative += count;
+        let le = bound as f64 / 1e9;
+        let _ = writeln!(text, "{name}_bucket{{{label},le=\"{le}\"}} {cumulative}");
     }
-
-    /// Stops serving and waits for the thread.
-    pub fn stop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-impl Drop for Endpoint {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-/// What a connection over `--metrics-max-connections` is told before it is closed.
-const BUSY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 29\r\nConnection: close\r\n\r\ntoo many metrics connections\n";
-
-async fn accept_loop(listener: TcpListener, exporter: Arc<Exporter>) {
-    let max = usize::try_from(exporter.server.config.metrics_max_connections).unwrap_or(usize::MAX);
-    let places = Arc::new(Semaphore::new(max.min(Semaphore::MAX_PERMITS)));
-    loop {
-        match listener.accept().await {
-            Ok((stream, _)) => match places.clone().try_acquire_owned() {
-                Ok(place) => {
-                    let exporter = exporter.clone();
-                    tokio::spawn(async move {
-                        answer(stream, exporter).await;
-                        drop(place);
-                    });
-                }
-                Err(_) => {
-                    // Best effort, never waiting on this client: its descriptor goes at once.
-                    let _ = stream.try_write(BUSY);
-                    exporter.refused.fetch_add(1, Ordering::Relaxed);
-                }
-            },
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    }
-}
-
-/// Answers one HTTP request: `GET /metrics` (or `/`) gets the scrape, anything else an error.
-async fn answer(mut stream: TcpStream, exporter: Arc<Exporter>) {
-    let mut head = Vec::with_capacity(1024);
-    let read = tokio::time::timeout(REQUEST_TIMEOUT, async {
-        let mut chunk = [0u8; 1024];
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST {
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return false,
-                Ok(n) => head.extend_from_slice(&chunk[..n]),
-            }
-        }
-        true
-    });
-    if !matches!(read.await, Ok(true)) {
-        return;
-    }
-    let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
-    let mut parts = line.split(|&b| b == b' ');
-    let (method, path) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = path.split(|&b| b == b'?').next().unwrap_or_default();
-    let (status, content_type, body) = match (method, path) {
-        (b"GET", b"/metrics" | b"/") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            exporter.render(),
-        ),
-        (b"GET", _) => (
-            "404 Not Found",
-            "text/plain",
-            "not found: try /metrics\n".into(),
-        ),
-        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = tokio::time::timeout(REQUEST_TIMEOUT, stream.write_all(response.as_bytes())).await;
-    let _ = stream.shutdown().await;
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn the_busy_answer_counts_its_body() {
-        let text = std::str::from_utf8(super::BUSY).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("Content-Length: {}\r\n", body.len())));
-    }
+    let count: u64 = buckets.iter().sum();
+    let _ = writeln!(text, "{name}_bucket{{{label},le=\"+Inf\"}} {count}");
+    let sum = sum_ns as f64 / 1e9;
+    let _ = writeln!(text, "{name}_sum{{{label}}} {sum}");
+    let _ = writeln!(text, "{name}_count{{{label}}} {count}");
 }

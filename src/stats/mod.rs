@@ -5,12 +5,26 @@
 //! owns the table shard). A single writer needs no read-modify-write instruction: a counter is
 //! bumped with a plain load and store, and readers on other threads see each store whole. `q`
 //! reads every cell without sending any message, so it never waits behind a busy shard.
+//!
+//! - [`histograms`]: command latency and lock wait buckets.
+//! - [`outcomes`]: replies to lock commands by result, and why connections were turned away
+//!   or closed by the server.
+
+mod histograms;
+mod outcomes;
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
-use crate::protocol::Verb;
+use crate::protocol::{Reply, Verb, WaitKind};
+
+pub use histograms::{
+    latency_bucket_ns, wait_buckets_for, Latency, LatencySnapshot, WaitSnapshot, WaitTime,
+    LATENCY_BUCKETS, WAIT_BUCKETS, WAIT_BUCKETS_NS,
+};
+pub use outcomes::{CloseReason, LockResult, RefuseReason};
 
 /// A counter written by one thread only (see the module docs), read by any.
 #[derive(Default)]
@@ -34,42 +48,6 @@ impl Counter {
     #[inline]
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Acquire)
-    }
-}
-
-/// Finite latency buckets: bucket `i` counts durations up to 2^(i+11) ns, from 2.048 µs to
-/// 1.07 s; one more bucket counts everything slower.
-pub const LATENCY_BUCKETS: usize = 20;
-
-/// The upper bound of latency bucket `i`, in nanoseconds.
-pub fn latency_bucket_ns(i: usize) -> u64 {
-    1 << (i + 11)
-}
-
-/// The bucket a duration of `ns` nanoseconds falls in (`LATENCY_BUCKETS` for the overflow).
-#[inline]
-fn latency_bucket(ns: u64) -> usize {
-    // ceil(log2(ns)) - 11, clamped: one instruction, no search.
-    let ceil_log2 = 64 - ns.saturating_sub(1).leading_zeros() as usize;
-    ceil_log2.saturating_sub(11).min(LATENCY_BUCKETS)
-}
-
-/// One command word's latency histogram in one shard: fixed buckets, single writer, so
-/// recording is a few plain stores and memory never grows.
-#[derive(Default)]
-pub struct Latency {
-    /// Per bucket (not cumulative); the last one is the overflow.
-    pub buckets: [Counter; LATENCY_BUCKETS + 1],
-    /// Total of all recorded durations, in nanoseconds.
-    pub sum_ns: Counter,
-}
-
-impl Latency {
-    /// Records `count` commands that each took `ns` nanoseconds.
-    #[inline]
-    pub fn record(&self, count: u64, ns: u64) {
-        self.buckets[latency_bucket(ns)].add(count);
-        self.sum_ns.add(count.saturating_mul(ns));
     }
 }
 
@@ -112,8 +90,71 @@ pub struct ShardCell {
     pub rate_limit_allowed: Counter,
     pub rate_limit_limited: Counter,
     /// Per command word, the time from reading a command to its reply being ready, for
-    /// connections on this thread (recorded only while the metrics endpoint is on).
+    /// connections on this thread (recorded only while the metrics endpoint is on). Time spent
+    /// waiting for a lock is left out: it is in `lock_wait`.
     pub latency: [Latency; Verb::COUNT],
+    /// Replies to lock commands by command word and [`LockResult`]. Counted by the thread that
+    /// produced the reply: the shard that owns the name, except for waits and usage errors,
+    /// which the connection's thread answers.
+    pub lock_results: [[Counter; LockResult::COUNT]; Verb::COUNT],
+    /// How long answered `gw` (0) and `sgw` (1) waits took, for connections on this thread.
+    pub lock_wait: [WaitTime; 2],
+    /// Connections this thread turned away as they arrived, by [`RefuseReason`].
+    pub connections_refused: [Counter; RefuseReason::COUNT],
+    /// Connections on this thread the server closed, by [`CloseReason`].
+    pub connections_closed_by: [Counter; CloseReason::COUNT],
+    /// Accepts that failed on this thread (out of file descriptors, mostly).
+    pub accept_errors: Counter,
+}
+
+impl ShardCell {
+    /// Counts the reply to a lock command and hands it back, so the count sits where the reply
+    /// is made. Two array indexes and a plain store: cheap at millions of commands a second.
+    #[inline]
+    pub fn counted(&self, verb: Verb, reply: Reply) -> Reply {
+        self.lock_results[verb.index()][LockResult::of(reply) as usize].add(1);
+        reply
+    }
+
+    /// A `gw`/`sgw` asked at `asked` was answered `reply` just now: counts the reply, records
+    /// the wait, and returns its length, which the caller leaves out of its batch's latency
+    /// (an `i` pipelined behind a long `gw` did not take that long to run).
+    pub fn waited(&self, kind: WaitKind, reply: Reply, asked: Instant) -> Duration {
+        let waited = asked.elapsed();
+        let (verb, at) = match kind {
+            WaitKind::Exclusive => (Verb::GetWait, 0),
+            WaitKind::Shared { .. } => (Verb::SharedGetWait, 1),
+        };
+        self.counted(verb, reply);
+        self.lock_wait[at].record(u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX));
+        waited
+    }
+
+    /// Counts a connection the server closed, and why.
+    pub fn closed_because(&self, reason: CloseReason) {
+        self.connections_closed_by[reason as usize].add(1);
+    }
+
+    /// Counts a connection turned away as it arrived, and why.
+    pub fn refused(&self, reason: RefuseReason) {
+        self.connections_refused[reason as usize].add(1);
+    }
+
+    /// Lock operations this shard's table applied: every lock command routed here (counted by
+    /// result, which is always counted on the owning shard) and every wait started here. What
+    /// a hot shard shows up in.
+    pub fn operations(&self) -> u64 {
+        let applied: u64 = Verb::ALL
+            .iter()
+            .filter(|verb| !matches!(verb, Verb::GetWait | Verb::SharedGetWait))
+            .flat_map(|verb| {
+                // Usage errors are answered by the connection's thread, not by a shard.
+                self.lock_results[verb.index()][..LockResult::Usage as usize].iter()
+            })
+            .map(Counter::get)
+            .sum();
+        applied + self.lock_waits_started.get()
+    }
 }
 
 /// All shards' cells.
@@ -142,17 +183,17 @@ pub struct Snapshot {
     pub rate_limit_limited: u64,
 }
 
-/// One command word's latency summed over every shard.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct LatencySnapshot {
-    pub buckets: [u64; LATENCY_BUCKETS + 1],
-    pub sum_ns: u64,
-}
-
-impl LatencySnapshot {
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().sum()
-    }
+/// What became of requests and connections, summed over every shard (not part of `q`, whose
+/// keys stay those of the original server and its extensions).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Replies to lock commands, by command word and result.
+    pub lock_results: [[u64; LockResult::COUNT]; Verb::COUNT],
+    pub connections_refused: [u64; RefuseReason::COUNT],
+    pub connections_closed_by: [u64; CloseReason::COUNT],
+    /// Every connection that ended, for whatever reason.
+    pub connections_closed: u64,
+    pub accept_errors: u64,
 }
 
 impl Stats {
@@ -188,6 +229,49 @@ impl Stats {
                 }
                 sum.sum_ns += latency.sum_ns.get();
             }
+        }
+        out
+    }
+
+    /// `gw` (0) and `sgw` (1) wait times, summed over every shard.
+    pub fn lock_waits(&self) -> [WaitSnapshot; 2] {
+        let mut out = [WaitSnapshot::default(); 2];
+        for cell in self.cells.iter() {
+            for (sum, wait) in out.iter_mut().zip(cell.lock_wait.iter()) {
+                for (b, counter) in sum.buckets.iter_mut().zip(wait.buckets.iter()) {
+                    *b += counter.get();
+                }
+                sum.sum_ns += wait.sum_ns.get();
+            }
+        }
+        out
+    }
+
+    /// Replies by result and the fates of connections, summed over every shard.
+    pub fn outcomes(&self) -> Outcomes {
+        let mut out = Outcomes::default();
+        for cell in self.cells.iter() {
+            for (sums, counters) in out.lock_results.iter_mut().zip(cell.lock_results.iter()) {
+                for (sum, counter) in sums.iter_mut().zip(counters.iter()) {
+                    *sum += counter.get();
+                }
+            }
+            for (sum, counter) in out
+                .connections_refused
+                .iter_mut()
+                .zip(cell.connections_refused.iter())
+            {
+                *sum += counter.get();
+            }
+            for (sum, counter) in out
+                .connections_closed_by
+                .iter_mut()
+                .zip(cell.connections_closed_by.iter())
+            {
+                *sum += counter.get();
+            }
+            out.connections_closed += cell.connections_closed.get();
+            out.accept_errors += cell.accept_errors.get();
         }
         out
     }
@@ -256,26 +340,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn latency_buckets_are_powers_of_two_from_two_microseconds() {
-        assert_eq!(latency_bucket(0), 0);
-        assert_eq!(latency_bucket(2048), 0);
-        assert_eq!(latency_bucket(2049), 1);
-        assert_eq!(latency_bucket(4096), 1);
-        assert_eq!(latency_bucket(1 << 30), LATENCY_BUCKETS - 1);
-        assert_eq!(latency_bucket((1 << 30) + 1), LATENCY_BUCKETS);
-        assert_eq!(latency_bucket(u64::MAX), LATENCY_BUCKETS);
-        for i in 0..LATENCY_BUCKETS {
-            assert_eq!(latency_bucket(latency_bucket_ns(i)), i);
-            assert_eq!(latency_bucket(latency_bucket_ns(i) + 1), i + 1);
-        }
+    fn latency_is_summed_over_shards() {
         let stats = Stats::new(2);
         stats.cell(0).latency[Verb::Get.index()].record(3, 3000);
-        stats.cell(1).latency[Verb::Get.index()].record(1, 5_000_000_000);
+        stats.cell(1).latency[Verb::Get.index()].record(1, 50_000_000_000);
         let get = stats.latency()[Verb::Get.index()];
         assert_eq!(get.count(), 4);
         assert_eq!(get.buckets[1], 3);
         assert_eq!(get.buckets[LATENCY_BUCKETS], 1);
-        assert_eq!(get.sum_ns, 5_000_009_000);
+        assert_eq!(get.sum_ns, 50_000_009_000);
+    }
+
+    #[test]
+    fn replies_are_counted_by_result_and_a_shard_counts_what_it_applied() {
+        let stats = Stats::new(2);
+        let (a, b) = (stats.cell(0), stats.cell(1));
+        assert_eq!(a.counted(Verb::Get, Reply::NotGot), Reply::NotGot);
+        a.counted(Verb::Get, Reply::Got);
+        b.counted(Verb::Get, Reply::NotGot);
+        b.counted(Verb::SharedGetLimit, Reply::SharedFull);
+        // Answered by the connection's thread: not operations of its shard.
+        b.counted(Verb::RateLimit, Reply::Usage(Verb::RateLimit));
+        let asked = Instant::now() - Duration::from_millis(30);
+        let waited = a.waited(WaitKind::Exclusive, Reply::TimedOut, asked);
+        assert!(waited >= Duration::from_millis(30));
+        b.lock_waits_started.add(1);
+        let outcomes = stats.outcomes();
+        let get = outcomes.lock_results[Verb::Get.index()];
+        assert_eq!(get[LockResult::Refused as usize], 2);
+        assert_eq!(get[LockResult::Granted as usize], 1);
+        let gw = outcomes.lock_results[Verb::GetWait.index()];
+        assert_eq!(gw[LockResult::TimedOut as usize], 1);
+        assert_eq!(a.operations(), 2);
+        assert_eq!(b.operations(), 3);
+        let waits = stats.lock_waits();
+        assert_eq!(waits[0].count(), 1);
+        assert_eq!(waits[1].count(), 0);
+        // 30 ms and a little: the 50 ms bucket.
+        assert_eq!(waits[0].buckets[8], 1, "{:?}", waits[0]);
+        a.refused(RefuseReason::MaxConnections);
+        b.closed_because(CloseReason::IdleTimeout);
+        b.connections_closed.add(2);
+        let outcomes = stats.outcomes();
+        assert_eq!(outcomes.connections_refused, [1, 0]);
+        assert_eq!(outcomes.connections_closed_by, [0, 0, 0, 1]);
+        assert_eq!(outcomes.connections_closed, 2);
     }
 
     #[test]

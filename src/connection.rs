@@ -283,7 +283,9 @@ impl Buffers {
                     eof: &mut self.side_eof,
                     cap: limits.max_line,
                 };
-                let ran_line = session.run_later(request, &mut self.out, &mut watch).await;
+                let ran_line = session
+                    .run_later_boxed(request, &mut self.out, &mut watch)
+                    .await;
                 if !self.side.is_empty() {
                     // Read while the line waited: it comes after everything already buffered.
                     self.input.extend(&self.side);

@@ -119,7 +119,7 @@ impl Session {
     ) -> Result<(), Gone> {
         match self.step(line, out) {
             Step::Done => Ok(()),
-            Step::Later(request) => self.run_later(request, out, watch).await,
+            Step::Later(request) => Box::pin(self.run_later(request, out, watch)).await,
         }
     }
 
@@ -169,6 +169,17 @@ impl Session {
             request => return Step::Later(request),
         }
         Step::Done
+    }
+
+    /// [`Self::run_later`] with its state on the heap: waits and listings are rare, and their
+    /// state would otherwise make every connection's future (idle ones included) bigger.
+    pub async fn run_later_boxed(
+        &mut self,
+        request: Request,
+        out: &mut Vec<u8>,
+        watch: &mut dyn PeerWatch,
+    ) -> Result<(), Gone> {
+        Box::pin(self.run_later(request, out, watch)).await
     }
 
     /// The part of a command that waits: what [`Self::step`] handed back.

@@ -310,7 +310,7 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
                     stash: &mut stash,
                 };
                 if session
-                    .run_later(request, &mut out, &mut watch)
+                    .run_later_boxed(request, &mut out, &mut watch)
                     .await
                     .is_err()
                 {

@@ -4,6 +4,9 @@
 //!
 //! `cargo run --release --example mass_orphan [LOCKS]`
 
+#[path = "support/rss.rs"]
+mod rss;
+
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -23,7 +26,7 @@ async fn main() -> std::io::Result<()> {
     let addr = server.tcp_addr().expect("tcp");
 
     // Take the locks, pipelined in chunks.
-    let rss_before = rss_kib();
+    let rss_before = rss::rss_kib();
     let mut big = TcpStream::connect(addr).await?;
     let chunk = 10_000;
     let mut reply = vec![0u8; chunk * "1 Got Lock\n".len()];
@@ -35,7 +38,7 @@ async fn main() -> std::io::Result<()> {
     }
     assert_eq!(server.stats().locks as usize, locks.div_ceil(chunk) * chunk);
     let held = server.stats().locks;
-    let rss_after = rss_kib();
+    let rss_after = rss::rss_kib();
     println!(
         "{held} held locks with 16-byte names: resident memory +{} KiB, {:.1} bytes per lock",
         rss_after - rss_before,
@@ -69,17 +72,4 @@ async fn main() -> std::io::Result<()> {
     );
     server.shutdown();
     Ok(())
-}
-
-/// This process's resident memory in KiB (Linux).
-fn rss_kib() -> i64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

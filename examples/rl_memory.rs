@@ -5,6 +5,9 @@
 //!
 //! `cargo run --release --example rl_memory [NAMES]`
 
+#[path = "support/rss.rs"]
+mod rss;
+
 use std::time::Instant;
 
 use glockd::ratelimit::{Limit, RateLimits};
@@ -22,13 +25,13 @@ fn main() {
         period_ms: day_ms,
         quantity: 1,
     };
-    let rss_before = rss_kib();
+    let rss_before = rss::rss_kib();
     let mut limits = RateLimits::new(glockd::name_hasher());
     for i in 0..names {
         let name = LockName::from(format!("rl-name-{i:08}").as_str());
         limits.apply(&name, 0, limit);
     }
-    let rss_after = rss_kib();
+    let rss_after = rss::rss_kib();
     let bytes = (rss_after - rss_before) as f64 * 1024.0 / names as f64;
     println!(
         "{names} limiters: {} KiB resident, {bytes:.1} bytes per name",
@@ -49,16 +52,4 @@ fn main() {
         "evicted in {:?} over {passes} passes, longest pass {worst:?}",
         started.elapsed()
     );
-}
-
-fn rss_kib() -> i64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }

@@ -212,7 +212,8 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     drop(session);
     // A clean ending gets a close frame; a broken or stalled connection would not take it.
     if reason.is_clean() {
-        let close = ws.close(None);
+        // The sink's close: it answers a close frame the client sent (and sends ours otherwise).
+        let close = SinkExt::close(&mut ws);
         let _ = tokio::time::timeout(
             limits.write_timeout.unwrap_or(limits.ws_handshake_timeout),
             close,

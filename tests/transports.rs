@@ -149,6 +149,27 @@ async fn websocket_replies_are_one_message_per_command() {
 }
 
 #[tokio::test]
+async fn a_websocket_close_is_answered_with_a_close() {
+    let server = TestServer::start_all_doors(2, |_| {});
+    let mut ws = raw_ws(&server).await;
+    ws.send(Message::text("g closing")).await.unwrap();
+    assert_eq!(next_text(&mut ws).await, b"1 Got Lock\n");
+    ws.send(Message::Close(None)).await.unwrap();
+    // The server's close frame comes back (the client library reads it as the end of the
+    // stream once the handshake is complete), not just the TCP close.
+    let answer = tokio::time::timeout(common::REPLY_TIMEOUT, ws.next())
+        .await
+        .expect("an answer in time");
+    assert!(
+        matches!(answer, Some(Ok(Message::Close(_))) | None),
+        "{answer:?}"
+    );
+    server
+        .wait_for_stats("the lock released", |s| s["locks"] == 0)
+        .await;
+}
+
+#[tokio::test]
 async fn an_oversized_websocket_message_gets_a_line_too_long_reply() {
     let server = TestServer::start_all_doors(1, |c| c.max_line_bytes = 1024);
     let mut ws = raw_ws(&server).await;

@@ -1,8 +1,12 @@
 //! The `glockd` binary: Go-style command lines, the pidfile, and signals.
 
-use std::io::{BufRead, BufReader, Read};
+mod process;
+
+use process::{free_port, temp_dir};
+
+use std::io::Read;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -10,20 +14,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_glockd");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("glockd-cli-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
 /// A running `glockd` process, killed if the test fails.
 struct Glockd {
     child: Option<Child>,
@@ -56,20 +46,8 @@ impl Glockd {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn glockd");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
         // Warnings (a low open-file limit, say) may come first.
-        let mut seen = Vec::new();
-        loop {
-            let line = lines.next().expect("a line").expect("read stderr");
-            if line.contains("listening on tcp") {
-                break;
-            }
-            seen.push(line);
-            assert!(seen.len() < 10, "no listening line: {seen:?}");
-        }
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || lines.for_each(drop));
+        process::wait_until_listening(&mut child);
         Glockd { child: Some(child) }
     }
 
@@ -175,7 +153,7 @@ fn bad_flags_exit_non_zero_with_a_reason() {
 
 #[test]
 fn go_style_command_lines_of_the_original_work() {
-    let dir = temp_dir("go-style");
+    let dir = temp_dir("cli", "go-style");
     let pid = dir.join("my.pid");
     let port = free_port();
     let server = Glockd::start(&[
@@ -199,7 +177,7 @@ fn go_style_command_lines_of_the_original_work() {
 
 #[test]
 fn a_second_server_on_the_same_pidfile_refuses_to_start() {
-    let dir = temp_dir("pidfile");
+    let dir = temp_dir("cli", "pidfile");
     let pidfile = dir.join("glockd.pid");
     let path = pidfile.to_str().unwrap();
     let port = free_port();
@@ -240,7 +218,7 @@ fn a_second_server_on_the_same_pidfile_refuses_to_start() {
 
 #[test]
 fn a_pidfile_that_is_a_symbolic_link_is_refused_and_its_target_untouched() {
-    let dir = temp_dir("pidfile-link");
+    let dir = temp_dir("cli", "pidfile-link");
     let target = dir.join("precious.conf");
     std::fs::write(&target, "keep me\n").expect("target written");
     let link = dir.join("glockd.pid");

@@ -6,9 +6,13 @@
 //! skipped with a note when missing, unless GLOCKD_REQUIRE_FAKETIME=1 (as in CI), which makes a
 //! missing libfaketime a failure.
 
+mod process;
+
+use process::{free_port, temp_dir};
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -20,22 +24,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_glockd");
 
 /// Debug builds of the server read this (see `main.rs`); release builds ignore it.
 const SLOW_WRITE_ENV: &str = "GLOCKD_TEST_SLOW_CEILING_WRITE_MS";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// A fresh, empty directory for one test.
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("glockd-fencing-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
 /// The ceiling saved in a state file.
 fn saved_ceiling(path: &Path) -> u64 {
     let text = std::fs::read(path).expect("the state file");
@@ -87,22 +75,7 @@ impl Glockd {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn glockd");
-        let stderr = child.stderr.take().expect("stderr");
-        let mut lines = BufReader::new(stderr).lines();
-        let mut before_listening = Vec::new();
-        loop {
-            let line = lines.next().expect("a line").expect("read stderr");
-            if line.contains("listening on tcp") {
-                break;
-            }
-            before_listening.push(line);
-            assert!(
-                before_listening.len() < 10,
-                "no listening line: {before_listening:?}"
-            );
-        }
-        // Keep draining stderr so the server never blocks on it.
-        std::thread::spawn(move || lines.for_each(drop));
+        let before_listening = process::wait_until_listening(&mut child);
         Glockd {
             child: Some(child),
             port,
@@ -251,7 +224,7 @@ fn a_restart_with_the_clock_an_hour_behind_still_hands_out_larger_tokens() {
     let Some(library) = libfaketime() else {
         return;
     };
-    let dir = temp_dir("clock-back");
+    let dir = temp_dir("fencing", "clock-back");
     let state = dir.join("state");
     let first = Glockd::start(Launch {
         state_file: Some(&state),
@@ -303,7 +276,7 @@ fn a_restart_with_the_clock_an_hour_behind_still_hands_out_larger_tokens() {
 
 #[test]
 fn another_shard_count_after_a_restart_keeps_every_names_tokens_growing() {
-    let dir = temp_dir("shards");
+    let dir = temp_dir("fencing", "shards");
     let state = dir.join("state");
     // A ceiling an hour ahead of the clock, as a server whose clock ran fast would have left:
     // only the saved ceiling, not the clock, can then keep the tokens growing.
@@ -339,7 +312,7 @@ fn another_shard_count_after_a_restart_keeps_every_names_tokens_growing() {
 
 #[test]
 fn unusable_state_files_are_start_up_errors() {
-    let dir = temp_dir("bad-files");
+    let dir = temp_dir("fencing", "bad-files");
     let corrupt = dir.join("corrupt");
     std::fs::write(&corrupt, "glockd-state 1\nceiling twelve\n").unwrap();
     let empty = dir.join("empty");
@@ -414,7 +387,7 @@ fn take_tokens_until_killed(server: &Glockd) -> std::thread::JoinHandle<u64> {
 
 #[test]
 fn sigkill_right_after_a_ceiling_write_then_a_restart_still_hands_out_larger_tokens() {
-    let dir = temp_dir("sigkill");
+    let dir = temp_dir("fencing", "sigkill");
     let state = dir.join("state");
     // A short reserve: the ceiling is rewritten every 50 ms while tokens are taken.
     let launch = || Launch {
@@ -450,7 +423,7 @@ fn sigkill_in_the_middle_of_a_ceiling_write_leaves_the_old_file_whole() {
         eprintln!("skipping: slow ceiling writes exist only in debug builds");
         return;
     }
-    let dir = temp_dir("sigkill-mid-write");
+    let dir = temp_dir("fencing", "sigkill-mid-write");
     let state = dir.join("state");
     let temp = dir.join("state.tmp");
     let server = Glockd::start(Launch {
@@ -485,7 +458,7 @@ fn a_burst_of_grants_waits_at_a_ceiling_that_is_not_yet_saved() {
         eprintln!("skipping: slow ceiling writes exist only in debug builds");
         return;
     }
-    let dir = temp_dir("burst");
+    let dir = temp_dir("fencing", "burst");
     let state = dir.join("state");
     // Every write takes 150 ms to become durable but is asked for only 100 ms before the
     // ceiling is reached: grants must wait for it, over and over.
@@ -542,7 +515,7 @@ fn a_burst_of_grants_waits_at_a_ceiling_that_is_not_yet_saved() {
 
 #[test]
 fn grants_stop_at_the_saved_ceiling_while_it_cannot_be_rewritten_and_resume_after() {
-    let dir = temp_dir("unwritable-later");
+    let dir = temp_dir("fencing", "unwritable-later");
     let home = dir.join("home");
     std::fs::create_dir(&home).unwrap();
     let state = home.join("state");

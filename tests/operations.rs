@@ -1,9 +1,13 @@
 //! The binary as an operator runs it: log lines and their shape, a stderr nobody reads, signals,
 //! and a low open-file limit.
 
+mod process;
+
+use process::{free_port, temp_dir};
+
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -12,21 +16,6 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const BIN: &str = env!("CARGO_BIN_EXE_glockd");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("glockd-ops-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
 /// The flags every test server gets: loopback only, two unpinned shards, no websockets.
 fn base_args(port: u16, metrics: Option<u16>) -> Vec<String> {
     let metrics = metrics.map_or("off".to_owned(), |m| format!("127.0.0.1:{m}"));
@@ -558,7 +547,7 @@ fn a_stderr_nobody_reads_costs_log_lines_not_service() {
 
 #[test]
 fn sighup_reopens_the_log_file_and_sigterm_still_cleans_up() {
-    let dir = temp_dir("hup");
+    let dir = temp_dir("ops", "hup");
     let (log, pidfile, socket) = (dir.join("glockd.log"), dir.join("pid"), dir.join("sock"));
     let port = free_port();
     let mut args = base_args(port, None);
@@ -609,7 +598,7 @@ fn sighup_reopens_the_log_file_and_sigterm_still_cleans_up() {
 
 #[test]
 fn sigquit_exits_at_once_and_leaves_nothing_behind() {
-    let dir = temp_dir("quit");
+    let dir = temp_dir("ops", "quit");
     let (pidfile, socket) = (dir.join("pid"), dir.join("sock"));
     let port = free_port();
     let mut args = base_args(port, None);

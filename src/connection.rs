@@ -9,6 +9,7 @@
 //! `--max-line-bytes`, or an unfinished line older than `--line-timeout` also end the
 //! connection; in every case its locks are orphaned.
 
+use crate::peer::Peer;
 use std::future::Future;
 use std::io;
 use std::pin::{pin, Pin};
@@ -498,12 +499,17 @@ fn deadline_at(start: Instant, d: std::time::Duration) -> Instant {
 }
 
 /// Serves one connection until it closes. `id_text` is its protocol id (`ip:port`).
-pub async fn serve<S>(core: Rc<ShardCore>, stream: S, id_text: String, admission: Admission)
-where
+pub async fn serve<S>(
+    core: Rc<ShardCore>,
+    stream: S,
+    id_text: String,
+    admission: Admission,
+    peer: Peer,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let farewell = Farewell::new(&core, &id_text);
-    let mut session = Session::new(core.clone(), id_text, admission);
+    let mut session = Session::new(core.clone(), id_text, admission, peer);
     let mut stream = stream;
     let reason = run(&core, &mut stream, &mut session).await;
     if let Some(why) = reason.close_reason() {

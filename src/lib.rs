@@ -11,6 +11,7 @@
 //!   the presence whose end orphans its locks, shutdown's drain.
 //! - [`connection`] / [`websocket`]: one client's I/O over a byte stream or a websocket: read,
 //!   run, write replies, enforce the limits and timeouts.
+//! - [`peer`]: what a connection's door knows of who is at the other end.
 //! - [`framer`]: bytes to lines, the same for every door.
 //! - [`protocol`]: a line parsed into a typed request (and written back out by the client), the
 //!   facts about each command word, and the reply lines.
@@ -48,6 +49,7 @@ pub mod framer;
 pub mod lifecycle;
 pub mod logging;
 pub mod name;
+pub mod peer;
 pub mod pidfile;
 pub mod protocol;
 pub mod ratelimit;

@@ -3,6 +3,7 @@
 //! as the lock tables see it ([`Presence`]: dropping it orphans the connection's locks), and
 //! shutdown's drain of every connection on a thread ([`ConnMsg::Close`]).
 
+use crate::peer::Peer;
 use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -248,18 +249,27 @@ pub fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
                 stream,
                 id,
                 admission,
+                Peer::anonymous(),
             ));
         }),
         Incoming::Ws(stream, id, admission) => TcpStream::from_std(stream).map(|stream| {
             crate::doors::tune_tcp(&core.server.config, &stream, &id);
-            tokio::task::spawn_local(crate::websocket::serve(core.clone(), stream, id, admission));
+            tokio::task::spawn_local(crate::websocket::serve(
+                core.clone(),
+                stream,
+                id,
+                admission,
+                Peer::anonymous(),
+            ));
         }),
         Incoming::Unix(stream, id, admission) => UnixStream::from_std(stream).map(|stream| {
+            let peer = Peer::unix(&stream);
             tokio::task::spawn_local(crate::connection::serve(
                 core.clone(),
                 stream,
                 id,
                 admission,
+                peer,
             ));
         }),
     };

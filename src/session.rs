@@ -12,6 +12,7 @@
 //! the same FIFO mailbox as its commands, so a lock granted while it was going away is released
 //! too.
 
+use crate::peer::Peer;
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -87,10 +88,13 @@ pub struct Session {
     framed: bool,
     /// Time since the last `record_latency` spent waiting for locks, left out of it.
     waited: std::time::Duration,
+    /// What the connection's door knows of its peer.
+    #[allow(dead_code)] // read by the users layer
+    peer: Peer,
 }
 
 impl Session {
-    pub fn new(core: Rc<ShardCore>, id_text: String, admission: Admission) -> Self {
+    pub fn new(core: Rc<ShardCore>, id_text: String, admission: Admission, peer: Peer) -> Self {
         let shards = core.server.router.shards();
         let limit = core.server.config.max_locks_per_conn;
         let measure = core.server.measure_latency;
@@ -103,6 +107,7 @@ impl Session {
             batch_verbs: measure.then_some([0; Verb::COUNT]),
             framed: false,
             waited: std::time::Duration::ZERO,
+            peer,
         }
     }
 

@@ -6,6 +6,7 @@
 //! The commands run through the same [`Session`] as TCP ones, on a shard thread like any other
 //! connection, so the locks, replies and stats are the same whichever door a client used.
 
+use crate::peer::Peer;
 use std::cell::Cell;
 use std::collections::VecDeque;
 use std::future::Future;
@@ -147,7 +148,13 @@ impl PeerWatch for WsWatch<'_> {
 }
 
 /// Serves one websocket connection until it closes.
-pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission: Admission) {
+pub async fn serve(
+    core: Rc<ShardCore>,
+    stream: TcpStream,
+    id: String,
+    admission: Admission,
+    peer: Peer,
+) {
     let config = &core.server.config;
     let limits = config.conn_limits();
     // Replies are flushed, at the client's pace, whenever more than --max-unsent-bytes of them
@@ -200,7 +207,7 @@ pub async fn serve(core: Rc<ShardCore>, stream: TcpStream, id: String, admission
     // The handshake's bytes were no message.
     ws.get_ref().since.set(None);
     let farewell = Farewell::new(&core, &id);
-    let mut session = Session::new(core.clone(), id, admission);
+    let mut session = Session::new(core.clone(), id, admission, peer);
     let reason = run(&core, &mut ws, &mut session).await;
     if let Some(why) = reason.close_reason() {
         core.cell().closed_because(why);

@@ -18,7 +18,9 @@ const CONNS: usize = 8;
 fn architecture(c: &mut Criterion) {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let mut group = c.benchmark_group("architecture: churn, 8 connections");
-    let (glockd, glockd_addr) = start_glockd(cores as u16);
+    let (glockd, glockd_addr) = start_glockd(Some(cores as u16));
+    let (defaults, defaults_addr) = start_glockd(None);
+    let default_shards = glockd::config::default_shards(cores);
     let baseline = mutex_server::start(cores);
     for pipeline in [1usize, 32] {
         group.throughput(Throughput::Elements((CONNS * pipeline) as u64));
@@ -26,12 +28,20 @@ fn architecture(c: &mut Criterion) {
             b.iter_custom(|windows| churn(glockd_addr, CONNS, windows, pipeline))
         });
         group.bench_function(
+            BenchmarkId::new(
+                format!("glockd defaults ({default_shards} shards)"),
+                pipeline,
+            ),
+            |b| b.iter_custom(|windows| churn(defaults_addr, CONNS, windows, pipeline)),
+        );
+        group.bench_function(
             BenchmarkId::new("sharded mutex, multi-thread runtime", pipeline),
             |b| b.iter_custom(|windows| churn(baseline.addr, CONNS, windows, pipeline)),
         );
     }
     group.finish();
     drop(glockd);
+    drop(defaults);
 }
 
 criterion_group! {

@@ -24,7 +24,7 @@ fn inspect_batch(names: &[String], batch: usize) -> Vec<u8> {
 }
 
 fn local_vs_remote(c: &mut Criterion) {
-    let (server, addr) = start_glockd(2);
+    let (server, addr) = start_glockd(Some(2));
     let mut conn = Conn::connect(addr);
     let (local, remote) = split_by_shard(&server, 32);
     let mut group = c.benchmark_group("one command, own shard vs another shard's mailbox");
@@ -43,7 +43,7 @@ fn local_vs_remote(c: &mut Criterion) {
 fn pipelined_churn(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipelined churn over loopback, 4 connections");
     for shards in [1u16, 2] {
-        let (_server, addr) = start_glockd(shards);
+        let (_server, addr) = start_glockd(Some(shards));
         for pipeline in [1usize, 32] {
             group.throughput(Throughput::Elements(4 * pipeline as u64));
             group.bench_function(

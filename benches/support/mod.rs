@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 /// A glockd server in this process, on an ephemeral loopback port, unpinned (the bench shares
 /// the machine's cores with its client threads).
-pub fn start_glockd(shards: u16) -> (glockd::ServerHandle, SocketAddr) {
+pub fn start_glockd(shards: Option<u16>) -> (glockd::ServerHandle, SocketAddr) {
     let config = glockd::Config {
-        shards: Some(shards),
+        shards,
         pin: false,
         ..glockd::Config::default()
     };

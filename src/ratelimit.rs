@@ -8,15 +8,15 @@
 //! dropped ([`RateLimits::evict_some`]) and memory does not grow with the names ever seen.
 //!
 //! Dropping them costs work in proportion to what expired, not to what is stored: each name
-//! has one entry in a min-heap of expiry times (whole seconds), made when the name is stored.
+//! has one entry in a min-heap of expiry times, made when the name is stored.
 //! An entry that comes due for a name whose TAT has moved on since is pushed back with the new
 //! TAT (lazy deletion), so a busy name costs one heap move per expiry it escapes, never one per
 //! request.
 //!
-//! A name costs [`LIMITER_BYTES`] (48) plus, for a name longer than 22 bytes, its heap block:
+//! A name costs [`LIMITER_BYTES`] (53) plus, for a name longer than 22 bytes, its heap block:
 //! limiters live in a slab of 32-byte slots (the name stored once, inline when short, and a
-//! 64-bit TAT), found through an index of 4-byte slot numbers, with an 8-byte heap entry
-//! (second, slot). Under the memory budget a new name that does not fit first evicts the
+//! 64-bit TAT), found through an index of 4-byte slot numbers, with a 16-byte heap entry
+//! (TAT, slot). Under the memory budget a new name that does not fit first evicts the
 //! limiters soonest back to full capacity (which resets them: their next request starts from
 //! a full burst).
 
@@ -139,7 +139,7 @@ const _: () = assert!(std::mem::size_of::<Option<Limiter>>() == 32);
 pub const LIMITER_BYTES: u64 = std::mem::size_of::<Option<Limiter>>() as u64
     + std::mem::size_of::<u32>() as u64
     + crate::memory::INDEX_CONTROL
-    + std::mem::size_of::<Reverse<(u32, u32)>>() as u64;
+    + std::mem::size_of::<Reverse<(u64, u32)>>() as u64;
 
 /// The bytes a limiter for `name` costs.
 fn limiter_cost(name: &[u8]) -> u64 {
@@ -157,11 +157,11 @@ pub struct RateLimits {
     slots: Vec<Option<Limiter>>,
     /// Free slots, reused first.
     free: Vec<u32>,
-    /// (second its limiter is due, slot): exactly one entry per stored limiter, due no later
-    /// than the second after its TAT. A limiter used since its entry was pushed is pushed back
-    /// with its new TAT when the entry comes due (lazy), so a busy name costs one heap move
-    /// per expiry it escapes, never one per request.
-    expiry: BinaryHeap<Reverse<(u32, u32)>>,
+    /// (TAT when pushed, slot): exactly one entry per stored limiter, due no later than its
+    /// TAT. A limiter used since its entry was pushed is pushed back with its new TAT when the
+    /// entry comes due (lazy), so a busy name costs one heap move per expiry it escapes, never
+    /// one per request.
+    expiry: BinaryHeap<Reverse<(u64, u32)>>,
     /// Bytes the stored limiters cost (see [`LIMITER_BYTES`]).
     bytes: u64,
     /// Limiters dropped before their time to make room under the memory budget.
@@ -171,16 +171,6 @@ pub struct RateLimits {
 /// A TAT as stored (saturating: a TAT past 584 years is as good as never).
 fn stored_tat(tat: u128) -> u64 {
     u64::try_from(tat).unwrap_or(u64::MAX)
-}
-
-/// The heap's time for a TAT: the whole second at or after it (saturating at 136 years).
-fn due_second(tat: u64) -> u32 {
-    u32::try_from(tat.div_ceil(1_000_000_000)).unwrap_or(u32::MAX)
-}
-
-/// The whole seconds that have passed at `now`.
-fn passed_seconds(now: u64) -> u32 {
-    u32::try_from(now / 1_000_000_000).unwrap_or(u32::MAX)
 }
 
 impl RateLimits {
@@ -269,7 +259,7 @@ impl RateLimits {
                 .as_ref()
                 .map_or(0, |l| hasher.hash_one(l.name.as_bytes()))
         });
-        self.expiry.push(Reverse((due_second(tat), at)));
+        self.expiry.push(Reverse((tat, at)));
         self.bytes += limiter_cost(name.as_bytes());
     }
 
@@ -298,9 +288,9 @@ impl RateLimits {
             let Some(tat) = self.slots[at as usize].as_ref().map(|l| l.tat) else {
                 continue;
             };
-            if due_second(tat) > due {
+            if tat > due {
                 // Used since its entry was pushed: put it back where it now belongs.
-                self.expiry.push(Reverse((due_second(tat), at)));
+                self.expiry.push(Reverse((tat, at)));
                 continue;
             }
             if tat > now {
@@ -317,12 +307,11 @@ impl RateLimits {
     /// run).
     pub fn evict_some(&mut self, now: u128, budget: usize) -> bool {
         let now = stored_tat(now);
-        let passed = passed_seconds(now);
         for _ in 0..budget {
             let Some(&Reverse((due, at))) = self.expiry.peek() else {
                 return false;
             };
-            if due > passed {
+            if due > now {
                 return false;
             }
             self.expiry.pop();
@@ -332,13 +321,13 @@ impl RateLimits {
             if tat <= now {
                 self.remove(at);
             } else {
-                // Used since: due again at its new TAT (a later second than `passed`).
-                self.expiry.push(Reverse((due_second(tat), at)));
+                // Used since: due again at its new TAT.
+                self.expiry.push(Reverse((tat, at)));
             }
         }
         self.expiry
             .peek()
-            .is_some_and(|&Reverse((due, _))| due <= passed)
+            .is_some_and(|&Reverse((due, _))| due <= now)
     }
 
     /// Names with state.

@@ -81,11 +81,7 @@ async fn main() -> std::io::Result<()> {
         for _ in 0..slice {
             line.clear();
             attacker.read_line(&mut line).await?;
-            let key = if attack == "rl" {
-                line.trim_end().to_owned()
-            } else {
-                line.trim_end().to_owned()
-            };
+            let key = line.trim_end().to_owned();
             *replies.entry(key).or_default() += 1;
             if attack == "fill" && line.starts_with("0 ") {
                 break 'attack;

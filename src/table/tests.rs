@@ -361,6 +361,10 @@ fn random_work_keeps_the_count_exact() {
                     receivers.swap_remove(at);
                 }
             }
+            8 if next(2) == 0 => {
+                // Orphaning a slice at a time, as a shard does for a big departure.
+                t.orphan_some(conn, 1 + next(3) as usize, |_| {});
+            }
             _ => {
                 t.orphan_all(conn);
             }

@@ -34,7 +34,7 @@ fn held() -> (ShardTable, Vec<(u64, LockName)>) {
     let (mut table, names) = empty();
     for (hash, name) in &names {
         table.get(1, *hash, name, None);
-        table.shared_get(1, name, None);
+        let _ = table.shared_get(1, name, None);
     }
     (table, names)
 }
@@ -95,7 +95,7 @@ fn table(c: &mut Criterion) {
             empty,
             |(mut table, names)| {
                 for (_, name) in &names {
-                    black_box(table.shared_get(1, name, None));
+                    let _ = black_box(table.shared_get(1, name, None));
                 }
                 table
             },

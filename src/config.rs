@@ -64,6 +64,12 @@ pub const MAX_HANDSHAKE_SECS: u64 = 300;
 pub const MAX_METRICS_CONNECTIONS: u64 = 4096;
 /// `--shards`: one thread each; more than this is a mistake, not a configuration.
 pub const MAX_SHARDS: u16 = 1024;
+/// `--max-memory`: at least 1 MiB (the budget is checked against counts published in 16 KiB
+/// steps per shard, so a smaller one would mean little); at most 1 PiB, past any machine.
+pub const MIN_MEMORY: u64 = 1 << 20;
+pub const MAX_MEMORY: u64 = 1 << 50;
+/// `--max-lock-name-bytes`: at least one byte, at most the longest line there can be.
+pub const MAX_LOCK_NAME_BYTES: u64 = MAX_LINE_BYTES;
 
 /// The server's settings. Every limit is here, named and documented.
 #[derive(Parser, Debug, Clone)]
@@ -197,11 +203,29 @@ pub struct Config {
     #[arg(long, default_value_t = 4096)]
     pub max_name_bytes: u64,
 
+    /// Longest lock name accepted, in bytes; a command with a longer one answers
+    /// `0 Name Too Long` and changes nothing. The default leaves room for the long names real
+    /// clients use (the original's users have 10 000-byte names and more) while a single lock
+    /// cannot take a megabyte.
+    #[arg(long, default_value_t = 256 << 10,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_LOCK_NAME_BYTES))]
+    pub max_lock_name_bytes: u64,
+
     /// Most locks (exclusive plus shared) one connection may hold; 0 means no limit. Beyond it
-    /// `g` and `sg` answer `0 Lock Limit Reached`. Any count is accepted: it is only compared
-    /// with what a connection holds, and one past what memory can hold is simply no limit.
-    #[arg(long, default_value_t = 0)]
+    /// `g` and `sg` answer `0 Lock Limit Reached`. The default, a million, is past what any real
+    /// client holds on one connection, yet keeps one client from filling the memory budget with
+    /// small locks on its own. Any count is accepted: it is only compared with what a
+    /// connection holds, and one past what memory can hold is simply no limit.
+    #[arg(long, default_value_t = 1_000_000)]
     pub max_locks_per_conn: u64,
+
+    /// The memory budget for lock state (locks, names, shared holders, waiters, rate limiters,
+    /// registered names): bytes, or a number with KiB, MiB, GiB or TiB; 0 means no budget.
+    /// Near it, commands that would store something new answer `0 Out Of Memory` and `rl`
+    /// evicts the limiters soonest back to full capacity. Default: half of the lower of the
+    /// machine's memory and the cgroup's limit.
+    #[arg(long, value_parser = memory_size)]
+    pub max_memory: Option<u64>,
 
     /// Most reply bytes a connection may leave unread. A client that keeps sending while its
     /// unread replies pass this is disconnected (and its locks orphaned); one that has stopped
@@ -400,6 +424,14 @@ impl Config {
         }
     }
 
+    /// The memory budget in force: `--max-memory`, or the default for this machine (0: none).
+    pub fn memory_budget(&self) -> u64 {
+        match self.max_memory {
+            Some(bytes) => bytes,
+            None => crate::memory::default_budget().unwrap_or(0),
+        }
+    }
+
     /// The number of shard threads to run.
     pub fn shard_count(&self) -> usize {
         match self.shards {
@@ -491,6 +523,17 @@ fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
 }
 
 /// A file mode in octal (`0660`, `660`).
+/// `--max-memory`: a size (see [`crate::memory::parse_size`]), 0 or within its range.
+fn memory_size(s: &str) -> Result<u64, String> {
+    let bytes = crate::memory::parse_size(s)?;
+    if bytes != 0 && !(MIN_MEMORY..=MAX_MEMORY).contains(&bytes) {
+        return Err(format!(
+            "{bytes} bytes is not 0 or in {MIN_MEMORY}..={MAX_MEMORY} (1 MiB to 1 PiB)"
+        ));
+    }
+    Ok(bytes)
+}
+
 fn octal_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8)
         .ok()

@@ -26,6 +26,7 @@
 //! - [`fencing`]: the fencing token clock and the durable ceiling that keeps tokens increasing
 //!   across restarts and clock steps.
 //! - [`ratelimit`]: the GCRA limiter behind `rl`.
+//! - [`memory`]: the memory budget (`-max-memory`) every shard accounts its state against.
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
@@ -48,6 +49,7 @@ pub mod fencing;
 pub mod framer;
 pub mod lifecycle;
 pub mod logging;
+pub mod memory;
 pub mod name;
 pub mod peer;
 pub mod pidfile;

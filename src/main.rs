@@ -84,6 +84,8 @@ fn main() -> ExitCode {
         );
     }
     config.max_connections = budget.connections;
+    // The memory budget is worked out once, here, so the start-up line shows the one in force.
+    config.max_memory = Some(config.memory_budget());
 
     let settings = config.clone();
     let server = match glockd::start_with_listeners(config, listeners) {
@@ -169,6 +171,8 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
         max_unsent_bytes = config.max_unsent_bytes,
         max_name_bytes = config.max_name_bytes,
         max_locks_per_conn = config.max_locks_per_conn,
+        max_lock_name_bytes = config.max_lock_name_bytes,
+        max_memory = config.max_memory.unwrap_or(0),
         max_wait_ms = config.max_wait_ms,
         write_timeout = config.write_timeout,
         idle_timeout = config.idle_timeout,

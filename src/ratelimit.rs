@@ -8,9 +8,17 @@
 //! dropped ([`RateLimits::evict_some`]) and memory does not grow with the names ever seen.
 //!
 //! Dropping them costs work in proportion to what expired, not to what is stored: each name
-//! has an entry in a min-heap of expiry times, made when the name is stored. An entry that
-//! comes due for a name whose TAT has moved on since is pushed back with the new TAT (lazy
-//! deletion), so a busy name costs one heap move per expiry it escapes, never one per request.
+//! has one entry in a min-heap of expiry times, made when the name is stored.
+//! An entry that comes due for a name whose TAT has moved on since is pushed back with the new
+//! TAT (lazy deletion), so a busy name costs one heap move per expiry it escapes, never one per
+//! request.
+//!
+//! A name costs [`LIMITER_BYTES`] (53) plus, for a name longer than 22 bytes, its heap block:
+//! limiters live in a slab of 32-byte slots (the name stored once, inline when short, and a
+//! 64-bit TAT), found through an index of 4-byte slot numbers, with a 16-byte heap entry
+//! (TAT, slot). Under the memory budget a new name that does not fit first evicts the
+//! limiters soonest back to full capacity (which resets them: their next request starts from
+//! a full burst).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -103,23 +111,61 @@ pub fn decide(tat: Option<u128>, now: u128, limit: Limit) -> (Decision, u128) {
 /// clients (a few hundred microseconds), whatever number of names expired at once.
 pub const EVICT_SLICE: usize = 4096;
 
+/// Heap entries one `rl` of a new name may look at to make room under the memory budget before
+/// it is refused: bounds what one request can cost, whatever the heap holds.
+const MAKE_ROOM_TRIES: usize = 64;
+
+/// Past this many slots, a slab less than a quarter full is compacted once nothing is due, so
+/// a burst of names does not pin its peak for ever.
+const COMPACT_MIN_SLOTS: usize = 1024;
+
+/// A slab this full or fuller is left alone: compacting it costs a pause in proportion to what
+/// is still stored, and this many names are few enough to rebuild in a few milliseconds.
+const COMPACT_MAX_LIVE: usize = 1 << 16;
+
 /// One name's limiter.
 struct Limiter {
-    /// The name, stored once (the expiry heap finds it by its hash).
+    /// The name, stored once (the index and the expiry heap refer to the slot).
     name: LockName,
     /// Its TAT, in nanoseconds since the shard's clock origin (a u64 lasts 584 years).
     tat: u64,
 }
 
-/// One shard's limiters: name -> TAT, and when each comes due for eviction.
+// A free slot costs no more than a used one: `None` lives in the name's spare tag values.
+const _: () = assert!(std::mem::size_of::<Option<Limiter>>() == 32);
+
+/// The bytes one stored limiter costs, besides its name's heap block: its slot, its index
+/// entry (a slot number and a control byte) and its expiry heap entry.
+pub const LIMITER_BYTES: u64 = std::mem::size_of::<Option<Limiter>>() as u64
+    + std::mem::size_of::<u32>() as u64
+    + crate::memory::INDEX_CONTROL
+    + std::mem::size_of::<Reverse<(u64, u32)>>() as u64;
+
+/// The bytes a limiter for `name` costs.
+fn limiter_cost(name: &[u8]) -> u64 {
+    LIMITER_BYTES + crate::memory::name_heap_of(name)
+}
+
+/// One shard's limiters: a slab of (name, TAT), a name index into it, and when each comes due
+/// for eviction.
 pub struct RateLimits {
-    /// The table's hasher: the expiry heap keeps the hash, not the name.
+    /// The table's hasher, for the index.
     hasher: NameHasher,
-    /// Every name with state.
-    limiters: HashTable<Limiter>,
-    /// (TAT when pushed, name's hash): at least one entry per stored name, due no later than
-    /// its TAT. The hash finds the name again without a copy of it.
-    expiry: BinaryHeap<Reverse<(u64, u64)>>,
+    /// Name -> slot, for every stored limiter.
+    index: HashTable<u32>,
+    /// The limiters; a free slot is `None` and listed in `free`.
+    slots: Vec<Option<Limiter>>,
+    /// Free slots, reused first.
+    free: Vec<u32>,
+    /// (TAT when pushed, slot): exactly one entry per stored limiter, due no later than its
+    /// TAT. A limiter used since its entry was pushed is pushed back with its new TAT when the
+    /// entry comes due (lazy), so a busy name costs one heap move per expiry it escapes, never
+    /// one per request.
+    expiry: BinaryHeap<Reverse<(u64, u32)>>,
+    /// Bytes the stored limiters cost (see [`LIMITER_BYTES`]).
+    bytes: u64,
+    /// Limiters dropped before their time to make room under the memory budget.
+    evicted: u64,
 }
 
 /// A TAT as stored (saturating: a TAT past 584 years is as good as never).
@@ -131,41 +177,129 @@ impl RateLimits {
     pub fn new(hasher: NameHasher) -> Self {
         RateLimits {
             hasher,
-            limiters: HashTable::new(),
+            index: HashTable::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
             expiry: BinaryHeap::new(),
+            bytes: 0,
+            evicted: 0,
         }
     }
 
-    /// Applies one request at time `now`.
-    pub fn apply(&mut self, name: &LockName, now: u128, limit: Limit) -> Decision {
+    fn find(&self, hash: u64, name: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&at| {
+                slots[at as usize]
+                    .as_ref()
+                    .is_some_and(|l| l.name.as_bytes() == name)
+            })
+            .copied()
+    }
+
+    /// Applies one request at time `now`. A name not stored yet is stored only if `fits` says
+    /// its bytes fit (given what the limiters would then hold in all); if not, limiters soonest
+    /// back to full capacity are evicted to make room. None: no room could be made (the
+    /// request changed nothing).
+    pub fn apply(
+        &mut self,
+        name: &LockName,
+        now: u128,
+        limit: Limit,
+        fits: impl Fn(u64) -> bool,
+    ) -> Option<Decision> {
         let hash = self.hasher.hash_one(name.as_bytes());
-        let same = |l: &Limiter| l.name.as_bytes() == name.as_bytes();
-        let stored = self.limiters.find(hash, same).map(|l| u128::from(l.tat));
-        let (decision, tat) = decide(stored, now, limit);
-        if tat > now {
-            let tat = stored_tat(tat);
-            match self.limiters.find_mut(hash, same) {
-                Some(limiter) => limiter.tat = tat,
-                None => {
-                    let hasher = &self.hasher;
-                    self.limiters.insert_unique(
-                        hash,
-                        Limiter {
-                            name: name.clone(),
-                            tat,
-                        },
-                        |l| hasher.hash_one(l.name.as_bytes()),
-                    );
-                    self.expiry.push(Reverse((tat, hash)));
+        let found = self.find(hash, name.as_bytes());
+        let stored = found.and_then(|at| self.slots[at as usize].as_ref().map(|l| l.tat));
+        let (decision, tat) = decide(stored.map(u128::from), now, limit);
+        let tat = stored_tat(tat);
+        match found {
+            // Stored even when back to full capacity: the next eviction pass drops it (and
+            // its heap entry with it).
+            Some(at) => {
+                if let Some(limiter) = self.slots[at as usize].as_mut() {
+                    limiter.tat = tat;
                 }
             }
-        } else if stored.is_some() {
-            // Back to full capacity: as good as never seen. Its heap entry finds nothing.
-            if let Ok(entry) = self.limiters.find_entry(hash, same) {
-                entry.remove();
+            // A fresh name left at full capacity (a request of 0, or one refused) needs no
+            // state.
+            None if u128::from(tat) <= now => {}
+            None => {
+                let cost = limiter_cost(name.as_bytes());
+                let mut tries = MAKE_ROOM_TRIES;
+                while !fits(self.bytes + cost) {
+                    if tries == 0 || !self.evict_soonest(stored_tat(now), &mut tries) {
+                        return None;
+                    }
+                }
+                self.insert(hash, name, tat);
             }
         }
-        decision
+        Some(decision)
+    }
+
+    fn insert(&mut self, hash: u64, name: &LockName, tat: u64) {
+        let limiter = Limiter {
+            name: name.clone(),
+            tat,
+        };
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slots[at as usize] = Some(limiter);
+                at
+            }
+            None => {
+                self.slots.push(Some(limiter));
+                u32::try_from(self.slots.len() - 1).expect("more than 4 billion limiters")
+            }
+        };
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, at, |&other| {
+            slots[other as usize]
+                .as_ref()
+                .map_or(0, |l| hasher.hash_one(l.name.as_bytes()))
+        });
+        self.expiry.push(Reverse((tat, at)));
+        self.bytes += limiter_cost(name.as_bytes());
+    }
+
+    /// Drops the limiter in slot `at` (its heap entry has just been popped).
+    fn remove(&mut self, at: u32) {
+        let Some(limiter) = self.slots[at as usize].take() else {
+            return;
+        };
+        let hash = self.hasher.hash_one(limiter.name.as_bytes());
+        if let Ok(entry) = self.index.find_entry(hash, |&other| other == at) {
+            entry.remove();
+        }
+        self.bytes -= limiter_cost(limiter.name.as_bytes());
+        self.free.push(at);
+    }
+
+    /// Pops heap entries (counting them off `tries`) until one limiter is dropped: the one
+    /// soonest back to full capacity, which loses the least by being forgotten. False when
+    /// the heap is empty or the tries ran out.
+    fn evict_soonest(&mut self, now: u64, tries: &mut usize) -> bool {
+        while *tries > 0 {
+            *tries -= 1;
+            let Some(Reverse((due, at))) = self.expiry.pop() else {
+                return false;
+            };
+            let Some(tat) = self.slots[at as usize].as_ref().map(|l| l.tat) else {
+                continue;
+            };
+            if tat > due {
+                // Used since its entry was pushed: put it back where it now belongs.
+                self.expiry.push(Reverse((tat, at)));
+                continue;
+            }
+            if tat > now {
+                self.evicted += 1;
+            }
+            self.remove(at);
+            return true;
+        }
+        false
     }
 
     /// Drops names whose limiter is back to full capacity at `now`, looking at no more than
@@ -174,27 +308,21 @@ impl RateLimits {
     pub fn evict_some(&mut self, now: u128, budget: usize) -> bool {
         let now = stored_tat(now);
         for _ in 0..budget {
-            let Some(&Reverse((due, hash))) = self.expiry.peek() else {
+            let Some(&Reverse((due, at))) = self.expiry.peek() else {
                 return false;
             };
             if due > now {
                 return false;
             }
             self.expiry.pop();
-            let hasher = &self.hasher;
-            // The name that pushed this entry, if it is still stored (another name of the same
-            // 64-bit hash has its own entry, and is as good a find).
-            let found = self
-                .limiters
-                .find_entry(hash, |l| hasher.hash_one(l.name.as_bytes()) == hash);
-            if let Ok(entry) = found {
-                let tat = entry.get().tat;
-                if tat <= now {
-                    entry.remove();
-                } else {
-                    // Used since: due again at its new TAT.
-                    self.expiry.push(Reverse((tat, hash)));
-                }
+            let Some(tat) = self.slots[at as usize].as_ref().map(|l| l.tat) else {
+                continue;
+            };
+            if tat <= now {
+                self.remove(at);
+            } else {
+                // Used since: due again at its new TAT.
+                self.expiry.push(Reverse((tat, at)));
             }
         }
         self.expiry
@@ -204,22 +332,62 @@ impl RateLimits {
 
     /// Names with state.
     pub fn len(&self) -> usize {
-        self.limiters.len()
+        self.index.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.limiters.is_empty()
+        self.index.is_empty()
+    }
+
+    /// Bytes the stored limiters cost.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// Limiters dropped before their time to make room under the memory budget, so far.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// What [`Self::bytes`] should be, counted afresh (for tests of the accounting).
+    pub fn recount(&self) -> u64 {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|l| limiter_cost(l.name.as_bytes()))
+            .sum()
     }
 
     /// Gives back memory once most names are gone (called when nothing is due, so never in
-    /// the middle of a mass expiry): a burst of names does not pin its peak for ever.
+    /// the middle of a mass expiry): a burst of names does not pin its peak for ever. With no
+    /// names left everything goes; with few left, they are moved into a fresh slab.
     pub fn shrink_if_sparse(&mut self) {
-        if self.limiters.capacity() > 1024 && self.limiters.len() < self.limiters.capacity() / 4 {
-            let hasher = &self.hasher;
-            self.limiters
-                .shrink_to_fit(|l| hasher.hash_one(l.name.as_bytes()));
-            self.expiry.shrink_to_fit();
+        let live = self.len();
+        if live == 0 {
+            if self.slots.capacity() > 0 {
+                *self = RateLimits {
+                    evicted: self.evicted,
+                    ..RateLimits::new(self.hasher.clone())
+                };
+            }
+            return;
         }
+        if self.slots.len() <= COMPACT_MIN_SLOTS
+            || live >= self.slots.len() / 4
+            || live > COMPACT_MAX_LIVE
+        {
+            return;
+        }
+        let old = std::mem::take(&mut self.slots);
+        let mut fresh = RateLimits {
+            evicted: self.evicted,
+            ..RateLimits::new(self.hasher.clone())
+        };
+        for limiter in old.into_iter().flatten() {
+            let hash = fresh.hasher.hash_one(limiter.name.as_bytes());
+            fresh.insert(hash, &limiter.name, limiter.tat);
+        }
+        *self = fresh;
     }
 }
 
@@ -338,58 +506,129 @@ mod tests {
         }
     }
 
+    const S: u128 = 1_000 * MS;
+
+    /// `rl` on `name` at `now` with no memory budget.
+    fn put(limits: &mut RateLimits, name: &str, now: u128, l: Limit) -> Decision {
+        limits
+            .apply(&LockName::from(name), now, l, |_| true)
+            .expect("no budget")
+    }
+
+    /// Every stored limiter has exactly one heap entry, and the bytes add up.
+    fn check(limits: &RateLimits) {
+        assert_eq!(limits.expiry.len(), limits.len());
+        assert_eq!(limits.bytes(), limits.recount());
+    }
+
     #[test]
     fn reset_names_are_evicted() {
         let mut limits = RateLimits::new(crate::name_hasher());
-        let l = limit(1, 1, 100, 1);
+        let l = limit(1, 1, 100_000, 1);
         for i in 0..100 {
-            limits.apply(&LockName::from(format!("n{i}").as_str()), 0, l);
+            put(&mut limits, &format!("n{i}"), 0, l);
         }
         assert_eq!(limits.len(), 100);
-        assert!(!limits.evict_some(50 * MS, EVICT_SLICE));
+        assert_eq!(limits.bytes(), 100 * LIMITER_BYTES);
+        check(&limits);
+        assert!(!limits.evict_some(50 * S, EVICT_SLICE));
         assert_eq!(limits.len(), 100);
-        assert!(!limits.evict_some(100 * MS, EVICT_SLICE));
+        assert!(!limits.evict_some(100 * S, EVICT_SLICE));
         assert!(limits.is_empty());
+        assert_eq!(limits.bytes(), 0);
+        check(&limits);
     }
 
     #[test]
     fn eviction_is_sliced_and_spares_names_used_since() {
         let mut limits = RateLimits::new(crate::name_hasher());
-        let l = limit(0, 1, 100, 1);
+        let l = limit(0, 1, 100_000, 1);
         for i in 0..1000 {
-            limits.apply(&LockName::from(format!("n{i}").as_str()), 0, l);
+            put(&mut limits, &format!("n{i}"), 0, l);
         }
-        // n0 is used again at 90 ms: its TAT moves to 200 ms.
-        assert!(
-            limits
-                .apply(&LockName::from("n0"), 90 * MS, limit(1, 1, 100, 1))
-                .allowed
-        );
-        // At 150 ms all but n0 are due; slices of 300 take four calls.
+        // n0 is used again at 90 s: its TAT moves to 200 s.
+        assert!(put(&mut limits, "n0", 90 * S, limit(1, 1, 100_000, 1)).allowed);
+        // At 150 s all but n0 are due; slices of 300 take four calls.
         let mut calls = 0;
-        while limits.evict_some(150 * MS, 300) {
+        while limits.evict_some(150 * S, 300) {
             calls += 1;
             assert!(calls < 10);
         }
         assert_eq!(calls, 3);
         assert_eq!(limits.len(), 1);
+        check(&limits);
         // n0 kept its state: one more is refused.
-        assert!(
-            !limits
-                .apply(&LockName::from("n0"), 150 * MS, limit(0, 1, 100, 1))
-                .allowed
-        );
-        assert!(!limits.evict_some(300 * MS, 300));
+        assert!(!put(&mut limits, "n0", 150 * S, limit(0, 1, 100_000, 1)).allowed);
+        assert!(!limits.evict_some(300 * S, 300));
         assert!(limits.is_empty());
-        // A name dropped by a request and stored again is evicted once, not twice.
-        limits.apply(&LockName::from("again"), 400 * MS, l);
-        limits.apply(&LockName::from("again"), 500 * MS, limit(0, 1, 100, 0));
-        assert!(limits.is_empty());
-        limits.apply(&LockName::from("again"), 500 * MS, l);
-        assert!(!limits.evict_some(550 * MS, 300));
+        // A name a request leaves at full capacity stays until the next pass, once.
+        put(&mut limits, "again", 400 * S, l);
+        put(&mut limits, "again", 500 * S, limit(0, 1, 100_000, 0));
         assert_eq!(limits.len(), 1);
-        assert!(!limits.evict_some(600 * MS, 300));
+        check(&limits);
+        assert!(!limits.evict_some(500 * S, 300));
         assert!(limits.is_empty());
+        put(&mut limits, "again", 500 * S, l);
+        assert!(!limits.evict_some(550 * S, 300));
+        assert_eq!(limits.len(), 1);
+        assert!(!limits.evict_some(600 * S, 300));
+        assert!(limits.is_empty());
+        check(&limits);
         limits.shrink_if_sparse();
+        assert_eq!(limits.slots.capacity(), 0);
+    }
+
+    #[test]
+    fn a_full_budget_evicts_the_limiter_soonest_back_to_full_first() {
+        let mut limits = RateLimits::new(crate::name_hasher());
+        let room = 3 * LIMITER_BYTES;
+        let fits = |bytes: u64| bytes <= room;
+        // Periods of 300 s, 100 s and 200 s: back to full at those times.
+        for (name, period_s) in [("a", 300), ("b", 100), ("c", 200)] {
+            let l = limit(5, 1, period_s * 1000, 1);
+            assert!(limits.apply(&LockName::from(name), 0, l, fits).is_some());
+        }
+        // b is used again at 10 s: its TAT moves to 200 s, a's entry is still the latest.
+        assert!(put(&mut limits, "b", 10 * S, limit(5, 1, 100_000, 1)).allowed);
+        // A fourth name does not fit: c (or b, both at 200 s) goes, not a.
+        let l = limit(5, 1, 1000, 1);
+        assert!(limits
+            .apply(&LockName::from("d"), 20 * S, l, fits)
+            .is_some());
+        assert_eq!(limits.evicted(), 1);
+        assert_eq!(limits.len(), 3);
+        assert!(limits.find(limits.hasher.hash_one(b"a"), b"a").is_some());
+        check(&limits);
+        // Nothing can be made room for: refused, nothing changed.
+        assert!(limits
+            .apply(&LockName::from("e"), 20 * S, l, |_| false)
+            .is_none());
+        assert_eq!(limits.len(), 0, "everything was evicted trying");
+        assert_eq!(limits.evicted(), 4);
+        check(&limits);
+        // Names already stored are never refused.
+        put(&mut limits, "f", 20 * S, l);
+        assert!(limits
+            .apply(&LockName::from("f"), 20 * S, l, |_| false)
+            .is_some());
+    }
+
+    #[test]
+    fn compaction_keeps_every_limiter_and_its_expiry() {
+        let mut limits = RateLimits::new(crate::name_hasher());
+        let short = limit(0, 1, 1_000, 1);
+        let long = limit(0, 1, 1_000_000, 1);
+        for i in 0..5000 {
+            let l = if i % 10 == 0 { long } else { short };
+            put(&mut limits, &format!("a long name, on the heap: {i}"), 0, l);
+        }
+        while limits.evict_some(2 * S, EVICT_SLICE) {}
+        assert_eq!(limits.len(), 500);
+        limits.shrink_if_sparse();
+        assert_eq!(limits.slots.len(), 500);
+        check(&limits);
+        assert!(!put(&mut limits, "a long name, on the heap: 10", 3 * S, long).allowed);
+        assert!(!limits.evict_some(1000 * S, EVICT_SLICE));
+        assert!(limits.is_empty());
     }
 }

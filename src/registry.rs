@@ -11,6 +11,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crossbeam_utils::CachePadded;
 
+use crate::memory::MemoryBudget;
 use crate::ConnId;
 
 /// Parts the registry is split into (a power of two).
@@ -34,17 +35,25 @@ type Part = HashMap<ConnId, Record>;
 /// Live connections, by [`ConnId`].
 pub struct Registry {
     parts: Box<[CachePadded<RwLock<Part>>]>,
+    /// Registered names count against the memory budget.
+    budget: Arc<MemoryBudget>,
 }
 
 impl Default for Registry {
     fn default() -> Self {
-        Registry {
-            parts: (0..PARTS).map(|_| CachePadded::default()).collect(),
-        }
+        Registry::new(Arc::new(MemoryBudget::unlimited()))
     }
 }
 
 impl Registry {
+    /// A registry whose registered names count against `budget`.
+    pub fn new(budget: Arc<MemoryBudget>) -> Self {
+        Registry {
+            parts: (0..PARTS).map(|_| CachePadded::default()).collect(),
+            budget,
+        }
+    }
+
     fn part(&self, conn: ConnId) -> &RwLock<Part> {
         &self.parts[(conn as usize) & (PARTS - 1)]
     }
@@ -72,14 +81,35 @@ impl Registry {
 
     /// A connection closed.
     pub fn remove(&self, conn: ConnId) {
-        self.write(conn).remove(&conn);
+        let removed = self.write(conn).remove(&conn);
+        if let Some(name) = removed.and_then(|record| record.name) {
+            self.budget
+                .unregister(MemoryBudget::registered_name_cost(name.len()));
+        }
     }
 
-    /// `iam`: sets (or, with an empty name, clears) the registered name.
-    pub fn set_name(&self, conn: ConnId, name: &[u8]) {
-        if let Some(record) = self.write(conn).get_mut(&conn) {
-            record.name = (!name.is_empty()).then(|| name.into());
+    /// `iam`: sets (or, with an empty name, clears) the registered name. False (and nothing
+    /// changed) when the name does not fit in the memory budget.
+    pub fn set_name(&self, conn: ConnId, name: &[u8]) -> bool {
+        let cost = MemoryBudget::registered_name_cost(name.len());
+        if !self.budget.try_register(cost) {
+            return false;
         }
+        let old = match self.write(conn).get_mut(&conn) {
+            Some(record) => {
+                std::mem::replace(&mut record.name, (!name.is_empty()).then(|| name.into()))
+            }
+            // Not a live connection: nothing was stored.
+            None => {
+                self.budget.unregister(cost);
+                None
+            }
+        };
+        if let Some(old) = old {
+            self.budget
+                .unregister(MemoryBudget::registered_name_cost(old.len()));
+        }
+        true
     }
 
     /// The connection's protocol id (`raw`) or, if it has one and `raw` is false, its
@@ -219,7 +249,7 @@ mod tests {
         let mut out = Vec::new();
         registry.write_holder(1, false, &mut out);
         assert_eq!(out, b"127.0.0.1:5000");
-        registry.set_name(1, b"worker 1");
+        assert!(registry.set_name(1, b"worker 1"));
         out.clear();
         registry.write_holder(1, false, &mut out);
         assert_eq!(out, b"worker 1");
@@ -232,7 +262,7 @@ mod tests {
         out.clear();
         registry.write_who(b"", &mut out);
         assert_eq!(out, b"127.0.0.1:5000: worker 1\n");
-        registry.set_name(1, b"");
+        assert!(registry.set_name(1, b""));
         out.clear();
         registry.write_who(b"", &mut out);
         assert!(out.is_empty());
@@ -240,5 +270,29 @@ mod tests {
         out.clear();
         registry.write_holder(1, false, &mut out);
         assert_eq!(out, b"gone:1");
+    }
+
+    #[test]
+    fn registered_names_count_against_the_budget_until_replaced_or_gone() {
+        let budget = Arc::new(MemoryBudget::new(1000, 1));
+        let registry = Registry::new(budget.clone());
+        registry.insert(1, "127.0.0.1:5000".into());
+        registry.insert(2, "127.0.0.1:5001".into());
+        assert!(registry.set_name(1, &[b'a'; 500]));
+        let one = MemoryBudget::registered_name_cost(500);
+        assert_eq!(budget.used(), one);
+        // A second one does not fit; nothing changes.
+        assert!(!registry.set_name(2, &[b'b'; 500]));
+        assert_eq!(budget.used(), one);
+        // Replacing counts the new name and gives back the old one.
+        assert!(registry.set_name(1, b"short"));
+        assert_eq!(budget.used(), MemoryBudget::registered_name_cost(5));
+        assert!(registry.set_name(2, &[b'b'; 500]));
+        registry.remove(2);
+        assert!(registry.set_name(1, b""));
+        assert_eq!(budget.used(), 0);
+        // A connection the registry does not know stores nothing.
+        assert!(registry.set_name(9, b"nobody"));
+        assert_eq!(budget.used(), 0);
     }
 }

@@ -89,6 +89,13 @@ impl ServerHandle {
             })
     }
 
+    /// Bytes of lock state the memory budget counts now: every shard's table, exactly as last
+    /// changed, and the registered names.
+    pub fn memory_used(&self) -> u64 {
+        let tables: u64 = self.server.stats.cells().map(|c| c.memory_used.get()).sum();
+        tables + self.server.memory.registry_used()
+    }
+
     /// The stats as `q` would show them now.
     pub fn stats(&self) -> Snapshot {
         self.server.stats.snapshot()

@@ -161,12 +161,24 @@ impl Session {
             Request::Usage(verb) => {
                 self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out)
             }
+            Request::Lock { ref name, .. } | Request::Wait { ref name, .. }
+                if name.len() as u64 > config.max_lock_name_bytes =>
+            {
+                let reply = self.core().cell().counted(verb, Reply::LockNameTooLong);
+                self.reply(reply, out)
+            }
             Request::Lock { op, name } => {
                 let (shard, hash) = self.core().server.router.route(name.as_bytes());
                 // A lock allowance is shared by all shards, so with one, commands on different
                 // shards are no longer independent (`sr a` must free its unit before `sg b`
-                // asks for one): run them in order, batching only within one shard.
-                if self.quota.is_some() && self.pending_elsewhere(shard) {
+                // asks for one): near the limit, run them in order, batching only within one
+                // shard. Far from it no order can make a difference.
+                if self
+                    .quota
+                    .as_ref()
+                    .is_some_and(|q| q.may_reach(self.slots.len()))
+                    && self.pending_elsewhere(shard)
+                {
                     return Step::Later(Request::Lock { op, name });
                 }
                 self.run_lock_op(op, name, shard, hash, out);
@@ -421,7 +433,11 @@ impl Session {
                 Reply::NameLooksLikeId.write_to(out)
             }
             Request::Iam(name) => {
-                server.registry.set_name(conn, name.as_bytes());
+                if !server.registry.set_name(conn, name.as_bytes()) {
+                    self.core().cell().iam_out_of_memory.add(1);
+                    Reply::OutOfMemory.write_to(out);
+                    return Ok(());
+                }
                 if let Some(label) = &self.presence.label {
                     tracing::info!(
                         event = "iam",

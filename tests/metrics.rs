@@ -903,3 +903,103 @@ fn healthz_answers_once_every_shard_has() {
     let (status, body) = http_get(addr, "/healthz?timeout_ms=5000");
     assert_eq!(status, 200, "{body}");
 }
+
+#[test]
+fn the_memory_budget_its_use_and_its_refusals_are_exported() {
+    let server = start_with(1, |config| {
+        config.max_memory = Some(1 << 20);
+        config.max_name_bytes = 1 << 20;
+    });
+    let addr = server.tcp_addr().unwrap();
+    let scraped = samples(&scrape(&server));
+    assert_eq!(
+        sample(&scraped, "glockd_memory_budget_bytes", ""),
+        1_048_576.0
+    );
+    assert_eq!(scraped["glockd_memory_used_bytes"]["shard=\"0\""], 0.0);
+    assert_eq!(sample(&scraped, "glockd_memory_registry_bytes", ""), 0.0);
+    // Every command that can be refused has its series from the start.
+    for command in ["g", "gt", "gw", "sg", "sgl", "sgw", "rl", "iam"] {
+        let labels = format!("command=\"{command}\"");
+        assert_eq!(
+            scraped["glockd_out_of_memory_total"].get(&labels),
+            Some(&0.0),
+            "{command}"
+        );
+    }
+    assert_eq!(
+        sample(&scraped, "glockd_ratelimit_evictions_total", ""),
+        0.0
+    );
+
+    // One lock of a 100 000-byte name: its slot, its name's heap block, its holder's entry.
+    let mut a = Line::connect(addr);
+    let big = |i: usize| format!("{i:06}{}", "x".repeat(100_000 - 6));
+    assert_eq!(a.ask(&format!("g {}", big(0))), "1 Got Lock\n");
+    let one_lock = glockd::table::EXCLUSIVE_BYTES
+        + glockd::table::HOLDINGS_BYTES
+        + glockd::memory::heap_block(100_000);
+    let scraped = samples(&scrape(&server));
+    assert_eq!(
+        scraped["glockd_memory_used_bytes"]["shard=\"0\""],
+        one_lock as f64
+    );
+    // Fill the budget: ten of them fit, the rest are refused and counted.
+    let mut refused = 0;
+    for i in 1..15 {
+        match a.ask(&format!("g {}", big(i))).as_str() {
+            "1 Got Lock\n" => {}
+            "0 Out Of Memory\n" => refused += 1,
+            other => panic!("{other}"),
+        }
+    }
+    assert_eq!(refused, 15 - 10);
+    assert_eq!(
+        a.ask(&format!("iam {}", "n".repeat(200_000))),
+        "0 Out Of Memory\n"
+    );
+    assert_eq!(a.ask("iam small"), "1 ok\n");
+    // Room for a few thousand limiters, then every new one evicts another.
+    assert_eq!(a.ask(&format!("r {}", big(0))), "1 Released Lock\n");
+    let limiters = 5000;
+    let batch: String = (0..limiters)
+        .map(|i| format!("rl r{i} 0 1 86400000\n"))
+        .collect();
+    a.send(&batch);
+    for _ in 0..limiters {
+        assert_eq!(a.reply(), "1 1 0 0 86400000\n");
+    }
+    let scraped = samples(&scrape(&server));
+    let out_of_memory = |command: &str| {
+        sample(
+            &scraped,
+            "glockd_out_of_memory_total",
+            &format!("command=\"{command}\""),
+        )
+    };
+    assert_eq!(out_of_memory("g"), refused as f64);
+    assert_eq!(out_of_memory("iam"), 1.0);
+    assert_eq!(out_of_memory("rl"), 0.0);
+    assert_eq!(
+        sample(
+            &scraped,
+            "glockd_lock_requests_total",
+            "command=\"g\",result=\"out_of_memory\""
+        ),
+        refused as f64
+    );
+    // One shard: the budget is checked exactly, so the evictions can be counted in advance.
+    let locks = 9 * (one_lock - glockd::table::HOLDINGS_BYTES) + glockd::table::HOLDINGS_BYTES;
+    let room = (1 << 20) - locks - glockd::memory::MemoryBudget::registered_name_cost(5);
+    let kept = room / glockd::ratelimit::LIMITER_BYTES;
+    assert_eq!(
+        sample(&scraped, "glockd_ratelimit_evictions_total", ""),
+        (limiters - kept) as f64
+    );
+    assert_eq!(
+        sample(&scraped, "glockd_memory_registry_bytes", ""),
+        glockd::memory::MemoryBudget::registered_name_cost(5) as f64
+    );
+    let used = scraped["glockd_memory_used_bytes"]["shard=\"0\""];
+    assert!(used <= 1_048_576.0, "{used}");
+}

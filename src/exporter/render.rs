@@ -30,6 +30,21 @@ pub const COMMIT: &str = match option_env!("GLOCKD_COMMIT") {
     None => "unknown",
 };
 
+/// Whether a command can store new state, and so be answered `0 Out Of Memory`.
+fn may_store(verb: Verb) -> bool {
+    matches!(
+        verb,
+        Verb::Get
+            | Verb::GetToken
+            | Verb::GetWait
+            | Verb::SharedGet
+            | Verb::SharedGetLimit
+            | Verb::SharedGetWait
+            | Verb::RateLimit
+            | Verb::Iam
+    )
+}
+
 /// Renders the metrics text.
 pub struct Exporter {
     pub(super) server: Arc<ServerState>,
@@ -145,6 +160,29 @@ impl Exporter {
                 "rl decisions by result: allowed, limited."
             );
             describe_gauge!(
+                "glockd_memory_used_bytes",
+                "Bytes of lock state each shard's table holds (locks, names, shared holders, \
+                 waiters, rate limiters), as the memory budget counts them."
+            );
+            describe_gauge!(
+                "glockd_memory_registry_bytes",
+                "Bytes of names registered with iam, as the memory budget counts them."
+            );
+            describe_gauge!(
+                "glockd_memory_budget_bytes",
+                "The memory budget for lock state (-max-memory); 0 means none."
+            );
+            describe_counter!(
+                "glockd_out_of_memory_total",
+                "Commands answered 0 Out Of Memory (what they would store did not fit in \
+                 -max-memory), by command word."
+            );
+            describe_counter!(
+                "glockd_ratelimit_evictions_total",
+                "rl limiters dropped before they were back to full capacity, to make room under \
+                 -max-memory (each resets that limiter)."
+            );
+            describe_gauge!(
                 "glockd_fencing_ceiling",
                 "The durable fencing token ceiling: every token issued is below it (0 without \
                  -state-file)."
@@ -236,6 +274,23 @@ impl Exporter {
                 .absolute(snapshot.rate_limit_allowed);
             counter!("glockd_rate_limit_decisions_total", "result" => "limited")
                 .absolute(snapshot.rate_limit_limited);
+            let memory = &self.server.memory;
+            gauge!("glockd_memory_budget_bytes").set(memory.limit() as f64);
+            gauge!("glockd_memory_registry_bytes").set(memory.registry_used() as f64);
+            let iam_refused: u64 = stats.cells().map(|c| c.iam_out_of_memory.get()).sum();
+            for verb in Verb::ALL {
+                let refused = match verb {
+                    Verb::Iam => iam_refused,
+                    verb => outcomes.lock_results[verb.index()][LockResult::OutOfMemory as usize],
+                };
+                // Exported from the start for every command that can be refused.
+                if refused > 0 || may_store(verb) {
+                    counter!("glockd_out_of_memory_total", "command" => verb.word())
+                        .absolute(refused);
+                }
+            }
+            let evictions: u64 = stats.cells().map(|c| c.rate_limit_evictions.get()).sum();
+            counter!("glockd_ratelimit_evictions_total").absolute(evictions);
             let fencing = &self.server.fencing;
             gauge!("glockd_fencing_ceiling").set(fencing.ceiling().unwrap_or(0) as f64);
             counter!("glockd_fencing_ceiling_writes_total").absolute(fencing.writes());
@@ -259,6 +314,8 @@ impl Exporter {
                     .absolute(cell.mailbox_messages.get());
                 counter!("glockd_shard_mailbox_commands_total", "shard" => shard.clone())
                     .absolute(cell.mailbox_commands.get());
+                gauge!("glockd_memory_used_bytes", "shard" => shard.clone())
+                    .set(cell.memory_used.get() as f64);
                 let wakes = self.server.mailboxes.get(shard_index).wakes();
                 counter!("glockd_shard_mailbox_wakeups_total", "shard" => shard.clone())
                     .absolute(wakes);

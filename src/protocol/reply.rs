@@ -43,6 +43,11 @@ pub enum Reply {
     NameLooksLikeId,
     /// `framed`: multi-line replies are counted from now on.
     Framed,
+    /// `g`, `sg`, `gw`, `rl`, `iam`…: what the command would store does not fit in the memory
+    /// budget (`--max-memory`); nothing changed.
+    OutOfMemory,
+    /// A lock name longer than `--max-lock-name-bytes`; nothing changed.
+    LockNameTooLong,
 }
 
 impl Reply {
@@ -68,6 +73,8 @@ impl Reply {
             Reply::NameTooLong => b"0 Name Too Long\n",
             Reply::NameLooksLikeId => b"0 Name Looks Like An Id\n",
             Reply::Framed => b"1 Framed\n",
+            Reply::OutOfMemory => b"0 Out Of Memory\n",
+            Reply::LockNameTooLong => b"0 Name Too Long\n",
             Reply::GotToken(token) => {
                 out.extend_from_slice(b"1 ");
                 return write_count(out, token, b" Got Lock\n");

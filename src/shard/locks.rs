@@ -134,7 +134,7 @@ impl ShardCore {
         let guard = AbortOnPanic;
         let result = change(&mut table);
         std::mem::forget(guard);
-        self.publish_sizes(&table);
+        self.publish_sizes(&mut table);
         if table.has_announcements() {
             for (to, reply) in table.take_announcements() {
                 // A waiter gone since is released by its orphan message.
@@ -144,8 +144,10 @@ impl ShardCore {
         result
     }
 
-    fn publish_sizes(&self, table: &ShardTable) {
+    pub(super) fn publish_sizes(&self, table: &mut ShardTable) {
         let cell = self.cell();
+        cell.memory_used.set(table.publish_memory());
+        cell.rate_limit_evictions.set(table.rate_limit_evictions());
         cell.locks.set(table.exclusive_len() as u64);
         cell.shared_locks.set(table.shared_len() as u64);
         let counts = &table.counts;
@@ -227,7 +229,9 @@ impl ShardCore {
             loop {
                 let more = {
                     let mut table = self.table.borrow_mut();
-                    table.evict_rate_limits()
+                    let more = table.evict_rate_limits();
+                    self.publish_sizes(&mut table);
+                    more
                 };
                 if !more {
                     break;

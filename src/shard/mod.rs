@@ -52,6 +52,8 @@ pub struct ServerState {
     pub registry: Registry,
     /// The fencing token ceiling every shard's token clock stays below.
     pub fencing: Arc<crate::fencing::Fencing>,
+    /// `--max-memory`: what every shard's table and the registry's names count against.
+    pub memory: Arc<crate::memory::MemoryBudget>,
     /// Source of connection ids; never reused, so a late orphan cannot hit a newer connection.
     next_conn: AtomicU64,
     /// Connections open now, for `--max-connections` (see [`crate::lifecycle::Admission`]).
@@ -76,13 +78,18 @@ impl ServerState {
         shard_ports: Vec<u16>,
     ) -> Self {
         let shards = mailboxes.len();
+        let memory = Arc::new(crate::memory::MemoryBudget::new(
+            config.memory_budget(),
+            shards,
+        ));
         ServerState {
             config,
             router: Router::new(shards, crate::name_hasher()),
             mailboxes,
             stats: Stats::new(shards),
-            registry: Registry::default(),
+            registry: Registry::new(memory.clone()),
             fencing,
+            memory,
             next_conn: AtomicU64::new(1),
             live_connections: AtomicU64::new(0),
             per_ip: crate::lifecycle::PerIp::default(),
@@ -136,9 +143,11 @@ impl ShardCore {
     pub fn new(id: usize, server: Arc<ServerState>) -> Self {
         ShardCore {
             id,
-            table: RefCell::new(ShardTable::with_tokens(
+            table: RefCell::new(ShardTable::with_budget(
                 server.router.hasher().clone(),
                 server.fencing.clock(),
+                server.memory.clone(),
+                id,
             )),
             outbox: RefCell::new((0..server.router.shards()).map(|_| Vec::new()).collect()),
             outbox_ready: Notify::new(),

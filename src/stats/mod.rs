@@ -89,6 +89,13 @@ pub struct ShardCell {
     /// `rl` decisions of this shard, allowed and limited.
     pub rate_limit_allowed: Counter,
     pub rate_limit_limited: Counter,
+    /// `rl` limiters this shard dropped before their time to make room under `--max-memory`.
+    pub rate_limit_evictions: Counter,
+    /// Bytes this shard's table holds, exactly as accounted (a gauge; see [`crate::memory`]).
+    pub memory_used: Counter,
+    /// `iam` names refused by connections on this thread because they did not fit in
+    /// `--max-memory`.
+    pub iam_out_of_memory: Counter,
     /// Per command word, the time from reading a command to its reply being ready, for
     /// connections on this thread (recorded only while the metrics endpoint is on). Time spent
     /// waiting for a lock is left out: it is in `lock_wait`.

@@ -31,6 +31,8 @@ pub enum LockResult {
     Allowed,
     /// `rl`: turned away.
     Limited,
+    /// `g gt gw sg sgl sgw rl`: what it would store does not fit in `--max-memory`.
+    OutOfMemory,
     /// Arguments that do not fit the command (`0 Usage: …`).
     Usage,
     /// Any other reply (none is expected for a lock command; counted rather than lost).
@@ -38,7 +40,7 @@ pub enum LockResult {
 }
 
 impl LockResult {
-    pub const ALL: [LockResult; 13] = [
+    pub const ALL: [LockResult; 14] = [
         LockResult::Granted,
         LockResult::Refused,
         LockResult::Full,
@@ -50,6 +52,7 @@ impl LockResult {
         LockResult::Free,
         LockResult::Allowed,
         LockResult::Limited,
+        LockResult::OutOfMemory,
         LockResult::Usage,
         LockResult::Other,
     ];
@@ -71,6 +74,7 @@ impl LockResult {
             LockResult::Free => "free",
             LockResult::Allowed => "allowed",
             LockResult::Limited => "limited",
+            LockResult::OutOfMemory => "out_of_memory",
             LockResult::Usage => "usage",
             LockResult::Other => "other",
         }
@@ -93,7 +97,8 @@ impl LockResult {
             Reply::SharedCount(_) => LockResult::Held,
             Reply::RateLimit(d) if d.allowed => LockResult::Allowed,
             Reply::RateLimit(_) => LockResult::Limited,
-            Reply::Usage(_) => LockResult::Usage,
+            Reply::OutOfMemory => LockResult::OutOfMemory,
+            Reply::Usage(_) | Reply::LockNameTooLong => LockResult::Usage,
             Reply::Invalid
             | Reply::Disabled
             | Reply::RegisteredName
@@ -204,6 +209,8 @@ mod tests {
         assert_eq!(LockResult::of(Reply::NotGot), LockResult::Refused);
         assert_eq!(LockResult::of(Reply::SharedFull), LockResult::Full);
         assert_eq!(LockResult::of(Reply::LimitReached), LockResult::Limit);
+        assert_eq!(LockResult::of(Reply::OutOfMemory), LockResult::OutOfMemory);
+        assert_eq!(LockResult::of(Reply::LockNameTooLong), LockResult::Usage);
         assert_eq!(LockResult::of(Reply::SharedCount(0)), LockResult::Free);
         assert_eq!(LockResult::of(Reply::SharedCount(2)), LockResult::Held);
         assert_eq!(

@@ -3,7 +3,8 @@
 
 use hashbrown::hash_table::Entry;
 
-use super::{GetOutcome, Holdings, Quota, ShardTable, Slot, FREE, NIL};
+use super::{holdings_of, GetOutcome, Quota, ShardTable, Slot, EXCLUSIVE_BYTES, FREE, NIL};
+use crate::memory::name_heap;
 use crate::name::LockName;
 use crate::protocol::LockKind;
 use crate::ConnId;
@@ -29,13 +30,26 @@ impl ShardTable {
     }
 
     /// Takes the exclusive lock for `conn` (re-getting a lock you hold succeeds, as in the
-    /// original).
+    /// original), if it fits in the memory budget.
     pub fn get(
         &mut self,
         conn: ConnId,
         hash: u64,
         name: &LockName,
         quota: Option<&Quota>,
+    ) -> GetOutcome {
+        self.take(conn, hash, name, quota, true)
+    }
+
+    /// [`Self::get`], checking the memory budget only if `budgeted`: a lock handed to a waiter
+    /// takes the place of the lock just released and of the waiter, so it is never refused.
+    pub(super) fn take(
+        &mut self,
+        conn: ConnId,
+        hash: u64,
+        name: &LockName,
+        quota: Option<&Quota>,
+        budgeted: bool,
     ) -> GetOutcome {
         let slots = &self.slots;
         let hasher = &self.hasher;
@@ -51,12 +65,21 @@ impl ShardTable {
             Entry::Occupied(_) => return GetOutcome::Busy,
             Entry::Vacant(vacant) => vacant,
         };
+        let cost = EXCLUSIVE_BYTES + name_heap(name);
+        if budgeted {
+            // (Fields, not `self.fits`: the vacant entry holds the index.)
+            let used = self.bytes + self.waits.bytes() + self.limits.bytes();
+            if !self.budget.fits(self.shard, used, cost) {
+                return GetOutcome::OutOfMemory;
+            }
+        }
         if quota.is_some_and(|q| !q.try_take()) {
             return GetOutcome::OverLimit;
         }
         // Taken before anything changes: at the ceiling this waits for a durable new one.
         let token = self.tokens.issue();
-        let holdings = self.holdings.entry(conn).or_insert_with(Holdings::new);
+        self.bytes += cost;
+        let holdings = holdings_of(&mut self.holdings, &mut self.bytes, conn);
         let head = holdings.exclusive_head;
         let slot = Slot {
             name: name.clone(),
@@ -131,6 +154,7 @@ impl ShardTable {
     /// Returns `at` to the free list (dropping its name).
     fn free(&mut self, at: u32) {
         let slot = &mut self.slots[at as usize];
+        self.bytes -= EXCLUSIVE_BYTES + name_heap(&slot.name);
         slot.name = LockName::empty();
         slot.holder = FREE;
         slot.next = self.free_head;

@@ -113,6 +113,13 @@ impl Quota {
         self.held.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// Whether `pending` more grants could reach the limit: only then does the order of a
+    /// connection's commands on different shards change what they answer.
+    #[inline]
+    pub fn may_reach(&self, pending: usize) -> bool {
+        self.held().saturating_add(pending as u64) >= self.limit
+    }
+
     /// Locks held now.
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Acquire)

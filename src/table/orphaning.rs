@@ -2,7 +2,11 @@
 //! each released lock to its first waiter.
 
 use super::Orphaned;
-use super::{ShardTable, FREE, NIL};
+use super::{
+    ShardTable, EXCLUSIVE_BYTES, FREE, HOLDINGS_BYTES, NIL, SHARED_HOLDER_BYTES, SHARED_NAME_BYTES,
+    WAIT_ENTRY_BYTES,
+};
+use crate::memory::name_heap;
 use crate::name::LockName;
 use crate::protocol::LockKind;
 use crate::ConnId;
@@ -32,6 +36,7 @@ impl ShardTable {
         let mut handovers: Vec<(LockKind, LockName)> = Vec::new();
         // (A waiter leaving frees no slot and holds back nobody: no hand-over for it.)
         for (kind, name, id) in holdings.waits.drain(..) {
+            self.bytes -= WAIT_ENTRY_BYTES + name_heap(&name);
             self.waits.remove(kind, name.as_bytes(), id);
         }
         let mut budget = budget;
@@ -45,6 +50,7 @@ impl ShardTable {
                 handovers.push((LockKind::Exclusive, slot.name.clone()));
             }
             // Free the slot in place (`self.free` would borrow all of `self`).
+            self.bytes -= EXCLUSIVE_BYTES + name_heap(&slot.name);
             slot.name = LockName::empty();
             slot.holder = FREE;
             slot.next = self.free_head;
@@ -64,12 +70,14 @@ impl ShardTable {
             let names: Vec<LockName> = holdings.shared.iter().take(budget).cloned().collect();
             for name in names {
                 holdings.shared.remove(name.as_bytes());
+                self.bytes -= SHARED_HOLDER_BYTES + name_heap(&name);
                 if let Some(holders) = self.shared.get_mut(name.as_bytes()) {
                     if holders.remove(conn) {
                         orphaned.shared += 1;
                     }
                     if holders.len() == 0 {
                         self.shared.remove(name.as_bytes());
+                        self.bytes -= SHARED_NAME_BYTES + name_heap(&name);
                     }
                 }
                 if self.waits.has(LockKind::Shared, name.as_bytes()) {
@@ -80,6 +88,7 @@ impl ShardTable {
         let done = holdings.is_empty();
         if done {
             self.holdings.remove(&conn);
+            self.bytes -= HOLDINGS_BYTES;
         }
         for (kind, name) in handovers {
             match kind {

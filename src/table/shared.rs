@@ -1,28 +1,51 @@
 //! Counted shared locks: a small holder set per name, and per connection the names it holds.
 
 use super::holders::Holders;
-use super::{unix_micros, Holdings, Quota, ShardTable};
+use super::{holdings_of, unix_micros, Quota, ShardTable, SHARED_HOLDER_BYTES, SHARED_NAME_BYTES};
+use crate::memory::{name_heap, name_heap_of};
 use crate::name::LockName;
-use crate::protocol::LockKind;
+use crate::protocol::{LockKind, Reply};
 use crate::ConnId;
 
 impl ShardTable {
     /// Takes a shared lock; returns the holder count afterwards (a holder is counted once), or
-    /// None if `conn` is at its lock limit.
+    /// the refusal: `conn` is at its lock limit, or a new holder does not fit in the memory
+    /// budget.
     pub fn shared_get(
         &mut self,
         conn: ConnId,
         name: &LockName,
         quota: Option<&Quota>,
-    ) -> Option<u64> {
-        if let Some(holders) = self.shared.get(name.as_bytes()) {
+    ) -> Result<u64, Reply> {
+        self.shared_take(conn, name, quota, true)
+    }
+
+    /// [`Self::shared_get`], checking the memory budget only if `budgeted` (not for a waiter
+    /// let in: it takes the place of the holder that just left, and of its own wait).
+    pub(super) fn shared_take(
+        &mut self,
+        conn: ConnId,
+        name: &LockName,
+        quota: Option<&Quota>,
+        budgeted: bool,
+    ) -> Result<u64, Reply> {
+        let known = self.shared.get(name.as_bytes());
+        if let Some(holders) = known {
             if holders.contains(conn) {
-                return Some(holders.len() as u64);
+                return Ok(holders.len() as u64);
             }
         }
-        if quota.is_some_and(|q| !q.try_take()) {
-            return None;
+        let mut cost = SHARED_HOLDER_BYTES + name_heap(name);
+        if known.is_none() {
+            cost += SHARED_NAME_BYTES + name_heap(name);
         }
+        if budgeted && !self.fits(cost) {
+            return Err(Reply::OutOfMemory);
+        }
+        if quota.is_some_and(|q| !q.try_take()) {
+            return Err(Reply::LimitReached);
+        }
+        self.bytes += cost;
         let since = unix_micros();
         let holders = match self.shared.get_mut(name.as_bytes()) {
             Some(holders) => holders,
@@ -30,12 +53,10 @@ impl ShardTable {
         };
         holders.insert(conn, since);
         let count = holders.len() as u64;
-        self.holdings
-            .entry(conn)
-            .or_insert_with(Holdings::new)
+        holdings_of(&mut self.holdings, &mut self.bytes, conn)
             .shared
             .insert(name.clone());
-        Some(count)
+        Ok(count)
     }
 
     /// Releases a shared lock if `conn` holds it, and lets waiters in while there is room.
@@ -57,8 +78,10 @@ impl ShardTable {
         if !holders.remove(conn) {
             return false;
         }
+        self.bytes -= SHARED_HOLDER_BYTES + name_heap_of(name);
         if holders.len() == 0 {
             self.shared.remove(name);
+            self.bytes -= SHARED_NAME_BYTES + name_heap_of(name);
         }
         if let Some(holdings) = self.holdings.get_mut(&conn) {
             holdings.shared.remove(name);

@@ -167,11 +167,14 @@ fn a_quota_limits_new_locks_but_not_regets() {
         t.get(1, hash, &name(n), Some(&quota))
     };
     assert_eq!(get_q(&mut t, "a"), GetOutcome::Granted);
-    assert_eq!(t.shared_get(1, &name("s"), Some(&quota)), Some(1));
+    assert_eq!(t.shared_get(1, &name("s"), Some(&quota)), Ok(1));
     assert_eq!(get_q(&mut t, "b"), GetOutcome::OverLimit);
-    assert_eq!(t.shared_get(1, &name("t"), Some(&quota)), None);
+    assert_eq!(
+        t.shared_get(1, &name("t"), Some(&quota)),
+        Err(Reply::LimitReached)
+    );
     assert_eq!(get_q(&mut t, "a"), GetOutcome::AlreadyHeld);
-    assert_eq!(t.shared_get(1, &name("s"), Some(&quota)), Some(1));
+    assert_eq!(t.shared_get(1, &name("s"), Some(&quota)), Ok(1));
     assert!(!t.shared.contains_key(b"t".as_slice()));
     let hash = t.hash(b"a");
     assert_eq!(
@@ -204,4 +207,284 @@ fn listings_show_names_and_holders() {
     let one = t.list_exclusive(Some((t.hash(b"b"), b"b")));
     assert_eq!(one, vec![(LockName::from("b"), 2)]);
     assert!(t.list_exclusive(Some((t.hash(b"c"), b"c"))).is_empty());
+}
+
+// The memory accounting: every path that stores adds, every path that frees takes off exactly
+// what was added, so a table back to empty counts zero bytes.
+
+use crate::memory::MemoryBudget;
+use crate::protocol::RateParams;
+use crate::protocol::WaitKind;
+use tokio::sync::oneshot;
+
+/// The running count agrees with a count made afresh from every structure.
+fn accounted(t: &ShardTable) -> u64 {
+    assert_eq!(t.memory_used(), t.recount_memory());
+    t.memory_used()
+}
+
+/// A name of `len` bytes, told apart by `i`: short ones inline, long ones on the heap.
+fn sized_name(i: u64, len: usize) -> LockName {
+    let mut bytes = format!("{i}:").into_bytes();
+    bytes.resize(len.max(bytes.len()), b'x');
+    LockName::new(&bytes)
+}
+
+fn wait(
+    t: &mut ShardTable,
+    conn: ConnId,
+    kind: WaitKind,
+    name: &LockName,
+) -> (u64, oneshot::Receiver<Reply>) {
+    let (tx, rx) = oneshot::channel();
+    let hash = t.hash(name.as_bytes());
+    let id = t.wait(conn, None, kind, hash, name, tx).unwrap_or(0);
+    for (to, reply) in t.take_announcements() {
+        let _ = to.send(reply);
+    }
+    (id, rx)
+}
+
+#[test]
+fn every_path_that_frees_gives_back_exactly_what_was_counted() {
+    for len in [4, 100] {
+        let mut t = table();
+        let a = sized_name(1, len);
+        let b = sized_name(2, len);
+        let hash_a = t.hash(a.as_bytes());
+        // Exclusive: get, release.
+        assert_eq!(t.get(1, hash_a, &a, None), GetOutcome::Granted);
+        let one_lock = accounted(&t);
+        assert_eq!(
+            one_lock,
+            EXCLUSIVE_BYTES + HOLDINGS_BYTES + crate::memory::name_heap(&a)
+        );
+        assert!(t.release(1, hash_a, a.as_bytes()));
+        assert_eq!(
+            accounted(&t),
+            HOLDINGS_BYTES,
+            "the connection's entry stays"
+        );
+        // Shared: get by two, release by one, orphan the other.
+        assert_eq!(t.shared_get(1, &b, None), Ok(1));
+        assert_eq!(t.shared_get(2, &b, None), Ok(2));
+        accounted(&t);
+        assert!(t.shared_release(1, b.as_bytes()));
+        accounted(&t);
+        t.orphan_all(2);
+        assert_eq!(accounted(&t), HOLDINGS_BYTES);
+        // Waits: one expires, one is granted, one whose client left is skipped, one is
+        // orphaned while it waits.
+        assert_eq!(t.get(1, hash_a, &a, None), GetOutcome::Granted);
+        let (expiring, _rx) = wait(&mut t, 2, WaitKind::Exclusive, &a);
+        accounted(&t);
+        t.expire(LockKind::Exclusive, &a, expiring);
+        accounted(&t);
+        let (_, gone) = wait(&mut t, 3, WaitKind::Exclusive, &a);
+        let (_, mut granted) = wait(&mut t, 4, WaitKind::Exclusive, &a);
+        let (_, _orphaned) = wait(&mut t, 5, WaitKind::Exclusive, &a);
+        drop(gone);
+        accounted(&t);
+        assert!(t.release(1, hash_a, a.as_bytes()));
+        for (to, reply) in t.take_announcements() {
+            let _ = to.send(reply);
+        }
+        assert_eq!(granted.try_recv(), Ok(Reply::Got));
+        accounted(&t);
+        t.orphan_all(5);
+        accounted(&t);
+        // Shared waiters, let in and orphaned.
+        assert_eq!(t.shared_get(6, &b, None), Ok(1));
+        let (_, mut let_in) = wait(&mut t, 7, WaitKind::Shared { limit: 1 }, &b);
+        accounted(&t);
+        t.orphan_all(6);
+        for (to, reply) in t.take_announcements() {
+            let _ = to.send(reply);
+        }
+        assert_eq!(let_in.try_recv(), Ok(Reply::SharedGot(1)));
+        for conn in 1..=7 {
+            t.orphan_all(conn);
+            accounted(&t);
+        }
+        assert_eq!(accounted(&t), 0, "names of {len} bytes");
+        assert_eq!(t.exclusive_len() + t.shared_len() + t.waiters(), 0);
+    }
+}
+
+#[test]
+fn random_work_keeps_the_count_exact() {
+    // A fixed xorshift sequence: reproducible, and it reaches every path many times over.
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |n: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % n
+    };
+    let mut t = table();
+    let mut receivers = Vec::new();
+    for step in 0..20_000 {
+        let conn = 1 + next(6);
+        let name = sized_name(next(12), if next(3) == 0 { 40 } else { 8 });
+        let hash = t.hash(name.as_bytes());
+        match next(9) {
+            0 | 1 => {
+                t.get(conn, hash, &name, None);
+            }
+            2 => {
+                t.release(conn, hash, name.as_bytes());
+            }
+            3 => {
+                let _ = t.shared_get(conn, &name, None);
+            }
+            4 => {
+                t.shared_release(conn, name.as_bytes());
+            }
+            5 => {
+                let kind = if next(2) == 0 {
+                    WaitKind::Exclusive
+                } else {
+                    WaitKind::Shared { limit: 1 + next(2) }
+                };
+                let (id, rx) = wait(&mut t, conn, kind, &name);
+                receivers.push((kind, name, id, rx));
+            }
+            6 => {
+                if let Some((kind, name, id, _)) = receivers.pop() {
+                    t.expire(kind.lock_kind(), &name, id);
+                }
+            }
+            7 => {
+                // A waiting client hangs up.
+                if !receivers.is_empty() {
+                    let at = next(receivers.len() as u64) as usize;
+                    receivers.swap_remove(at);
+                }
+            }
+            8 if next(2) == 0 => {
+                // Orphaning a slice at a time, as a shard does for a big departure.
+                t.orphan_some(conn, 1 + next(3) as usize, |_| {});
+            }
+            _ => {
+                t.orphan_all(conn);
+            }
+        }
+        for (to, reply) in t.take_announcements() {
+            let _ = to.send(reply);
+        }
+        assert_eq!(t.memory_used(), t.recount_memory(), "step {step}");
+    }
+    for conn in 1..=6 {
+        t.orphan_all(conn);
+    }
+    assert_eq!(accounted(&t), 0);
+}
+
+/// A table whose state may take `limit` bytes.
+fn budgeted(limit: u64) -> ShardTable {
+    ShardTable::with_budget(
+        crate::name_hasher(),
+        crate::fencing::TokenClock::default(),
+        Arc::new(MemoryBudget::new(limit, 1)),
+        0,
+    )
+}
+
+#[test]
+fn a_full_budget_refuses_new_state_and_keeps_everything_else_working() {
+    let mut t = budgeted(20 * EXCLUSIVE_BYTES + HOLDINGS_BYTES);
+    let mut granted = 0;
+    for i in 0..100 {
+        let name = sized_name(i, 8);
+        let hash = t.hash(name.as_bytes());
+        match t.apply(1, LockOp::Get, hash, &name, None) {
+            Reply::Got => granted += 1,
+            Reply::OutOfMemory => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(granted, 20);
+    let full = accounted(&t);
+    let next = sized_name(99, 8);
+    let hash = t.hash(next.as_bytes());
+    // Refused, and nothing changed.
+    assert_eq!(
+        t.apply(2, LockOp::Get, hash, &next, None),
+        Reply::OutOfMemory
+    );
+    assert_eq!(
+        t.apply(2, LockOp::SharedGet, hash, &next, None),
+        Reply::OutOfMemory
+    );
+    let (_, mut refused) = wait(&mut t, 2, WaitKind::Exclusive, &sized_name(0, 8));
+    assert_eq!(refused.try_recv(), Ok(Reply::OutOfMemory));
+    assert_eq!(accounted(&t), full);
+    // What holds no new state still works: a re-get, inspections, a release.
+    let held = sized_name(0, 8);
+    let hash_held = t.hash(held.as_bytes());
+    assert_eq!(t.apply(1, LockOp::Get, hash_held, &held, None), Reply::Got);
+    assert_eq!(
+        t.apply(2, LockOp::Get, hash_held, &held, None),
+        Reply::NotGot
+    );
+    assert_eq!(
+        t.apply(2, LockOp::Inspect, hash_held, &held, None),
+        Reply::Locked
+    );
+    assert_eq!(
+        t.apply(1, LockOp::Release, hash_held, &held, None),
+        Reply::Released
+    );
+    // Room again.
+    assert_eq!(t.apply(1, LockOp::Get, hash, &next, None), Reply::Got);
+    t.orphan_all(1);
+    t.orphan_all(2);
+    assert_eq!(accounted(&t), 0);
+}
+
+#[test]
+fn a_waiter_handed_a_lock_is_never_refused_for_memory() {
+    let a = LockName::from("a");
+    let mut t = budgeted(EXCLUSIVE_BYTES + 2 * HOLDINGS_BYTES + 4096);
+    let hash = t.hash(a.as_bytes());
+    assert_eq!(t.get(1, hash, &a, None), GetOutcome::Granted);
+    let (_, mut waiting) = wait(&mut t, 2, WaitKind::Exclusive, &a);
+    assert!(waiting.try_recv().is_err(), "queued");
+    assert!(t.release(1, hash, a.as_bytes()));
+    for (to, reply) in t.take_announcements() {
+        let _ = to.send(reply);
+    }
+    assert_eq!(waiting.try_recv(), Ok(Reply::Got));
+    accounted(&t);
+}
+
+#[test]
+fn rate_limiters_make_room_by_evicting_and_count_it() {
+    let day = RateParams {
+        burst: 1,
+        count: 1,
+        period_ms: 86_400_000,
+        quantity: 1,
+    };
+    let room = 10 * crate::ratelimit::LIMITER_BYTES;
+    let mut t = budgeted(room);
+    for i in 0..25 {
+        let name = sized_name(i, 8);
+        let hash = t.hash(name.as_bytes());
+        let reply = t.apply(1, LockOp::RateLimit(day), hash, &name, None);
+        assert!(
+            matches!(reply, Reply::RateLimit(d) if d.allowed),
+            "{reply:?}"
+        );
+    }
+    assert_eq!(t.rate_limit_len(), 10);
+    assert_eq!(t.rate_limit_evictions(), 15);
+    assert_eq!(accounted(&t), room);
+    // Locks can take the room too; then a new limiter evicts, but cannot evict a lock.
+    let lock = sized_name(100, 8);
+    let hash = t.hash(lock.as_bytes());
+    assert_eq!(
+        t.apply(1, LockOp::Get, hash, &lock, None),
+        Reply::OutOfMemory
+    );
 }

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::holders::Quota;
+use crate::memory::{name_heap, name_heap_of, INDEX_CONTROL};
 use crate::name::LockName;
 use crate::protocol::{LockKind, Reply, WaitKind};
 use crate::{ConnId, NameHasher};
@@ -41,6 +42,16 @@ impl Drop for TimerGuard {
     }
 }
 
+/// What a waiter costs besides its queue: the waiter itself, its timeout task (tokio's task
+/// cell around a `Sleep` and what the task captured, some 300 bytes) and its answer channel.
+pub const WAITER_BYTES: u64 = std::mem::size_of::<Waiter>() as u64 + 384;
+
+/// A name's queue, made for its first waiter: its map entry, the queue's first block (four
+/// waiters' room, as `VecDeque` grows), and a copy of the name.
+pub const QUEUE_BYTES: u64 = (std::mem::size_of::<(LockName, VecDeque<Waiter>)>()
+    + 4 * std::mem::size_of::<Waiter>()) as u64
+    + INDEX_CONTROL;
+
 /// Every wait queue of one shard.
 pub struct WaitQueues {
     exclusive: HashMap<LockName, VecDeque<Waiter>, NameHasher>,
@@ -49,6 +60,8 @@ pub struct WaitQueues {
     next_id: u64,
     /// Waiters queued now.
     depth: usize,
+    /// Bytes of the queues and their waiters (see [`WAITER_BYTES`], [`QUEUE_BYTES`]).
+    bytes: u64,
 }
 
 impl WaitQueues {
@@ -58,6 +71,7 @@ impl WaitQueues {
             shared: HashMap::with_hasher(hasher),
             next_id: 1,
             depth: 0,
+            bytes: 0,
         }
     }
 
@@ -98,13 +112,39 @@ impl WaitQueues {
     /// Adds `waiter` to `name`'s queue at the end `put` chooses, making the queue if needed.
     fn enqueue(&mut self, name: &LockName, waiter: Waiter, put: fn(&mut VecDeque<Waiter>, Waiter)) {
         let queue = self.queues_mut(waiter.kind.lock_kind());
+        let mut added = WAITER_BYTES;
         match queue.get_mut(name.as_bytes()) {
             Some(waiting) => put(waiting, waiter),
             None => {
                 queue.insert(name.clone(), VecDeque::from([waiter]));
+                added += QUEUE_BYTES + name_heap(name);
             }
         }
         self.depth += 1;
+        self.bytes += added;
+    }
+
+    /// What queueing a waiter for `name` would add.
+    pub fn cost_of(&self, kind: LockKind, name: &LockName) -> u64 {
+        if self.has(kind, name.as_bytes()) {
+            WAITER_BYTES
+        } else {
+            WAITER_BYTES + QUEUE_BYTES + name_heap(name)
+        }
+    }
+
+    /// Bytes of the queues and their waiters.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+
+    /// What [`Self::bytes`] should be, counted afresh.
+    pub fn recount(&self) -> u64 {
+        [&self.exclusive, &self.shared]
+            .iter()
+            .flat_map(|queues| queues.iter())
+            .map(|(name, q)| QUEUE_BYTES + name_heap(name) + q.len() as u64 * WAITER_BYTES)
+            .sum()
     }
 
     /// Whether anyone waits for `name`.
@@ -124,12 +164,16 @@ impl WaitQueues {
         let queue = self.queues_mut(kind);
         let waiting = queue.get_mut(name)?;
         let waiter = waiting.pop_front();
+        let mut freed = 0;
         if waiting.is_empty() {
             queue.remove(name);
+            freed += QUEUE_BYTES + name_heap_of(name);
         }
         if waiter.is_some() {
             self.depth -= 1;
+            freed += WAITER_BYTES;
         }
+        self.bytes -= freed;
         waiter
     }
 
@@ -139,12 +183,16 @@ impl WaitQueues {
         let waiting = queue.get_mut(name)?;
         let at = waiting.iter().position(|w| w.id == id)?;
         let waiter = waiting.remove(at);
+        let mut freed = 0;
         if waiting.is_empty() {
             queue.remove(name);
+            freed += QUEUE_BYTES + name_heap_of(name);
         }
         if waiter.is_some() {
             self.depth -= 1;
+            freed += WAITER_BYTES;
         }
+        self.bytes -= freed;
         waiter
     }
 

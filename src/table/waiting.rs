@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use tokio::sync::oneshot;
 
-use super::{unix_micros, GetOutcome, Holdings, Quota, ShardTable, Waiter};
+use super::{holdings_of, unix_micros, GetOutcome, Quota, ShardTable, Waiter, WAIT_ENTRY_BYTES};
+use crate::memory::name_heap;
 use crate::name::LockName;
 use crate::protocol::{LockKind, Reply, WaitKind};
 use crate::ConnId;
@@ -33,6 +34,7 @@ impl ShardTable {
             WaitKind::Exclusive => match self.get(conn, hash, name, quota.as_deref()) {
                 GetOutcome::Granted | GetOutcome::AlreadyHeld => Some(Reply::Got),
                 GetOutcome::OverLimit => Some(Reply::LimitReached),
+                GetOutcome::OutOfMemory => Some(Reply::OutOfMemory),
                 GetOutcome::Busy => None,
             },
             WaitKind::Shared { limit } => {
@@ -45,14 +47,20 @@ impl ShardTable {
                     // waiter that fits under its limit, so those still queued could not have
                     // been served now, and this does not overtake any of them.
                     Some(match self.shared_get(conn, name, quota.as_deref()) {
-                        Some(count) => Reply::SharedGot(count),
-                        None => Reply::LimitReached,
+                        Ok(count) => Reply::SharedGot(count),
+                        Err(refused) => refused,
                     })
                 } else {
                     None
                 }
             }
         };
+        // Queueing stores a waiter: only within the memory budget.
+        let now = now.or_else(|| {
+            let cost =
+                self.waits.cost_of(kind.lock_kind(), name) + WAIT_ENTRY_BYTES + name_heap(name);
+            (!self.fits(cost)).then_some(Reply::OutOfMemory)
+        });
         if let Some(answer) = now {
             if matches!(answer, Reply::Got | Reply::SharedGot(_)) {
                 self.counts.waits_granted += 1;
@@ -75,9 +83,8 @@ impl ShardTable {
                 timer: None,
             },
         );
-        self.holdings
-            .entry(conn)
-            .or_insert_with(Holdings::new)
+        self.bytes += WAIT_ENTRY_BYTES + name_heap(name);
+        holdings_of(&mut self.holdings, &mut self.bytes, conn)
             .waits
             .push((kind.lock_kind(), name.clone(), id));
         Some(id)
@@ -129,7 +136,10 @@ impl ShardTable {
     /// Removes waiter `id` from its connection's list.
     fn forget_wait(&mut self, conn: ConnId, id: u64) {
         if let Some(holdings) = self.holdings.get_mut(&conn) {
-            holdings.waits.retain(|(_, _, w)| *w != id);
+            if let Some(at) = holdings.waits.iter().position(|(_, _, w)| *w == id) {
+                let (_, name, _) = holdings.waits.remove(at);
+                self.bytes -= WAIT_ENTRY_BYTES + name_heap(&name);
+            }
         }
     }
 
@@ -141,13 +151,14 @@ impl ShardTable {
                 continue; // the waiting connection is gone
             }
             let lock = LockName::new(name);
-            match self.get(waiter.conn, hash, &lock, waiter.quota.as_deref()) {
+            match self.take(waiter.conn, hash, &lock, waiter.quota.as_deref(), false) {
                 GetOutcome::Granted | GetOutcome::AlreadyHeld => {
                     self.counts.waits_granted += 1;
                     self.announce(waiter.reply, Reply::Got);
                     return;
                 }
                 GetOutcome::OverLimit => self.announce(waiter.reply, Reply::LimitReached),
+                GetOutcome::OutOfMemory => self.announce(waiter.reply, Reply::OutOfMemory),
                 GetOutcome::Busy => {
                     // Cannot happen (the lock was just freed); keep the waiter first in line.
                     self.waits.push_front(&lock, waiter);
@@ -190,12 +201,12 @@ impl ShardTable {
                 continue; // the waiting connection is gone
             }
             let lock = LockName::new(name);
-            match self.shared_get(waiter.conn, &lock, waiter.quota.as_deref()) {
-                Some(count) => {
+            match self.shared_take(waiter.conn, &lock, waiter.quota.as_deref(), false) {
+                Ok(count) => {
                     self.counts.waits_granted += 1;
                     self.announce(waiter.reply, Reply::SharedGot(count));
                 }
-                None => self.announce(waiter.reply, Reply::LimitReached),
+                Err(refused) => self.announce(waiter.reply, refused),
             }
         }
     }

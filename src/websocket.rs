@@ -158,6 +158,9 @@ async fn next_message(
 /// message): about what an idle TCP connection's buffers cost.
 const WS_READ_BUFFER: usize = 4096;
 
+/// A buffer left with more room than this after a message goes back to nothing.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
 /// Reply bytes the library queues before it writes them (every flush writes too).
 const WS_WRITE_BUFFER: usize = 16 * 1024;
 
@@ -475,6 +478,12 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             return reason;
         }
         unflushed = 0;
+        // A big message or listing does not leave the connection holding its peak memory (nor
+        // counted against --max-client-buffers for it).
+        lines.shrink_if_empty(KEEP_CAPACITY);
+        if out.capacity() > KEEP_CAPACITY {
+            out = Vec::new();
+        }
     }
 }
 

@@ -405,3 +405,95 @@ async fn an_idle_websocket_costs_about_what_a_tcp_connection_does() {
         "an idle websocket costs {per_conn} bytes ({before} KiB -> {after} KiB)"
     );
 }
+
+/// A plain HTTP GET of `/metrics`; the body.
+fn scrape(addr: std::net::SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(REPLY_TIMEOUT))
+        .expect("read timeout");
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .expect("an HTTP response")
+}
+
+/// One sample's value from a scrape (None when absent).
+fn sample(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The budget's closes are counted by reason, and the bytes accounted and the budget are
+/// exported.
+#[test]
+fn client_buffer_closes_and_bytes_are_exported() {
+    use std::io::{BufRead, BufReader, Write};
+    let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let config = glockd::Config {
+        shards: Some(2),
+        pin: false,
+        max_client_buffers: 2 << 20,
+        max_line_bytes: 8 << 20,
+        line_timeout: 0,
+        ..glockd::Config::default()
+    };
+    let server = glockd::start_with_listeners(
+        config,
+        glockd::Listeners {
+            tcp: Some(bind()),
+            metrics: Some(bind()),
+            ..glockd::Listeners::default()
+        },
+    )
+    .expect("server starts");
+    let (addr, metrics) = (
+        server.tcp_addr().expect("tcp"),
+        server.metrics_addr().expect("metrics"),
+    );
+    let body = scrape(metrics);
+    assert_eq!(
+        sample(&body, "glockd_max_client_buffer_bytes"),
+        Some(2097152.0)
+    );
+    let mut small = BufReader::new(std::net::TcpStream::connect(addr).expect("connect"));
+    small.get_mut().write_all(b"g small\n").expect("send");
+    let mut line = String::new();
+    small.read_line(&mut line).expect("reply");
+    assert_eq!(line, "1 Got Lock\n");
+    // 3 MiB of a line: past the budget, and the biggest by far.
+    let mut big = std::net::TcpStream::connect(addr).expect("connect");
+    let _ = big.write_all(format!("i {}", "b".repeat(3 << 20)).as_bytes());
+    let _ = big.write_all(b"\n");
+    let mut rest = Vec::new();
+    big.set_read_timeout(Some(REPLY_TIMEOUT)).expect("timeout");
+    let _ = std::io::Read::read_to_end(&mut big, &mut rest);
+    assert!(
+        rest.is_empty() || rest == b"0 Client Buffers Full\n",
+        "{:?}",
+        String::from_utf8_lossy(&rest)
+    );
+    let deadline = Instant::now() + REPLY_TIMEOUT;
+    loop {
+        let body = scrape(metrics);
+        let closed = sample(
+            &body,
+            "glockd_connections_closed_total{reason=\"client_buffers\"}",
+        );
+        let bytes = sample(&body, "glockd_client_buffer_bytes").expect("the gauge");
+        if closed == Some(1.0) && bytes > 0.0 && bytes < (2 << 20) as f64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not counted: {body}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    small.get_mut().write_all(b"i small\n").expect("send");
+    line.clear();
+    small.read_line(&mut line).expect("reply");
+    assert_eq!(line, "1 Locked\n");
+    server.shutdown();
+}

@@ -424,7 +424,10 @@ fn numeric_flags_out_of_range_are_refused_in_one_line() {
         ("shards", &["0", "1025"]),
         ("max-line-bytes", &["63", "1073741825"]),
         ("max-unsent-bytes", &["4095", "1099511627777"]),
-        ("max-client-buffers", &["1", "1048575", "1023KiB", "1025GiB", "2TiB", "1.5MiB"]),
+        (
+            "max-client-buffers",
+            &["1", "1048575", "1023KiB", "1025GiB", "2TiB", "1.5MiB"],
+        ),
         ("max-connections", &["0", "1073741825"]),
         ("max-locks-per-conn", &["-1", "18446744073709551616"]),
         ("write-timeout", &["31536001"]),

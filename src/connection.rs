@@ -7,7 +7,12 @@
 //! client that keeps sending meanwhile is disconnected instead of being buffered without end. A write that makes no progress for
 //! `--write-timeout` seconds, input silent for `--idle-timeout`, a line longer than
 //! `--max-line-bytes`, or an unfinished line older than `--line-timeout` also end the
-//! connection; in every case its locks are orphaned.
+//! connection; so do more than [`WAIT_READ_AHEAD`] bytes sent behind a waiting command, and
+//! buffers among the biggest when all connections' pass `--max-client-buffers` (see
+//! [`crate::client_buffers`]); in every case its locks are orphaned.
+//!
+//! Lines run in turns of at most [`MAX_BATCH`] commands or [`TURN_REPLY_BYTES`] of replies,
+//! between which the other connections of the thread have theirs.
 
 use crate::peer::Peer;
 use std::future::Future;

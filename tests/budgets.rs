@@ -497,3 +497,44 @@ fn client_buffer_closes_and_bytes_are_exported() {
     assert_eq!(line, "1 Locked\n");
     server.shutdown();
 }
+
+/// Over a websocket, what the library holds of a message on its way counts against
+/// -max-client-buffers too: a client sending a 3 MiB message, 2.5 MiB of it so far, is closed
+/// past a 2 MiB budget, while a small client keeps its connection and its lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_message_on_its_way_counts_against_the_budget() {
+    let setup = Setup {
+        shards: 1,
+        transport: Transport::Ws,
+    };
+    let server = TestServer::start_with(setup, |c| {
+        c.max_client_buffers = 2 << 20;
+        c.max_line_bytes = 8 << 20;
+        c.line_timeout = 0;
+    });
+    let mut small = server.connect().await;
+    small.check("g small\n", "1 Got Lock\n").await;
+    let addr = server.ws_addr.expect("websocket door");
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{addr}/"), tcp)
+        .await
+        .expect("handshake");
+    let raw = ws.get_mut();
+    // One binary frame of 3 MiB, masked with a zero key (so the payload goes as it is).
+    let mut header = vec![0x82u8, 0x80 | 127];
+    header.extend_from_slice(&(3u64 << 20).to_be_bytes());
+    header.extend_from_slice(&[0, 0, 0, 0]);
+    let _ = raw.write_all(&header).await;
+    let _ = tokio::time::timeout(REPLY_TIMEOUT, raw.write_all(&vec![b'x'; 5 << 19])).await;
+    let mut sink = vec![0u8; 1 << 16];
+    loop {
+        match tokio::time::timeout(REPLY_TIMEOUT, raw.read(&mut sink))
+            .await
+            .expect("the server closes the connection")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    small.check("i small\n", "1 Locked\n").await;
+}

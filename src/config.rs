@@ -42,6 +42,17 @@ pub const MAX_LINE_BYTES: u64 = 1 << 30;
 /// server could have (so it means "no limit") and still a `usize` wherever it is used.
 pub const MIN_UNSENT_BYTES: u64 = 4096;
 pub const MAX_UNSENT_BYTES: u64 = 1 << 40;
+/// `--max-client-buffers`: 0 (no budget), or at least 1 MiB (less would close clients for
+/// their ordinary read room); at most 1 TiB, like `--max-unsent-bytes`.
+pub const MIN_CLIENT_BUFFERS: u64 = 1 << 20;
+pub const MAX_CLIENT_BUFFERS: u64 = 1 << 40;
+/// `--max-client-buffers` by default: 512 MiB. Ten thousand quiet connections hold about 20 MB
+/// of buffers and a big listing tens of megabytes, so real use stays far below it, while a
+/// crowd of clients each filling its per-connection limits (1 MiB of unfinished line, 8 MiB of
+/// unread replies: some 90 GiB at ten thousand connections) is stopped at a size any host
+/// running a lock server can spare. A fixed size, not a share of the machine's memory, so the
+/// same flags behave the same on every host.
+pub const DEFAULT_CLIENT_BUFFERS: u64 = 512 << 20;
 /// `--max-connections`: at most 2^30, a thousand times Linux's default ceiling on one
 /// process's open files (`fs.nr_open`, 2^20); any real machine runs out of descriptors first.
 pub const MAX_CONNECTIONS: u64 = 1 << 30;
@@ -233,6 +244,13 @@ pub struct Config {
     #[arg(long, default_value_t = 8 << 20,
           value_parser = clap::value_parser!(u64).range(MIN_UNSENT_BYTES..=MAX_UNSENT_BYTES))]
     pub max_unsent_bytes: u64,
+
+    /// Most bytes all connections' buffers may hold together (input not yet run, replies not
+    /// yet written), as bytes or with a unit: `256MiB`, `1GiB`, `65536`, `512KiB`; 0: no
+    /// budget. Past it, the connections holding the most are closed, biggest first (their
+    /// locks orphaned), until the total is back under it.
+    #[arg(long, default_value = "512MiB", value_parser = client_buffers_size)]
+    pub max_client_buffers: u64,
 
     /// Seconds a reply write may make no progress before the connection is closed as dead;
     /// 0 waits forever.
@@ -522,6 +540,40 @@ fn metrics_addr(s: &str) -> Result<MetricsAddr, String> {
     }
 }
 
+/// A size in bytes: a number with an optional unit, `B`, `KiB`, `MiB`, `GiB` or `TiB` (powers
+/// of 1024; `K`, `M`, `G`, `T`, `KB`… are read the same way).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let text = s.trim();
+    let digits = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(digits);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("invalid size {s:?} (use bytes, or KiB, MiB, GiB)")),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| format!("invalid size {s:?} (use bytes, or KiB, MiB, GiB)"))
+}
+
+/// `--max-client-buffers`: a size, 0 or within its range.
+fn client_buffers_size(s: &str) -> Result<u64, String> {
+    let size = parse_size(s)?;
+    if size != 0 && !(MIN_CLIENT_BUFFERS..=MAX_CLIENT_BUFFERS).contains(&size) {
+        return Err(format!(
+            "{s} is out of range: 0 (no budget) or 1MiB to 1TiB"
+        ));
+    }
+    Ok(size)
+}
+
 /// A file mode in octal (`0660`, `660`).
 /// `--max-memory`: a size (see [`crate::memory::parse_size`]), 0 or within its range.
 fn memory_size(s: &str) -> Result<u64, String> {
@@ -591,6 +643,26 @@ where
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_binary_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("256MiB"), Ok(256 << 20));
+        assert_eq!(parse_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("512k"), Ok(512 << 10));
+        assert!(parse_size("").is_err());
+        assert!(parse_size("1.5GiB").is_err());
+        assert!(parse_size("12 parsecs").is_err());
+        assert!(parse_size("16777216TiB").is_err());
+        assert_eq!(client_buffers_size("0"), Ok(0));
+        assert!(client_buffers_size("1023KiB").is_err());
+        assert!(client_buffers_size("1025GiB").is_err());
+    }
 }
 
 #[cfg(test)]
@@ -768,6 +840,7 @@ mod tests {
         );
         assert_eq!(c.max_wait_ms, 3_600_000);
         assert_eq!((c.line_timeout, c.ws_handshake_timeout), (10, 5));
+        assert_eq!(c.max_client_buffers, DEFAULT_CLIENT_BUFFERS);
         assert_eq!(c.max_connections_per_ip, 1000);
         assert_eq!(c.metrics_max_connections, 64);
         assert!(c.per_ip_exempt_loopback);

@@ -7,7 +7,12 @@
 //! client that keeps sending meanwhile is disconnected instead of being buffered without end. A write that makes no progress for
 //! `--write-timeout` seconds, input silent for `--idle-timeout`, a line longer than
 //! `--max-line-bytes`, or an unfinished line older than `--line-timeout` also end the
-//! connection; in every case its locks are orphaned.
+//! connection; so do more than [`WAIT_READ_AHEAD`] bytes sent behind a waiting command, and
+//! buffers among the biggest when all connections' pass `--max-client-buffers` (see
+//! [`crate::client_buffers`]); in every case its locks are orphaned.
+//!
+//! Lines run in turns of at most [`MAX_BATCH`] commands or [`TURN_REPLY_BYTES`] of replies,
+//! between which the other connections of the thread have theirs.
 
 use crate::peer::Peer;
 use std::future::Future;
@@ -20,6 +25,7 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
 
+use crate::client_buffers::BufferMeter;
 use crate::config::ConnLimits;
 use crate::framer::{LineFramer, LineTooLong};
 use crate::lifecycle::Admission;
@@ -29,9 +35,25 @@ use crate::session::{NoWatch, PeerWatch, Session, Step};
 use crate::shard::ShardCore;
 use crate::stats::CloseReason;
 
-/// Most lines run per batch before their replies are written: bounds the work between two
-/// writes, and lets a client that pipelines a million commands share its thread.
-const MAX_BATCH: usize = 1024;
+/// Most lines run per turn before their replies are written and the connection lets the other
+/// tasks of its thread have theirs: bounds the work between two writes, and lets a client that
+/// pipelines a million commands share its thread.
+pub(crate) const MAX_BATCH: usize = 1024;
+
+/// Most reply bytes one turn produces before the connection lets the others have theirs (a
+/// command is never cut: one big listing is one turn). With [`MAX_BATCH`], a crowd of clients
+/// pipelining costly commands (`q`: about a kilobyte of rendered stats each) keeps each turn to
+/// tens of microseconds, so a quiet client is answered within milliseconds however many pipeline
+/// meanwhile. Plain lock commands (a dozen bytes of reply each) meet [`MAX_BATCH`] first.
+pub(crate) const TURN_REPLY_BYTES: usize = 16 * 1024;
+
+/// Input a client may send behind a waiting command (`gw`, `sgw`) while it waits. The
+/// connection keeps reading while its command waits, so that a client that resets or closes is
+/// seen leaving at once (its place in the queue, its connection place and its descriptor are
+/// freed); this bounds what that reading may hold. A client that sends more is answered
+/// `0 Too Much Sent While Waiting` in place of its wait's answer and closed. (A client waits for
+/// the answer before it sends more; room is left for a few commands sent ahead all the same.)
+pub(crate) const WAIT_READ_AHEAD: usize = 64 * 1024;
 
 /// Read room for a connection that sends little: most clients send one short command at a
 /// time, and ten thousand idle connections should not each pin a large buffer.
@@ -72,6 +94,10 @@ pub(crate) enum Disconnect {
     LineTooLong,
     /// A websocket text message was not UTF-8 (the protocol requires it of text messages).
     BadText,
+    /// Its buffers were among the biggest when all clients' passed `--max-client-buffers`.
+    ClientBuffers,
+    /// It sent more than [`WAIT_READ_AHEAD`] while a command of its waited.
+    WaitReadAhead,
     /// The server is shutting down.
     Shutdown,
     /// Serving it panicked (a bug; logged with the panic).
@@ -87,6 +113,8 @@ impl Disconnect {
             Disconnect::UnsentLimit => CloseReason::UnreadReplies,
             Disconnect::WriteTimeout => CloseReason::WriteTimeout,
             Disconnect::Idle => CloseReason::IdleTimeout,
+            Disconnect::ClientBuffers => CloseReason::ClientBuffers,
+            Disconnect::WaitReadAhead => CloseReason::WaitReadAhead,
             _ => return None,
         })
     }
@@ -118,6 +146,8 @@ impl Disconnect {
             Disconnect::UnsentLimit => "unsent_limit",
             Disconnect::LineTooLong => "line_too_long",
             Disconnect::BadText => "bad_text",
+            Disconnect::ClientBuffers => "client_buffers",
+            Disconnect::WaitReadAhead => "wait_read_ahead",
             Disconnect::Shutdown => "shutdown",
             Disconnect::Panic => "panic",
         }
@@ -227,6 +257,8 @@ struct Event {
     stalled: bool,
     /// The unfinished line's timer went off.
     unfinished: bool,
+    /// Closed for `--max-client-buffers`.
+    doomed: bool,
 }
 
 /// The connection's buffers.
@@ -246,11 +278,35 @@ struct Buffers {
     /// Lines taken from `input` so far: tells whether the unfinished line at the end of the
     /// input is the one seen before, or a new one.
     lines_taken: u64,
+    /// Reports what these buffers hold against `--max-client-buffers`.
+    meter: BufferMeter,
+    /// Complete lines wait to run (the client pipelines): its buffers keep their room.
+    busy: bool,
 }
 
 impl Buffers {
     fn unsent(&self) -> usize {
         self.out.len() - self.written
+    }
+
+    /// The memory the buffers hold.
+    fn bytes(&self) -> usize {
+        self.input.capacity() + self.side.capacity() + self.out.capacity()
+    }
+
+    /// Tells the budget what the buffers hold now (nothing happens unless it changed).
+    fn report(&mut self) {
+        let bytes = self.bytes();
+        self.meter.report(bytes);
+    }
+
+    /// Gives every buffer's memory back (the connection is closing for the budget).
+    fn release(&mut self) {
+        self.input.clear();
+        self.side = BytesMut::new();
+        self.out = Vec::new();
+        self.written = 0;
+        self.report();
     }
 
     /// Runs up to MAX_BATCH complete lines. Returns whether complete lines remain.
@@ -262,6 +318,7 @@ impl Buffers {
     ) -> Result<bool, Stop> {
         let mut ran = 0;
         let mut cut = false;
+        let turn_start = self.out.len();
         loop {
             let line = match self.input.next_line() {
                 Ok(Some(line)) => line,
@@ -282,23 +339,32 @@ impl Buffers {
                     stream: &mut *stream,
                     side: &mut self.side,
                     eof: &mut self.side_eof,
-                    cap: limits.max_line,
+                    meter: &self.meter,
+                    ended: None,
                 };
                 let ran_line = session
                     .run_later_boxed(request, &mut self.out, &mut watch)
                     .await;
+                let ended = watch.ended;
                 if !self.side.is_empty() {
                     // Read while the line waited: it comes after everything already buffered.
                     self.input.extend(&self.side);
-                    self.side.clear();
+                    self.side = BytesMut::new();
+                }
+                if let (Err(_), Some(reason)) = (&ran_line, ended) {
+                    return Err(Stop::Ended(reason));
                 }
                 ran_line?;
             }
             ran += 1;
             self.lines_taken += 1;
-            // End the batch early when replies pile up (big listings): they are written, and
-            // the unread-reply limit applies, before any more lines run.
-            if ran == MAX_BATCH || self.unsent() > limits.max_unsent {
+            // End the turn when it has run its share, or early when replies pile up (big
+            // listings): they are written, and the unread-reply limit applies, before any more
+            // lines run.
+            if ran == MAX_BATCH
+                || self.out.len() - turn_start >= TURN_REPLY_BYTES
+                || self.unsent() > limits.max_unsent
+            {
                 cut = true;
                 break;
             }
@@ -358,7 +424,9 @@ impl Buffers {
         if self.written == self.out.len() {
             self.out.clear();
             self.written = 0;
-            if self.out.capacity() > KEEP_CAPACITY {
+            // A connection with lines still to run keeps its room for their replies: giving it
+            // back each turn would cost a pipelining client a reallocation per turn.
+            if self.out.capacity() > KEEP_CAPACITY && !self.busy {
                 self.out = Vec::new();
             }
             // Transports that buffer (websocket frames) send now; a TCP flush is a no-op.
@@ -371,24 +439,35 @@ impl Buffers {
 }
 
 /// Watches a byte stream while a command waits: reads what the client sends meanwhile (kept
-/// for later, up to a bound) and reports a reset or read error as the client being gone. End of
-/// input is not: a client may half-close after its last command and still expect every reply,
-/// so the wait goes on (a client that really vanished is released right after its grant, when
-/// the reply cannot be delivered).
+/// for later, up to [`WAIT_READ_AHEAD`]: more ends the connection, since to stop reading would
+/// be to stop seeing the client leave) and reports a reset or read error as the client being
+/// gone. End of input is not: a client may half-close after its last command and still expect
+/// every reply, so the wait goes on, and the connection ends once it is answered (a client that
+/// really vanished is released right after its grant, when the reply cannot be delivered).
 struct StreamWatch<'a, S> {
     stream: &'a mut S,
     side: &'a mut BytesMut,
     /// Set when end of input is read.
     eof: &'a mut bool,
-    /// Stop reading (and so watching) past this much unrun input.
-    cap: usize,
+    /// Tells when the connection is closed for `--max-client-buffers`.
+    meter: &'a BufferMeter,
+    /// Why the connection ends, when the watch ended it for a reason of its own.
+    ended: Option<Disconnect>,
 }
 
 impl<S: AsyncRead + Unpin> PeerWatch for StreamWatch<'_, S> {
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.meter.poll_doomed(cx) {
+            self.ended = Some(Disconnect::ClientBuffers);
+            return Poll::Ready(());
+        }
         loop {
-            if self.side.len() >= self.cap || *self.eof {
+            if *self.eof {
                 return Poll::Pending;
+            }
+            if self.side.len() >= WAIT_READ_AHEAD {
+                self.ended = Some(Disconnect::WaitReadAhead);
+                return Poll::Ready(());
             }
             self.side.reserve(4096);
             match tokio_util::io::poll_read_buf(Pin::new(&mut *self.stream), cx, &mut *self.side) {
@@ -396,7 +475,10 @@ impl<S: AsyncRead + Unpin> PeerWatch for StreamWatch<'_, S> {
                     *self.eof = true;
                     return Poll::Pending;
                 }
-                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Ready(Err(e)) => {
+                    self.ended = Some(Disconnect::from_io(&e));
+                    return Poll::Ready(());
+                }
                 Poll::Ready(Ok(_)) => continue,
                 Poll::Pending => return Poll::Pending,
             }
@@ -550,6 +632,8 @@ where
         written: 0,
         pipelining: false,
         lines_taken: 0,
+        meter: core.server.client_buffers.meter(core.id),
+        busy: false,
     };
     let mut unfinished = UnfinishedLine::new(limits.line_timeout);
     let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
@@ -573,8 +657,17 @@ where
                 timer.as_mut().reset(deadline_in(d));
             }
             eof |= buffers.side_eof;
+            buffers.report();
             more = match ran {
                 Ok(more) => more,
+                Err(Stop::Ended(Disconnect::ClientBuffers)) => {
+                    return over_budget(stream, &mut buffers).await;
+                }
+                Err(Stop::Ended(Disconnect::WaitReadAhead)) => {
+                    buffers.out.extend_from_slice(protocol::SENT_WHILE_WAITING);
+                    offer(stream, &buffers.out[buffers.written..]).await;
+                    return Disconnect::WaitReadAhead;
+                }
                 Err(Stop::LineTooLong) => {
                     session.core().cell().invalid_commands.add(1);
                     buffers.out.extend_from_slice(protocol::LINE_TOO_LONG);
@@ -585,6 +678,11 @@ where
                 Err(Stop::Ended(reason)) => return reason,
             };
             unfinished.after_batch(&buffers);
+            buffers.busy = more;
+            if more {
+                // Its turn is over: the other connections of this thread have theirs.
+                tokio::task::yield_now().await;
+            }
         }
         // A listing the client asked for is served at its pace, and so are the commands it
         // pipelined behind it; but a client that keeps sending while its replies pile up
@@ -662,7 +760,9 @@ where
             event.idle = poll_timer(&mut idle, cx);
             event.stalled = poll_timer(&mut stall, cx);
             event.unfinished = poll_timer(&mut unfinished.timer, cx);
-            let any = event.read
+            event.doomed = buffers.meter.poll_doomed(cx);
+            let any = event.doomed
+                || event.read
                 || event.eof
                 || event.closing
                 || event.idle
@@ -681,6 +781,10 @@ where
             // Reset, broken pipe…: the client is gone.
             Err(e) => return Disconnect::from_io(&e),
         };
+        if event.doomed {
+            return over_budget(stream, &mut buffers).await;
+        }
+        buffers.report();
         if event.stalled {
             return Disconnect::WriteTimeout;
         }
@@ -702,6 +806,25 @@ where
         eof |= event.eof;
         more |= event.read;
     }
+}
+
+/// Closes a connection for `--max-client-buffers`: its buffers' memory goes back at once (the
+/// point of closing it), and it is offered `0 Client Buffers Full` if its socket takes it now.
+async fn over_budget<S: AsyncWrite + Unpin>(stream: &mut S, buffers: &mut Buffers) -> Disconnect {
+    buffers.release();
+    offer(stream, protocol::CLIENT_BUFFERS_FULL).await;
+    Disconnect::ClientBuffers
+}
+
+/// Writes what the stream takes of `bytes` at once, without waiting: a last word to a client
+/// being closed, which may not be reading.
+async fn offer<S: AsyncWrite + Unpin>(stream: &mut S, bytes: &[u8]) {
+    std::future::poll_fn(|cx| {
+        let _ = Pin::new(&mut *stream).poll_write(cx, bytes);
+        let _ = Pin::new(&mut *stream).poll_flush(cx);
+        Poll::Ready(())
+    })
+    .await;
 }
 
 /// Writes what is left of the replies (bounded by the write timeout); [`serve`] closes the

@@ -100,6 +100,18 @@ impl LineFramer {
         rest
     }
 
+    /// The memory the buffer holds, for `--max-client-buffers`.
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
+    /// Drops everything, and the memory with it.
+    pub fn clear(&mut self) {
+        self.buf = BytesMut::new();
+        self.start = 0;
+        self.searched = 0;
+    }
+
     /// Gives the buffer's memory back when it is empty and has grown past `keep` bytes, so a
     /// burst does not leave an idle connection holding its peak memory. True if it did.
     pub fn shrink_if_empty(&mut self, keep: usize) -> bool {

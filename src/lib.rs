@@ -13,6 +13,8 @@
 //!   run, write replies, enforce the limits and timeouts.
 //! - [`peer`]: what a connection's door knows of who is at the other end.
 //! - [`framer`]: bytes to lines, the same for every door.
+//! - [`client_buffers`]: every connection's buffers counted against one budget, the biggest
+//!   closed first past it.
 //! - [`protocol`]: a line parsed into a typed request (and written back out by the client), the
 //!   facts about each command word, and the reply lines.
 //! - [`session`]: routes a connection's requests, inline on this thread's shard or batched
@@ -40,6 +42,7 @@
 //! - [`client`]: an async client, used by the tests and the tester's tests.
 
 pub mod client;
+pub mod client_buffers;
 pub mod config;
 mod connection;
 pub mod descriptors;

@@ -26,7 +26,8 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
-use crate::connection::{Disconnect, Farewell};
+use crate::client_buffers::BufferMeter;
+use crate::connection::{Disconnect, Farewell, MAX_BATCH, TURN_REPLY_BYTES, WAIT_READ_AHEAD};
 use crate::framer::{LineFramer, LineTooLong};
 use crate::lifecycle::Admission;
 use crate::protocol;
@@ -39,12 +40,31 @@ type Ws = WebSocketStream<Marked>;
 
 /// A TCP stream that remembers when it was first read from since the last complete message
 /// (the caller clears [`Marked::since`] after each one), so that a message left unfinished
-/// can be timed without a timer per message.
+/// can be timed without a timer per message; and how much was read, so that what the library
+/// holds of messages not yet complete is counted against `--max-client-buffers`, and what is
+/// read behind a waiting command is bounded.
 struct Marked {
     /// The client's connection.
     stream: TcpStream,
     /// When the first bytes after the last complete message were read.
     since: Cell<Option<Instant>>,
+    /// Bytes read so far.
+    read: Cell<u64>,
+    /// `read` when the last complete message was taken.
+    taken: Cell<u64>,
+}
+
+impl Marked {
+    /// Bytes read and not yet handed out as a complete message: what the library buffers.
+    fn unfinished(&self) -> usize {
+        usize::try_from(self.read.get() - self.taken.get()).unwrap_or(usize::MAX)
+    }
+
+    /// A complete message was handed out: its bytes are no longer the library's.
+    fn took_message(&self) {
+        self.since.set(None);
+        self.taken.set(self.read.get());
+    }
 }
 
 impl AsyncRead for Marked {
@@ -56,8 +76,12 @@ impl AsyncRead for Marked {
         let this = self.get_mut();
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if buf.filled().len() > before && this.since.get().is_none() {
-            this.since.set(Some(Instant::now()));
+        let got = buf.filled().len() - before;
+        if got > 0 {
+            this.read.set(this.read.get() + got as u64);
+            if this.since.get().is_none() {
+                this.since.set(Some(Instant::now()));
+            }
         }
         read
     }
@@ -81,16 +105,24 @@ impl AsyncWrite for Marked {
     }
 }
 
-/// A message left unfinished for `--line-timeout`.
-struct Unfinished;
+/// Why no message came.
+enum NoMessage {
+    /// A message was left unfinished for `--line-timeout`.
+    Unfinished,
+    /// The connection is closed for `--max-client-buffers`.
+    OverBudget,
+}
 
 /// The next message from the client. A timer is armed only once bytes of an unfinished
 /// message have arrived; if the message is still unfinished `limit` after its first bytes,
-/// the answer is [`Unfinished`].
+/// the answer is [`NoMessage::Unfinished`]. While it arrives, what the library buffers of it
+/// is reported to `meter` (on top of `held`, what the connection's own buffers hold).
 async fn next_message(
     ws: &mut Ws,
     limit: Option<Duration>,
-) -> Result<Option<Result<Message, WsError>>, Unfinished> {
+    meter: &mut BufferMeter,
+    held: usize,
+) -> Result<Option<Result<Message, WsError>>, NoMessage> {
     // Bytes read before this call (while a command waited, into the stash) start no clock:
     // timing restarts with the next read, which errs on the client's side.
     ws.get_ref().since.set(None);
@@ -98,6 +130,10 @@ async fn next_message(
     let next = std::future::poll_fn(|cx| {
         if let Poll::Ready(message) = ws.poll_next_unpin(cx) {
             return Poll::Ready(Ok(message));
+        }
+        meter.report(held + ws.get_ref().unfinished());
+        if meter.poll_doomed(cx) {
+            return Poll::Ready(Err(NoMessage::OverBudget));
         }
         let (Some(limit), Some(since)) = (limit, ws.get_ref().since.get()) else {
             return Poll::Pending;
@@ -107,40 +143,70 @@ async fn next_message(
             Box::pin(tokio::time::sleep_until(deadline))
         });
         match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(Unfinished)),
+            Poll::Ready(()) => Poll::Ready(Err(NoMessage::Unfinished)),
             Poll::Pending => Poll::Pending,
         }
     });
     let message = next.await;
     // Complete: the next message's time starts with its first bytes. (Bytes of it already
     // read along with this one are at most one read, and are timed from the next read.)
-    ws.get_ref().since.set(None);
+    ws.get_ref().took_message();
     message
 }
 
-/// Messages kept while a command waits (`gw`); past this, the connection is not read until
-/// the wait ends.
+/// What the library's read buffer starts at, and reads at most at a time (it grows for a bigger
+/// message): about what an idle TCP connection's buffers cost.
+const WS_READ_BUFFER: usize = 4096;
+
+/// A buffer left with more room than this after a message goes back to nothing.
+const KEEP_CAPACITY: usize = 16 * 1024;
+
+/// Reply bytes the library queues before it writes them (every flush writes too).
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+
+/// Messages kept while a command waits (`gw`); one more ends the connection, as more than
+/// [`WAIT_READ_AHEAD`] bytes read meanwhile do (see there: the connection is read while it
+/// waits, so that a client that leaves is seen leaving).
 const STASH: usize = 64;
 
-/// Watches a websocket while a command waits: messages that arrive are kept for later, and a
-/// close frame, a dropped connection or an error means the client is gone.
+/// Watches a websocket while a command waits: messages that arrive are kept for later (up to
+/// [`STASH`] of them and [`WAIT_READ_AHEAD`] bytes), and a close frame, a dropped connection
+/// or an error means the client is gone.
 struct WsWatch<'a> {
     ws: &'a mut Ws,
     stash: &'a mut VecDeque<Message>,
+    /// Bytes read from the connection when the wait began.
+    read_before: u64,
+    /// Tells when the connection is closed for `--max-client-buffers`.
+    meter: &'a BufferMeter,
+    /// Why the connection ends, when the watch ended it for a reason of its own.
+    ended: Option<Disconnect>,
 }
 
 impl PeerWatch for WsWatch<'_> {
     fn poll_gone(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.meter.poll_doomed(cx) {
+            self.ended = Some(Disconnect::ClientBuffers);
+            return Poll::Ready(());
+        }
         loop {
-            if self.stash.len() >= STASH {
-                return Poll::Pending;
+            let read = self.ws.get_ref().read.get() - self.read_before;
+            if self.stash.len() > STASH || read > WAIT_READ_AHEAD as u64 {
+                self.ended = Some(Disconnect::WaitReadAhead);
+                return Poll::Ready(());
             }
             match self.ws.poll_next_unpin(cx) {
                 Poll::Ready(Some(Ok(Message::Close(_)))) | Poll::Ready(None) => {
                     return Poll::Ready(())
                 }
-                Poll::Ready(Some(Err(_))) => return Poll::Ready(()),
-                Poll::Ready(Some(Ok(message))) => self.stash.push_back(message),
+                Poll::Ready(Some(Err(e))) => {
+                    self.ended = Some(ended_by(&e));
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(message))) => {
+                    self.ws.get_ref().took_message();
+                    self.stash.push_back(message);
+                }
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -164,7 +230,13 @@ pub async fn serve(
     // commands, each line bounded by --max-line-bytes as over TCP; the message as a whole by
     // the larger of that and --max-unsent-bytes.
     let max_message = limits.max_line.max(limits.max_unsent);
+    // The library's read buffer starts (and reads) at WS_READ_BUFFER bytes and grows only for a
+    // bigger message; replies are written once WS_WRITE_BUFFER bytes of them are queued, or at
+    // every flush. Its defaults (128 KiB each) made an idle websocket cost forty times an idle
+    // TCP connection.
     let ws_config = WebSocketConfig::default()
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
         .max_write_buffer_size(usize::MAX);
@@ -180,6 +252,8 @@ pub async fn serve(
     let stream = Marked {
         stream,
         since: Cell::new(None),
+        read: Cell::new(0),
+        taken: Cell::new(0),
     };
     let handshake =
         tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(ws_config));
@@ -205,7 +279,7 @@ pub async fn serve(
         }
     };
     // The handshake's bytes were no message.
-    ws.get_ref().since.set(None);
+    ws.get_ref().took_message();
     let farewell = Farewell::new(&core, &id);
     let mut session = Session::new(core.clone(), id, admission, peer);
     let reason = run(&core, &mut ws, &mut session).await;
@@ -240,23 +314,39 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
     let mut out = Vec::new();
     // Reply bytes handed to the library since it last flushed them to the client.
     let mut unflushed = 0usize;
-    let mut stash = VecDeque::new();
+    let mut stash: VecDeque<Message> = VecDeque::new();
+    let mut meter = core.server.client_buffers.meter(core.id);
+    // Lines run, and reply bytes made, since the connection last let the others have a turn.
+    let mut turn_lines = 0usize;
+    let mut turn_bytes = 0usize;
     loop {
         if core.is_closing() {
             return Disconnect::Shutdown;
         }
+        // What the connection's own buffers hold; `next_message` adds what the library holds
+        // of a message on its way.
+        let held = stash.iter().map(Message::len).sum::<usize>()
+            + lines.capacity()
+            + out.capacity()
+            + unflushed;
+        meter.report(held);
         let stashed = stash.pop_front();
+        let meter = &mut meter;
         let next = async {
             if let Some(message) = stashed {
                 return Ok(Some(Ok(message)));
             }
-            let next = next_message(ws, limits.line_timeout);
+            let next = next_message(ws, limits.line_timeout, meter, held);
+            let why = |no: NoMessage| match no {
+                NoMessage::Unfinished => Disconnect::LineTimeout,
+                NoMessage::OverBudget => Disconnect::ClientBuffers,
+            };
             match idle_timeout {
                 Some(limit) => tokio::time::timeout(limit, next)
                     .await
                     .map_err(|_| Disconnect::Idle)?
-                    .map_err(|Unfinished| Disconnect::LineTimeout),
-                None => next.await.map_err(|Unfinished| Disconnect::LineTimeout),
+                    .map_err(why),
+                None => next.await.map_err(why),
             }
         };
         let message = tokio::select! {
@@ -264,6 +354,10 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             _ = core.conns.closing() => return Disconnect::Shutdown,
         };
         let data = match message {
+            Err(Disconnect::ClientBuffers) => {
+                offer(ws, protocol::CLIENT_BUFFERS_FULL).await;
+                return Disconnect::ClientBuffers;
+            }
             Err(reason) => return reason,
             Ok(Some(Ok(Message::Text(text)))) => bytes::Bytes::from(text),
             Ok(Some(Ok(Message::Binary(data)))) => data,
@@ -313,16 +407,29 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
                     }
                     unflushed = 0;
                 }
+                let read_before = ws.get_ref().read.get();
                 let mut watch = WsWatch {
                     ws: &mut *ws,
                     stash: &mut stash,
+                    read_before,
+                    meter: &*meter,
+                    ended: None,
                 };
-                if session
-                    .run_later_boxed(request, &mut out, &mut watch)
-                    .await
-                    .is_err()
-                {
-                    return Disconnect::gone(core);
+                let ran = session.run_later_boxed(request, &mut out, &mut watch).await;
+                let ended = watch.ended;
+                if ran.is_err() {
+                    return match ended {
+                        Some(Disconnect::ClientBuffers) => {
+                            offer(ws, protocol::CLIENT_BUFFERS_FULL).await;
+                            Disconnect::ClientBuffers
+                        }
+                        Some(Disconnect::WaitReadAhead) => {
+                            offer(ws, protocol::SENT_WHILE_WAITING).await;
+                            Disconnect::WaitReadAhead
+                        }
+                        Some(reason) if !core.is_closing() => reason,
+                        _ => Disconnect::gone(core),
+                    };
                 }
             }
             if session.flush(&mut out).await.is_err() {
@@ -352,6 +459,15 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
                 }
                 unflushed = 0;
             }
+            turn_lines += 1;
+            turn_bytes += out.len();
+            if turn_lines >= MAX_BATCH || turn_bytes >= TURN_REPLY_BYTES {
+                // Its turn is over (as over TCP): the other connections of this thread have
+                // theirs, with any mail that came in meanwhile.
+                turn_lines = 0;
+                turn_bytes = 0;
+                core.pause().await;
+            }
         }
         lines.compact();
         core.check_mail();
@@ -362,6 +478,12 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             return reason;
         }
         unflushed = 0;
+        // A big message or listing does not leave the connection holding its peak memory (nor
+        // counted against --max-client-buffers for it).
+        lines.shrink_if_empty(KEEP_CAPACITY);
+        if out.capacity() > KEEP_CAPACITY {
+            out = Vec::new();
+        }
     }
 }
 
@@ -407,6 +529,19 @@ async fn flush(ws: &mut Ws, limit: Option<Duration>) -> Result<(), Disconnect> {
         None => ws.flush().await,
     };
     flushed.map_err(|e| ended_by(&e))
+}
+
+/// Sends `bytes` as one message if the connection takes it at once, without waiting: a last
+/// word to a client being closed, which may not be reading.
+async fn offer(ws: &mut Ws, bytes: &'static [u8]) {
+    let mut send = std::pin::pin!(async {
+        let _ = ws.send(Message::binary(bytes)).await;
+    });
+    std::future::poll_fn(|cx| {
+        let _ = send.as_mut().poll(cx);
+        Poll::Ready(())
+    })
+    .await;
 }
 
 async fn send(ws: &mut Ws, message: Message, limit: Option<Duration>) -> Result<(), Disconnect> {

@@ -81,6 +81,15 @@ impl Exporter {
                 "glockd_max_connections",
                 "Connections served at once before new ones are turned away (-max-connections)."
             );
+            describe_gauge!(
+                "glockd_client_buffer_bytes",
+                "Bytes all connections' buffers hold now: input not yet run, replies not yet \
+                 written (see -max-client-buffers)."
+            );
+            describe_gauge!(
+                "glockd_max_client_buffer_bytes",
+                "The budget for all connections' buffers (-max-client-buffers; 0: none)."
+            );
             describe_counter!(
                 "glockd_connections_accepted_total",
                 "Connections accepted since start."
@@ -237,6 +246,9 @@ impl Exporter {
             }
             gauge!("glockd_connections").set(snapshot.connections as f64);
             gauge!("glockd_max_connections").set(self.server.config.max_connections as f64);
+            let buffers = &self.server.client_buffers;
+            gauge!("glockd_client_buffer_bytes").set(buffers.total() as f64);
+            gauge!("glockd_max_client_buffer_bytes").set(buffers.limit() as f64);
             counter!("glockd_connections_accepted_total").absolute(snapshot.connections_total);
             for reason in RefuseReason::ALL {
                 counter!("glockd_connections_refused_total", "reason" => reason.label())

@@ -17,8 +17,8 @@ mod request;
 mod verb;
 
 pub use reply::{
-    write_framed, write_go_map, write_rows, write_shards, Reply, LINE_TOO_LONG, ROUTING,
-    TEXT_NOT_UTF8, TOO_MANY_CONNECTIONS,
+    write_framed, write_go_map, write_rows, write_shards, Reply, CLIENT_BUFFERS_FULL,
+    LINE_TOO_LONG, ROUTING, SENT_WHILE_WAITING, TEXT_NOT_UTF8, TOO_MANY_CONNECTIONS,
 };
 pub use request::{
     parse, parse_rate_limit, split_number, ListKind, LockKind, LockOp, RateParams, Request,

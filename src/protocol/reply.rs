@@ -139,6 +139,14 @@ pub const LINE_TOO_LONG: &[u8] = b"0 Line Too Long\n";
 /// are not go in binary messages).
 pub const TEXT_NOT_UTF8: &[u8] = b"0 Text Message Not UTF-8\n";
 
+/// The one line a client gets, in place of its waiting command's answer, when it sent more than
+/// a waiting command lets it send behind it; the connection is then closed.
+pub const SENT_WHILE_WAITING: &[u8] = b"0 Too Much Sent While Waiting\n";
+
+/// The one line a connection closed for `--max-client-buffers` is offered (if its socket takes
+/// it at once) before it is closed.
+pub const CLIENT_BUFFERS_FULL: &[u8] = b"0 Client Buffers Full\n";
+
 /// The one line a connection over `--max-connections` gets before it is closed.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";
 

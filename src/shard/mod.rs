@@ -60,6 +60,8 @@ pub struct ServerState {
     pub live_connections: AtomicU64,
     /// Connections open now per client address, for `--max-connections-per-ip`.
     pub per_ip: crate::lifecycle::PerIp,
+    /// Every connection's buffers, against `--max-client-buffers`.
+    pub client_buffers: Arc<crate::client_buffers::ClientBuffers>,
     /// Unix socket connections so far: their ids are `unix:1`, `unix:2`… as in the original.
     unix_connections: AtomicU64,
     /// Each shard's own port (`-shard-port`), in shard order, for the `shards` reply.
@@ -82,6 +84,10 @@ impl ServerState {
             config.memory_budget(),
             shards,
         ));
+        let client_buffers = Arc::new(crate::client_buffers::ClientBuffers::new(
+            usize::try_from(config.max_client_buffers).unwrap_or(usize::MAX),
+            shards,
+        ));
         ServerState {
             config,
             router: Router::new(shards, crate::name_hasher()),
@@ -93,6 +99,7 @@ impl ServerState {
             next_conn: AtomicU64::new(1),
             live_connections: AtomicU64::new(0),
             per_ip: crate::lifecycle::PerIp::default(),
+            client_buffers,
             unix_connections: AtomicU64::new(0),
             measure_latency,
             shard_ports,

@@ -149,14 +149,20 @@ pub enum CloseReason {
     WriteTimeout,
     /// Nothing came for `--idle-timeout`.
     IdleTimeout,
+    /// Its buffers were among the biggest when all clients' passed `--max-client-buffers`.
+    ClientBuffers,
+    /// It sent more than a waiting command lets it send (see `connection::WAIT_READ_AHEAD`).
+    WaitReadAhead,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 4] = [
+    pub const ALL: [CloseReason; 6] = [
         CloseReason::LineTooLong,
         CloseReason::UnreadReplies,
         CloseReason::WriteTimeout,
         CloseReason::IdleTimeout,
+        CloseReason::ClientBuffers,
+        CloseReason::WaitReadAhead,
     ];
 
     pub const COUNT: usize = Self::ALL.len();
@@ -168,6 +174,8 @@ impl CloseReason {
             CloseReason::UnreadReplies => "unread_replies",
             CloseReason::WriteTimeout => "write_timeout",
             CloseReason::IdleTimeout => "idle_timeout",
+            CloseReason::ClientBuffers => "client_buffers",
+            CloseReason::WaitReadAhead => "wait_read_ahead",
         }
     }
 }

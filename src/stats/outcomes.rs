@@ -99,6 +99,7 @@ impl LockResult {
             | Reply::RegisteredName
             | Reply::NameTooLong
             | Reply::NameLooksLikeId
+            | Reply::NameFromCertificate
             | Reply::Framed => LockResult::Other,
         }
     }

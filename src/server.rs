@@ -64,6 +64,11 @@ impl ServerHandle {
         self.tls_ws_addr
     }
 
+    /// The TLS doors' state (handshake counts, reloads), when a TLS door is on.
+    pub fn tls(&self) -> Option<&crate::tls::Tls> {
+        self.server.tls.as_deref()
+    }
+
     /// SIGHUP: re-reads the TLS certificate, key and client CA. None without TLS doors;
     /// otherwise whether the new files took effect, or why not (the old ones are kept).
     pub fn reload_tls(&self) -> Option<Result<(), String>> {

@@ -556,8 +556,16 @@ mod binary {
         let first = pki.server("first");
         let port = process::free_port();
         let tls_port = process::free_port();
+        // The TLS flags at their highest: the server starts and serves.
         let mut child = Command::new(GLOCKD)
-            .args(["-ws", "0", "-metrics", "off", "-pin=false", "-port"])
+            .args(["-ws", "0", "-metrics", "off", "-pin=false"])
+            .args([
+                "-tls-handshake-timeout",
+                "300",
+                "-max-tls-handshakes",
+                "1073741824",
+            ])
+            .arg("-port")
             .arg(port.to_string())
             .arg("-tls-port")
             .arg(tls_port.to_string())

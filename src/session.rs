@@ -101,9 +101,13 @@ impl Session {
         let presence = Presence::open(core, id_text, admission);
         if let Some(name) = &peer.certificate {
             // The verified certificate's subject is the connection's name from its first
-            // command on, in `me` and the listings (`dump` keeps showing raw ids).
-            let server = &presence.core.server;
-            server.registry.set_name(presence.conn, name.as_bytes());
+            // command on, in `me` and the listings (`dump` keeps showing raw ids). A subject in
+            // the form of a connection id is not shown, for the reason `iam` refuses one: the
+            // connection keeps its own id.
+            if !crate::registry::looks_like_conn_id(name.as_bytes()) {
+                let server = &presence.core.server;
+                server.registry.set_name(presence.conn, name.as_bytes());
+            }
         }
         Session {
             quota: (limit > 0).then(|| Arc::new(Quota::new(limit))),

@@ -178,6 +178,18 @@ async fn a_client_certificate_names_its_connection_and_iam_cannot_change_it() {
         .await
         .expect("odd connects");
     assert_eq!(o.me().await.expect("me").1, b"line?break");
+    // A name in the form of a connection id would pass its locks off as another's: the
+    // connection keeps its own id, and still cannot name itself.
+    let fake = pki.client_named("127.0.0.1:1");
+    let mut f = Client::connect_tls(tls_addr(&server), &pki::client(&pki.ca, Some(&fake)))
+        .await
+        .expect("fake connects");
+    let (id, name) = f.me().await.expect("me");
+    assert_eq!(name, id.as_bytes());
+    assert_eq!(
+        f.command(b"iam x").await.expect("iam"),
+        b"0 Name Set By Certificate"
+    );
 }
 
 /// Connects with `cert` to a server that requires client certificates, and says whether the

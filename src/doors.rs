@@ -1,8 +1,8 @@
 //! The doors into one lock table: TCP, websocket and unix socket, and TCP and websocket over
-//! TLS. Each is bound at start,
-//! accepted on shard 0's thread, and every accepted connection is handed to a shard thread in
-//! turn (see [`crate::lifecycle`]), where it lives until it closes. A connection is the same to
-//! the lock table whichever door it came through.
+//! TLS. Each is bound at start, accepted on shard 0's thread, and every accepted connection is
+//! handed to a shard thread in turn (see [`crate::lifecycle`]), where it lives until it closes
+//! (a TLS connection's handshake is done there too, see [`crate::tls`]). A connection is the
+//! same to the lock table whichever door it came through.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};

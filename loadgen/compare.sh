@@ -11,6 +11,11 @@
 # The last table is what a newcomer meets: nothing pinned, glockd with its defaults, one and two
 # shards, shard-aware clients, Redis (NEWCOMER=0 skips it, for binaries without -shard-port).
 #
+# TLS=1 adds a TLS table: plain glockd beside glockd on -tls-port and Redis on --tls-port (a
+# throwaway CA and certificate made with openssl in the output directory), churn at pipeline 32
+# and 1, handshakes per second and server CPU per handshake, memory per idle TLS connection. Off
+# by default, so binaries from before TLS still run the rest.
+#
 # Knobs (environment): REPS (runs per cell, alternating targets), DUR (measured seconds per run),
 # WARMUP, CONNS, HOLD_LOCKS, IDLE_CONNS, NO_BUILD=1 (use the binaries already built), BIN (where
 # the binaries are; default target/release),
@@ -135,6 +140,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b == 0) print "n/a"; else printf "%.2f", a / b }'; }
 fmt() { awk -v v="$1" 'BEGIN { printf "%.0f", v }'; }
 fmt1() { awk -v v="$1" 'BEGIN { printf "%.1f", v }'; }
+ok() { awk -v c="$1" 'BEGIN { print (c ? "yes" : "**no**") }'; }
 
 # lg NAME [loadgen flags...]: one run pinned to core 1; the JSON report goes to $OUT/NAME.json.
 lg() {
@@ -373,9 +379,107 @@ stop "$REDIS"
 port=$(free_port); start_redis "$port"; pid=$SERVER_PID
 IDLE_R=$(idle_rss redis "$pid" "$port")
 stop "$pid"
+# TLS=1: plain and TLS glockd (one server, both doors) and Redis with --tls-port.
+if [[ "${TLS:-0}" == 1 ]]; then
+    command -v openssl >/dev/null || { log "TLS=1 needs openssl"; exit 1; }
+    CERTS="$OUT/tls"
+    mkdir -p "$CERTS"
+    (
+        cd "$CERTS"
+        openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
+            -subj "/CN=compare CA" -keyout ca.key -out ca.pem
+        openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=localhost" \
+            -keyout server.key -out server.csr
+        printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >server.ext
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+            -extfile server.ext -out server.pem
+    ) >"$OUT/tls-openssl.log" 2>&1
+    TLSFLAGS=(--tls --ca "$CERTS/ca.pem" --server-name localhost)
+    gport=$(free_port); gtls=$(free_port)
+    start_glockd "$gport" 1 0 --tls-port "$gtls" --tls-cert "$CERTS/server.pem" \
+        --tls-key "$CERTS/server.key" --ws 0 --metrics off
+    gpid=$SERVER_PID
+    wait_port "$gtls"
+    rtls=$(free_port)
+    start "redis-tls-$rtls" "$rtls" taskset -c 0 redis-server --bind 127.0.0.1 --port 0 \
+        --tls-port "$rtls" --tls-cert-file "$CERTS/server.pem" --tls-key-file "$CERTS/server.key" \
+        --tls-ca-cert-file "$CERTS/ca.pem" --tls-auth-clients no --save '' --appendonly no \
+        --maxclients $((IDLE_CONNS + 1000)) --protected-mode no
+    rpid=$SERVER_PID
+    tls_flags() { # plain | tls | redis
+        case $1 in
+            plain) echo "--target glockd --addr 127.0.0.1:$gport" ;;
+            tls) echo "--target glockd --addr 127.0.0.1:$gtls ${TLSFLAGS[*]}" ;;
+            redis) echo "--target redis --addr 127.0.0.1:$rtls ${TLSFLAGS[*]}" ;;
+        esac
+    }
+    for pipeline in 32 1; do
+        for rep in $(seq 1 "$REPS"); do
+            for t in plain tls redis; do
+                # shellcheck disable=SC2046
+                lg "tls-p$pipeline-$t-$rep" $(tls_flags "$t") --workload churn --conns "$CONNS" \
+                    --pipeline "$pipeline" --duration "${DUR}s" --warmup "${WARMUP}s"
+                log "tls churn p$pipeline $t #$rep: $(fmt "$(field ops_per_sec <"$OUT/tls-p$pipeline-$t-$rep.json")") ops/s"
+            done
+        done
+    done
+    declare -A T32 T1
+    for t in plain tls redis; do
+        T32[$t]=$(med "tls-p32-$t" ops_per_sec)
+        T1[$t]=$(med "tls-p1-$t" ops_per_sec)
+    done
+    # Handshakes: every connection takes one lock and goes (orphan-storm, one lock each), so
+    # connections per second are handshakes per second; the server's CPU time over them.
+    for rep in $(seq 1 "$REPS"); do
+        before=$(cpu_ticks "$gpid")
+        # shellcheck disable=SC2046
+        lg "tls-hs-$rep" $(tls_flags tls) --workload orphan-storm --locks-per-conn 1 \
+            --conns "$CONNS" --duration "${DUR}s" --warmup 0s
+        after=$(cpu_ticks "$gpid")
+        echo $((after - before)) >"$OUT/tls-hs-$rep.cpu"
+    done
+    hs_rate() {
+        local rep
+        for rep in $(seq 1 "$REPS"); do
+            awk -v c="$(field connections <"$OUT/tls-hs-$rep.json")" -v d="$DUR" 'BEGIN { print c / d }'
+        done | median
+    }
+    hs_cpu() { # server CPU per handshake (µs), the orphaning of its one lock included
+        local rep
+        for rep in $(seq 1 "$REPS"); do
+            awk -v t="$(cat "$OUT/tls-hs-$rep.cpu")" -v c="$(field connections <"$OUT/tls-hs-$rep.json")" \
+                -v hz="$CLK_TCK" 'BEGIN { if (c > 0) print t / hz * 1e6 / c }'
+        done | median
+    }
+    HS=$(hs_rate); HSCPU=$(hs_cpu)
+    stop "$gpid"
+    port=$(free_port); tport=$(free_port)
+    start_glockd "$port" 1 0 --tls-port "$tport" --tls-cert "$CERTS/server.pem" \
+        --tls-key "$CERTS/server.key" --ws 0 --metrics off
+    pid=$SERVER_PID
+    wait_port "$tport"
+    IDLE_PLAIN=$(idle_rss glockd "$pid" "$port")
+    IDLE_TLS=$(rss_per idle-tls glockd "$pid" "$tport" "$IDLE_CONNS" %.0f --workload idle \
+        --conns "$IDLE_CONNS" "${TLSFLAGS[@]}")
+    stop "$pid"
+    IDLE_RTLS=$(rss_per idle-tls redis "$rpid" "$rtls" "$IDLE_CONNS" %.0f --workload idle \
+        --conns "$IDLE_CONNS" "${TLSFLAGS[@]}")
+    stop "$rpid"
+    TLS_TABLE=$(
+        echo
+        echo "TLS (TLS=1): one glockd with -port and -tls-port, Redis with --tls-port, servers on core 0; $REPS runs per cell, ${DUR}s each, medians; $CONNS connections of churn."
+        echo
+        echo "| measure | glockd plain | glockd TLS | Redis TLS | ratio | goal | met |"
+        echo "|---|---|---|---|---|---|---|"
+        echo "| churn, pipeline 32 (ops/s) | $(fmt "${T32[plain]}") | $(fmt "${T32[tls]}") | $(fmt "${T32[redis]}") | $(ratio "${T32[tls]}" "${T32[plain]}")× plain, $(ratio "${T32[tls]}" "${T32[redis]}")× Redis TLS | ≥ 0.75× plain, ≥ 1.5× Redis TLS | $(ok "$(awk -v g="${T32[tls]}" -v p="${T32[plain]}" -v r="${T32[redis]}" 'BEGIN { print (g >= 0.75 * p && g >= 1.5 * r) }')") |"
+        echo "| churn, pipeline 1 (ops/s) | $(fmt "${T1[plain]}") | $(fmt "${T1[tls]}") | $(fmt "${T1[redis]}") | $(ratio "${T1[tls]}" "${T1[plain]}")× plain | ≥ 0.85× plain | $(ok "$(awk -v g="${T1[tls]}" -v p="${T1[plain]}" 'BEGIN { print (g >= 0.85 * p) }')") |"
+        echo "| handshakes per second (connect, one lock, go) | | $(fmt "$HS") | | | | |"
+        echo "| server CPU per handshake (µs) | | $(fmt1 "$HSCPU") | | | | |"
+        echo "| memory per idle connection (bytes RSS) | $IDLE_PLAIN | $IDLE_TLS | $IDLE_RTLS | $(ratio "$IDLE_TLS" "$IDLE_PLAIN")× plain | | |"
+    )
+fi
 log "load at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
 
-ok() { awk -v c="$1" 'BEGIN { print (c ? "yes" : "**no**") }'; }
 cat <<EOF
 
 Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1); $REPS runs per cell, ${DUR}s each, medians; $CONNS connections; servers on core 0, load generator on core 1.
@@ -396,3 +500,4 @@ Machine: $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p' | head -1); $REP
 Held locks: $HOLD_LOCKS; idle connections: $IDLE_CONNS. Raw JSON reports: $OUT
 EOF
 echo "${NEWCOMER_TABLE:-}"
+echo "${TLS_TABLE:-}"

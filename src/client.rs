@@ -1,4 +1,4 @@
-//! An async client for the glockd protocol, over any byte stream (TCP, unix socket…).
+//! An async client for the glockd protocol, over any byte stream (TCP, TLS, unix socket…).
 //!
 //! Commands are written by the protocol module ([`Request::write_to`]), the same definition the
 //! server parses with. One-line replies are parsed to their integer. Listings (`d`, `sd`, `who`) have no end marker
@@ -45,6 +45,21 @@ impl Client<TcpStream> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         Ok(Client::new(stream))
+    }
+}
+
+pub use crate::tls::client::{TlsClient, TlsOptions};
+
+/// A client's TLS stream to a `-tls-port` door.
+pub type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+impl Client<TlsStream> {
+    /// Connects to a TLS door (`-tls-port`): TCP, then the TLS handshake `tls` describes (the
+    /// CA to trust, the server's name, a client certificate if the server asks for one).
+    pub async fn connect_tls(addr: impl ToSocketAddrs, tls: &TlsClient) -> io::Result<Self> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(Client::new(tls.connect(stream).await?))
     }
 }
 

@@ -278,6 +278,44 @@ pub struct Config {
           value_parser = clap::value_parser!(u64).range(1..=MAX_HANDSHAKE_SECS))]
     pub ws_handshake_timeout: u64,
 
+    /// TLS port: the line protocol over TLS (1.2 or 1.3); 0 (the default) turns it off. Needs
+    /// `-tls-cert` and `-tls-key`. Plain `-port` keeps working beside it (`-port 0` turns
+    /// plain TCP off).
+    #[arg(long, default_value_t = 0)]
+    pub tls_port: u16,
+
+    /// Secure websocket port (`wss://HOST:PORT/`), with the same certificate; 0 (the default)
+    /// turns it off.
+    #[arg(long, default_value_t = 0)]
+    pub tls_ws: u16,
+
+    /// The server's certificate chain (PEM, leaf first), for the TLS doors; re-read on SIGHUP.
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+
+    /// The private key of `-tls-cert` (PEM: PKCS#8, PKCS#1 or SEC1); re-read on SIGHUP.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) that client certificates must chain to: with it, every TLS client
+    /// must present a valid certificate, and its subject becomes the connection's name.
+    /// Re-read on SIGHUP.
+    #[arg(long)]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// Seconds a TLS client may take to finish its handshake before it is closed; until then it
+    /// holds a connection place and a handshake place without being a client.
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_HANDSHAKE_SECS))]
+    pub tls_handshake_timeout: u64,
+
+    /// Most TLS handshakes in progress at once, across the server and both TLS doors; past it
+    /// a new TLS connection is closed at once (counted as `busy`), so a flood of slow
+    /// handshakes costs bounded memory and CPU.
+    #[arg(long, default_value_t = 1024,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_CONNECTIONS))]
+    pub max_tls_handshakes: u64,
+
     /// TCP keepalive: seconds of silence before the first probe; 0 turns keepalive off. With
     /// the interval and count below, a holder whose machine vanished is found and its locks
     /// released after idle + interval x count seconds.
@@ -358,9 +396,15 @@ impl Config {
         Ok(config)
     }
 
-    /// What no one flag's range can check: the shard ports' last port, and the keepalive
-    /// flags' sum, when keepalive is on.
+    /// What no one flag's range can check: a TLS door's certificate and key, the shard ports'
+    /// last port, and the keepalive flags' sum, when keepalive is on.
     fn check_together(&self) -> Result<(), clap::Error> {
+        if self.tls_enabled() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err(Config::command().error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "--tls-port and --tls-ws need --tls-cert and --tls-key",
+            ));
+        }
         let last_shard_port = usize::from(self.shard_port) + self.shard_count() - 1;
         if self.shard_port != 0 && last_shard_port > usize::from(u16::MAX) {
             return Err(Config::command().error(
@@ -390,6 +434,11 @@ impl Config {
                  giving up on a silent peer"
             ),
         ))
+    }
+
+    /// Whether a TLS door (`-tls-port`, `-tls-ws`) is on.
+    pub fn tls_enabled(&self) -> bool {
+        self.tls_port != 0 || self.tls_ws != 0
     }
 
     /// The metrics endpoint's address, if enabled.
@@ -668,6 +717,7 @@ mod size_tests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn parse(args: &[&str]) -> Config {
         let mut all = vec!["glockd"];
@@ -742,6 +792,44 @@ mod tests {
     }
 
     #[test]
+    fn a_tls_door_needs_a_certificate_and_key() {
+        let c = parse(&[]);
+        assert!(!c.tls_enabled());
+        assert_eq!((c.tls_port, c.tls_ws), (0, 0));
+        assert_eq!((c.tls_handshake_timeout, c.max_tls_handshakes), (5, 1024));
+        let refused = |args: &[&str]| {
+            let mut all = vec!["glockd"];
+            all.extend_from_slice(args);
+            one_line(&Config::try_from_args(all).expect_err("refused"))
+        };
+        for args in [
+            &["-tls-port", "9996"][..],
+            &["-tls-ws", "9995", "-tls-cert", "c.pem"],
+            &["-tls-port=9996", "-tls-key", "k.pem"],
+        ] {
+            assert!(
+                refused(args).contains("--tls-cert and --tls-key"),
+                "{args:?}"
+            );
+        }
+        let c = parse(&[
+            "-tls-port",
+            "9996",
+            "-tls-ws=9995",
+            "-tls-cert",
+            "c.pem",
+            "--tls-key=k.pem",
+            "-tls-client-ca",
+            "ca.pem",
+        ]);
+        assert!(c.tls_enabled());
+        assert_eq!((c.tls_port, c.tls_ws), (9996, 9995));
+        assert_eq!(c.tls_client_ca.as_deref(), Some(Path::new("ca.pem")));
+        // Files without a door are accepted (and unused).
+        assert!(!parse(&["-tls-cert", "c.pem"]).tls_enabled());
+    }
+
+    #[test]
     fn the_state_file_and_token_reserve() {
         let c = parse(&[]);
         assert!(c.state_file_path().is_none());
@@ -810,6 +898,8 @@ mod tests {
             ["-line-timeout", "0", "86400", "", "86401"],
             ["-metrics-max-connections", "1", "4096", "0", "4097"],
             ["-ws-handshake-timeout", "1", "300", "0", "301"],
+            ["-tls-handshake-timeout", "1", "300", "0", "301"],
+            ["-max-tls-handshakes", "1", "1073741824", "0", "1073741825"],
             ["-shutdown-timeout", "0", "31536000", "", "31536001"],
             ["-keepalive-idle", "0", "32767", "", "32768"],
             ["-keepalive-interval", "1", "32767", "0", "32768"],

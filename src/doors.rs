@@ -1,7 +1,8 @@
-//! The three doors into one lock table: TCP, websocket and unix socket. Each is bound at start,
-//! accepted on shard 0's thread, and every accepted connection is handed to a shard thread in
-//! turn (see [`crate::lifecycle`]), where it lives until it closes. A connection is the same to
-//! the lock table whichever door it came through.
+//! The doors into one lock table: TCP, websocket and unix socket, and TCP and websocket over
+//! TLS. Each is bound at start, accepted on shard 0's thread, and every accepted connection is
+//! handed to a shard thread in turn (see [`crate::lifecycle`]), where it lives until it closes
+//! (a TLS connection's handshake is done there too, see [`crate::tls`]). A connection is the
+//! same to the lock table whichever door it came through.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
@@ -17,6 +18,7 @@ use crate::config::Config;
 use crate::lifecycle::{Admission, ConnMsg, Incoming, Refusal};
 use crate::protocol;
 use crate::shard::{ShardCore, ShardMsg};
+use crate::tls::TlsDoor;
 
 /// The listeners a server serves, bound before any thread starts (so binding errors are
 /// reported at once, and tests can bind ephemeral ports themselves).
@@ -26,6 +28,10 @@ pub struct Listeners {
     pub tcp: Option<StdTcpListener>,
     /// Websockets: one command per message.
     pub ws: Option<StdTcpListener>,
+    /// The line protocol over TLS (`-tls-port`).
+    pub tls: Option<StdTcpListener>,
+    /// Websockets over TLS (`-tls-ws`).
+    pub tls_ws: Option<StdTcpListener>,
     /// The line protocol over a unix socket, and the socket file's path (removed at exit).
     pub unix: Option<(StdUnixListener, PathBuf)>,
     /// The Prometheus metrics endpoint (HTTP).
@@ -49,6 +55,8 @@ impl Listeners {
         Ok(Listeners {
             tcp: tcp_on(config.port)?,
             ws: tcp_on(config.ws)?,
+            tls: tcp_on(config.tls_port)?,
+            tls_ws: tcp_on(config.tls_ws)?,
             unix: config
                 .unix_path()
                 .map(|path| bind_unix(path, config.unix_mode).map(|l| (l, path.to_owned())))
@@ -125,6 +133,8 @@ pub enum Door {
     ShardTcp(TcpListener),
     Ws(TcpListener),
     Unix(UnixListener),
+    /// A TLS door: the line protocol or websockets.
+    Tls(TcpListener, TlsDoor),
 }
 
 /// A connection just accepted, still on the accepting thread.
@@ -132,6 +142,7 @@ enum Accepted {
     Tcp(TcpStream, SocketAddr),
     Ws(TcpStream, SocketAddr),
     Unix(UnixStream),
+    Tls(TcpStream, SocketAddr, TlsDoor),
 }
 
 impl Door {
@@ -153,6 +164,15 @@ impl Door {
             l.set_nonblocking(true)?;
             doors.push(Door::Ws(TcpListener::from_std(l)?));
         }
+        for (l, door) in [
+            (listeners.tls, TlsDoor::Line),
+            (listeners.tls_ws, TlsDoor::Ws),
+        ] {
+            if let Some(l) = l {
+                l.set_nonblocking(true)?;
+                doors.push(Door::Tls(TcpListener::from_std(l)?, door));
+            }
+        }
         if let Some((l, _)) = listeners.unix {
             l.set_nonblocking(true)?;
             doors.push(Door::Unix(UnixListener::from_std(l)?));
@@ -171,6 +191,10 @@ impl Door {
                 Accepted::Ws(stream, peer)
             }
             Door::Unix(l) => Accepted::Unix(l.accept().await?.0),
+            Door::Tls(l, door) => {
+                let (stream, peer) = l.accept().await?;
+                Accepted::Tls(stream, peer, *door)
+            }
         })
     }
 }
@@ -213,7 +237,9 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
             }
         };
         let peer = match &accepted {
-            Accepted::Tcp(_, peer) | Accepted::Ws(_, peer) => Some(peer.ip()),
+            Accepted::Tcp(_, peer) | Accepted::Ws(_, peer) | Accepted::Tls(_, peer, _) => {
+                Some(peer.ip())
+            }
             Accepted::Unix(_) => None,
         };
         let admission = match Admission::try_new(&core.server, peer) {
@@ -235,6 +261,16 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
             Accepted::Unix(stream) => stream
                 .into_std()
                 .map(|s| Incoming::Unix(s, core.server.next_unix_id(), admission)),
+            Accepted::Tls(stream, peer, door) => {
+                // Past --max-tls-handshakes in progress: closed at once (counted busy).
+                let Some(handshake) = core.server.tls.as_ref().and_then(|tls| tls.begin(door))
+                else {
+                    continue;
+                };
+                stream
+                    .into_std()
+                    .map(|s| Incoming::Tls(s, peer.to_string(), admission, handshake))
+            }
         };
         match incoming {
             Ok(incoming) if target == core.id => crate::lifecycle::adopt(&core, incoming),
@@ -280,6 +316,8 @@ fn refuse(core: &ShardCore, accepted: Accepted, refusal: Refusal) {
             let _ = stream.try_write(protocol::TOO_MANY_CONNECTIONS);
             "unix".to_owned()
         }
+        // A TLS client would read plain text as a broken record: it is just closed.
+        Accepted::Tls(_, peer, _) => peer.to_string(),
     };
     if core.server.config.verbose {
         tracing::info!(event = "refuse", conn = %who, reason = refusal.as_str());

@@ -6,11 +6,13 @@
 //!   lives under.
 //! - [`server`]: starts one pinned shard thread per core, runs each thread's mailbox loop, and
 //!   shuts them down in order.
-//! - [`doors`]: the TCP, websocket and unix socket listeners and the accept loop.
+//! - [`doors`]: the TCP, TLS, websocket and unix socket listeners and the accept loop.
 //! - [`lifecycle`]: a connection's life on its thread: admission, hand-over to a shard thread,
 //!   the presence whose end orphans its locks, shutdown's drain.
 //! - [`connection`] / [`websocket`]: one client's I/O over a byte stream or a websocket: read,
 //!   run, write replies, enforce the limits and timeouts.
+//! - [`tls`]: TLS on the `-tls-port` and `-tls-ws` doors: certificates, their reload, the
+//!   handshake, client certificate identities; and the client side.
 //! - [`peer`]: what a connection's door knows of who is at the other end.
 //! - [`framer`]: bytes to lines, the same for every door.
 //! - [`client_buffers`]: every connection's buffers counted against one budget, the biggest
@@ -66,6 +68,7 @@ pub mod shard;
 pub mod signals;
 pub mod stats;
 pub mod table;
+pub mod tls;
 mod websocket;
 
 pub use config::Config;

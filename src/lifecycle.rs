@@ -177,6 +177,14 @@ pub enum Incoming {
     Tcp(std::net::TcpStream, String, Admission),
     Ws(std::net::TcpStream, String, Admission),
     Unix(std::os::unix::net::UnixStream, String, Admission),
+    /// A TLS connection, with its place under `--max-tls-handshakes`: its handshake is done
+    /// by the shard that adopts it.
+    Tls(
+        std::net::TcpStream,
+        String,
+        Admission,
+        crate::tls::Handshake,
+    ),
 }
 
 /// Life-cycle messages for a shard thread's connections.
@@ -262,6 +270,18 @@ pub fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
                 Peer::anonymous(),
             ));
         }),
+        Incoming::Tls(stream, id, admission, handshake) => {
+            TcpStream::from_std(stream).map(|stream| {
+                crate::doors::tune_tcp(&core.server.config, &stream, &id);
+                tokio::task::spawn_local(crate::tls::serve(
+                    core.clone(),
+                    stream,
+                    id,
+                    admission,
+                    handshake,
+                ));
+            })
+        }
         Incoming::Unix(stream, id, admission) => UnixStream::from_std(stream).map(|stream| {
             let peer = Peer::unix(&stream);
             tokio::task::spawn_local(crate::connection::serve(

@@ -144,6 +144,12 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
     if let Some(addr) = server.ws_addr() {
         doors.push(format!("ws {addr}"));
     }
+    if let Some(addr) = server.tls_addr() {
+        doors.push(format!("tls {addr}"));
+    }
+    if let Some(addr) = server.tls_ws_addr() {
+        doors.push(format!("wss {addr}"));
+    }
     if let Some(path) = server.unix_path() {
         // Quoted and escaped: a path may hold any byte.
         doors.push(format!("unix {path:?}"));
@@ -154,7 +160,7 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
     if doors.is_empty() {
         warn!(
             event = "no_doors",
-            "every door is disabled (-port=0 -ws=0, no -unix)"
+            "every door is disabled (-port=0 -ws=0, no -unix, -tls-port, -tls-ws)"
         );
     }
     info!(
@@ -178,6 +184,9 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
         idle_timeout = config.idle_timeout,
         line_timeout = config.line_timeout,
         ws_handshake_timeout = config.ws_handshake_timeout,
+        tls_handshake_timeout = config.tls_handshake_timeout,
+        max_tls_handshakes = config.max_tls_handshakes,
+        tls_client_certificates = config.tls_client_ca.is_some(),
         keepalive_idle = config.keepalive_idle,
         keepalive_interval = config.keepalive_interval,
         keepalive_count = config.keepalive_count,
@@ -233,7 +242,7 @@ async fn serve_until_signalled(
                 exit.now(AT_ONCE);
             }
             Action::Status => log_status(name, Some(&server)),
-            action => on_signal(name, action),
+            action => on_signal(name, action, Some(&server)),
         }
     };
     info!(event = "shutdown", signal = %stopped_by, "shutting down");
@@ -250,18 +259,29 @@ async fn serve_until_signalled(
                     exit.now(AT_ONCE);
                 }
                 Action::Status => log_status(name, None),
-                action => on_signal(name, action),
+                action => on_signal(name, action, None),
             }
         }
     }
 }
 
-/// The signals that neither stop the server nor ask for its status.
-fn on_signal(name: &'static str, action: Action) {
+/// The signals that neither stop the server nor ask for its status. A reload reopens the log
+/// file and re-reads the TLS files (not during shutdown, `server` None): a certificate or key
+/// that does not load is refused with one line, and the old ones stay in use.
+fn on_signal(name: &'static str, action: Action, server: Option<&ServerHandle>) {
     match action {
         Action::Reload => {
             let log_file = logging::reopen();
-            info!(event = "reload", signal = %name, log_file, "reloaded");
+            match server.and_then(ServerHandle::reload_tls) {
+                Some(Err(e)) => {
+                    warn!(event = "tls_reload_failed", signal = %name, error = %e, "TLS files not reloaded; keeping the ones in use");
+                    info!(event = "reload", signal = %name, log_file, tls = false, "reloaded");
+                }
+                Some(Ok(())) => {
+                    info!(event = "reload", signal = %name, log_file, tls = true, "reloaded")
+                }
+                None => info!(event = "reload", signal = %name, log_file, "reloaded"),
+            }
         }
         Action::Ignore => info!(event = "signal", signal = %name, "ignored"),
         _ => {}

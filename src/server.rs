@@ -30,6 +30,8 @@ pub struct ServerHandle {
     /// Where each door listens, as bound.
     tcp_addr: Option<SocketAddr>,
     ws_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
+    tls_ws_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
     metrics_addr: Option<SocketAddr>,
     /// Each shard's own port, in shard order (`-shard-port`).
@@ -50,6 +52,27 @@ impl ServerHandle {
     /// The websocket address actually bound, if websockets are enabled.
     pub fn ws_addr(&self) -> Option<SocketAddr> {
         self.ws_addr
+    }
+
+    /// The TLS (line protocol) address actually bound, if `-tls-port` is on.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
+    }
+
+    /// The secure websocket address actually bound, if `-tls-ws` is on.
+    pub fn tls_ws_addr(&self) -> Option<SocketAddr> {
+        self.tls_ws_addr
+    }
+
+    /// The TLS doors' state (handshake counts, reloads), when a TLS door is on.
+    pub fn tls(&self) -> Option<&crate::tls::Tls> {
+        self.server.tls.as_deref()
+    }
+
+    /// SIGHUP: re-reads the TLS certificate, key and client CA. None without TLS doors;
+    /// otherwise whether the new files took effect, or why not (the old ones are kept).
+    pub fn reload_tls(&self) -> Option<Result<(), String>> {
+        self.server.tls.as_ref().map(|tls| tls.reload())
     }
 
     /// The unix socket path, if enabled.
@@ -185,6 +208,12 @@ pub fn start_with(config: Config, tcp: Option<StdTcpListener>) -> io::Result<Ser
 /// Starts a server on listeners bound by the caller, ignoring the config's door settings.
 pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Result<ServerHandle> {
     let shards = config.shard_count();
+    // Certificates first: a TLS door whose files do not load stops the start before anything
+    // else is done.
+    let tls = crate::tls::Tls::from_config(
+        &config,
+        listeners.tls.is_some() || listeners.tls_ws.is_some(),
+    )?;
     // The first ceiling is durable before any shard exists, so before any grant.
     let fencing = crate::fencing::Fencing::from_config(&config)?;
     let renewer = fencing.start_renewer()?;
@@ -195,6 +224,12 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .transpose()?;
     let tcp_addr = listeners.tcp.as_ref().map(|l| l.local_addr()).transpose()?;
     let ws_addr = listeners.ws.as_ref().map(|l| l.local_addr()).transpose()?;
+    let tls_addr = listeners.tls.as_ref().map(|l| l.local_addr()).transpose()?;
+    let tls_ws_addr = listeners
+        .tls_ws
+        .as_ref()
+        .map(|l| l.local_addr())
+        .transpose()?;
     let unix_path = listeners.unix.as_ref().map(|(_, path)| path.clone());
     let shard_addrs = listeners
         .shard_ports
@@ -203,13 +238,16 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .collect::<io::Result<Vec<_>>>()?;
 
     let (mailboxes, inboxes) = Mailboxes::new(shards);
-    let server = Arc::new(ServerState::new(
-        config,
-        mailboxes,
-        metrics_listener.is_some(),
-        fencing,
-        shard_addrs.iter().map(SocketAddr::port).collect(),
-    ));
+    let server = Arc::new(
+        ServerState::new(
+            config,
+            mailboxes,
+            metrics_listener.is_some(),
+            fencing,
+            shard_addrs.iter().map(SocketAddr::port).collect(),
+        )
+        .with_tls(tls),
+    );
     let cores = if server.config.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {
@@ -239,6 +277,8 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         server: server.clone(),
         tcp_addr,
         ws_addr,
+        tls_addr,
+        tls_ws_addr,
         unix_path,
         metrics_addr,
         shard_addrs,

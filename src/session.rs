@@ -98,9 +98,20 @@ impl Session {
         let shards = core.server.router.shards();
         let limit = core.server.config.max_locks_per_conn;
         let measure = core.server.measure_latency;
+        let presence = Presence::open(core, id_text, admission);
+        if let Some(name) = &peer.certificate {
+            // The verified certificate's subject is the connection's name from its first
+            // command on, in `me` and the listings (`dump` keeps showing raw ids). A subject in
+            // the form of a connection id is not shown, for the reason `iam` refuses one: the
+            // connection keeps its own id.
+            if !crate::registry::looks_like_conn_id(name.as_bytes()) {
+                let server = &presence.core.server;
+                server.registry.set_name(presence.conn, name.as_bytes());
+            }
+        }
         Session {
             quota: (limit > 0).then(|| Arc::new(Quota::new(limit))),
-            presence: Presence::open(core, id_text, admission),
+            presence,
             slots: Vec::new(),
             outgoing: (0..shards).map(|_| PendingBatch::default()).collect(),
             results: vec![Vec::new(); shards],
@@ -426,6 +437,11 @@ impl Session {
                 protocol::write_shards(server.router.shards(), &server.shard_ports, out)
             }
             Request::Me => server.registry.write_me(conn, out),
+            // A client certificate's identity is vouched for by the CA; the client cannot
+            // trade it for a name of its choosing.
+            Request::Iam(_) if self.peer.certificate.is_some() => {
+                Reply::NameFromCertificate.write_to(out)
+            }
             Request::Iam(name) if name.len() as u64 > server.config.max_name_bytes => {
                 Reply::NameTooLong.write_to(out)
             }

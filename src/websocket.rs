@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
@@ -34,18 +33,25 @@ use crate::protocol;
 use crate::session::{PeerWatch, Session, Step};
 use crate::shard::ShardCore;
 
-/// The websocket over a TCP stream that notes when bytes of a message not yet complete began
-/// to arrive, for `--line-timeout`.
+/// The websocket over a client's stream that notes when bytes of a message not yet complete
+/// began to arrive, for `--line-timeout`.
 type Ws = WebSocketStream<Marked>;
 
-/// A TCP stream that remembers when it was first read from since the last complete message
-/// (the caller clears [`Marked::since`] after each one), so that a message left unfinished
-/// can be timed without a timer per message; and how much was read, so that what the library
-/// holds of messages not yet complete is counted against `--max-client-buffers`, and what is
-/// read behind a waiting command is bounded.
+/// A client's byte stream, plain TCP or TLS.
+trait ByteStream: AsyncRead + AsyncWrite + Unpin {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream for S {}
+
+/// A client's stream that remembers when it was first read from since the last complete
+/// message (the caller clears [`Marked::since`] after each one), so that a message left
+/// unfinished can be timed without a timer per message; and how much was read, so that what
+/// the library holds of messages not yet complete is counted against `--max-client-buffers`,
+/// and what is read behind a waiting command is bounded.
 struct Marked {
-    /// The client's connection.
-    stream: TcpStream,
+    /// The client's connection. Boxed rather than generic, so the websocket code exists once
+    /// whatever the stream: one call through a pointer per read or write is nothing beside the
+    /// framing of a websocket message.
+    stream: Box<dyn ByteStream>,
     /// When the first bytes after the last complete message were read.
     since: Cell<Option<Instant>>,
     /// Bytes read so far.
@@ -213,14 +219,11 @@ impl PeerWatch for WsWatch<'_> {
     }
 }
 
-/// Serves one websocket connection until it closes.
-pub async fn serve(
-    core: Rc<ShardCore>,
-    stream: TcpStream,
-    id: String,
-    admission: Admission,
-    peer: Peer,
-) {
+/// Serves one websocket connection, over plain TCP or TLS, until it closes.
+pub async fn serve<S>(core: Rc<ShardCore>, stream: S, id: String, admission: Admission, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Unpin + 'static,
+{
     let config = &core.server.config;
     let limits = config.conn_limits();
     // Replies are flushed, at the client's pace, whenever more than --max-unsent-bytes of them
@@ -250,7 +253,7 @@ pub async fn serve(
             .ok_or_else(forbidden)
     };
     let stream = Marked {
-        stream,
+        stream: Box::new(stream),
         since: Cell::new(None),
         read: Cell::new(0),
         taken: Cell::new(0),

@@ -112,6 +112,13 @@ fn help_lists_the_flags() {
         "--token-reserve-ms",
         "--log-format",
         "--log-file",
+        "--tls-port",
+        "--tls-ws",
+        "--tls-cert",
+        "--tls-key",
+        "--tls-client-ca",
+        "--tls-handshake-timeout",
+        "--max-tls-handshakes",
     ] {
         assert!(
             text.contains(flag),
@@ -442,6 +449,10 @@ fn numeric_flags_out_of_range_are_refused_in_one_line() {
         ("keepalive-count", &["0", "128"]),
         ("shutdown-timeout", &["31536001"]),
         ("max-wait-ms", &["31536000001"]),
+        ("tls-port", &["65536"]),
+        ("tls-ws", &["65536"]),
+        ("tls-handshake-timeout", &["0", "301"]),
+        ("max-tls-handshakes", &["0", "1073741825"]),
     ];
     for (flag, values) in refused {
         for value in *values {

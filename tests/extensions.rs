@@ -333,6 +333,7 @@ mod semaphore_waits {
             Stream::Tcp(tcp) => socket2::SockRef::from(tcp),
             Stream::Unix(unix) => socket2::SockRef::from(unix),
             Stream::Ws(ws) => socket2::SockRef::from(ws.tcp()),
+            Stream::Tls(tls) => socket2::SockRef::from(tls.get_ref().0),
         };
         socket
             .shutdown(std::net::Shutdown::Write)
@@ -407,8 +408,12 @@ mod semaphore_waits {
             .await;
         half_close(&a);
         // Over a byte stream the half-closed waiter stays queued until its turn; a websocket
-        // without a close frame is a client gone, and leaves the queue at once.
-        let websocket = setup.transport == Transport::Ws;
+        // without a close frame, or TLS cut without its close_notify, is a client gone, and
+        // leaves the queue at once.
+        let websocket = matches!(
+            setup.transport,
+            Transport::Ws | Transport::Tls | Transport::Wss
+        );
         let ahead = if websocket {
             server
                 .wait_for_stats("A gone", |s| s["lock_waiters"] == 0)

@@ -20,11 +20,15 @@ fn start(shards: u16) -> ServerHandle {
     start_with(shards, |_| {})
 }
 
+/// A server with a TCP door, a TLS door (so the TLS series exist) and the metrics endpoint.
 fn start_with(shards: u16, tweak: impl FnOnce(&mut Config)) -> ServerHandle {
     let bind = || std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let (_, cert) = common::pki::shared();
     let mut config = Config {
         shards: Some(shards),
         pin: false,
+        tls_cert: Some(cert.cert.clone()),
+        tls_key: Some(cert.key.clone()),
         ..Config::default()
     };
     tweak(&mut config);
@@ -32,6 +36,7 @@ fn start_with(shards: u16, tweak: impl FnOnce(&mut Config)) -> ServerHandle {
         config,
         Listeners {
             tcp: Some(bind()),
+            tls: Some(bind()),
             metrics: Some(bind()),
             ..Listeners::default()
         },

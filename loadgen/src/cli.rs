@@ -71,6 +71,28 @@ pub struct Args {
     #[arg(long, conflicts_with = "addr")]
     pub unix: Option<PathBuf>,
 
+    /// Speak TLS (glockd's `-tls-port`, Redis' `--tls-port`); needs `--ca`. Each connection's
+    /// handshake is part of connecting, so with `--workload orphan-storm --locks-per-conn 1`
+    /// the run measures handshakes per second.
+    #[arg(long, conflicts_with = "unix", requires = "ca")]
+    pub tls: bool,
+
+    /// `--tls`: CA certificates (PEM) the server's certificate must chain to.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+
+    /// `--tls`: a client certificate (PEM), for a server that requires one (`--key` too).
+    #[arg(long, requires = "key")]
+    pub cert: Option<PathBuf>,
+
+    /// `--tls`: the client certificate's private key (PEM).
+    #[arg(long, requires = "cert")]
+    pub key: Option<PathBuf>,
+
+    /// `--tls`: the name the server's certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+
     /// What each connection does.
     #[arg(long, value_enum, default_value_t = Workload::Churn)]
     pub workload: Workload,
@@ -205,6 +227,8 @@ pub struct Config {
     pub workload: Workload,
     /// Number of connections.
     pub conns: usize,
+    /// `--tls`: every connection does a TLS handshake first.
+    pub tls: Option<crate::tls::Tls>,
     /// Commands in flight per connection.
     pub pipeline: usize,
     /// Client threads.
@@ -277,6 +301,15 @@ impl Config {
             endpoint,
             workload: args.workload,
             conns: args.conns,
+            tls: match (args.tls, args.ca) {
+                (true, Some(ca)) => Some(crate::tls::Tls::new(&crate::tls::TlsSettings {
+                    ca,
+                    cert: args.cert.zip(args.key),
+                    server_name: args.server_name,
+                })?),
+                (true, None) => return Err("--tls needs --ca".into()),
+                (false, _) => None,
+            },
             pipeline: args.pipeline,
             threads: args.threads,
             rate: args.rate,

@@ -58,6 +58,18 @@ impl Dial for TcpDial {
     }
 }
 
+/// TCP, then a TLS handshake (`--tls`): the handshake is part of connecting.
+#[derive(Clone)]
+pub struct TlsDial(pub TcpDial, pub std::rc::Rc<crate::tls::Tls>);
+
+impl Dial for TlsDial {
+    type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+    async fn dial(&self, index: u64) -> io::Result<Self::Stream> {
+        let stream = self.0.dial(index).await?;
+        self.1.connect(stream).await
+    }
+}
+
 /// A unix socket.
 #[derive(Clone)]
 pub struct UnixDial(pub PathBuf);

@@ -10,6 +10,7 @@
 //! - [`shared`]: what all connections of a run share (progress, budget, exclusion record).
 //! - [`wait`]: the wait workload, groups of connections handing one lock on.
 //! - [`conn`]: the I/O loop of one connection, generic over the byte stream.
+//! - [`tls`]: `--tls`, the client side of TLS.
 //! - [`run`]: client threads, the common start, the progress line.
 //! - [`report`]: latency histograms, counters, and the table or JSON at the end.
 //! - [`noop`]: the no-op line server, the I/O ceiling a lock server is measured against.
@@ -24,6 +25,7 @@ pub mod run;
 pub mod session;
 pub mod shards;
 pub mod shared;
+pub mod tls;
 pub mod wait;
 pub mod wire;
 

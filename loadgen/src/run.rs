@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio::task::LocalSet;
 
 use crate::cli::{Config, Endpoint, Workload};
-use crate::conn::{drive, Buffers, Dial, Env, TcpDial, UnixDial};
+use crate::conn::{drive, Buffers, Dial, Env, TcpDial, TlsDial, UnixDial};
 use crate::report::{Recorder, Report};
 use crate::session::{KeyPlan, RunShared, Schedule, Session};
 use crate::wait;
@@ -148,7 +148,15 @@ fn client_thread(
                     config.shard_addrs.as_slice().into()
                 };
                 let dial = TcpDial(addrs);
-                thread_main(thread, config.clone(), run, barrier, rec.clone(), dial).await
+                match &config.tls {
+                    Some(tls) => {
+                        let dial = TlsDial(dial, tls.clone().into());
+                        thread_main(thread, config.clone(), run, barrier, rec.clone(), dial).await
+                    }
+                    None => {
+                        thread_main(thread, config.clone(), run, barrier, rec.clone(), dial).await
+                    }
+                }
             }
             Endpoint::Unix(path) => {
                 let dial = UnixDial(path.clone());

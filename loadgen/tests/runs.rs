@@ -341,3 +341,77 @@ fn the_open_loop_keeps_its_schedule_at_low_rates() {
         "median {low:.1} µs at 500/s against {high:.1} µs at 10000/s"
     );
 }
+
+/// A throwaway CA, a server certificate for `localhost` and a client certificate, as PEM files
+/// in a fresh directory (removed by the caller).
+fn certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for (name, sans) in [("server", vec!["localhost".to_owned()]), ("client", vec![])] {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("loadgen {name}"));
+        let cert = params.signed_by(&key, &ca).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[test]
+fn churn_and_handshakes_over_tls_with_a_client_certificate() {
+    let dir = std::env::temp_dir().join(format!("glockd-loadgen-tls-{}", std::process::id()));
+    certificates(&dir);
+    let config = glockd::Config {
+        shards: Some(2),
+        pin: false,
+        tls_cert: Some(dir.join("server.pem")),
+        tls_key: Some(dir.join("server.key")),
+        tls_client_ca: Some(dir.join("ca.pem")),
+        ..glockd::Config::default()
+    };
+    let listeners = glockd::Listeners {
+        tls: Some(TcpListener::bind("127.0.0.1:0").unwrap()),
+        ..glockd::Listeners::default()
+    };
+    let server = glockd::start_with_listeners(config, listeners).unwrap();
+    let addr = server.tls_addr().unwrap();
+    let tls = format!(
+        "--tls --ca {ca} --cert {cert} --key {key}",
+        ca = dir.join("ca.pem").display(),
+        cert = dir.join("client.pem").display(),
+        key = dir.join("client.key").display()
+    );
+    let report = loadgen(&format!(
+        "--addr {addr} {tls} --workload churn --conns 4 --pipeline 8 --requests 4000 \
+         --duration 30s"
+    ));
+    assert_clean(&report);
+    assert!(report.counts.granted > 0);
+    // One lock per connection: each connection is one handshake.
+    let report = loadgen(&format!(
+        "--addr {addr} {tls} --workload orphan-storm --conns 4 --locks-per-conn 1 \
+         --requests 200 --duration 30s"
+    ));
+    assert_clean(&report);
+    let ok = server
+        .tls()
+        .unwrap()
+        .handshakes(glockd::tls::TlsDoor::Line, glockd::tls::HandshakeResult::Ok);
+    assert!(ok >= report.counts.connections, "{ok} {}", report.table());
+    // Without the client certificate the server refuses every connection.
+    let line = format!(
+        "loadgen --quiet --duration 2s --addr {addr} --tls --ca {} --requests 10",
+        dir.join("ca.pem").display()
+    );
+    let config = Config::from_args(Args::try_parse_from(line.split_whitespace()).unwrap()).unwrap();
+    let report = run(config).unwrap();
+    assert!(report.errors > 0, "{}", report.table());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -19,6 +19,7 @@ use crate::stats::{
     latency_bucket_ns, wait_buckets_for, CloseReason, LockResult, RefuseReason, LATENCY_BUCKETS,
     WAIT_BUCKETS, WAIT_BUCKETS_NS,
 };
+use crate::tls::{HandshakeResult, TlsDoor};
 
 /// The server's version, for `glockd_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -155,6 +156,20 @@ impl Exporter {
                 "Connections to this endpoint closed at once because -metrics-max-connections \
                  were open already."
             );
+            describe_counter!(
+                "glockd_tls_handshakes_total",
+                "TLS handshakes by door (tls, wss) and result: ok, failed (not TLS, a client \
+                 certificate missing or refused...), timeout (-tls-handshake-timeout), busy \
+                 (closed at once: -max-tls-handshakes were in progress)."
+            );
+            describe_gauge!(
+                "glockd_tls_handshakes_in_progress",
+                "TLS handshakes in progress now (at most -max-tls-handshakes)."
+            );
+            describe_counter!(
+                "glockd_tls_reloads_total",
+                "SIGHUP reloads of the TLS files by result: ok, failed (the old ones kept)."
+            );
             describe_gauge!("glockd_shards", "Shard threads.");
             describe_gauge!(
                 "glockd_lock_waiters",
@@ -273,6 +288,22 @@ impl Exporter {
                 .absolute(snapshot.orphans);
             counter!("glockd_orphaned_locks_total", "kind" => "shared")
                 .absolute(snapshot.shared_orphans);
+            if let Some(tls) = &self.server.tls {
+                for door in TlsDoor::ALL {
+                    for result in HandshakeResult::ALL {
+                        counter!(
+                            "glockd_tls_handshakes_total",
+                            "door" => door.label(),
+                            "result" => result.label()
+                        )
+                        .absolute(tls.handshakes(door, result));
+                    }
+                }
+                gauge!("glockd_tls_handshakes_in_progress").set(tls.in_progress() as f64);
+                counter!("glockd_tls_reloads_total", "result" => "ok").absolute(tls.reloads(true));
+                counter!("glockd_tls_reloads_total", "result" => "failed")
+                    .absolute(tls.reloads(false));
+            }
             gauge!("glockd_shards").set(stats.shards() as f64);
             gauge!("glockd_lock_waiters").set(snapshot.lock_waiters as f64);
             for (outcome, value) in [

@@ -41,6 +41,8 @@ pub enum Reply {
     /// `iam`: a name in the form of a connection id (`ip:port`, `unix:N`), which would let
     /// this connection's locks pass for another's in the listings.
     NameLooksLikeId,
+    /// `iam` on a connection named by its client certificate, which no command may change.
+    NameFromCertificate,
     /// `framed`: multi-line replies are counted from now on.
     Framed,
     /// `g`, `sg`, `gw`, `rl`, `iam`…: what the command would store does not fit in the memory
@@ -72,6 +74,7 @@ impl Reply {
             Reply::LimitReached => b"0 Lock Limit Reached\n",
             Reply::NameTooLong => b"0 Name Too Long\n",
             Reply::NameLooksLikeId => b"0 Name Looks Like An Id\n",
+            Reply::NameFromCertificate => b"0 Name Set By Certificate\n",
             Reply::Framed => b"1 Framed\n",
             Reply::OutOfMemory => b"0 Out Of Memory\n",
             Reply::LockNameTooLong => b"0 Name Too Long\n",

@@ -69,6 +69,8 @@ pub struct ServerState {
     /// Whether connections time their commands (only while the metrics endpoint is on, so a
     /// server without it pays nothing for it).
     pub measure_latency: bool,
+    /// The TLS doors' certificates and handshakes, when a TLS door is on.
+    pub tls: Option<Arc<crate::tls::Tls>>,
 }
 
 impl ServerState {
@@ -103,7 +105,14 @@ impl ServerState {
             unix_connections: AtomicU64::new(0),
             measure_latency,
             shard_ports,
+            tls: None,
         }
+    }
+
+    /// The same state, serving the TLS doors with `tls`.
+    pub fn with_tls(mut self, tls: Option<crate::tls::Tls>) -> Self {
+        self.tls = tls.map(Arc::new);
+        self
     }
 
     pub fn next_conn_id(&self) -> ConnId {

@@ -104,6 +104,7 @@ impl LockResult {
             | Reply::RegisteredName
             | Reply::NameTooLong
             | Reply::NameLooksLikeId
+            | Reply::NameFromCertificate
             | Reply::Framed => LockResult::Other,
         }
     }

@@ -9,6 +9,7 @@
 //! The modules:
 //! - [`conn`]: the transport-neutral connection factory and the line client with timeouts.
 //! - [`ws`]: the websocket door, where every reply is one message.
+//! - [`tls`]: the TLS line door (`--tls`).
 //! - [`commands`]: replies, listings, `q` and `me` on top of a connection.
 //! - [`ctx`]: what each check gets: connections, fresh names, the mode, bounded polling.
 //! - [`checks`]: the checks themselves, in the order they run.
@@ -25,6 +26,7 @@ pub mod commands;
 pub mod conn;
 pub mod ctx;
 pub mod report;
+pub mod tls;
 pub mod verdict;
 pub mod ws;
 
@@ -55,6 +57,26 @@ pub struct Options {
     /// (`--host` is then unused): one command per message, one message per reply.
     #[arg(long, value_name = "URL", value_parser = ws_url)]
     pub ws: Option<String>,
+
+    /// Check the server's TLS door (`-tls-port`) at `--host`; needs `--ca`.
+    #[arg(long, requires = "ca", conflicts_with = "ws")]
+    pub tls: bool,
+
+    /// `--tls`: CA certificates (PEM) the server's certificate must chain to.
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<std::path::PathBuf>,
+
+    /// `--tls`: a client certificate (PEM) for a server with `-tls-client-ca` (`--key` too).
+    #[arg(long, value_name = "FILE", requires = "key")]
+    pub cert: Option<std::path::PathBuf>,
+
+    /// `--tls`: the client certificate's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "cert")]
+    pub key: Option<std::path::PathBuf>,
+
+    /// `--tls`: the name the server's certificate must carry (default: the host of `--host`).
+    #[arg(long)]
+    pub server_name: Option<String>,
 
     /// Longest wait for any one reply, in milliseconds; also bounds every poll.
     #[arg(long, default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
@@ -99,26 +121,40 @@ impl Options {
         }
     }
 
-    /// The connection factory for the chosen door.
-    pub fn connector(&self) -> Arc<dyn Connector> {
+    /// The connection factory for the chosen door; an error (a TLS file that does not load)
+    /// is one line.
+    pub fn connector(&self) -> Result<Arc<dyn Connector>, String> {
         if let Some(url) = &self.ws {
-            return Arc::new(WsConnector {
+            return Ok(Arc::new(WsConnector {
                 url: url.clone(),
                 max_message: conn::max_message_bytes(&self.settings()),
-            });
+            }));
+        }
+        if let (true, Some(ca)) = (self.tls, &self.ca) {
+            let name = self
+                .server_name
+                .as_deref()
+                .unwrap_or_else(|| tls::host_name(&self.host));
+            let client = self.cert.clone().zip(self.key.clone());
+            return Ok(Arc::new(tls::TlsConnector::new(
+                self.host.clone(),
+                ca,
+                client,
+                name,
+            )?));
         }
         #[cfg(unix)]
         if let Some(path) = &self.unix {
-            return Arc::new(conn::UnixConnector { path: path.clone() });
+            return Ok(Arc::new(conn::UnixConnector { path: path.clone() }));
         }
-        Arc::new(TcpConnector {
+        Ok(Arc::new(TcpConnector {
             host: self.host.clone(),
-        })
+        }))
     }
 }
 
 /// Accepts a `ws://` URL. `wss://` is refused here, with the reason, rather than failing every
-/// check later: the tester has no TLS, and glockd's websocket door serves none.
+/// check later: the tester speaks TLS to the line door only (`--tls`).
 fn ws_url(url: &str) -> Result<String, String> {
     let scheme = url
         .split_once("://")
@@ -126,7 +162,7 @@ fn ws_url(url: &str) -> Result<String, String> {
     match scheme.as_deref() {
         Some("ws") => Ok(url.to_owned()),
         Some("wss") => {
-            Err("wss:// (TLS) is not supported: glockd's websocket door is plain ws://".into())
+            Err("wss:// is not supported by the tester: check the TLS line door with --tls".into())
         }
         _ => Err("expected a URL like ws://127.0.0.1:9998/".into()),
     }
@@ -150,9 +186,10 @@ where
         .collect()
 }
 
-/// Runs every check against the server the options name.
-pub async fn run(options: &Options, on_result: impl FnMut(&CheckResult)) -> Report {
-    run_with(options.connector(), options, on_result).await
+/// Runs every check against the server the options name; an error (a TLS file that does not
+/// load) before any check runs.
+pub async fn run(options: &Options, on_result: impl FnMut(&CheckResult)) -> Result<Report, String> {
+    Ok(run_with(options.connector()?, options, on_result).await)
 }
 
 /// Runs every check through `connector`, calling `on_result` as each one ends.

@@ -35,6 +35,13 @@ fn main() -> ExitCode {
             let _ = out.flush();
         }
     }));
+    let report = match report {
+        Ok(report) => report,
+        Err(e) => {
+            eprintln!("glockd-tester: {e}");
+            return ExitCode::from(2);
+        }
+    };
     if json {
         println!("{}", report.to_json());
     } else {

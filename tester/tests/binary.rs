@@ -132,7 +132,8 @@ fn an_unreachable_server_is_a_failure() {
 fn bad_flags_are_a_usage_error() {
     assert_eq!(tester(&["--no-such-flag"]).status.code(), Some(2));
     assert_eq!(tester(&["--timeout-ms", "0"]).status.code(), Some(2));
-    // The websocket door is plain `ws://`; anything else is refused before any check runs.
+    // The tester's websocket door is plain `ws://`; anything else is refused before any check
+    // runs (TLS is `--tls`, to the line door).
     for url in [
         "http://127.0.0.1:9998/",
         "127.0.0.1:9998",
@@ -143,7 +144,16 @@ fn bad_flags_are_a_usage_error() {
     }
     let output = tester(&["--ws", "wss://127.0.0.1:9998/"]);
     let error = String::from_utf8_lossy(&output.stderr);
-    assert!(error.contains("wss:// (TLS) is not supported"), "{error}");
+    assert!(error.contains("wss:// is not supported"), "{error}");
+    // TLS needs a CA, and a CA file that is not there is one line before any check.
+    assert_eq!(tester(&["--tls"]).status.code(), Some(2));
+    let output = tester(&["--tls", "--ca", "/nonexistent/ca.pem"]);
+    assert_eq!(output.status.code(), Some(2));
+    let error = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        error.starts_with("glockd-tester: /nonexistent/ca.pem"),
+        "{error}"
+    );
     // One door at a time.
     let both = ["--ws", "ws://127.0.0.1:9998/", "--unix", "/tmp/glockd.sock"];
     assert_eq!(tester(&both).status.code(), Some(2));

@@ -281,3 +281,71 @@ async fn a_websocket_run_leaves_no_lock_held_and_no_connection_open() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// Writes a throwaway CA and a server certificate for `localhost` (PEM) into `dir`.
+fn certificates(dir: &std::path::Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).expect("dir");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().expect("key")).expect("ca");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write");
+    let key = KeyPair::generate().expect("key");
+    let cert = CertificateParams::new(vec!["localhost".to_owned()])
+        .expect("params")
+        .signed_by(&key, &ca)
+        .expect("cert");
+    std::fs::write(dir.join("server.pem"), cert.pem()).expect("write");
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_check_passes_over_the_tls_door() {
+    let dir = std::env::temp_dir().join(format!("glockd-tester-tls-{}", std::process::id()));
+    certificates(&dir);
+    let config = glockd::Config {
+        shards: Some(2),
+        pin: false,
+        tls_cert: Some(dir.join("server.pem")),
+        tls_key: Some(dir.join("server.key")),
+        ..glockd::Config::default()
+    };
+    let listeners = glockd::Listeners {
+        tls: Some(std::net::TcpListener::bind("127.0.0.1:0").expect("bind")),
+        ..glockd::Listeners::default()
+    };
+    let server = glockd::start_with_listeners(config, listeners).expect("server starts");
+    let host = format!("localhost:{}", server.tls_addr().expect("tls").port());
+    let ca = dir.join("ca.pem");
+    let ca = ca.to_str().expect("utf-8 path");
+    let report = run_args(&[
+        "--host",
+        &host,
+        "--tls",
+        "--ca",
+        ca,
+        "--timeout-ms",
+        REAL_TIMEOUT_MS,
+    ])
+    .await;
+    assert_no_failures(&report);
+    assert_eq!(report.skipped, 0, "{}", support::shown(&report));
+    assert!(report.target.starts_with("tls "), "{}", report.target);
+    // A CA the server's certificate does not chain to: nothing passes `connect`.
+    let other = dir.join("other");
+    certificates(&other);
+    let other_ca = other.join("ca.pem");
+    let report = run_args(&[
+        "--host",
+        &host,
+        "--tls",
+        "--ca",
+        other_ca.to_str().expect("utf-8 path"),
+        "--timeout-ms",
+        REAL_TIMEOUT_MS,
+    ])
+    .await;
+    assert!(report.failed > 0, "{}", support::shown(&report));
+    let _ = std::fs::remove_dir_all(&dir);
+}

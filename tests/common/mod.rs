@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod model;
+pub mod pki;
 pub mod transport;
 
 use std::collections::BTreeMap;
@@ -43,6 +44,8 @@ pub struct TestServer {
     handle: Option<ServerHandle>,
     pub addr: SocketAddr,
     pub ws_addr: Option<SocketAddr>,
+    pub tls_addr: Option<SocketAddr>,
+    pub tls_ws_addr: Option<SocketAddr>,
     pub unix_path: Option<PathBuf>,
     pub transport: Transport,
     /// Unix connections made so far: the server numbers them `unix:1`, `unix:2`… in order.
@@ -86,6 +89,14 @@ impl TestServer {
             pin: false,
             ..Config::default()
         };
+        if doors
+            .iter()
+            .any(|d| matches!(d, Transport::Tls | Transport::Wss))
+        {
+            let (_, server) = pki::shared();
+            config.tls_cert = Some(server.cert.clone());
+            config.tls_key = Some(server.key.clone());
+        }
         tweak(&mut config);
         let bind = || std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
         let mut listeners = Listeners {
@@ -96,6 +107,8 @@ impl TestServer {
             match door {
                 Transport::Tcp => {}
                 Transport::Ws => listeners.ws = Some(bind()),
+                Transport::Tls => listeners.tls = Some(bind()),
+                Transport::Wss => listeners.tls_ws = Some(bind()),
                 Transport::Unix => {
                     let path = socket_path();
                     let listener = glockd::doors::bind_unix(&path, 0o600).expect("bind unix");
@@ -107,6 +120,8 @@ impl TestServer {
         TestServer {
             addr: handle.tcp_addr().expect("tcp enabled"),
             ws_addr: handle.ws_addr(),
+            tls_addr: handle.tls_addr(),
+            tls_ws_addr: handle.tls_ws_addr(),
             unix_path: handle.unix_path().map(PathBuf::from),
             transport: setup.transport,
             unix_connections: AtomicU64::new(0),
@@ -136,13 +151,52 @@ impl TestServer {
             }
             Transport::Ws => {
                 let addr = self.ws_addr.expect("websocket door");
-                let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/"))
-                    .await
-                    .expect("websocket handshake");
+                let tcp = TcpStream::connect(addr).await.expect("connect ws");
+                let (ws, _) = tokio_tungstenite::client_async(
+                    format!("ws://{addr}/"),
+                    transport::WsUnder::Plain(tcp),
+                )
+                .await
+                .expect("websocket handshake");
                 let bytes = transport::WsBytes::new(ws);
                 let id = bytes.tcp().local_addr().expect("local addr").to_string();
                 Raw {
                     stream: Stream::Ws(Box::new(bytes)),
+                    id,
+                }
+            }
+            Transport::Tls => {
+                let tcp = TcpStream::connect(self.tls_addr.expect("tls door"))
+                    .await
+                    .expect("connect tls");
+                tcp.set_nodelay(true).expect("nodelay");
+                let id = tcp.local_addr().expect("local addr").to_string();
+                let tls = pki::client(&pki::shared().0.ca, None)
+                    .connect(tcp)
+                    .await
+                    .expect("tls handshake");
+                Raw {
+                    stream: Stream::Tls(Box::new(tls)),
+                    id,
+                }
+            }
+            Transport::Wss => {
+                let addr = self.tls_ws_addr.expect("wss door");
+                let tcp = TcpStream::connect(addr).await.expect("connect wss");
+                let id = tcp.local_addr().expect("local addr").to_string();
+                let tls = pki::client(&pki::shared().0.ca, None)
+                    .connect(tcp)
+                    .await
+                    .expect("tls handshake");
+                let under = transport::WsUnder::Tls(Box::new(tls));
+                let (ws, _) = tokio_tungstenite::client_async(
+                    format!("wss://localhost:{}/", addr.port()),
+                    under,
+                )
+                .await
+                .expect("websocket handshake");
+                Raw {
+                    stream: Stream::Ws(Box::new(transport::WsBytes::new(ws))),
                     id,
                 }
             }
@@ -320,12 +374,7 @@ impl Raw {
     /// Vanishes without a goodbye: a TCP reset (for a websocket, under it: no close frame);
     /// a unix socket just closes.
     pub fn reset(self) {
-        let tcp = match &self.stream {
-            Stream::Tcp(tcp) => Some(tcp),
-            Stream::Ws(ws) => Some(ws.tcp()),
-            Stream::Unix(_) => None,
-        };
-        if let Some(tcp) = tcp {
+        if let Some(tcp) = self.stream.tcp() {
             socket2::SockRef::from(tcp)
                 .set_linger(Some(Duration::ZERO))
                 .expect("linger 0");
@@ -335,7 +384,8 @@ impl Raw {
 }
 
 /// Generates, for every listed `async fn name(setup: Setup)`, a test per door (TCP, unix socket,
-/// websocket) and per shard count (1: everything local; 4: most commands cross a mailbox).
+/// websocket) and per shard count (1: everything local; 4: most commands cross a mailbox), and
+/// over TLS (with one shard) and secure websockets (with four).
 #[macro_export]
 macro_rules! for_each_transport {
     ($($name:ident),* $(,)?) => {
@@ -345,6 +395,8 @@ macro_rules! for_each_transport {
         $crate::for_each_transport!(@mod unix_4, Unix, 4; $($name),*);
         $crate::for_each_transport!(@mod ws_1, Ws, 1; $($name),*);
         $crate::for_each_transport!(@mod ws_4, Ws, 4; $($name),*);
+        $crate::for_each_transport!(@mod tls_1, Tls, 1; $($name),*);
+        $crate::for_each_transport!(@mod wss_4, Wss, 4; $($name),*);
     };
     (@mod $module:ident, $transport:ident, $shards:expr; $($name:ident),*) => {
         mod $module {
@@ -362,8 +414,8 @@ macro_rules! for_each_transport {
     };
 }
 
-/// Like `for_each_transport!`, for behaviour of byte streams only (TCP and unix sockets): how a
-/// line split over writes, or input ending without a newline, is read.
+/// Like `for_each_transport!`, for behaviour of byte streams only (TCP, unix sockets and TLS):
+/// how a line split over writes, or input ending without a newline, is read.
 #[macro_export]
 macro_rules! for_each_byte_stream {
     ($($name:ident),* $(,)?) => {
@@ -371,6 +423,7 @@ macro_rules! for_each_byte_stream {
         $crate::for_each_transport!(@mod tcp_4, Tcp, 4; $($name),*);
         $crate::for_each_transport!(@mod unix_1, Unix, 1; $($name),*);
         $crate::for_each_transport!(@mod unix_4, Unix, 4; $($name),*);
+        $crate::for_each_transport!(@mod tls_4, Tls, 4; $($name),*);
     };
 }
 

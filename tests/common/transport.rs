@@ -1,6 +1,6 @@
-//! The client side of the three doors, as one byte stream type for the tests: TCP and unix
-//! sockets as they are, and a websocket as an adapter where each write is one message and reads
-//! return the messages' bytes in order.
+//! The client side of the doors, as one byte stream type for the tests: TCP, TLS and unix
+//! sockets as they are, and a websocket (plain or over TLS) as an adapter where each write is
+//! one message and reads return the messages' bytes in order.
 
 use std::io;
 use std::pin::Pin;
@@ -11,7 +11,7 @@ use futures_util::{stream::Stream as _, Sink};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::WebSocketStream;
 
 /// Which door a test talks through.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,24 +19,50 @@ pub enum Transport {
     Tcp,
     Unix,
     Ws,
+    /// The line protocol over TLS (`-tls-port`).
+    Tls,
+    /// Websockets over TLS (`-tls-ws`).
+    Wss,
 }
+
+/// A client's TLS stream.
+pub type TlsStream = tokio_rustls::client::TlsStream<TcpStream>;
 
 /// A connected client stream of any transport.
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
     Ws(Box<WsBytes>),
+    Tls(Box<TlsStream>),
+}
+
+impl Stream {
+    /// The TCP connection under it (None for a unix socket).
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(tcp) => Some(tcp),
+            Stream::Ws(ws) => Some(ws.tcp()),
+            Stream::Tls(tls) => Some(tls.get_ref().0),
+            Stream::Unix(_) => None,
+        }
+    }
+}
+
+/// What a test websocket runs over: plain TCP or TLS.
+pub enum WsUnder {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
 }
 
 /// A websocket client seen as a byte stream.
 pub struct WsBytes {
-    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub ws: WebSocketStream<WsUnder>,
     /// What is left of the last message received.
     pending: Bytes,
 }
 
 impl WsBytes {
-    pub fn new(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Self {
+    pub fn new(ws: WebSocketStream<WsUnder>) -> Self {
         WsBytes {
             ws,
             pending: Bytes::new(),
@@ -46,8 +72,48 @@ impl WsBytes {
     /// The TCP connection under the websocket.
     pub fn tcp(&self) -> &TcpStream {
         match self.ws.get_ref() {
-            MaybeTlsStream::Plain(tcp) => tcp,
-            _ => unreachable!("tests use plain websockets"),
+            WsUnder::Plain(tcp) => tcp,
+            WsUnder::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for WsUnder {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WsUnder::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            WsUnder::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for WsUnder {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            WsUnder::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            WsUnder::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WsUnder::Plain(s) => Pin::new(s).poll_flush(cx),
+            WsUnder::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            WsUnder::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            WsUnder::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }
@@ -126,6 +192,7 @@ impl AsyncRead for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Ws(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
         }
     }
 }
@@ -140,6 +207,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Ws(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
         }
     }
 
@@ -148,6 +216,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::Ws(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
         }
     }
 
@@ -156,6 +225,7 @@ impl AsyncWrite for Stream {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Ws(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
         }
     }
 }

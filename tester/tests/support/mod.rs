@@ -93,6 +93,7 @@ pub async fn run_args(args: &[&str]) -> Report {
     tokio::time::timeout(RUN_LIMIT, glockd_tester::run(&options, |_| {}))
         .await
         .expect("the run ends in bounded time")
+        .expect("the options' files load")
 }
 
 /// The whole report, for assertion messages.

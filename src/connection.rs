@@ -72,6 +72,8 @@ pub(crate) enum Disconnect {
     LineTooLong,
     /// A websocket text message was not UTF-8 (the protocol requires it of text messages).
     BadText,
+    /// `--auth-max-failures` failed `auth`s in a row.
+    AuthFailures,
     /// The server is shutting down.
     Shutdown,
     /// Serving it panicked (a bug; logged with the panic).
@@ -101,6 +103,7 @@ impl Disconnect {
                 | Disconnect::LineTooLong
                 | Disconnect::LineTimeout
                 | Disconnect::BadText
+                | Disconnect::AuthFailures
                 | Disconnect::Shutdown
         )
     }
@@ -118,6 +121,7 @@ impl Disconnect {
             Disconnect::UnsentLimit => "unsent_limit",
             Disconnect::LineTooLong => "line_too_long",
             Disconnect::BadText => "bad_text",
+            Disconnect::AuthFailures => "auth_failures",
             Disconnect::Shutdown => "shutdown",
             Disconnect::Panic => "panic",
         }
@@ -581,6 +585,10 @@ where
                     finish(stream, &mut buffers, &limits).await;
                     return Disconnect::LineTooLong;
                 }
+                Err(Stop::Gone) if session.closed_by_auth() => {
+                    finish(stream, &mut buffers, &limits).await;
+                    return Disconnect::AuthFailures;
+                }
                 Err(Stop::Gone) => return Disconnect::gone(core),
                 Err(Stop::Ended(reason)) => return reason,
             };
@@ -603,7 +611,11 @@ where
                     .is_err()
                     || session.flush(&mut buffers.out).await.is_err()
                 {
-                    return Disconnect::gone(core);
+                    if !session.closed_by_auth() {
+                        return Disconnect::gone(core);
+                    }
+                    finish(stream, &mut buffers, &limits).await;
+                    return Disconnect::AuthFailures;
                 }
             }
             finish(stream, &mut buffers, &limits).await;

@@ -28,6 +28,7 @@
 //! - [`ratelimit`]: the GCRA limiter behind `rl`.
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
+//! - [`users`]: the users file, tokens, and what each user may do and see.
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
 //! - [`exporter`]: the Prometheus `/metrics` endpoint and the `/healthz` check.
 //! - [`pidfile`]: the flock'ed pidfile.
@@ -61,6 +62,7 @@ pub mod shard;
 pub mod signals;
 pub mod stats;
 pub mod table;
+pub mod users;
 mod websocket;
 
 pub use config::Config;

@@ -259,7 +259,7 @@ pub fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
                 stream,
                 id,
                 admission,
-                Peer::anonymous(),
+                Peer::websocket(),
             ));
         }),
         Incoming::Unix(stream, id, admission) => UnixStream::from_std(stream).map(|stream| {

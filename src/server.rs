@@ -89,6 +89,12 @@ impl ServerHandle {
             })
     }
 
+    /// Reads the users file again (SIGHUP): `None` without one; else the number of users now,
+    /// or why the file was refused (the users in force then stay).
+    pub fn reload_users(&self) -> Option<Result<usize, String>> {
+        self.server.users.as_ref().map(|users| users.reload())
+    }
+
     /// The stats as `q` would show them now.
     pub fn stats(&self) -> Snapshot {
         self.server.stats.snapshot()
@@ -178,6 +184,12 @@ pub fn start_with(config: Config, tcp: Option<StdTcpListener>) -> io::Result<Ser
 /// Starts a server on listeners bound by the caller, ignoring the config's door settings.
 pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Result<ServerHandle> {
     let shards = config.shard_count();
+    let users = config
+        .users_path()
+        .map(crate::users::Directory::load)
+        .transpose()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        .map(Arc::new);
     // The first ceiling is durable before any shard exists, so before any grant.
     let fencing = crate::fencing::Fencing::from_config(&config)?;
     let renewer = fencing.start_renewer()?;
@@ -196,13 +208,15 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .collect::<io::Result<Vec<_>>>()?;
 
     let (mailboxes, inboxes) = Mailboxes::new(shards);
-    let server = Arc::new(ServerState::new(
+    let mut state = ServerState::new(
         config,
         mailboxes,
         metrics_listener.is_some(),
         fencing,
         shard_addrs.iter().map(SocketAddr::port).collect(),
-    ));
+    );
+    state.users = users;
+    let server = Arc::new(state);
     let cores = if server.config.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {

@@ -322,6 +322,11 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
                     .await
                     .is_err()
                 {
+                    if session.closed_by_auth() {
+                        let text = String::from_utf8_lossy(&out).into_owned();
+                        let _ = send(ws, Message::text(text), write_timeout).await;
+                        return Disconnect::AuthFailures;
+                    }
                     return Disconnect::gone(core);
                 }
             }

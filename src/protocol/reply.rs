@@ -43,6 +43,16 @@ pub enum Reply {
     NameLooksLikeId,
     /// `framed`: multi-line replies are counted from now on.
     Framed,
+    /// With a users file: anything but `auth` before the connection is authenticated.
+    AuthRequired,
+    /// With a users file: a command outside the user's classes or name prefixes.
+    PermissionDenied,
+    /// `auth`: the connection is now this user's.
+    Authenticated,
+    /// `auth`: unknown user or wrong token (the reply does not say which).
+    AuthFailed,
+    /// `auth` on a server without a users file.
+    AuthNotConfigured,
 }
 
 impl Reply {
@@ -68,6 +78,11 @@ impl Reply {
             Reply::NameTooLong => b"0 Name Too Long\n",
             Reply::NameLooksLikeId => b"0 Name Looks Like An Id\n",
             Reply::Framed => b"1 Framed\n",
+            Reply::AuthRequired => b"0 Auth Required\n",
+            Reply::PermissionDenied => b"0 Permission Denied\n",
+            Reply::Authenticated => b"1 Authenticated\n",
+            Reply::AuthFailed => b"0 Auth Failed\n",
+            Reply::AuthNotConfigured => b"0 Auth Not Configured (the server has no users file)\n",
             Reply::GotToken(token) => {
                 out.extend_from_slice(b"1 ");
                 return write_count(out, token, b" Got Lock\n");
@@ -111,6 +126,7 @@ impl Reply {
         match self {
             Reply::Got | Reply::Released | Reply::Locked => 1,
             Reply::SharedReleased | Reply::RegisteredName | Reply::Framed => 1,
+            Reply::Authenticated => 1,
             Reply::GotToken(_) | Reply::Token(_) => 1,
             Reply::SharedGot(n) | Reply::SharedCount(n) => n,
             Reply::RateLimit(d) => u64::from(d.allowed),
@@ -131,6 +147,10 @@ pub const LINE_TOO_LONG: &[u8] = b"0 Line Too Long\n";
 /// connection is closed (the websocket protocol requires text messages to be UTF-8; names that
 /// are not go in binary messages).
 pub const TEXT_NOT_UTF8: &[u8] = b"0 Text Message Not UTF-8\n";
+
+/// The one line a connection gets before it is closed for `--auth-max-failures` failed
+/// `auth`s in a row.
+pub const TOO_MANY_AUTH_FAILURES: &[u8] = b"0 Too Many Auth Failures\n";
 
 /// The one line a connection over `--max-connections` gets before it is closed.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";

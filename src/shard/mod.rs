@@ -65,6 +65,8 @@ pub struct ServerState {
     /// Whether connections time their commands (only while the metrics endpoint is on, so a
     /// server without it pays nothing for it).
     pub measure_latency: bool,
+    /// The users file in force (`-users`); None: no users, every client may do anything.
+    pub users: Option<Arc<crate::users::Directory>>,
 }
 
 impl ServerState {
@@ -89,6 +91,7 @@ impl ServerState {
             unix_connections: AtomicU64::new(0),
             measure_latency,
             shard_ports,
+            users: None,
         }
     }
 

@@ -147,11 +147,11 @@ fn client_thread(
                 } else {
                     config.shard_addrs.as_slice().into()
                 };
-                let dial = TcpDial(addrs);
+                let dial = TcpDial(addrs, config.auth_line.clone());
                 thread_main(thread, config.clone(), run, barrier, rec.clone(), dial).await
             }
             Endpoint::Unix(path) => {
-                let dial = UnixDial(path.clone());
+                let dial = UnixDial(path.clone(), config.auth_line.clone());
                 thread_main(thread, config.clone(), run, barrier, rec.clone(), dial).await
             }
         }

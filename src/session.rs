@@ -89,8 +89,8 @@ pub struct Session {
     framed: bool,
     /// Time since the last `record_latency` spent waiting for locks, left out of it.
     waited: std::time::Duration,
-    /// What the connection's door knows of its peer.
-    #[allow(dead_code)] // read by the users layer
+    /// What the connection's door knows of its peer: the door (for the users counters), and
+    /// the identity the users file may map to a user.
     peer: Peer,
     /// With a users file: who the connection is and what it may do. None without one, so the
     /// hot path pays one predictable branch for the feature being off (and boxed, so sessions

@@ -151,3 +151,82 @@ impl Gate {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A directory read from a users file written for the test.
+    fn directory(text: &str) -> Arc<Directory> {
+        static FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = FILES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("glockd-gate-test-{}-{n}.toml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let directory = Directory::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        Arc::new(directory)
+    }
+
+    fn lock(name: &str) -> Request {
+        crate::protocol::parse(format!("g {name}").as_bytes())
+    }
+
+    #[test]
+    fn a_certificate_the_door_verified_makes_the_connection_its_user() {
+        let users = directory(
+            "[[user]]\nname = \"svc\"\ncertificate = \"svc.example.com\"\n\
+             prefixes = ['svc:*']\nclasses = [\"lock\"]\n",
+        );
+        let peer = Peer {
+            certificate: Some(Arc::from("svc.example.com")),
+            ..Peer::default()
+        };
+        let mut gate = Gate::new(users.clone(), &peer);
+        assert!(gate.mapped());
+        assert_eq!(gate.check(&lock("svc:a"), Verb::Get), Ok(()));
+        assert_eq!(
+            gate.check(&lock("other"), Verb::Get),
+            Err(Refusal::Denied(Class::Lock))
+        );
+        assert_eq!(
+            gate.check(&Request::Stats, Verb::Stats),
+            Err(Refusal::Denied(Class::Admin))
+        );
+        assert_eq!(gate.check(&Request::Me, Verb::Me), Ok(()));
+        // Another subject, or none, is nobody until `auth`.
+        for peer in [
+            Peer {
+                certificate: Some(Arc::from("intruder.example.com")),
+                ..Peer::default()
+            },
+            Peer::anonymous(),
+        ] {
+            let mut gate = Gate::new(users.clone(), &peer);
+            assert!(!gate.mapped());
+            assert_eq!(
+                gate.check(&lock("svc:a"), Verb::Get),
+                Err(Refusal::AuthRequired)
+            );
+            assert_eq!(
+                gate.check(&Request::Me, Verb::Me),
+                Err(Refusal::AuthRequired)
+            );
+        }
+    }
+
+    #[test]
+    fn failures_count_in_a_row_and_a_success_starts_again() {
+        let users = directory(&format!(
+            "[[user]]\nname = \"a\"\n{}\nprefixes = ['*']\n",
+            super::super::token::hash_token_line(b"t").unwrap()
+        ));
+        let mut gate = Gate::new(users, &Peer::anonymous());
+        assert_eq!(gate.authenticate(b"a", b"x"), Err(1));
+        assert_eq!(gate.authenticate(b"b", b"t"), Err(2));
+        assert_eq!(gate.authenticate(b"a", b"t").as_deref(), Ok("a"));
+        assert_eq!(gate.authenticate(b"a", b"x"), Err(1));
+        // A failure leaves the user in place.
+        assert!(gate.user().is_some());
+    }
+}

@@ -6,7 +6,7 @@
 //! the file) and may only `auth USER TOKEN`; an authenticated connection may use the command
 //! classes and lock names its user is given, and its listings show only those names.
 //!
-//! - [`file`]: the TOML file and its name patterns.
+//! - [`file`](mod@file): the TOML file and its name patterns.
 //! - [`token`]: SHA-256 digests, the constant-time compare, `glockd hash-token`.
 //! - [`gate`]: one connection's state: who it is, failed attempts, what it may do.
 

@@ -74,7 +74,8 @@ pub const MAX_SHARDS: u16 = 1024;
 #[command(
     name = "glockd",
     version = VERSION_LINE,
-    about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them."
+    about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them.",
+    after_help = "`glockd hash-token` reads a token on standard input and prints the line for a -users file."
 )]
 pub struct Config {
     /// TCP port to listen on; 0 disables TCP.

@@ -112,6 +112,10 @@ fn help_lists_the_flags() {
         "--token-reserve-ms",
         "--log-format",
         "--log-file",
+        "--users",
+        "--auth-fail-delay-ms",
+        "--auth-max-failures",
+        "glockd hash-token",
     ] {
         assert!(
             text.contains(flag),

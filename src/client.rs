@@ -248,6 +248,36 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
         }
     }
 
+    /// `auth USER TOKEN`: authenticates this connection with a server that has a users file.
+    /// A refusal (unknown user, wrong token, a server without users, the connection closed
+    /// after too many failures) is a `PermissionDenied` error carrying the server's reply.
+    pub async fn auth(&mut self, user: &str, token: &str) -> io::Result<()> {
+        // One word each: whitespace would split them differently on the server, and a newline
+        // would end the command early.
+        let word = |w: &str| !w.is_empty() && !w.bytes().any(crate::protocol::is_space);
+        if !word(user) || !word(token) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "auth: the user and the token must each be one word without whitespace",
+            ));
+        }
+        let request = Request::Auth {
+            user: user.as_bytes().into(),
+            token: crate::protocol::Secret::new(token.as_bytes()),
+        };
+        let reply = self.request(&request).await?;
+        if reply_code(&reply)? == 1 {
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "auth refused: {}",
+                String::from_utf8_lossy(&reply).trim_end()
+            ),
+        ))
+    }
+
     /// `iam`: registers a name for this connection (empty clears it). False if the server has
     /// the registry disabled.
     pub async fn iam(&mut self, name: impl AsRef<[u8]>) -> io::Result<bool> {

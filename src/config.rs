@@ -73,6 +73,10 @@ pub const MAX_HANDSHAKE_SECS: u64 = 300;
 /// `--metrics-max-connections`: scrapers are a handful of Prometheus servers; a few thousand
 /// is already far past any real need.
 pub const MAX_METRICS_CONNECTIONS: u64 = 4096;
+/// `--auth-fail-delay-ms`: at most ten seconds; a failed `auth` holds only its own connection.
+pub const MAX_AUTH_FAIL_DELAY_MS: u64 = 10_000;
+/// `--auth-max-failures`: at most a thousand failed `auth`s in a row on one connection.
+pub const MAX_AUTH_FAILURES: u32 = 1000;
 /// `--shards`: one thread each; more than this is a mistake, not a configuration.
 pub const MAX_SHARDS: u16 = 1024;
 /// `--max-memory`: at least 1 MiB (the budget is checked against counts published in 16 KiB
@@ -87,7 +91,8 @@ pub const MAX_LOCK_NAME_BYTES: u64 = MAX_LINE_BYTES;
 #[command(
     name = "glockd",
     version = VERSION_LINE,
-    about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them."
+    about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them.",
+    after_help = "`glockd hash-token` reads a token on standard input and prints the line for a -users file."
 )]
 pub struct Config {
     /// TCP port to listen on; 0 disables TCP.
@@ -356,6 +361,26 @@ pub struct Config {
     #[arg(long, default_value_t = 3000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub token_reserve_ms: u64,
 
+    /// Users, their tokens and permissions (a TOML file; see the README's Users section). With
+    /// it every connection must `auth USER TOKEN` (or be mapped to a user by its client
+    /// certificate or unix uid) before anything else, and may use only its user's command
+    /// classes and lock names. SIGHUP reads it again (a bad file is refused, the old one kept).
+    /// Without it (the default) the server is open to every client, as the original was.
+    #[arg(long, value_parser = clap::value_parser!(std::ffi::OsString))]
+    pub users: Option<OsString>,
+
+    /// Milliseconds a failed `auth` waits before its reply (only that connection waits), to
+    /// slow down guessing.
+    #[arg(long, default_value_t = 100,
+          value_parser = clap::value_parser!(u64).range(0..=MAX_AUTH_FAIL_DELAY_MS))]
+    pub auth_fail_delay_ms: u64,
+
+    /// Failed `auth`s in a row after which the connection gets `0 Too Many Auth Failures` and
+    /// is closed.
+    #[arg(long, default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_AUTH_FAILURES)))]
+    pub auth_max_failures: u32,
+
     /// Fault injection for tests only (not a flag): a connection that sends exactly this line
     /// panics while handling it.
     #[arg(skip)]
@@ -393,6 +418,12 @@ impl Config {
     {
         let config = Config::try_parse_from(go_style_args(args))?;
         config.check_together()?;
+        // A users file that does not load stops the server here, as a bad flag value does
+        // (the server reads it again when it starts).
+        if let Some(path) = config.users_path() {
+            crate::users::Users::load(path)
+                .map_err(|e| Config::command().error(clap::error::ErrorKind::ValueValidation, e))?;
+        }
         Ok(config)
     }
 
@@ -457,6 +488,14 @@ impl Config {
     /// The log file, if set (`-log-file ''` means stderr).
     pub fn log_file_path(&self) -> Option<&std::path::Path> {
         self.log_file
+            .as_deref()
+            .filter(|path| !path.is_empty())
+            .map(std::path::Path::new)
+    }
+
+    /// The users file, if set (`-users ''` means none).
+    pub fn users_path(&self) -> Option<&std::path::Path> {
+        self.users
             .as_deref()
             .filter(|path| !path.is_empty())
             .map(std::path::Path::new)
@@ -905,6 +944,8 @@ mod tests {
             ["-keepalive-interval", "1", "32767", "0", "32768"],
             ["-keepalive-count", "1", "127", "0", "128"],
             ["-max-wait-ms", "0", "31536000000", "", "31536000001"],
+            ["-auth-fail-delay-ms", "0", "10000", "", "10001"],
+            ["-auth-max-failures", "1", "1000", "0", "1001"],
         ];
         assert_eq!(MAX_TIMEOUT_SECS, 31_536_000);
         for [flag, low, high, below, above] in ranges {

@@ -98,6 +98,8 @@ pub(crate) enum Disconnect {
     ClientBuffers,
     /// It sent more than [`WAIT_READ_AHEAD`] while a command of its waited.
     WaitReadAhead,
+    /// `--auth-max-failures` failed `auth`s in a row.
+    AuthFailures,
     /// The server is shutting down.
     Shutdown,
     /// Serving it panicked (a bug; logged with the panic).
@@ -129,6 +131,7 @@ impl Disconnect {
                 | Disconnect::LineTooLong
                 | Disconnect::LineTimeout
                 | Disconnect::BadText
+                | Disconnect::AuthFailures
                 | Disconnect::Shutdown
         )
     }
@@ -148,6 +151,7 @@ impl Disconnect {
             Disconnect::BadText => "bad_text",
             Disconnect::ClientBuffers => "client_buffers",
             Disconnect::WaitReadAhead => "wait_read_ahead",
+            Disconnect::AuthFailures => "auth_failures",
             Disconnect::Shutdown => "shutdown",
             Disconnect::Panic => "panic",
         }
@@ -674,6 +678,10 @@ where
                     finish(stream, &mut buffers, &limits).await;
                     return Disconnect::LineTooLong;
                 }
+                Err(Stop::Gone) if session.closed_by_auth() => {
+                    finish(stream, &mut buffers, &limits).await;
+                    return Disconnect::AuthFailures;
+                }
                 Err(Stop::Gone) => return Disconnect::gone(core),
                 Err(Stop::Ended(reason)) => return reason,
             };
@@ -701,7 +709,11 @@ where
                     .is_err()
                     || session.flush(&mut buffers.out).await.is_err()
                 {
-                    return Disconnect::gone(core);
+                    if !session.closed_by_auth() {
+                        return Disconnect::gone(core);
+                    }
+                    finish(stream, &mut buffers, &limits).await;
+                    return Disconnect::AuthFailures;
                 }
             }
             finish(stream, &mut buffers, &limits).await;

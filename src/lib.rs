@@ -33,6 +33,7 @@
 //! - [`memory`]: the memory budget (`-max-memory`) every shard accounts its state against.
 //! - [`name`]: `LockName`, bytes stored inline when short.
 //! - [`registry`]: connection ids and the names they registered with `iam`.
+//! - [`users`]: the users file, tokens, and what each user may do and see.
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
 //! - [`exporter`]: the Prometheus `/metrics` endpoint and the `/healthz` check.
 //! - [`pidfile`]: the flock'ed pidfile.
@@ -69,6 +70,7 @@ pub mod signals;
 pub mod stats;
 pub mod table;
 pub mod tls;
+pub mod users;
 mod websocket;
 
 pub use config::Config;

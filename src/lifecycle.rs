@@ -267,7 +267,7 @@ pub fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
                 stream,
                 id,
                 admission,
-                Peer::anonymous(),
+                Peer::websocket(),
             ));
         }),
         Incoming::Tls(stream, id, admission, handshake) => {

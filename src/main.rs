@@ -21,6 +21,12 @@ use tracing::{info, warn};
 const AT_ONCE: i32 = 130;
 
 fn main() -> ExitCode {
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == "hash-token")
+    {
+        return hash_token();
+    }
     let mut config = Config::from_args();
     // Debug builds only: the binary's tests make ceiling writes slow to show that grants wait
     // for them. A release build never reads this variable.
@@ -100,6 +106,9 @@ fn main() -> ExitCode {
         );
     }
     announce(&server, &settings, &budget);
+    if let Some(warning) = glockd::users::exposure_warning(&settings) {
+        warn!(event = "exposed", "{warning}");
+    }
 
     let exit = Exit {
         pidfile,
@@ -242,6 +251,10 @@ async fn serve_until_signalled(
                 exit.now(AT_ONCE);
             }
             Action::Status => log_status(name, Some(&server)),
+            Action::Reload => {
+                on_signal(name, Action::Reload, Some(&server));
+                reload_users(&server);
+            }
             action => on_signal(name, action, Some(&server)),
         }
     };
@@ -285,6 +298,51 @@ fn on_signal(name: &'static str, action: Action, server: Option<&ServerHandle>) 
         }
         Action::Ignore => info!(event = "signal", signal = %name, "ignored"),
         _ => {}
+    }
+}
+
+/// SIGHUP: reads the users file again, if there is one. A file that does not load is refused
+/// with a log line, and the users in force stay.
+fn reload_users(server: &ServerHandle) {
+    match server.reload_users() {
+        None => {}
+        Some(Ok(users)) => info!(event = "users_reloaded", users, "users file reloaded"),
+        Some(Err(e)) => warn!(
+            event = "users_reload_failed",
+            error = %e,
+            "users file refused; the users in force stay"
+        ),
+    }
+}
+
+/// `glockd hash-token`: reads a token on standard input (never from the command line, where
+/// other users of the machine could read it) and prints the users file line with its digest.
+fn hash_token() -> ExitCode {
+    use std::io::Read;
+    if std::env::args_os().count() > 2 {
+        eprintln!("glockd: hash-token takes no arguments; it reads the token on standard input");
+        return ExitCode::from(2);
+    }
+    let mut input = Vec::new();
+    // A token is short: read a little more than any token, and refuse the rest.
+    let limit = 64 * 1024;
+    if let Err(e) = std::io::stdin().take(limit + 1).read_to_end(&mut input) {
+        eprintln!("glockd: hash-token: cannot read standard input: {e}");
+        return ExitCode::from(1);
+    }
+    if input.len() as u64 > limit {
+        eprintln!("glockd: hash-token: a token is at most {limit} bytes");
+        return ExitCode::from(2);
+    }
+    match glockd::users::token::hash_token_line(&input) {
+        Ok(line) => {
+            println!("{line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("glockd: hash-token: {e}");
+            ExitCode::from(2)
+        }
     }
 }
 

@@ -147,16 +147,21 @@ impl Registry {
         out.push(b'\n');
     }
 
-    /// `who [NAME]`: `<id>: <name>` for every registered connection (or those named `name`),
-    /// sorted by id.
-    pub fn write_who(&self, name: &[u8], out: &mut Vec<u8>) {
+    /// `who [NAME]`: `<id>: <name>` for every registered connection (or those named `name`)
+    /// whose name `visible` lets through, sorted by id.
+    pub fn write_who(
+        &self,
+        name: &[u8],
+        visible: &mut dyn FnMut(&[u8]) -> bool,
+        out: &mut Vec<u8>,
+    ) {
         // (id, registered name), both shared with the records.
         let mut rows: Vec<(Text, Text)> = Vec::new();
         for part in self.parts.iter() {
             let part = part.read().unwrap_or_else(|e| e.into_inner());
             for record in part.values() {
                 if let Some(registered) = &record.name {
-                    if name.is_empty() || **registered == *name {
+                    if (name.is_empty() || **registered == *name) && visible(registered) {
                         rows.push((record.id.clone(), registered.clone()));
                     }
                 }
@@ -260,11 +265,11 @@ mod tests {
         registry.write_me(1, &mut out);
         assert_eq!(out, b"1 127.0.0.1:5000 worker 1\n");
         out.clear();
-        registry.write_who(b"", &mut out);
+        registry.write_who(b"", &mut |_| true, &mut out);
         assert_eq!(out, b"127.0.0.1:5000: worker 1\n");
         assert!(registry.set_name(1, b""));
         out.clear();
-        registry.write_who(b"", &mut out);
+        registry.write_who(b"", &mut |_| true, &mut out);
         assert!(out.is_empty());
         registry.remove(1);
         out.clear();

@@ -119,6 +119,12 @@ impl ServerHandle {
         tables + self.server.memory.registry_used()
     }
 
+    /// Reads the users file again (SIGHUP): `None` without one; else the number of users now,
+    /// or why the file was refused (the users in force then stay).
+    pub fn reload_users(&self) -> Option<Result<usize, String>> {
+        self.server.users.as_ref().map(|users| users.reload())
+    }
+
     /// The stats as `q` would show them now.
     pub fn stats(&self) -> Snapshot {
         self.server.stats.snapshot()
@@ -214,6 +220,12 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         &config,
         listeners.tls.is_some() || listeners.tls_ws.is_some(),
     )?;
+    let users = config
+        .users_path()
+        .map(crate::users::Directory::load)
+        .transpose()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?
+        .map(Arc::new);
     // The first ceiling is durable before any shard exists, so before any grant.
     let fencing = crate::fencing::Fencing::from_config(&config)?;
     let renewer = fencing.start_renewer()?;
@@ -238,16 +250,16 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .collect::<io::Result<Vec<_>>>()?;
 
     let (mailboxes, inboxes) = Mailboxes::new(shards);
-    let server = Arc::new(
-        ServerState::new(
-            config,
-            mailboxes,
-            metrics_listener.is_some(),
-            fencing,
-            shard_addrs.iter().map(SocketAddr::port).collect(),
-        )
-        .with_tls(tls),
-    );
+    let mut state = ServerState::new(
+        config,
+        mailboxes,
+        metrics_listener.is_some(),
+        fencing,
+        shard_addrs.iter().map(SocketAddr::port).collect(),
+    )
+    .with_tls(tls);
+    state.users = users;
+    let server = Arc::new(state);
     let cores = if server.config.pin {
         core_affinity::get_core_ids().unwrap_or_default()
     } else {

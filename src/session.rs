@@ -28,6 +28,7 @@ use crate::shard::{
     BatchDone, ConnBatch, Listing, LockMsg, Outgoing, RoutedOp, ShardCore, WaitRequest,
 };
 use crate::table::Quota;
+use crate::users::{AuthResult, Gate, Refusal};
 
 pub use crate::routing::Gone;
 
@@ -88,9 +89,16 @@ pub struct Session {
     framed: bool,
     /// Time since the last `record_latency` spent waiting for locks, left out of it.
     waited: std::time::Duration,
-    /// What the connection's door knows of its peer.
-    #[allow(dead_code)] // read by the users layer
+    /// What the connection's door knows of its peer: the door (for the users counters), and
+    /// the identity the users file may map to a user.
     peer: Peer,
+    /// With a users file: who the connection is and what it may do. None without one, so the
+    /// hot path pays one predictable branch for the feature being off (and boxed, so sessions
+    /// stay small).
+    users: Option<Box<Gate>>,
+    /// Closed for `--auth-max-failures` failed `auth`s: its last reply is in the output, and
+    /// the connection ends once that is written.
+    auth_closed: bool,
 }
 
 impl Session {
@@ -98,6 +106,13 @@ impl Session {
         let shards = core.server.router.shards();
         let limit = core.server.config.max_locks_per_conn;
         let measure = core.server.measure_latency;
+        let users = core.server.users.as_ref().map(|directory| {
+            let gate = Box::new(Gate::new(directory.clone(), &peer));
+            if gate.mapped() {
+                core.cell().auth[peer.door.index()][AuthResult::Mapped as usize].add(1);
+            }
+            gate
+        });
         let presence = Presence::open(core, id_text, admission);
         if let Some(name) = &peer.certificate {
             // The verified certificate's subject is the connection's name from its first
@@ -119,7 +134,15 @@ impl Session {
             framed: false,
             waited: std::time::Duration::ZERO,
             peer,
+            users,
+            auth_closed: false,
         }
+    }
+
+    /// Whether the connection was closed for failed `auth`s: the caller writes what is in its
+    /// output (the last reply says so) and ends the connection.
+    pub fn closed_by_auth(&self) -> bool {
+        self.auth_closed
     }
 
     pub fn core(&self) -> &ShardCore {
@@ -163,6 +186,12 @@ impl Session {
         if let Some(counts) = &mut self.batch_verbs {
             counts[verb.index()] += 1;
         }
+        if self.users.is_some() {
+            if let Some(reply) = self.refuse(&request, verb) {
+                self.reply(reply, out);
+                return Step::Done;
+            }
+        }
         let config = &self.core().server.config;
         if !verb.facts().gate.is_open(config.dump, config.registry) {
             self.reply(Reply::Disabled, out);
@@ -197,6 +226,84 @@ impl Session {
             request => return Step::Later(request),
         }
         Step::Done
+    }
+
+    /// With a users file: the reply refusing `request`, counted, if its user may not run it
+    /// (or the connection has no user yet).
+    #[inline(never)]
+    fn refuse(&mut self, request: &Request, verb: Verb) -> Option<Reply> {
+        let gate = self.users.as_mut()?;
+        let refusal = gate.check(request, verb).err()?;
+        let cell = self.presence.core.cell();
+        let door = self.peer.door.index();
+        Some(match refusal {
+            Refusal::AuthRequired => {
+                cell.auth_required[door].add(1);
+                Reply::AuthRequired
+            }
+            Refusal::Denied(class) => {
+                cell.permission_denied[door][class.index()].add(1);
+                Reply::PermissionDenied
+            }
+        })
+    }
+
+    /// `auth USER TOKEN`. A failure is answered only after `--auth-fail-delay-ms` (this
+    /// connection waits; the others of its thread run meanwhile), and the
+    /// `--auth-max-failures`-th in a row closes the connection.
+    async fn authenticate(
+        &mut self,
+        user: &[u8],
+        token: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Gone> {
+        let Some(gate) = self.users.as_mut() else {
+            Reply::AuthNotConfigured.write_to(out);
+            return Ok(());
+        };
+        let core = self.presence.core.clone();
+        let config = &core.server.config;
+        let door = self.peer.door.index();
+        match gate.authenticate(user, token) {
+            Ok(name) => {
+                core.cell().auth[door][AuthResult::Success as usize].add(1);
+                if let Some(label) = &self.presence.label {
+                    tracing::info!(event = "auth", conn = %label, user = %name);
+                }
+                Reply::Authenticated.write_to(out);
+                Ok(())
+            }
+            Err(failures) => {
+                core.cell().auth[door][AuthResult::Failure as usize].add(1);
+                if let Some(label) = &self.presence.label {
+                    tracing::info!(
+                        event = "auth_failed",
+                        conn = %label,
+                        user = crate::logging::printable(user).as_ref(),
+                        failures
+                    );
+                }
+                let delay = std::time::Duration::from_millis(config.auth_fail_delay_ms);
+                if !delay.is_zero() && !core.is_closing() {
+                    let started = std::time::Instant::now();
+                    let closing = core.conns.closing();
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = closing => {}
+                    }
+                    // The delay is a penalty, not the command's latency: left out of it, as
+                    // lock waits are.
+                    self.waited += started.elapsed();
+                }
+                if failures >= config.auth_max_failures {
+                    out.extend_from_slice(protocol::TOO_MANY_AUTH_FAILURES);
+                    self.auth_closed = true;
+                    return Err(Gone);
+                }
+                Reply::AuthFailed.write_to(out);
+                Ok(())
+            }
+        }
     }
 
     /// [`Self::run_later`] with its state on the heap: waits and listings are rare, and their
@@ -463,15 +570,25 @@ impl Session {
                 }
                 Reply::RegisteredName.write_to(out);
             }
+            Request::Auth { user, token } => {
+                return self.authenticate(&user, token.expose(), out).await;
+            }
             Request::Who(name) => {
-                server
-                    .registry
-                    .write_who(name.as_ref().map_or(&[][..], |n| n.as_bytes()), out);
+                let name = name.as_ref().map_or(&[][..], |n| n.as_bytes());
+                match self.users.as_mut() {
+                    None => server.registry.write_who(name, &mut |_| true, out),
+                    Some(gate) => server
+                        .registry
+                        .write_who(name, &mut |n| gate.may_see(n), out),
+                }
                 // A listing can be long: let the other clients of this thread have a turn.
                 self.presence.core.pause().await;
             }
             Request::List { kind, name } => {
-                let rows = self.collect(kind, name).await?;
+                let mut rows = self.collect(kind, name).await?;
+                if let Some(gate) = self.users.as_mut() {
+                    rows.retain(|(name, _)| gate.may_see(name.as_bytes()));
+                }
                 // Sorting and writing a big listing takes time: do it off the shard threads,
                 // so the other clients of this thread are not kept waiting meanwhile.
                 let listing = if rows.len() > RENDER_INLINE_ROWS {

@@ -421,6 +421,11 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
                 let ran = session.run_later_boxed(request, &mut out, &mut watch).await;
                 let ended = watch.ended;
                 if ran.is_err() {
+                    if session.closed_by_auth() {
+                        let text = String::from_utf8_lossy(&out).into_owned();
+                        let _ = send(ws, Message::text(text), write_timeout).await;
+                        return Disconnect::AuthFailures;
+                    }
                     return match ended {
                         Some(Disconnect::ClientBuffers) => {
                             offer(ws, protocol::CLIENT_BUFFERS_FULL).await;

@@ -119,6 +119,10 @@ fn help_lists_the_flags() {
         "--tls-client-ca",
         "--tls-handshake-timeout",
         "--max-tls-handshakes",
+        "--users",
+        "--auth-fail-delay-ms",
+        "--auth-max-failures",
+        "glockd hash-token",
     ] {
         assert!(
             text.contains(flag),
@@ -453,6 +457,8 @@ fn numeric_flags_out_of_range_are_refused_in_one_line() {
         ("tls-ws", &["65536"]),
         ("tls-handshake-timeout", &["0", "301"]),
         ("max-tls-handshakes", &["0", "1073741825"]),
+        ("auth-fail-delay-ms", &["10001", "-1"]),
+        ("auth-max-failures", &["0", "1001"]),
     ];
     for (flag, values) in refused {
         for value in *values {
@@ -524,6 +530,10 @@ fn every_numeric_flag_at_its_lowest_starts_and_serves() {
         "0",
         "-max-wait-ms",
         "0",
+        "-auth-fail-delay-ms",
+        "0",
+        "-auth-max-failures",
+        "1",
     ]);
     assert_eq!(
         ask(port, "g x\ngw 0 y\ni x\n"),
@@ -580,6 +590,10 @@ fn every_numeric_flag_at_its_highest_starts_and_serves() {
         "31536000",
         "-max-wait-ms",
         "31536000000",
+        "-auth-fail-delay-ms",
+        "10000",
+        "-auth-max-failures",
+        "1000",
     ]);
     assert_eq!(
         ask(port, "g x\ngw 31536000000 y\nsgw 31536000000 1 z\ni x\n"),

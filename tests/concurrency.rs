@@ -163,6 +163,7 @@ async fn q_counts_are_exact(setup: Setup) {
     a.check("me\n", &format!("x: {aid}\n1 {aid} {aid}\n")).await;
     let stats = server.client().await.stats().await.unwrap();
     let expect = [
+        ("command_auth", 0),
         ("command_d", 1),
         ("command_dump", 0),
         ("command_framed", 0),

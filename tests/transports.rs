@@ -136,7 +136,7 @@ async fn websocket_replies_are_one_message_per_command() {
         q.iter().filter(|&&b| b == b'\n').count(),
         glockd::protocol::Verb::COUNT + 12
     );
-    assert!(q.starts_with(b"command_d: 1\n"));
+    assert!(q.starts_with(b"command_auth: 0\ncommand_d: 1\n"));
     // Pings are answered.
     ws.send(Message::Ping(b"hi".to_vec().into())).await.unwrap();
     loop {

@@ -3,10 +3,12 @@ import socket
 
 
 class Glockd:
-    def __init__(self, host="127.0.0.1", port=9999, timeout=10.0):
+    def __init__(self, host="127.0.0.1", port=9999, timeout=10.0, user=None, token=None):
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.file = self.sock.makefile("rb")
+        if user and self.ask("auth %s %s" % (user, token))[0] != 1:  # a server with -users
+            raise PermissionError("auth refused for user " + user)
         self.ask("framed")  # count the lines of every listing from now on
 
     def close(self):  # releases every lock this connection holds

@@ -198,6 +198,33 @@ pub struct Args {
     /// No progress line, even on a terminal.
     #[arg(long)]
     pub quiet: bool,
+
+    /// Every connection sends `auth USER TOKEN` first (a glockd started with -users) and
+    /// stops the run if it is refused.
+    #[arg(long, value_name = "USER:TOKEN")]
+    pub auth: Option<String>,
+}
+
+/// The `auth USER TOKEN\n` line of `--auth`; its `Debug` form hides the token.
+#[derive(Clone)]
+pub struct AuthLine(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for AuthLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AuthLine(..)")
+    }
+}
+
+/// `auth USER TOKEN\n` from `--auth USER:TOKEN`, each one word.
+fn auth_line(text: &str) -> Result<AuthLine, String> {
+    let (user, token) = text.split_once(':').ok_or("--auth: expected USER:TOKEN")?;
+    let word = |w: &str| !w.is_empty() && !w.chars().any(char::is_whitespace);
+    if !word(user) || !word(token) {
+        return Err("--auth: USER and TOKEN must each be one word without whitespace".into());
+    }
+    Ok(AuthLine(
+        format!("auth {user} {token}\n").into_bytes().into(),
+    ))
 }
 
 /// Where the server listens.
@@ -267,6 +294,8 @@ pub struct Config {
     pub shard_addrs: Vec<std::net::SocketAddr>,
     /// Show a progress line (only honoured on a terminal).
     pub progress: bool,
+    /// `--auth`: the `auth USER TOKEN` line every connection sends first.
+    pub auth_line: Option<AuthLine>,
 }
 
 impl Config {
@@ -337,6 +366,7 @@ impl Config {
             shard_aware: args.shard_aware,
             shard_addrs: Vec::new(),
             progress: !args.quiet,
+            auth_line: args.auth.as_deref().map(auth_line).transpose()?,
         };
         config.check()?;
         Ok(config)
@@ -355,6 +385,9 @@ impl Config {
 
     /// The rules that no single flag can check by itself.
     pub fn check(&self) -> Result<(), String> {
+        if self.auth_line.is_some() && self.target != Target::Glockd {
+            return Err("--auth is glockd's `auth`; it needs --target glockd".into());
+        }
         if self.conns == 0 || self.pipeline == 0 || self.threads == 0 {
             return Err("--conns, --pipeline and --threads must be at least 1".into());
         }

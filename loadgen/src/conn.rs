@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::cli::AuthLine;
 use crate::report::Recorder;
 use crate::session::{RunShared, Schedule, Session};
 use crate::wire::{self, Parsed, Target};
@@ -44,13 +45,13 @@ pub trait Dial: Clone + 'static {
 
 /// TCP, with Nagle off: a pipelined window is one write and must leave at once. Connection
 /// `index` goes to `addrs[index % addrs.len()]`: the server's one address, or, shard-aware,
-/// each shard's own.
+/// each shard's own. With `--auth`, each connection authenticates before it is used.
 #[derive(Clone)]
-pub struct TcpDial(pub std::rc::Rc<[SocketAddr]>);
+pub struct TcpDial(pub std::rc::Rc<[SocketAddr]>, pub Option<AuthLine>);
 
-impl Dial for TcpDial {
-    type Stream = TcpStream;
-    async fn dial(&self, index: u64) -> io::Result<TcpStream> {
+impl TcpDial {
+    /// Connects connection number `index` without authenticating.
+    async fn connect(&self, index: u64) -> io::Result<TcpStream> {
         let addr = self.0[(index % self.0.len() as u64) as usize];
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
@@ -58,27 +59,75 @@ impl Dial for TcpDial {
     }
 }
 
-/// TCP, then a TLS handshake (`--tls`): the handshake is part of connecting.
+impl Dial for TcpDial {
+    type Stream = TcpStream;
+    async fn dial(&self, index: u64) -> io::Result<TcpStream> {
+        let mut stream = self.connect(index).await?;
+        authenticate(&mut stream, self.1.as_ref()).await?;
+        Ok(stream)
+    }
+}
+
+/// TCP, then a TLS handshake (`--tls`): the handshake is part of connecting, and `--auth`
+/// goes over TLS once it is done, never in clear text.
 #[derive(Clone)]
 pub struct TlsDial(pub TcpDial, pub std::rc::Rc<crate::tls::Tls>);
 
 impl Dial for TlsDial {
     type Stream = tokio_rustls::client::TlsStream<TcpStream>;
     async fn dial(&self, index: u64) -> io::Result<Self::Stream> {
-        let stream = self.0.dial(index).await?;
-        self.1.connect(stream).await
+        let stream = self.0.connect(index).await?;
+        let mut stream = self.1.connect(stream).await?;
+        authenticate(&mut stream, self.0 .1.as_ref()).await?;
+        Ok(stream)
     }
 }
 
-/// A unix socket.
+/// A unix socket (with `--auth`, authenticated before it is used).
 #[derive(Clone)]
-pub struct UnixDial(pub PathBuf);
+pub struct UnixDial(pub PathBuf, pub Option<AuthLine>);
 
 impl Dial for UnixDial {
     type Stream = UnixStream;
     async fn dial(&self, _index: u64) -> io::Result<UnixStream> {
-        UnixStream::connect(&self.0).await
+        let mut stream = UnixStream::connect(&self.0).await?;
+        authenticate(&mut stream, self.1.as_ref()).await?;
+        Ok(stream)
     }
+}
+
+/// Sends `auth USER TOKEN` and reads its one-line reply, which must start with `1 `. Done once
+/// per connection, before its first command, so reading a byte at a time costs nothing that
+/// matters and never reads past the reply.
+async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    auth: Option<&AuthLine>,
+) -> io::Result<()> {
+    let Some(AuthLine(line)) = auth else {
+        return Ok(());
+    };
+    stream.write_all(line).await?;
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    while reply.last() != Some(&b'\n') {
+        if stream.read(&mut byte).await? == 0 || reply.len() > 4096 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "auth: the server closed the connection without a reply",
+            ));
+        }
+        reply.push(byte[0]);
+    }
+    if reply.starts_with(b"1 ") {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::PermissionDenied,
+        format!(
+            "auth refused: {}",
+            String::from_utf8_lossy(&reply).trim_end()
+        ),
+    ))
 }
 
 /// A connection's reusable buffers.

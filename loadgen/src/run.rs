@@ -147,7 +147,7 @@ fn client_thread(
                 } else {
                     config.shard_addrs.as_slice().into()
                 };
-                let dial = TcpDial(addrs);
+                let dial = TcpDial(addrs, config.auth_line.clone());
                 match &config.tls {
                     Some(tls) => {
                         let dial = TlsDial(dial, tls.clone().into());
@@ -159,7 +159,7 @@ fn client_thread(
                 }
             }
             Endpoint::Unix(path) => {
-                let dial = UnixDial(path.clone());
+                let dial = UnixDial(path.clone(), config.auth_line.clone());
                 thread_main(thread, config.clone(), run, barrier, rec.clone(), dial).await
             }
         }

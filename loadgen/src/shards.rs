@@ -40,9 +40,21 @@ pub fn discover(config: &Config) -> Result<Vec<SocketAddr>, String> {
     let ask = || -> std::io::Result<String> {
         let mut stream = TcpStream::connect_timeout(addr, ASK_TIMEOUT)?;
         stream.set_read_timeout(Some(ASK_TIMEOUT))?;
-        stream.write_all(b"shards\n")?;
+        let mut reader = BufReader::new(stream.try_clone()?);
         let mut line = String::new();
-        BufReader::new(stream).read_line(&mut line)?;
+        if let Some(crate::cli::AuthLine(auth)) = &config.auth_line {
+            stream.write_all(auth)?;
+            reader.read_line(&mut line)?;
+            if !line.starts_with("1 ") {
+                return Err(std::io::Error::other(format!(
+                    "auth refused: {}",
+                    line.trim_end()
+                )));
+            }
+            line.clear();
+        }
+        stream.write_all(b"shards\n")?;
+        reader.read_line(&mut line)?;
         Ok(line)
     };
     let line = ask().map_err(|e| format!("--shard-aware: asking {addr} for `shards`: {e}"))?;

@@ -413,5 +413,56 @@ fn churn_and_handshakes_over_tls_with_a_client_certificate() {
     let config = Config::from_args(Args::try_parse_from(line.split_whitespace()).unwrap()).unwrap();
     let report = run(config).unwrap();
     assert!(report.errors > 0, "{}", report.table());
+}
+
+/// `--auth`: against a server with a users file every connection authenticates first (the
+/// shard ports and the `shards` question included); a wrong token fails every connection,
+/// and a server that needs auth refuses a run without it.
+#[test]
+fn auth_authenticates_every_connection() {
+    let dir = std::env::temp_dir().join(format!("glockd-loadgen-users-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("users.toml");
+    let line = glockd::users::token::hash_token_line(b"bench-token").unwrap();
+    std::fs::write(
+        &path,
+        format!("[[user]]\nname = \"bench\"\n{line}\nprefixes = ['*']\nclasses = [\"all\"]\n"),
+    )
+    .unwrap();
+    let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
+    let config = glockd::Config {
+        shards: Some(2),
+        pin: false,
+        users: Some(path.clone().into()),
+        auth_fail_delay_ms: 0,
+        ..glockd::Config::default()
+    };
+    let listeners = glockd::Listeners {
+        tcp: Some(bind()),
+        shard_ports: vec![bind(), bind()],
+        ..glockd::Listeners::default()
+    };
+    let server = glockd::start_with_listeners(config, listeners).unwrap();
+    let addr = server.tcp_addr().unwrap();
+    for extra in ["", "--shard-aware"] {
+        let report = loadgen(&format!(
+            "--addr {addr} --workload churn --conns 4 --pipeline 4 --requests 4000 \
+             --duration 30s --auth bench:bench-token {extra}"
+        ));
+        assert_clean(&report);
+    }
+    let report = loadgen(&format!(
+        "--addr {addr} --conns 2 --requests 200 --auth bench:wrong"
+    ));
+    assert!(report.errors > 0, "{}", report.table());
+    assert!(
+        report.error_examples[0].contains("auth refused: 0 Auth Failed"),
+        "{:?}",
+        report.error_examples
+    );
+    let report = loadgen(&format!("--addr {addr} --conns 2 --requests 200"));
+    assert!(report.errors > 0, "{}", report.table());
+    let args = Args::try_parse_from(["loadgen", "--redis", "--auth", "a:b"]).unwrap();
+    assert!(Config::from_args(args).unwrap_err().contains("--auth"));
     let _ = std::fs::remove_dir_all(&dir);
 }

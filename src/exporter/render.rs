@@ -13,13 +13,15 @@ use std::sync::Arc;
 use metrics::{counter, describe_counter, describe_gauge, gauge};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 
-use crate::protocol::Verb;
+use crate::peer::DoorKind;
+use crate::protocol::{Class, Verb};
 use crate::shard::ServerState;
 use crate::stats::{
     latency_bucket_ns, wait_buckets_for, CloseReason, LockResult, RefuseReason, LATENCY_BUCKETS,
     WAIT_BUCKETS, WAIT_BUCKETS_NS,
 };
 use crate::tls::{HandshakeResult, TlsDoor};
+use crate::users::AuthResult;
 
 /// The server's version, for `glockd_build_info`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -219,6 +221,19 @@ impl Exporter {
                 "glockd_fencing_ceiling_write_errors_total",
                 "Ceiling writes that failed (each is retried; grants wait at the old ceiling)."
             );
+            describe_counter!(
+                "glockd_auth_total",
+                "With -users: auth results by door (success, failure), and connections their \
+                 door mapped to a user by client certificate or unix uid (mapped)."
+            );
+            describe_counter!(
+                "glockd_permission_denied_total",
+                "With -users: commands answered `0 Permission Denied`, by door and command class."
+            );
+            describe_counter!(
+                "glockd_auth_required_total",
+                "With -users: commands answered `0 Auth Required` (not authenticated), by door."
+            );
             process.describe();
         });
         Exporter {
@@ -341,6 +356,30 @@ impl Exporter {
             counter!("glockd_log_dropped_total").absolute(crate::logging::dropped_lines());
             counter!("glockd_metrics_connections_refused_total")
                 .absolute(self.refused.load(Ordering::Relaxed));
+            if self.server.users.is_some() {
+                let users = stats.users();
+                for door in DoorKind::ALL {
+                    let at = door.index();
+                    for result in AuthResult::ALL {
+                        counter!(
+                            "glockd_auth_total",
+                            "door" => door.label(),
+                            "result" => result.label()
+                        )
+                        .absolute(users.auth[at][result as usize]);
+                    }
+                    for class in Class::ALL.into_iter().filter(|c| *c != Class::Connection) {
+                        counter!(
+                            "glockd_permission_denied_total",
+                            "door" => door.label(),
+                            "class" => class.label()
+                        )
+                        .absolute(users.permission_denied[at][class.index()]);
+                    }
+                    counter!("glockd_auth_required_total", "door" => door.label())
+                        .absolute(users.auth_required[at]);
+                }
+            }
             for (shard_index, cell) in stats.cells().enumerate() {
                 let shard = shard_index.to_string();
                 gauge!("glockd_shard_locks", "shard" => shard.clone(), "kind" => "exclusive")

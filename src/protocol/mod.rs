@@ -18,10 +18,11 @@ mod verb;
 
 pub use reply::{
     write_framed, write_go_map, write_rows, write_shards, Reply, CLIENT_BUFFERS_FULL,
-    LINE_TOO_LONG, ROUTING, SENT_WHILE_WAITING, TEXT_NOT_UTF8, TOO_MANY_CONNECTIONS,
+    LINE_TOO_LONG, ROUTING, SENT_WHILE_WAITING, TEXT_NOT_UTF8, TOO_MANY_AUTH_FAILURES,
+    TOO_MANY_CONNECTIONS,
 };
 pub use request::{
-    parse, parse_rate_limit, split_number, ListKind, LockKind, LockOp, RateParams, Request,
+    parse, parse_rate_limit, split_number, ListKind, LockKind, LockOp, RateParams, Request, Secret,
     WaitKind, MAX_RATE_LIMIT_WINDOW_MS,
 };
 pub use verb::{Class, Facts, Gate, Shape, Verb};

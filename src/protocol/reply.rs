@@ -50,6 +50,16 @@ pub enum Reply {
     OutOfMemory,
     /// A lock name longer than `--max-lock-name-bytes`; nothing changed.
     LockNameTooLong,
+    /// With a users file: anything but `auth` before the connection is authenticated.
+    AuthRequired,
+    /// With a users file: a command outside the user's classes or name prefixes.
+    PermissionDenied,
+    /// `auth`: the connection is now this user's.
+    Authenticated,
+    /// `auth`: unknown user or wrong token (the reply does not say which).
+    AuthFailed,
+    /// `auth` on a server without a users file.
+    AuthNotConfigured,
 }
 
 impl Reply {
@@ -78,6 +88,11 @@ impl Reply {
             Reply::Framed => b"1 Framed\n",
             Reply::OutOfMemory => b"0 Out Of Memory\n",
             Reply::LockNameTooLong => b"0 Name Too Long\n",
+            Reply::AuthRequired => b"0 Auth Required\n",
+            Reply::PermissionDenied => b"0 Permission Denied\n",
+            Reply::Authenticated => b"1 Authenticated\n",
+            Reply::AuthFailed => b"0 Auth Failed\n",
+            Reply::AuthNotConfigured => b"0 Auth Not Configured (the server has no users file)\n",
             Reply::GotToken(token) => {
                 out.extend_from_slice(b"1 ");
                 return write_count(out, token, b" Got Lock\n");
@@ -121,6 +136,7 @@ impl Reply {
         match self {
             Reply::Got | Reply::Released | Reply::Locked => 1,
             Reply::SharedReleased | Reply::RegisteredName | Reply::Framed => 1,
+            Reply::Authenticated => 1,
             Reply::GotToken(_) | Reply::Token(_) => 1,
             Reply::SharedGot(n) | Reply::SharedCount(n) => n,
             Reply::RateLimit(d) => u64::from(d.allowed),
@@ -149,6 +165,9 @@ pub const SENT_WHILE_WAITING: &[u8] = b"0 Too Much Sent While Waiting\n";
 /// The one line a connection closed for `--max-client-buffers` is offered (if its socket takes
 /// it at once) before it is closed.
 pub const CLIENT_BUFFERS_FULL: &[u8] = b"0 Client Buffers Full\n";
+/// The one line a connection gets before it is closed for `--auth-max-failures` failed
+/// `auth`s in a row.
+pub const TOO_MANY_AUTH_FAILURES: &[u8] = b"0 Too Many Auth Failures\n";
 
 /// The one line a connection over `--max-connections` gets before it is closed.
 pub const TOO_MANY_CONNECTIONS: &[u8] = b"0 Too Many Connections\n";

@@ -101,6 +101,27 @@ pub enum ListKind {
     Holders,
 }
 
+/// A secret from the wire (`auth`'s token): its bytes never show in `Debug` output, so a
+/// request logged or printed by a failing test does not leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Box<[u8]>);
+
+impl Secret {
+    pub fn new(bytes: &[u8]) -> Secret {
+        Secret(bytes.into())
+    }
+
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
 /// One parsed line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
@@ -135,6 +156,8 @@ pub enum Request {
     Shards,
     /// `framed`: count the lines of every multi-line reply from now on.
     Framed,
+    /// `auth USER TOKEN`: authenticate the connection as USER (a user of the users file).
+    Auth { user: Box<[u8]>, token: Secret },
 }
 
 impl Request {
@@ -167,6 +190,7 @@ impl Request {
             Request::Stats => Verb::Stats,
             Request::Shards => Verb::Shards,
             Request::Framed => Verb::Framed,
+            Request::Auth { .. } => Verb::Auth,
         })
     }
 
@@ -229,6 +253,12 @@ impl Request {
             }
             | Request::Who(Some(name))
             | Request::Iam(name) => name_part(out, name),
+            Request::Auth { user, token } => {
+                out.push(b' ');
+                out.extend_from_slice(user);
+                out.push(b' ');
+                out.extend_from_slice(token.expose());
+            }
             _ => {}
         }
         out.push(b'\n');
@@ -359,6 +389,21 @@ fn parse_other(verb: Verb, rest: &[u8]) -> Request {
         Verb::Stats => Request::Stats,
         Verb::Shards => Request::Shards,
         Verb::Framed => Request::Framed,
+        Verb::Auth => {
+            // USER and TOKEN are one word each: a token with whitespace inside could not
+            // survive the collapsing of whitespace every line goes through.
+            let arg = normalise(rest);
+            let mut words = arg.as_bytes().split(|&b| b == b' ');
+            match (words.next(), words.next(), words.next()) {
+                (Some(user), Some(token), None) if !user.is_empty() && !token.is_empty() => {
+                    Request::Auth {
+                        user: user.into(),
+                        token: Secret::new(token),
+                    }
+                }
+                _ => Request::Usage(verb),
+            }
+        }
     }
 }
 
@@ -557,6 +602,25 @@ mod tests {
             parse(b"who  a   b"),
             Request::Who(Some(LockName::from("a b")))
         );
+    }
+
+    #[test]
+    fn auth_takes_a_user_and_a_token_and_hides_the_token() {
+        let request = parse(b"auth  alice   s3cret ");
+        assert_eq!(
+            request,
+            Request::Auth {
+                user: b"alice"[..].into(),
+                token: Secret::new(b"s3cret"),
+            }
+        );
+        assert!(!format!("{request:?}").contains("s3cret"));
+        let mut written = Vec::new();
+        request.write_to(&mut written);
+        assert_eq!(written, b"auth alice s3cret\n");
+        assert_eq!(parse(b"auth"), Request::Usage(Verb::Auth));
+        assert_eq!(parse(b"auth alice"), Request::Usage(Verb::Auth));
+        assert_eq!(parse(b"auth alice a b"), Request::Usage(Verb::Auth));
     }
 
     #[test]

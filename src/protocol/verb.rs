@@ -5,6 +5,8 @@
 /// Every command word the server knows, in the order of the `q` counters (see [`Verb::ALL`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Verb {
+    /// `auth USER TOKEN`: authenticate the connection as a user of the users file.
+    Auth,
     /// `d [NAME]`: list exclusive locks and their holders.
     Dump,
     /// `dump [shared]`: the lock table in Go's map syntax.
@@ -51,7 +53,9 @@ pub enum Verb {
     Who,
 }
 
-/// What a command is about, for routing decisions and (later) permissions.
+/// What a command is about, for routing decisions and permissions: a users file grants a user
+/// classes by their [`Class::label`], and the connection's own housekeeping
+/// ([`Class::Connection`]) is open to every authenticated user.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Class {
     /// One exclusive lock: `g r i gt t gw`.
@@ -62,10 +66,43 @@ pub enum Class {
     RateLimit,
     /// Reading the tables or the registry: `d sd dump h who`.
     Inspect,
-    /// The connection's own identity, placement and reply form: `me iam shards framed`.
+    /// The connection's own identity, placement and reply form: `auth me iam shards framed`.
     Connection,
     /// The server's counters: `q`.
     Admin,
+}
+
+impl Class {
+    /// Every class, in index order.
+    pub const ALL: [Class; 6] = [
+        Class::Lock,
+        Class::Shared,
+        Class::RateLimit,
+        Class::Inspect,
+        Class::Connection,
+        Class::Admin,
+    ];
+
+    /// The number of classes (the size of per-class counter arrays).
+    pub const COUNT: usize = Self::ALL.len();
+
+    /// Index into per-class arrays.
+    #[inline]
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The class's name in a users file and in metric labels.
+    pub fn label(self) -> &'static str {
+        match self {
+            Class::Lock => "lock",
+            Class::Shared => "shared",
+            Class::RateLimit => "ratelimit",
+            Class::Inspect => "inspect",
+            Class::Connection => "connection",
+            Class::Admin => "admin",
+        }
+    }
 }
 
 /// The flag that must be on for a command to run; otherwise it answers `0 disabled`.
@@ -136,6 +173,7 @@ use Shape::*;
 
 /// One row per verb, in [`Verb::ALL`] order.
 const FACTS: [Facts; Verb::COUNT] = [
+    facts("auth", "auth USER TOKEN", Connection, Gate::Open, Line),
     facts("d", "d [NAME]", Inspect, Gate::Dump, Lines),
     facts("dump", "dump [shared]", Inspect, Gate::Dump, Line),
     facts("framed", "framed", Connection, Gate::Open, Line),
@@ -168,7 +206,8 @@ const FACTS: [Facts; Verb::COUNT] = [
 
 impl Verb {
     /// All verbs, sorted by their command word, so `q` can print its counters in order.
-    pub const ALL: [Verb; 22] = [
+    pub const ALL: [Verb; 23] = [
+        Verb::Auth,
         Verb::Dump,
         Verb::FullDump,
         Verb::Framed,
@@ -247,6 +286,7 @@ impl Verb {
             b"sgw" => Verb::SharedGetWait,
             b"shards" => Verb::Shards,
             b"t" => Verb::Token,
+            b"auth" => Verb::Auth,
             _ => return None,
         })
     }
@@ -279,5 +319,28 @@ mod tests {
         assert!(!Verb::Who.facts().gate.is_open(false, true));
         assert!(Verb::Who.facts().gate.is_open(true, true));
         assert!(Verb::Me.facts().gate.is_open(false, false));
+    }
+
+    #[test]
+    fn classes_are_those_the_users_file_names() {
+        let words = |class: Class| -> Vec<&str> {
+            Verb::ALL
+                .iter()
+                .filter(|v| v.facts().class == class)
+                .map(|v| v.word())
+                .collect()
+        };
+        assert_eq!(words(Class::Lock), ["g", "gt", "gw", "i", "r", "t"]);
+        assert_eq!(words(Class::Shared), ["sg", "sgl", "sgw", "si", "sr"]);
+        assert_eq!(words(Class::RateLimit), ["rl"]);
+        assert_eq!(words(Class::Inspect), ["d", "dump", "h", "sd", "who"]);
+        assert_eq!(words(Class::Admin), ["q"]);
+        assert_eq!(
+            words(Class::Connection),
+            ["auth", "framed", "iam", "me", "shards"]
+        );
+        for (at, class) in Class::ALL.iter().enumerate() {
+            assert_eq!(class.index(), at);
+        }
     }
 }

@@ -71,6 +71,8 @@ pub struct ServerState {
     pub measure_latency: bool,
     /// The TLS doors' certificates and handshakes, when a TLS door is on.
     pub tls: Option<Arc<crate::tls::Tls>>,
+    /// The users file in force (`-users`); None: no users, every client may do anything.
+    pub users: Option<Arc<crate::users::Directory>>,
 }
 
 impl ServerState {
@@ -106,6 +108,7 @@ impl ServerState {
             measure_latency,
             shard_ports,
             tls: None,
+            users: None,
         }
     }
 

@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use crossbeam_utils::CachePadded;
 
-use crate::protocol::{Reply, Verb, WaitKind};
+use crate::peer::DoorKind;
+use crate::protocol::{Class, Reply, Verb, WaitKind};
+use crate::users::AuthResult;
 
 pub use histograms::{
     latency_bucket_ns, wait_buckets_for, Latency, LatencySnapshot, WaitSnapshot, WaitTime,
@@ -112,6 +114,13 @@ pub struct ShardCell {
     pub connections_closed_by: [Counter; CloseReason::COUNT],
     /// Accepts that failed on this thread (out of file descriptors, mostly).
     pub accept_errors: Counter,
+    /// With a users file: `auth` results and connections their door mapped to a user, for
+    /// connections on this thread, by door and [`AuthResult`].
+    pub auth: [[Counter; AuthResult::COUNT]; DoorKind::COUNT],
+    /// With a users file: commands answered `0 Permission Denied`, by door and class.
+    pub permission_denied: [[Counter; Class::COUNT]; DoorKind::COUNT],
+    /// With a users file: commands answered `0 Auth Required`, by door.
+    pub auth_required: [Counter; DoorKind::COUNT],
 }
 
 impl ShardCell {
@@ -203,6 +212,14 @@ pub struct Outcomes {
     pub accept_errors: u64,
 }
 
+/// What the users file decided, summed over every shard (see [`ShardCell::auth`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct UsersCounts {
+    pub auth: [[u64; AuthResult::COUNT]; DoorKind::COUNT],
+    pub permission_denied: [[u64; Class::COUNT]; DoorKind::COUNT],
+    pub auth_required: [u64; DoorKind::COUNT],
+}
+
 impl Stats {
     pub fn new(shards: usize) -> Self {
         Stats {
@@ -279,6 +296,25 @@ impl Stats {
             }
             out.connections_closed += cell.connections_closed.get();
             out.accept_errors += cell.accept_errors.get();
+        }
+        out
+    }
+
+    /// The users counters, summed over every shard.
+    pub fn users(&self) -> UsersCounts {
+        let mut out = UsersCounts::default();
+        for cell in self.cells.iter() {
+            for door in DoorKind::ALL {
+                let at = door.index();
+                for result in AuthResult::ALL {
+                    out.auth[at][result as usize] += cell.auth[at][result as usize].get();
+                }
+                for class in Class::ALL {
+                    out.permission_denied[at][class.index()] +=
+                        cell.permission_denied[at][class.index()].get();
+                }
+                out.auth_required[at] += cell.auth_required[at].get();
+            }
         }
         out
     }

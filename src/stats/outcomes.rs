@@ -105,7 +105,12 @@ impl LockResult {
             | Reply::NameTooLong
             | Reply::NameLooksLikeId
             | Reply::NameFromCertificate
-            | Reply::Framed => LockResult::Other,
+            | Reply::Framed
+            | Reply::AuthRequired
+            | Reply::PermissionDenied
+            | Reply::Authenticated
+            | Reply::AuthFailed
+            | Reply::AuthNotConfigured => LockResult::Other,
         }
     }
 
@@ -123,7 +128,8 @@ impl LockResult {
             Verb::Release | Verb::SharedRelease => &[Released, NotHeld],
             Verb::Inspect | Verb::Token | Verb::SharedInspect => &[Held, Free],
             Verb::RateLimit => &[Allowed, Limited, Usage],
-            Verb::Dump
+            Verb::Auth
+            | Verb::Dump
             | Verb::FullDump
             | Verb::Holders
             | Verb::Iam

@@ -353,6 +353,10 @@ pub async fn serve(
             .and_then(|leaf| identity::subject(leaf, max_name))
             .map(Arc::from),
         uid: None,
+        door: match door {
+            TlsDoor::Line => crate::peer::DoorKind::Tls,
+            TlsDoor::Ws => crate::peer::DoorKind::Wss,
+        },
     };
     match door {
         TlsDoor::Line => crate::connection::serve(core, stream, id, admission, peer).await,

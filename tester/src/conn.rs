@@ -111,6 +111,41 @@ pub struct Settings {
     pub compat: bool,
     /// Longest line accepted from `dump`, which has the whole table on one line.
     pub max_dump_bytes: usize,
+    /// `--auth`: every connection authenticates first (a server with a users file).
+    pub auth: Option<Credentials>,
+    /// `--expect-auth`: the server must refuse a connection that has not authenticated.
+    pub expect_auth: bool,
+}
+
+/// A user and its token, for `auth USER TOKEN`. The token never shows in `Debug` output or in
+/// any message of the report.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub token: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Credentials({:?}, ..)", self.user)
+    }
+}
+
+impl std::str::FromStr for Credentials {
+    type Err = String;
+
+    /// `USER:TOKEN`, each one word (the server splits `auth USER TOKEN` on whitespace).
+    fn from_str(text: &str) -> Result<Self, String> {
+        let (user, token) = text.split_once(':').ok_or("expected USER:TOKEN")?;
+        let word = |w: &str| !w.is_empty() && !w.chars().any(char::is_whitespace);
+        if !word(user) || !word(token) {
+            return Err("USER and TOKEN must each be one word without whitespace".into());
+        }
+        Ok(Credentials {
+            user: user.to_owned(),
+            token: token.to_owned(),
+        })
+    }
 }
 
 /// Longest ordinary reply line accepted: the tester's own names are short, so anything longer
@@ -177,6 +212,28 @@ impl Conn {
             settings: settings.clone(),
             local_id: opened.local_id,
         })
+    }
+
+    /// Opens a connection and, with `--auth`, authenticates it (`1 …` expected).
+    pub async fn open_authenticated(
+        connector: &dyn Connector,
+        settings: &Settings,
+    ) -> Result<Conn, Verdict> {
+        let mut conn = Conn::open(connector, settings).await?;
+        if let Some(auth) = &settings.auth {
+            // Sent and read by hand: `command` would name the line, token and all, in a
+            // failure message.
+            conn.send(&format!("auth {} {}", auth.user, auth.token))
+                .await?;
+            let reply = conn.read_line("`auth`").await?;
+            if !reply.starts_with("1 ") {
+                return Err(Verdict::fail(format!(
+                    "`auth {} …` answered {reply:?}",
+                    auth.user
+                )));
+            }
+        }
+        Ok(conn)
     }
 
     /// Whether replies are read the original server's way.

@@ -83,8 +83,13 @@ impl Ctx {
         }
     }
 
-    /// Opens a new connection.
+    /// Opens a new connection (authenticated, with `--auth`).
     pub async fn connect(&self) -> Result<Conn, Verdict> {
+        Conn::open_authenticated(self.connector.as_ref(), &self.settings).await
+    }
+
+    /// Opens a new connection that does not authenticate, even with `--auth`.
+    pub async fn connect_unauthenticated(&self) -> Result<Conn, Verdict> {
         Conn::open(self.connector.as_ref(), &self.settings).await
     }
 

@@ -99,6 +99,16 @@ pub struct Options {
     /// check always run).
     #[arg(long)]
     pub only: Option<String>,
+
+    /// Authenticate every connection with `auth USER TOKEN` first, for a server started with
+    /// `-users` (the user needs every class on the `glockd-tester:` names).
+    #[arg(long, value_name = "USER:TOKEN")]
+    pub auth: Option<conn::Credentials>,
+
+    /// The server requires `auth`: also check that a connection that has not authenticated is
+    /// refused (`0 Auth Required`).
+    #[arg(long)]
+    pub expect_auth: bool,
 }
 
 impl Options {
@@ -118,6 +128,8 @@ impl Options {
             timeout: Duration::from_millis(self.timeout_ms),
             compat: self.compat,
             max_dump_bytes: self.max_dump_bytes,
+            auth: self.auth.clone(),
+            expect_auth: self.expect_auth,
         }
     }
 
@@ -213,7 +225,8 @@ pub async fn run_with(
             }
             None => true,
         };
-        if !wanted {
+        // Only a server said to require auth is checked for it.
+        if !wanted || (check.name == checks::AUTH_REQUIRED && !options.expect_auth) {
             continue;
         }
         let outcome = match &unreachable {

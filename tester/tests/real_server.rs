@@ -347,5 +347,52 @@ async fn every_check_passes_over_the_tls_door() {
     ])
     .await;
     assert!(report.failed > 0, "{}", support::shown(&report));
+}
+
+/// A server with a users file: with `--auth` every check passes, and `--expect-auth` checks
+/// that a connection that has not authenticated is refused; without `--auth` nothing gets in;
+/// and a server that lets everyone in fails `--expect-auth`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_users_file_the_tester_authenticates_and_checks_the_refusal() {
+    let dir = std::env::temp_dir().join(format!("glockd-tester-users-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let path = dir.join("users.toml");
+    let line = glockd::users::token::hash_token_line(b"tester-token").expect("a token");
+    std::fs::write(
+        &path,
+        format!(
+            "[[user]]\nname = \"tester\"\n{line}\nprefixes = ['glockd-tester:*']\n\
+             classes = [\"all\"]\n"
+        ),
+    )
+    .expect("users file");
+    let server = RealServer::start_ws(2, |c| c.users = Some(path.clone().into()));
+    let auth = ["--auth", "tester:tester-token", "--expect-auth"];
+    for report in [
+        run(server.addr(), REAL_TIMEOUT_MS, &auth).await,
+        run_ws(&server.ws_url(), REAL_TIMEOUT_MS, &auth).await,
+    ] {
+        assert_no_failures(&report);
+        assert_eq!(report.skipped, 0, "{}", support::shown(&report));
+        assert_status(&report, "auth_required_without_auth", Status::Pass);
+    }
+    let report = run(server.addr(), REAL_TIMEOUT_MS, &["--expect-auth"]).await;
+    assert_status(&report, "connect", Status::Fail);
+    let report = run(
+        server.addr(),
+        REAL_TIMEOUT_MS,
+        &["--auth", "tester:wrong", "--only", "connect"],
+    )
+    .await;
+    assert_status(&report, "connect", Status::Fail);
+    let open = RealServer::start(1, |_| {});
+    let report = run(open.addr(), REAL_TIMEOUT_MS, &["--expect-auth"]).await;
+    assert_status(&report, "auth_required_without_auth", Status::Fail);
+    // Without --expect-auth the check is not in the run at all.
+    let report = run(open.addr(), REAL_TIMEOUT_MS, &[]).await;
+    assert!(report
+        .checks
+        .iter()
+        .all(|c| c.name != "auth_required_without_auth"));
     let _ = std::fs::remove_dir_all(&dir);
 }

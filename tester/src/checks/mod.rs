@@ -29,6 +29,10 @@ pub struct Check {
 /// skipped rather than failed one by one with the same error.
 pub const CONNECT: &str = "connect";
 
+/// The name of the check that an unauthenticated connection is refused; it runs only with
+/// `--expect-auth`.
+pub const AUTH_REQUIRED: &str = "auth_required_without_auth";
+
 /// The name of the last check, which must run after every other.
 pub const CLEANUP: &str = "cleanup_nothing_left_held";
 
@@ -45,6 +49,7 @@ macro_rules! check {
 pub fn all() -> Vec<Check> {
     vec![
         check!(CONNECT, wire::connect),
+        check!(AUTH_REQUIRED, wire::auth_required),
         check!("exclusive_get_inspect_release", locks::get_inspect_release),
         check!("exclusive_reget_answers_1", locks::reget),
         check!(

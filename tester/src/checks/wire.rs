@@ -16,7 +16,48 @@ const PIPELINE_ROUNDS: usize = 16;
 /// The server accepts a connection and answers a command.
 pub async fn connect(ctx: &Ctx) -> Result<(), Verdict> {
     let mut a = ctx.connect().await?;
-    a.expect(&format!("i {}", ctx.marker()), 0).await?;
+    let line = format!("i {}", ctx.marker());
+    let reply = a.command(&line).await?;
+    // Its integer is 0 like the answer sought, but nothing else would run.
+    if reply.starts_with("0 Auth Required") {
+        return Err(Verdict::fail(format!(
+            "{} answered {reply:?}: the server requires auth (give --auth USER:TOKEN)",
+            label(&line)
+        )));
+    }
+    let code = a.parse_reply(&line, &reply)?;
+    ensure(code == 0, label(&line), 0, quoted(&reply))?;
+    a.close().await;
+    Ok(())
+}
+
+/// With `--expect-auth`: a connection that has not authenticated is refused, and refused
+/// again after a wrong token.
+pub async fn auth_required(ctx: &Ctx) -> Result<(), Verdict> {
+    let mut a = ctx.connect_unauthenticated().await?;
+    let line = format!("i {}", ctx.marker());
+    let reply = a.command(&line).await?;
+    ensure(
+        reply == "0 Auth Required",
+        format!("{} before `auth`", label(&line)),
+        quoted("0 Auth Required"),
+        quoted(&reply),
+    )?;
+    a.send("auth glockd-tester-nobody wrong-token").await?;
+    let reply = a.read_line("`auth` with a wrong token").await?;
+    ensure(
+        reply.starts_with("0 "),
+        "`auth` with a wrong token",
+        "a reply starting with 0",
+        quoted(&reply),
+    )?;
+    let reply = a.command(&line).await?;
+    ensure(
+        reply == "0 Auth Required",
+        format!("{} after a failed `auth`", label(&line)),
+        quoted("0 Auth Required"),
+        quoted(&reply),
+    )?;
     a.close().await;
     Ok(())
 }

@@ -203,6 +203,7 @@ async fn the_client_buffer_budget_closes_the_biggest_and_spares_the_rest(setup: 
     let server = TestServer::start_with(setup, |c| {
         c.max_client_buffers = 5 << 20;
         c.max_line_bytes = 8 << 20;
+        c.max_lock_name_bytes = 8 << 20;
         // The unfinished lines wait as long as the test takes.
         c.line_timeout = 0;
     });

@@ -188,6 +188,7 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
         max_locks_per_conn = config.max_locks_per_conn,
         max_lock_name_bytes = config.max_lock_name_bytes,
         max_memory = config.max_memory.unwrap_or(0),
+        max_client_buffers = config.max_client_buffers,
         max_wait_ms = config.max_wait_ms,
         write_timeout = config.write_timeout,
         idle_timeout = config.idle_timeout,

@@ -32,8 +32,12 @@ pub struct Listeners {
     pub tls: Option<StdTcpListener>,
     /// Websockets over TLS (`-tls-ws`).
     pub tls_ws: Option<StdTcpListener>,
-    /// The line protocol over a unix socket, and the socket file's path (removed at exit).
+    /// The line protocol over a unix socket, and the socket file's path (removed at exit,
+    /// unless `unix_inherited`).
     pub unix: Option<(StdUnixListener, PathBuf)>,
+    /// The unix socket came from systemd (socket activation), which owns its file: the file
+    /// stays at exit, for the next start to be handed the same socket.
+    pub unix_inherited: bool,
     /// The Prometheus metrics endpoint (HTTP).
     pub metrics: Option<StdTcpListener>,
     /// `-shard-port BASE`: the line protocol over TCP on port BASE + k, served by shard k's
@@ -44,45 +48,190 @@ pub struct Listeners {
 impl Listeners {
     /// Binds every door `config` enables.
     pub fn bind(config: &Config) -> io::Result<Listeners> {
-        let tcp_on = |port: u16| -> io::Result<Option<StdTcpListener>> {
-            match port {
-                0 => Ok(None),
-                port => StdTcpListener::bind(SocketAddr::new(config.bind, port))
-                    .map(Some)
-                    .map_err(|e| io::Error::new(e.kind(), format!("port {port}: {e}"))),
+        Listeners::bind_with(config, Inherited::default())
+    }
+
+    /// Binds every door `config` enables, taking the listening sockets systemd passed
+    /// (`inherited`) in place of binding them: a TCP socket serves the door whose flag names
+    /// its port (`-port`, `-ws`, `-tls-port`, `-tls-ws`, `-metrics`'s port, a shard port), a
+    /// unix socket the unix door. Doors systemd did not pass are bound as the flags say. A
+    /// passed socket no door claims is an error, so a unit file and a command line that
+    /// disagree are found at start, not by the clients.
+    pub fn bind_with(config: &Config, inherited: Inherited) -> io::Result<Listeners> {
+        let Inherited { mut tcp, unix } = inherited;
+        let shard_ports = (0..config.shard_count())
+            .filter(|_| config.shard_port != 0)
+            .filter_map(|k| u16::try_from(usize::from(config.shard_port) + k).ok());
+        let claimed: Vec<u16> = [config.port, config.ws, config.tls_port, config.tls_ws]
+            .into_iter()
+            .chain(config.metrics_addr().map(|addr| addr.port()))
+            .chain(shard_ports)
+            .filter(|port| *port != 0)
+            .collect();
+        for listener in &tcp {
+            let addr = listener.local_addr()?;
+            if !claimed.contains(&addr.port()) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "socket activation passed a socket on {addr} that no door of this \
+                         command line serves (-port, -ws, -tls-port, -tls-ws, -metrics, \
+                         -shard-port)"
+                    ),
+                ));
             }
+        }
+        let take = |tcp: &mut Vec<StdTcpListener>, port: u16| -> Option<StdTcpListener> {
+            let at = tcp
+                .iter()
+                .position(|l| l.local_addr().is_ok_and(|a| a.port() == port))?;
+            Some(tcp.swap_remove(at))
         };
-        Ok(Listeners {
-            tcp: tcp_on(config.port)?,
-            ws: tcp_on(config.ws)?,
-            tls: tcp_on(config.tls_port)?,
-            tls_ws: tcp_on(config.tls_ws)?,
-            unix: config
-                .unix_path()
-                .map(|path| bind_unix(path, config.unix_mode).map(|l| (l, path.to_owned())))
-                .transpose()?,
-            metrics: config
-                .metrics_addr()
-                .map(|addr| {
-                    StdTcpListener::bind(addr)
-                        .map_err(|e| io::Error::new(e.kind(), format!("metrics {addr}: {e}")))
-                })
-                .transpose()?,
-            shard_ports: match config.shard_port {
-                0 => Vec::new(),
-                base => (0..config.shard_count())
-                    .map(|k| {
-                        let port = u16::try_from(usize::from(base) + k).map_err(|_| {
+        let tcp_on =
+            |tcp: &mut Vec<StdTcpListener>, port: u16| -> io::Result<Option<StdTcpListener>> {
+                match port {
+                    0 => Ok(None),
+                    port => match take(tcp, port) {
+                        Some(listener) => Ok(Some(listener)),
+                        None => StdTcpListener::bind(SocketAddr::new(config.bind, port))
+                            .map(Some)
+                            .map_err(|e| io::Error::new(e.kind(), format!("port {port}: {e}"))),
+                    },
+                }
+            };
+        let (unix, unix_inherited) = match unix {
+            Some((listener, path)) => {
+                if let Some(flag) = config.unix_path().filter(|flag| *flag != path) {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "socket activation passed the unix socket {} but -unix names {}",
+                            path.display(),
+                            flag.display()
+                        ),
+                    ));
+                }
+                (Some((listener, path)), true)
+            }
+            None => (
+                config
+                    .unix_path()
+                    .map(|path| bind_unix(path, config.unix_mode).map(|l| (l, path.to_owned())))
+                    .transpose()?,
+                false,
+            ),
+        };
+        let listeners =
+            Listeners {
+                tcp: tcp_on(&mut tcp, config.port)?,
+                ws: tcp_on(&mut tcp, config.ws)?,
+                tls: tcp_on(&mut tcp, config.tls_port)?,
+                tls_ws: tcp_on(&mut tcp, config.tls_ws)?,
+                unix,
+                unix_inherited,
+                metrics: match config.metrics_addr() {
+                    None => None,
+                    Some(addr) => match take(&mut tcp, addr.port()) {
+                        Some(listener) => Some(listener),
+                        None => Some(StdTcpListener::bind(addr).map_err(|e| {
+                            io::Error::new(e.kind(), format!("metrics {addr}: {e}"))
+                        })?),
+                    },
+                },
+                shard_ports: match config.shard_port {
+                    0 => Vec::new(),
+                    base => (0..config.shard_count())
+                        .map(|k| {
+                            let port = u16::try_from(usize::from(base) + k).map_err(|_| {
+                                io::Error::new(
+                                    io::ErrorKind::InvalidInput,
+                                    format!("-shard-port {base}: port {base} + {k} is past 65535"),
+                                )
+                            })?;
+                            tcp_on(&mut tcp, port)?.ok_or_else(|| io::Error::other("port 0"))
+                        })
+                        .collect::<io::Result<_>>()?,
+                },
+            };
+        if let Some(extra) = tcp.first() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "socket activation passed a second socket on port {}; each door takes one",
+                    extra.local_addr()?.port()
+                ),
+            ));
+        }
+        Ok(listeners)
+    }
+}
+
+/// Listening sockets systemd passed by socket activation (`LISTEN_FDS`, see `sd_listen_fds`),
+/// before they are matched to doors by [`Listeners::bind_with`].
+#[derive(Default)]
+pub struct Inherited {
+    /// TCP listeners, matched to doors by port.
+    pub tcp: Vec<StdTcpListener>,
+    /// The unix socket listener and its path (systemd owns the file: it is not removed at exit).
+    pub unix: Option<(StdUnixListener, PathBuf)>,
+}
+
+impl Inherited {
+    /// Takes the sockets `LISTEN_FDS` names, if this process is the one they were passed to
+    /// (`LISTEN_PID`), and clears the variables so no child inherits them. Call it first thing
+    /// in `main`, before any thread starts: it changes the environment.
+    pub fn from_env() -> io::Result<Inherited> {
+        let mut fds = listenfd::ListenFd::from_env();
+        let mut inherited = Inherited::default();
+        for index in 0..fds.len() {
+            if let Ok(Some(listener)) = fds.take_tcp_listener(index) {
+                inherited.tcp.push(listener);
+                continue;
+            }
+            match fds.take_unix_listener(index) {
+                Ok(Some(listener)) => {
+                    let path = listener
+                        .local_addr()
+                        .ok()
+                        .and_then(|a| a.as_pathname().map(Path::to_owned))
+                        .ok_or_else(|| {
                             io::Error::new(
                                 io::ErrorKind::InvalidInput,
-                                format!("-shard-port {base}: port {base} + {k} is past 65535"),
+                                format!(
+                                    "socket activation passed an unnamed unix socket \
+                                     (descriptor {})",
+                                    index + 3
+                                ),
                             )
                         })?;
-                        tcp_on(port)?.ok_or_else(|| io::Error::other("port 0"))
-                    })
-                    .collect::<io::Result<_>>()?,
-            },
-        })
+                    if inherited.unix.is_some() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "socket activation passed more than one unix socket; glockd has one \
+                             unix door",
+                        ));
+                    }
+                    inherited.unix = Some((listener, path));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "socket activation passed descriptor {} that is not a listening \
+                             stream socket: {e}",
+                            index + 3
+                        ),
+                    ))
+                }
+            }
+        }
+        Ok(inherited)
+    }
+
+    /// Whether systemd passed any socket.
+    pub fn is_empty(&self) -> bool {
+        self.tcp.is_empty() && self.unix.is_none()
     }
 }
 

@@ -27,6 +27,9 @@ fn main() -> ExitCode {
     {
         return hash_token();
     }
+    // Sockets systemd passed (socket activation) are taken first, while the process has one
+    // thread: taking them clears LISTEN_FDS and LISTEN_PID from the environment.
+    let inherited = glockd::doors::Inherited::from_env();
     let mut config = Config::from_args();
     // Debug builds only: the binary's tests make ceiling writes slow to show that grants wait
     // for them. A release build never reads this variable.
@@ -60,7 +63,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(1, &format!("cannot install signal handlers: {e}")),
     };
 
-    let listeners = match Listeners::bind(&config) {
+    let listeners = match inherited.and_then(|inherited| Listeners::bind_with(&config, inherited)) {
         Ok(listeners) => listeners,
         Err(e) => return fail(1, &format!("cannot start: {e}")),
     };
@@ -106,13 +109,24 @@ fn main() -> ExitCode {
         );
     }
     announce(&server, &settings, &budget);
-    if let Some(warning) = glockd::users::exposure_warning(&settings) {
+    let plain: Vec<(&str, std::net::SocketAddr)> =
+        [("tcp", server.tcp_addr()), ("ws", server.ws_addr())]
+            .into_iter()
+            .filter_map(|(door, addr)| Some((door, addr?)))
+            .chain(
+                server
+                    .shard_addrs()
+                    .iter()
+                    .map(|addr| ("shard port", *addr)),
+            )
+            .collect();
+    if let Some(warning) = glockd::users::exposure_warning(&settings, &plain) {
         warn!(event = "exposed", "{warning}");
     }
 
     let exit = Exit {
         pidfile,
-        unix: server.unix_path().map(|p| p.to_owned()),
+        unix: server.owned_unix_path().map(|p| p.to_owned()),
     };
     runtime.block_on(serve_until_signalled(server, &mut signals, exit))
 }

@@ -33,6 +33,9 @@ pub struct ServerHandle {
     tls_addr: Option<SocketAddr>,
     tls_ws_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
+    /// Whether the unix socket file is the server's to remove at exit (not when systemd passed
+    /// the socket).
+    owns_unix_file: bool,
     metrics_addr: Option<SocketAddr>,
     /// Each shard's own port, in shard order (`-shard-port`).
     shard_addrs: Vec<SocketAddr>,
@@ -78,6 +81,11 @@ impl ServerHandle {
     /// The unix socket path, if enabled.
     pub fn unix_path(&self) -> Option<&Path> {
         self.unix_path.as_deref()
+    }
+
+    /// The unix socket file the server removes when it stops: its own, not one systemd passed.
+    pub fn owned_unix_path(&self) -> Option<&Path> {
+        self.unix_path.as_deref().filter(|_| self.owns_unix_file)
     }
 
     /// Each shard's own port (`-shard-port`), in shard order; empty when off.
@@ -179,7 +187,7 @@ impl ServerHandle {
         if let Some(mut renewer) = self.renewer.take() {
             renewer.stop();
         }
-        if let Some(path) = &self.unix_path {
+        if let Some(path) = self.owned_unix_path() {
             crate::doors::remove_unix(path);
         }
     }
@@ -243,6 +251,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .map(|l| l.local_addr())
         .transpose()?;
     let unix_path = listeners.unix.as_ref().map(|(_, path)| path.clone());
+    let owns_unix_file = !listeners.unix_inherited;
     let shard_addrs = listeners
         .shard_ports
         .iter()
@@ -292,6 +301,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         tls_addr,
         tls_ws_addr,
         unix_path,
+        owns_unix_file,
         metrics_addr,
         shard_addrs,
         threads,

@@ -15,6 +15,7 @@ pub mod gate;
 pub mod token;
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
@@ -214,33 +215,28 @@ impl Directory {
     }
 }
 
-/// The start-up warning for a server anyone on the network may use: listening on an address
-/// other than loopback through a plain (unencrypted) door, without a users file. `None` when
-/// it is not so: a users file is given, the address is loopback, or the plain doors are closed
-/// (`-port 0 -ws 0`, no `-shard-port`).
-pub fn exposure_warning(config: &Config) -> Option<String> {
-    if config.users_path().is_some() || config.bind.is_loopback() {
+/// The start-up warning for a server anyone on the network may use: a plain (unencrypted)
+/// door listening on an address other than loopback, without a users file. `plain` lists the
+/// plain doors with the addresses they actually listen on (a socket systemd passed may differ
+/// from `-bind`). `None` when it is not so: a users file is given, or every plain door is on
+/// loopback, or there is none (`-port 0 -ws 0`, no `-shard-port`).
+pub fn exposure_warning(config: &Config, plain: &[(&str, SocketAddr)]) -> Option<String> {
+    if config.users_path().is_some() {
         return None;
     }
-    let mut doors = Vec::new();
-    if config.port != 0 {
-        doors.push(format!("tcp port {}", config.port));
-    }
-    if config.ws != 0 {
-        doors.push(format!("websocket port {}", config.ws));
-    }
-    if config.shard_port != 0 {
-        doors.push(format!("shard ports from {}", config.shard_port));
-    }
-    if doors.is_empty() {
+    let exposed: Vec<String> = plain
+        .iter()
+        .filter(|(_, addr)| !addr.ip().is_loopback())
+        .map(|(door, addr)| format!("{door} {addr}"))
+        .collect();
+    if exposed.is_empty() {
         return None;
     }
     Some(format!(
-        "listening on {} ({}) in plain text without -users: anyone who can reach it may take, \
+        "listening in plain text without -users on {}: anyone who can reach it may take, \
          release and list every lock; give -users FILE, or -bind 127.0.0.1, or close the plain \
          doors with -port 0 -ws 0",
-        config.bind,
-        doors.join(", ")
+        exposed.join(", ")
     ))
 }
 
@@ -302,15 +298,20 @@ mod tests {
             all.extend_from_slice(args);
             Config::try_from_args(all).unwrap()
         };
-        let warning = exposure_warning(&config(&[])).unwrap();
-        assert!(warning.contains("0.0.0.0") && warning.contains("tcp port 9999"));
+        let addr = |text: &str| text.parse::<SocketAddr>().unwrap();
+        let any = [
+            ("tcp", addr("0.0.0.0:9999")),
+            ("ws", addr("127.0.0.1:9998")),
+        ];
+        let warning = exposure_warning(&config(&[]), &any).unwrap();
+        assert!(warning.contains("tcp 0.0.0.0:9999") && !warning.contains("9998"));
         assert!(!warning.contains('\n'));
-        assert!(exposure_warning(&config(&["-bind", "127.0.0.1"])).is_none());
-        assert!(exposure_warning(&config(&["-bind", "::1"])).is_none());
-        assert!(exposure_warning(&config(&["-port", "0", "-ws", "0"])).is_none());
-        assert!(exposure_warning(&config(&["-port", "0"])).is_some());
-        assert!(
-            exposure_warning(&config(&["-port", "0", "-ws", "0", "-shard-port", "7000"])).is_some()
-        );
+        let users = config(&["-users", "/nonexistent"]);
+        assert!(exposure_warning(&users, &any).is_none());
+        let loopback = [("tcp", addr("127.0.0.1:9999")), ("ws", addr("[::1]:9998"))];
+        assert!(exposure_warning(&config(&[]), &loopback).is_none());
+        assert!(exposure_warning(&config(&[]), &[]).is_none());
+        let shard = [("shard port", addr("10.0.0.1:7000"))];
+        assert!(exposure_warning(&config(&[]), &shard).is_some());
     }
 }

@@ -306,7 +306,8 @@ mod tests {
         let warning = exposure_warning(&config(&[]), &any).unwrap();
         assert!(warning.contains("tcp 0.0.0.0:9999") && !warning.contains("9998"));
         assert!(!warning.contains('\n'));
-        let users = config(&["-users", "/nonexistent"]);
+        let mut users = config(&[]);
+        users.users = Some(std::path::PathBuf::from("users.toml").into());
         assert!(exposure_warning(&users, &any).is_none());
         let loopback = [("tcp", addr("127.0.0.1:9999")), ("ws", addr("[::1]:9998"))];
         assert!(exposure_warning(&config(&[]), &loopback).is_none());

@@ -186,6 +186,10 @@ pub fn looks_like_conn_id(name: &[u8]) -> bool {
     let Ok(name) = std::str::from_utf8(name) else {
         return false; // every id is ASCII
     };
+    // A verified client certificate's name (see `tls::identity::display_name`).
+    if name.starts_with(crate::tls::identity::CERT_PREFIX) {
+        return true;
+    }
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if let Some(n) = name.strip_prefix("unix:") {
         return all_digits(n);
@@ -204,6 +208,13 @@ pub fn looks_like_conn_id(name: &[u8]) -> bool {
         None => host,
     };
     host.parse::<IpAddr>().is_ok()
+}
+
+/// Whether `name` holds a control byte (below 0x20, or DEL). `iam` refuses such names: a
+/// listing shows names raw, and control bytes (a NUL a C reader stops at, a terminal's escape
+/// sequences) could make a name read as another connection's id.
+pub fn has_control_bytes(name: &[u8]) -> bool {
+    name.iter().any(|&b| b < 0x20 || b == 0x7f)
 }
 
 #[cfg(test)]

@@ -114,15 +114,15 @@ impl Session {
             gate
         });
         let presence = Presence::open(core, id_text, admission);
-        if let Some(name) = &peer.certificate {
+        if let Some(subject) = &peer.certificate {
             // The verified certificate's subject is the connection's name from its first
-            // command on, in `me` and the listings (`dump` keeps showing raw ids). A subject in
-            // the form of a connection id is not shown, for the reason `iam` refuses one: the
-            // connection keeps its own id.
-            if !crate::registry::looks_like_conn_id(name.as_bytes()) {
-                let server = &presence.core.server;
-                server.registry.set_name(presence.conn, name.as_bytes());
-            }
+            // command on, in `me` and the listings (`dump` keeps showing raw ids), marked as a
+            // certificate's (`cert:…`, a form `iam` refuses) so no other client can pass its
+            // locks off as this one's.
+            let server = &presence.core.server;
+            let max = usize::try_from(server.config.max_name_bytes).unwrap_or(usize::MAX);
+            let name = crate::tls::identity::display_name(subject, max);
+            server.registry.set_name(presence.conn, name.as_bytes());
         }
         Session {
             quota: (limit > 0).then(|| Arc::new(Quota::new(limit))),
@@ -551,6 +551,9 @@ impl Session {
             }
             Request::Iam(name) if name.len() as u64 > server.config.max_name_bytes => {
                 Reply::NameTooLong.write_to(out)
+            }
+            Request::Iam(name) if crate::registry::has_control_bytes(name.as_bytes()) => {
+                Reply::NameHasControlCharacters.write_to(out)
             }
             Request::Iam(name) if crate::registry::looks_like_conn_id(name.as_bytes()) => {
                 Reply::NameLooksLikeId.write_to(out)

@@ -87,7 +87,7 @@ fn server_cert_name(client: &Client<glockd::client::TlsStream>) -> String {
         .1
         .peer_certificates()
         .expect("server chain");
-    glockd::tls::identity::subject(&chain[0], 4096).expect("a subject")
+    glockd::tls::identity::subject(&chain[0]).expect("a subject")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,31 +137,40 @@ async fn a_client_certificate_names_its_connection_and_iam_cannot_change_it() {
         .expect("alice connects");
     let (id, name) = a.me().await.expect("me");
     assert!(id.starts_with("127.0.0.1:"), "{id}");
-    assert_eq!(name, b"alice");
+    assert_eq!(name, b"cert:alice");
     assert!(a.get("report").await.expect("g"));
     assert_eq!(
         a.command(b"iam mallory").await.expect("iam"),
         b"0 Name Set By Certificate"
     );
-    assert_eq!(a.me().await.expect("me").1, b"alice");
+    assert_eq!(a.me().await.expect("me").1, b"cert:alice");
     // Every listing shows the certificate's name; `dump` keeps the raw id.
     let mut plain = Client::connect(server.tcp_addr().expect("tcp"))
         .await
         .expect("plain");
     assert_eq!(
         plain.listing(b"d").await.expect("d"),
-        [b"report: alice".to_vec()]
+        [b"report: cert:alice".to_vec()]
     );
     assert_eq!(
         plain.listing(b"who").await.expect("who"),
-        [format!("{id}: alice").into_bytes()]
+        [format!("{id}: cert:alice").into_bytes()]
     );
     assert_eq!(
         plain.command(b"dump").await.expect("dump"),
         format!("map[report:{id}]").into_bytes()
     );
-    // A plain connection may still name itself.
+    // A plain connection may still name itself, but not as a certificate's name, nor with
+    // bytes that could make its name read as another's.
     assert!(plain.iam("bob").await.expect("iam"));
+    assert_eq!(
+        plain.command(b"iam cert:alice").await.expect("iam"),
+        b"0 Name Looks Like An Id"
+    );
+    assert_eq!(
+        plain.command(b"iam alice\x1b[0m").await.expect("iam"),
+        b"0 Name Has Control Characters"
+    );
 
     // Without a common name, the first subject alternative name is the identity.
     let svc = pki.client(ClientCert {
@@ -171,21 +180,20 @@ async fn a_client_certificate_names_its_connection_and_iam_cannot_change_it() {
     let mut s = Client::connect_tls(tls_addr(&server), &pki::client(&pki.ca, Some(&svc)))
         .await
         .expect("svc connects");
-    assert_eq!(s.me().await.expect("me").1, b"svc.example");
+    assert_eq!(s.me().await.expect("me").1, b"cert:svc.example");
     // A name with a newline cannot break a listing row.
     let odd = pki.client_named("line\nbreak");
     let mut o = Client::connect_tls(tls_addr(&server), &pki::client(&pki.ca, Some(&odd)))
         .await
         .expect("odd connects");
-    assert_eq!(o.me().await.expect("me").1, b"line?break");
-    // A name in the form of a connection id would pass its locks off as another's: the
-    // connection keeps its own id, and still cannot name itself.
+    assert_eq!(o.me().await.expect("me").1, b"cert:line?break");
+    // A subject in the form of a connection id is marked as a certificate's like any other,
+    // so it cannot pass for another connection's id, and the connection cannot rename itself.
     let fake = pki.client_named("127.0.0.1:1");
     let mut f = Client::connect_tls(tls_addr(&server), &pki::client(&pki.ca, Some(&fake)))
         .await
         .expect("fake connects");
-    let (id, name) = f.me().await.expect("me");
-    assert_eq!(name, id.as_bytes());
+    assert_eq!(f.me().await.expect("me").1, b"cert:127.0.0.1:1");
     assert_eq!(
         f.command(b"iam x").await.expect("iam"),
         b"0 Name Set By Certificate"
@@ -389,7 +397,7 @@ async fn secure_websockets_carry_the_certificate_name_too() {
     .await
     .expect("websocket handshake");
     let mut ws = Client::new(common::transport::WsBytes::new(ws));
-    assert_eq!(ws.me().await.expect("me").1, b"carol");
+    assert_eq!(ws.me().await.expect("me").1, b"cert:carol");
     assert_eq!(
         ws.command(b"iam x").await.expect("iam"),
         b"0 Name Set By Certificate"
@@ -464,7 +472,7 @@ fn openssl_s_client_talks_to_the_tls_port_with_a_client_certificate() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        lines[1].starts_with("1 127.0.0.1:") && lines[1].ends_with(" dave"),
+        lines[1].starts_with("1 127.0.0.1:") && lines[1].ends_with(" cert:dave"),
         "{text}"
     );
     assert_eq!(lines[2], "1 Locked");
@@ -509,7 +517,7 @@ with socket.create_connection(("127.0.0.1", port)) as raw:
     );
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines[0], "1 Got Lock", "{text}");
-    assert!(lines[1].ends_with(" erin"), "{text}");
+    assert!(lines[1].ends_with(" cert:erin"), "{text}");
     assert_eq!(lines[2], "1 Released Lock");
     assert!(lines[3] == "TLSv1.3" || lines[3] == "TLSv1.2", "{text}");
 }
@@ -639,4 +647,59 @@ mod binary {
         let status = child.wait().expect("wait");
         assert!(status.success());
     }
+}
+
+/// A users file maps a certificate by its exact subject: not by the listed `cert:` name, which
+/// is cut to `-max-name-bytes` and has control characters replaced, so a certificate whose
+/// subject merely starts with a user's, or differs from it only in a control character, is
+/// not that user.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_file_maps_the_exact_certificate_subject() {
+    let pki = Pki::new("mapping");
+    let dir = std::env::temp_dir().join(format!("glockd-tls-users-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    let users = dir.join("users.toml");
+    let exact = "s".repeat(40);
+    std::fs::write(
+        &users,
+        format!(
+            "[[user]]\nname = \"svc\"\ncertificate = \"{exact}\"\nprefixes = ['svc:*']\n\
+             classes = [\"lock\"]\n\
+             [[user]]\nname = \"odd\"\ncertificate = \"odd?name\"\nprefixes = ['*']\n\
+             classes = [\"lock\"]\n"
+        ),
+    )
+    .expect("users file");
+    let server = start(&pki, &pki.server("server"), true, |c| {
+        c.users = Some(users.clone().into());
+        c.max_name_bytes = 16;
+    });
+    let connect = |name: &str| {
+        let cert = pki.client_named(name);
+        let tls = pki::client(&pki.ca, Some(&cert));
+        let addr = tls_addr(&server);
+        async move { Client::connect_tls(addr, &tls).await.expect("connects") }
+    };
+    let mut svc = connect(&exact).await;
+    assert_eq!(svc.command(b"g svc:a").await.expect("g"), b"1 Got Lock");
+    assert_eq!(
+        svc.command(b"g other").await.expect("g"),
+        b"0 Permission Denied"
+    );
+    // Listed cut to 16 bytes, but mapped by all 40.
+    assert_eq!(svc.me().await.expect("me").1, b"cert:sssssssssss");
+    let mut longer = connect(&format!("{exact}-impostor")).await;
+    assert_eq!(
+        longer.command(b"g svc:b").await.expect("g"),
+        b"0 Auth Required"
+    );
+    // A subject whose listed form is `odd?name` is not the user whose subject is that text.
+    let mut control = connect("odd\nname").await;
+    assert_eq!(
+        control.command(b"g x").await.expect("g"),
+        b"0 Auth Required"
+    );
+    let mut odd = connect("odd?name").await;
+    assert_eq!(odd.command(b"g x").await.expect("g"), b"1 Got Lock");
+    let _ = std::fs::remove_dir_all(&dir);
 }

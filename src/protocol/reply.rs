@@ -38,11 +38,15 @@ pub enum Reply {
     Usage(Verb),
     /// `iam`: a name longer than `--max-name-bytes`.
     NameTooLong,
-    /// `iam`: a name in the form of a connection id (`ip:port`, `unix:N`), which would let
-    /// this connection's locks pass for another's in the listings.
+    /// `iam`: a name in the form of a connection id (`ip:port`, `unix:N`) or of a certificate
+    /// identity (`cert:…`), which would let this connection's locks pass for another's in the
+    /// listings.
     NameLooksLikeId,
     /// `iam` on a connection named by its client certificate, which no command may change.
     NameFromCertificate,
+    /// `iam` with a control byte in the name (a NUL, an escape sequence…), which could make it
+    /// read as another connection's id in a listing.
+    NameHasControlCharacters,
     /// `framed`: multi-line replies are counted from now on.
     Framed,
     /// `g`, `sg`, `gw`, `rl`, `iam`…: what the command would store does not fit in the memory
@@ -85,6 +89,7 @@ impl Reply {
             Reply::NameTooLong => b"0 Name Too Long\n",
             Reply::NameLooksLikeId => b"0 Name Looks Like An Id\n",
             Reply::NameFromCertificate => b"0 Name Set By Certificate\n",
+            Reply::NameHasControlCharacters => b"0 Name Has Control Characters\n",
             Reply::Framed => b"1 Framed\n",
             Reply::OutOfMemory => b"0 Out Of Memory\n",
             Reply::LockNameTooLong => b"0 Name Too Long\n",

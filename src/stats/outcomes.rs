@@ -105,6 +105,7 @@ impl LockResult {
             | Reply::NameTooLong
             | Reply::NameLooksLikeId
             | Reply::NameFromCertificate
+            | Reply::NameHasControlCharacters
             | Reply::Framed
             | Reply::AuthRequired
             | Reply::PermissionDenied

@@ -7,11 +7,10 @@ use std::fmt::Write as _;
 use rustls_pki_types::CertificateDer;
 use x509_parser::extensions::GeneralName;
 
-/// The identity `cert` names, or None when it names none (no common name and no alternative
-/// name of a kind above). The text is made safe for listings: control characters (a newline
-/// would split a listing row) become `?`, and it is cut to at most `max_bytes` bytes (at a
-/// character boundary), the longest name `iam` accepts.
-pub fn subject(cert: &CertificateDer<'_>, max_bytes: usize) -> Option<String> {
+/// The identity `cert` names, exactly as the certificate has it, or None when it names none
+/// (no common name and no alternative name of a kind above). This exact text is what a users
+/// file maps to a user; [`display_name`] is what listings show.
+pub fn subject(cert: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
     let common_name = cert
         .subject()
@@ -28,8 +27,25 @@ pub fn subject(cert: &CertificateDer<'_>, max_bytes: usize) -> Option<String> {
             _ => None,
         })
     })?;
-    Some(printable(&name, max_bytes)).filter(|name| !name.is_empty())
+    Some(name).filter(|name| !name.trim().is_empty())
 }
+
+/// What a verified certificate identity is listed as: `cert:` and the subject, made safe for
+/// listings (control characters, such as a newline that would split a listing row, become `?`)
+/// and cut to at most `max_bytes` bytes in all (at a character boundary), the longest name
+/// `iam` accepts. The prefix is one `iam` refuses, so no client can take a name that reads as
+/// a certificate's.
+pub fn display_name(subject: &str, max_bytes: usize) -> String {
+    let mut name = String::from(CERT_PREFIX);
+    name.push_str(&printable(
+        subject,
+        max_bytes.saturating_sub(CERT_PREFIX.len()),
+    ));
+    name
+}
+
+/// The prefix of every certificate identity in listings.
+pub const CERT_PREFIX: &str = "cert:";
 
 /// An IP address SAN (4 or 16 bytes) as text.
 fn ip_text(bytes: &[u8]) -> Option<String> {
@@ -60,6 +76,14 @@ fn printable(name: &str, max_bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_names_are_marked_and_bounded() {
+        assert_eq!(display_name("alice", 4096), "cert:alice");
+        assert_eq!(display_name("a\nb", 4096), "cert:a?b");
+        assert_eq!(display_name("alice", 7), "cert:al");
+        assert_eq!(display_name("alice", 3), "cert:");
+    }
 
     #[test]
     fn names_are_made_safe_for_listings() {

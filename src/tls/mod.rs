@@ -343,14 +343,13 @@ pub async fn serve(
     };
     tls.count(door, HandshakeResult::Ok);
     drop(handshake);
-    let max_name = usize::try_from(core.server.config.max_name_bytes).unwrap_or(usize::MAX);
     let peer = Peer {
         certificate: stream
             .get_ref()
             .1
             .peer_certificates()
             .and_then(|chain| chain.first())
-            .and_then(|leaf| identity::subject(leaf, max_name))
+            .and_then(identity::subject)
             .map(Arc::from),
         uid: None,
         door: match door {

@@ -15,7 +15,7 @@ const MIN_DUMP_ENTRY_BYTES: u64 = 12;
 pub async fn d_name(ctx: &Ctx) -> Result<(), Verdict> {
     let name = ctx.lock_name("d");
     let (mut a, mut b) = (ctx.connect().await?, ctx.connect().await?);
-    let id = a.id().await?;
+    let id = a.holder().await?;
     a.expect(&format!("g {name}"), 1).await?;
     let rows = b.listing(&format!("d {name}"), 1, ctx.marker()).await?;
     let want = vec![format!("{name}: {id}")];
@@ -41,7 +41,7 @@ pub async fn d_name(ctx: &Ctx) -> Result<(), Verdict> {
 pub async fn sd_name(ctx: &Ctx) -> Result<(), Verdict> {
     let name = ctx.lock_name("sd");
     let (mut a, mut b) = (ctx.connect().await?, ctx.connect().await?);
-    let (id_a, id_b) = (a.id().await?, b.id().await?);
+    let (id_a, id_b) = (a.holder().await?, b.holder().await?);
     a.expect(&format!("sg {name}"), 1).await?;
     b.expect(&format!("sg {name}"), 2).await?;
     let mut rows = a.listing(&format!("sd {name}"), 2, ctx.marker()).await?;
@@ -214,7 +214,7 @@ pub async fn framed_counts_rows(ctx: &Ctx) -> Result<(), Verdict> {
     }
     let name = ctx.lock_name("framed");
     let (mut a, mut b) = (ctx.connect().await?, ctx.connect().await?);
-    let id = a.id().await?;
+    let id = a.holder().await?;
     a.expect(&format!("g {name}"), 1).await?;
     b.expect("framed", 1).await?;
     for (step, want) in [

@@ -20,6 +20,11 @@ pub async fn me(ctx: &Ctx) -> Result<(), Verdict> {
         "an id like `ip:port`",
         quoted(&me.id),
     )?;
+    if me.name.starts_with("cert:") {
+        return Err(Verdict::skip(
+            "the server names this connection by its client certificate",
+        ));
+    }
     ensure(
         me.name == me.id,
         "`me` before any `iam`",

@@ -99,7 +99,7 @@ pub async fn pipelining_get_then_list(ctx: &Ctx) -> Result<(), Verdict> {
     ctx.strict_only("the original lost every line after the first in one read")?;
     let name = ctx.lock_name("pipeline-d");
     let mut a = ctx.connect().await?;
-    let id = a.id().await?;
+    let id = a.holder().await?;
     a.send_raw(format!("g {name}\nd {name}\ni {}\n", ctx.marker()).as_bytes())
         .await?;
     let reply = a.read_line(&format!("`g {name}`")).await?;

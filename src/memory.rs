@@ -92,6 +92,18 @@ impl MemoryBudget {
         self.limit
     }
 
+    /// The most bytes of `rl` limiter state one shard may hold: half the budget, split evenly
+    /// over the shards (names spread evenly over them). `rl` evicts limiters to stay within
+    /// it, so however many names a client rate-limits, the other half stays for locks,
+    /// shared holders and waiters, which nothing evicts. No cap without a budget.
+    pub fn limiter_share(&self) -> u64 {
+        if self.limit == 0 {
+            u64::MAX
+        } else {
+            self.limit / 2 / self.shards.len() as u64
+        }
+    }
+
     /// Shard `shard`'s use, as last published.
     pub fn shard_used(&self, shard: usize) -> u64 {
         self.shards[shard].load(Ordering::Relaxed)

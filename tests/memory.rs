@@ -139,6 +139,15 @@ async fn rate_limiters_make_room_by_evicting_those_soonest_back_to_full(setup: S
     client
         .check(&format!("{}\n", hourly[0]), "1 1 0 0 3600000\n")
         .await;
+    // However many names are rate-limited, limiters keep to half the budget: another client
+    // still gets new locks, shared locks and waits.
+    let mut other = server.connect().await;
+    other
+        .check(
+            "g job\nsg pool\ngw 10 job2\n",
+            "1 Got Lock\n1 Got Shared Lock\n1 Got Lock\n",
+        )
+        .await;
 }
 
 async fn long_names_work_up_to_the_limit_and_are_refused_past_it(setup: Setup) {

@@ -398,7 +398,10 @@ impl ShardTable {
                 // Everything else this table holds, so the limiters can tell what fits.
                 let others = self.bytes + self.waits.bytes();
                 let (budget, shard) = (&self.budget, self.shard);
-                let fits = |limiters: u64| budget.fits(shard, others + limiters, 0);
+                // Limiters stay within their share, so they never take the room locks need.
+                let share = budget.limiter_share();
+                let fits =
+                    |limiters: u64| limiters <= share && budget.fits(shard, others + limiters, 0);
                 let Some(decision) = self.limits.apply(name, now, limit.into(), fits) else {
                     return Reply::OutOfMemory;
                 };

@@ -466,8 +466,9 @@ fn rate_limiters_make_room_by_evicting_and_count_it() {
         period_ms: 86_400_000,
         quantity: 1,
     };
+    // Limiters may take half the budget: room for 10 of them.
     let room = 10 * crate::ratelimit::LIMITER_BYTES;
-    let mut t = budgeted(room);
+    let mut t = budgeted(2 * room);
     for i in 0..25 {
         let name = sized_name(i, 8);
         let hash = t.hash(name.as_bytes());
@@ -480,11 +481,28 @@ fn rate_limiters_make_room_by_evicting_and_count_it() {
     assert_eq!(t.rate_limit_len(), 10);
     assert_eq!(t.rate_limit_evictions(), 15);
     assert_eq!(accounted(&t), room);
-    // Locks can take the room too; then a new limiter evicts, but cannot evict a lock.
-    let lock = sized_name(100, 8);
-    let hash = t.hash(lock.as_bytes());
-    assert_eq!(
-        t.apply(1, LockOp::Get, hash, &lock, None),
-        Reply::OutOfMemory
+    // However many names are rate-limited, the other half stays for locks.
+    let mut granted = 0;
+    for i in 100..200 {
+        let lock = sized_name(i, 8);
+        let hash = t.hash(lock.as_bytes());
+        match t.apply(1, LockOp::Get, hash, &lock, None) {
+            Reply::Got => granted += 1,
+            Reply::OutOfMemory => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        granted >= 5,
+        "{granted} locks in the half limiters cannot take"
     );
+    // With the budget full of locks, a new limiter evicts limiters, never a lock.
+    let name = sized_name(1000, 8);
+    let hash = t.hash(name.as_bytes());
+    assert!(matches!(
+        t.apply(1, LockOp::RateLimit(day), hash, &name, None),
+        Reply::RateLimit(d) if d.allowed
+    ));
+    assert_eq!(t.exclusive_len(), granted);
+    accounted(&t);
 }

@@ -469,7 +469,7 @@ impl<S: AsyncRead + Unpin> PeerWatch for StreamWatch<'_, S> {
             if *self.eof {
                 return Poll::Pending;
             }
-            if self.side.len() >= WAIT_READ_AHEAD {
+            if self.side.len() > WAIT_READ_AHEAD {
                 self.ended = Some(Disconnect::WaitReadAhead);
                 return Poll::Ready(());
             }

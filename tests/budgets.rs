@@ -169,6 +169,30 @@ mod reset {
     crate::for_each_transport!(@mod ws_4, Ws, 4; a_reset_waiter_leaves_the_queue_and_its_place);
 }
 
+/// Exactly 64 KiB sent behind a wait is within the bound: kept, and run after the wait.
+async fn sixty_four_kib_behind_a_wait_is_kept(setup: Setup) {
+    let server = TestServer::start_with(setup, |_| {});
+    let mut holder = Raw::connect(server.addr).await;
+    holder.check("g L\n", "1 Got Lock\n").await;
+    let mut waiter = server.connect().await;
+    // The wait, then empty lines (no replies) making exactly 64 KiB, then one command.
+    let mut behind = vec![b'\n'; 64 * 1024 - 4];
+    behind.extend_from_slice(b"i L\n");
+    waiter.send("gw 3600000 L\n").await;
+    server
+        .wait_for_stats("the waiter to queue", |stats| stats["lock_waiters"] == 1)
+        .await;
+    waiter.send(behind).await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    holder.check("r L\n", "1 Released Lock\n").await;
+    waiter.expect("1 Got Lock\n1 Locked\n").await;
+}
+
+mod exact_read_ahead {
+    use super::*;
+    crate::for_each_byte_stream!(sixty_four_kib_behind_a_wait_is_kept);
+}
+
 mod half_close {
     use super::*;
     crate::for_each_byte_stream!(a_half_closed_waiter_gets_its_answer_then_leaves);

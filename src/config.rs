@@ -436,6 +436,25 @@ impl Config {
                 "--tls-port and --tls-ws need --tls-cert and --tls-key",
             ));
         }
+        // A client CA without a TLS door would let an operator believe certificates are
+        // required while every client gets in over plain TCP.
+        let tls_files: Vec<&str> = [
+            ("--tls-cert", self.tls_cert.is_some()),
+            ("--tls-key", self.tls_key.is_some()),
+            ("--tls-client-ca", self.tls_client_ca.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(flag, given)| given.then_some(flag))
+        .collect();
+        if !self.tls_enabled() && !tls_files.is_empty() {
+            return Err(Config::command().error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "{} given without a TLS door: add --tls-port or --tls-ws, or drop them",
+                    tls_files.join(", ")
+                ),
+            ));
+        }
         let last_shard_port = usize::from(self.shard_port) + self.shard_count() - 1;
         if self.shard_port != 0 && last_shard_port > usize::from(u16::MAX) {
             return Err(Config::command().error(
@@ -842,6 +861,12 @@ mod tests {
             one_line(&Config::try_from_args(all).expect_err("refused"))
         };
         for args in [
+            &["-tls-client-ca", "ca.pem"][..],
+            &["-tls-cert", "c.pem", "-tls-key", "k.pem"],
+        ] {
+            assert!(refused(args).contains("without a TLS door"), "{args:?}");
+        }
+        for args in [
             &["-tls-port", "9996"][..],
             &["-tls-ws", "9995", "-tls-cert", "c.pem"],
             &["-tls-port=9996", "-tls-key", "k.pem"],
@@ -864,8 +889,6 @@ mod tests {
         assert!(c.tls_enabled());
         assert_eq!((c.tls_port, c.tls_ws), (9996, 9995));
         assert_eq!(c.tls_client_ca.as_deref(), Some(Path::new("ca.pem")));
-        // Files without a door are accepted (and unused).
-        assert!(!parse(&["-tls-cert", "c.pem"]).tls_enabled());
     }
 
     #[test]

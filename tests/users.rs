@@ -508,6 +508,25 @@ async fn a_reload_applies_to_connections_already_authenticated_and_a_bad_file_is
     let refused = server.reload_users().expect("a users file");
     assert!(refused.unwrap_err().contains("needs token_sha256"));
     conn.check("sg billing:t\n", "1 Got Shared Lock\n").await;
+    // billing's token changed (a leaked one revoked): sessions opened with the old one end,
+    // and the new one works.
+    let mut renewed = Raw::connect(addr).await;
+    renewed
+        .check("auth billing billing-token\n", "1 Authenticated\n")
+        .await;
+    std::fs::write(
+        &path,
+        standard_users().replace(&token_line("billing-token"), &token_line("billing-new")),
+    )
+    .expect("rewrite");
+    assert_eq!(server.reload_users(), Some(Ok(7)));
+    renewed.check("sg billing:v\n", "0 Auth Required\n").await;
+    renewed
+        .check(
+            "auth billing billing-new\nsg billing:v\n",
+            "1 Authenticated\n1 Got Shared Lock\n",
+        )
+        .await;
     // billing removed: its connection is no one now.
     std::fs::write(
         &path,

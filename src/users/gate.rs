@@ -93,8 +93,13 @@ impl Gate {
                 };
                 users.for_peer(&peer)
             } else {
-                let name = self.user.as_ref().map(|u| u.name.clone());
-                name.and_then(|name| users.by_name(name.as_bytes()))
+                // The same user, with the same token: a changed token ends the session (the
+                // client must `auth` again with the new one).
+                self.user.take().and_then(|old| {
+                    users
+                        .by_name(old.name.as_bytes())
+                        .filter(|new| new.same_token(&old))
+                })
             };
         }
         self.user.as_deref()

@@ -43,6 +43,13 @@ pub struct User {
 }
 
 impl User {
+    /// Whether `other` (the same user in a file read again) has the same token: a connection
+    /// that proved the old token keeps its standing only then, so changing a leaked token
+    /// ends the sessions opened with it.
+    pub fn same_token(&self, other: &User) -> bool {
+        self.token == other.token
+    }
+
     /// Whether the user may run commands of `class` (the connection's own housekeeping,
     /// [`Class::Connection`], is every user's).
     #[inline]

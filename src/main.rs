@@ -332,6 +332,9 @@ fn reload_users(server: &ServerHandle) {
 
 /// `glockd hash-token`: reads a token on standard input (never from the command line, where
 /// other users of the machine could read it) and prints the users file line with its digest.
+/// Tokens shorter than this draw a warning from `glockd hash-token`.
+const WEAK_TOKEN_BYTES: usize = 20;
+
 fn hash_token() -> ExitCode {
     use std::io::Read;
     if std::env::args_os().count() > 2 {
@@ -351,6 +354,15 @@ fn hash_token() -> ExitCode {
     }
     match glockd::users::token::hash_token_line(&input) {
         Ok(line) => {
+            // Failed `auth`s are slowed per connection, but a client may open many
+            // connections: only a token no one can guess keeps it out.
+            let trimmed = input.trim_ascii_end().len();
+            if trimmed < WEAK_TOKEN_BYTES {
+                eprintln!(
+                    "glockd: hash-token: warning: a token of {trimmed} bytes can be guessed; \
+                     use at least {WEAK_TOKEN_BYTES} random bytes (e.g. `openssl rand -hex 24`)"
+                );
+            }
             println!("{line}");
             ExitCode::SUCCESS
         }

@@ -633,6 +633,10 @@ fn hash_token_reads_stdin_and_its_line_opens_the_door() {
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(line.lines().count(), 1);
     assert!(line.starts_with("token_sha256 = \""), "{line}");
+    // A short token still works, with a warning that it can be guessed; a long one gets none.
+    assert!(stderr.contains("can be guessed"), "{stderr}");
+    let (code, _, stderr) = run(&["hash-token"], b"0123456789abcdef0123456789abcdef\n");
+    assert_eq!((code, stderr.as_str()), (Some(0), ""));
     // Refused: nothing to hash, a token `auth` could not send, an argument (tokens never go
     // on the command line).
     for (args, input) in [

@@ -117,6 +117,8 @@ impl Disconnect {
             Disconnect::Idle => CloseReason::IdleTimeout,
             Disconnect::ClientBuffers => CloseReason::ClientBuffers,
             Disconnect::WaitReadAhead => CloseReason::WaitReadAhead,
+            Disconnect::LineTimeout => CloseReason::LineTimeout,
+            Disconnect::AuthFailures => CloseReason::AuthFailures,
             _ => return None,
         })
     }

@@ -138,6 +138,12 @@ impl ServerHandle {
         self.server.stats.snapshot()
     }
 
+    /// What became of requests and connections so far (what `/metrics` shows by result and
+    /// reason), summed over the shards.
+    pub fn outcomes(&self) -> crate::stats::Outcomes {
+        self.server.stats.outcomes()
+    }
+
     /// Stops accepting, closes every connection (their locks are released), and waits for the
     /// shard threads to finish.
     pub fn shutdown(mut self) {

@@ -258,8 +258,11 @@ mod unfinished_lines {
                 s["orphans"] == 1 && s["locks"] == 0
             })
             .await;
-        // The half line was never a command: nothing counted as invalid.
+        // The half line was never a command: nothing counted as invalid; the close is counted
+        // as the line timeout's.
         assert_eq!(server.stats().invalid_commands, 0);
+        let line_timeout = glockd::stats::CloseReason::LineTimeout as usize;
+        assert_eq!(server.outcomes().connections_closed_by[line_timeout], 1);
         other.check("g x\n", "1 Got Lock\n").await;
     }
 

@@ -161,16 +161,22 @@ pub enum CloseReason {
     ClientBuffers,
     /// It sent more than a waiting command lets it send (see `connection::WAIT_READ_AHEAD`).
     WaitReadAhead,
+    /// A line stayed unfinished for `--line-timeout` (a slow or stalled sender).
+    LineTimeout,
+    /// `--auth-max-failures` failed `auth`s in a row.
+    AuthFailures,
 }
 
 impl CloseReason {
-    pub const ALL: [CloseReason; 6] = [
+    pub const ALL: [CloseReason; 8] = [
         CloseReason::LineTooLong,
         CloseReason::UnreadReplies,
         CloseReason::WriteTimeout,
         CloseReason::IdleTimeout,
         CloseReason::ClientBuffers,
         CloseReason::WaitReadAhead,
+        CloseReason::LineTimeout,
+        CloseReason::AuthFailures,
     ];
 
     pub const COUNT: usize = Self::ALL.len();
@@ -184,6 +190,8 @@ impl CloseReason {
             CloseReason::IdleTimeout => "idle_timeout",
             CloseReason::ClientBuffers => "client_buffers",
             CloseReason::WaitReadAhead => "wait_read_ahead",
+            CloseReason::LineTimeout => "line_timeout",
+            CloseReason::AuthFailures => "auth_failures",
         }
     }
 }

@@ -209,6 +209,11 @@ impl TestServer {
             .expect("connect")
     }
 
+    /// Requests' and connections' outcomes, read in-process (what `/metrics` counts).
+    pub fn outcomes(&self) -> glockd::stats::Outcomes {
+        self.handle.as_ref().expect("running").outcomes()
+    }
+
     /// The stats read in-process (the same cells `q` reads).
     pub fn stats(&self) -> glockd::stats::Snapshot {
         self.handle.as_ref().expect("running").stats()

@@ -369,13 +369,13 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return Disconnect::Eof,
             Ok(Some(Err(WsError::Capacity(_)))) => {
                 session.core().cell().invalid_commands.add(1);
-                let reply = Message::binary(protocol::LINE_TOO_LONG);
+                let reply = text_reply(protocol::LINE_TOO_LONG);
                 let _ = send(ws, reply, write_timeout).await;
                 return Disconnect::LineTooLong;
             }
             Ok(Some(Err(WsError::Utf8(_)))) => {
                 session.core().cell().invalid_commands.add(1);
-                let reply = Message::binary(protocol::TEXT_NOT_UTF8);
+                let reply = text_reply(protocol::TEXT_NOT_UTF8);
                 let _ = send(ws, reply, write_timeout).await;
                 return Disconnect::BadText;
             }
@@ -393,7 +393,7 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
                 Err(LineTooLong) => {
                     // The lines before it were answered; refuse this one and close, as over TCP.
                     session.core().cell().invalid_commands.add(1);
-                    let reply = Message::binary(protocol::LINE_TOO_LONG);
+                    let reply = text_reply(protocol::LINE_TOO_LONG);
                     let _ = send(ws, reply, write_timeout).await;
                     return Disconnect::LineTooLong;
                 }
@@ -541,9 +541,18 @@ async fn flush(ws: &mut Ws, limit: Option<Duration>) -> Result<(), Disconnect> {
 
 /// Sends `bytes` as one message if the connection takes it at once, without waiting: a last
 /// word to a client being closed, which may not be reading.
+/// One of the server's own one-line replies (ASCII) as a text message, as every reply that is
+/// text goes (a browser then hands it over as a string, not a blob).
+fn text_reply(line: &'static [u8]) -> Message {
+    match std::str::from_utf8(line) {
+        Ok(text) => Message::text(text),
+        Err(_) => Message::binary(line),
+    }
+}
+
 async fn offer(ws: &mut Ws, bytes: &'static [u8]) {
     let mut send = std::pin::pin!(async {
-        let _ = ws.send(Message::binary(bytes)).await;
+        let _ = ws.send(text_reply(bytes)).await;
     });
     std::future::poll_fn(|cx| {
         let _ = send.as_mut().poll(cx);

@@ -428,7 +428,7 @@ mod tests {
         b.connections_closed.add(2);
         let outcomes = stats.outcomes();
         assert_eq!(outcomes.connections_refused, [1, 0]);
-        assert_eq!(outcomes.connections_closed_by, [0, 0, 0, 1, 0, 0]);
+        assert_eq!(outcomes.connections_closed_by, [0, 0, 0, 1, 0, 0, 0, 0]);
         assert_eq!(outcomes.connections_closed, 2);
     }
 

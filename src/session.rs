@@ -201,9 +201,12 @@ impl Session {
             Request::Usage(verb) => {
                 self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out)
             }
-            Request::Lock { ref name, .. } | Request::Wait { ref name, .. }
-                if name.len() as u64 > config.max_lock_name_bytes =>
-            {
+            Request::Lock { ref name, .. }
+            | Request::Wait { ref name, .. }
+            | Request::List {
+                name: Some(ref name),
+                ..
+            } if name.len() as u64 > config.max_lock_name_bytes => {
                 let reply = self.core().cell().counted(verb, Reply::LockNameTooLong);
                 self.reply(reply, out)
             }

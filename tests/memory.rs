@@ -168,7 +168,11 @@ async fn long_names_work_up_to_the_limit_and_are_refused_past_it(setup: Setup) {
             &"0 Name Too Long\n".repeat(5),
         )
         .await;
-    client.check(&format!("d {over}\n"), "").await;
+    for listing in ["d", "sd", "h"] {
+        client
+            .check(&format!("{listing} {over}\n"), "0 Name Too Long\n")
+            .await;
+    }
     client.check("g short\n", "1 Got Lock\n").await;
     assert_eq!(server.stats().locks, 1);
 }

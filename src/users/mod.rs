@@ -231,19 +231,33 @@ pub fn exposure_warning(config: &Config, plain: &[(&str, SocketAddr)]) -> Option
     if config.users_path().is_some() {
         return None;
     }
-    let exposed: Vec<String> = plain
+    // (An IPv4 address in IPv6 form, `::ffff:127.0.0.1`, is loopback too.)
+    let exposed: Vec<&(&str, SocketAddr)> = plain
         .iter()
-        .filter(|(_, addr)| !addr.ip().is_loopback())
-        .map(|(door, addr)| format!("{door} {addr}"))
+        .filter(|(_, addr)| !addr.ip().to_canonical().is_loopback())
         .collect();
     if exposed.is_empty() {
         return None;
     }
+    let doors: Vec<String> = exposed
+        .iter()
+        .map(|(door, addr)| format!("{door} {addr}"))
+        .collect();
+    let mut closing: Vec<&str> = exposed
+        .iter()
+        .map(|(door, _)| match *door {
+            "tcp" => "-port 0",
+            "ws" => "-ws 0",
+            _ => "no -shard-port",
+        })
+        .collect();
+    closing.dedup();
     Some(format!(
         "listening in plain text without -users on {}: anyone who can reach it may take, \
          release and list every lock; give -users FILE, or -bind 127.0.0.1, or close the plain \
-         doors with -port 0 -ws 0",
-        exposed.join(", ")
+         doors ({})",
+        doors.join(", "),
+        closing.join(", ")
     ))
 }
 
@@ -320,6 +334,9 @@ mod tests {
         assert!(exposure_warning(&config(&[]), &loopback).is_none());
         assert!(exposure_warning(&config(&[]), &[]).is_none());
         let shard = [("shard port", addr("10.0.0.1:7000"))];
-        assert!(exposure_warning(&config(&[]), &shard).is_some());
+        let warning = exposure_warning(&config(&[]), &shard).unwrap();
+        assert!(warning.ends_with("(no -shard-port)"), "{warning}");
+        let mapped = [("tcp", addr("[::ffff:127.0.0.1]:9999"))];
+        assert!(exposure_warning(&config(&[]), &mapped).is_none());
     }
 }

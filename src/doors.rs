@@ -87,18 +87,22 @@ impl Listeners {
                 .position(|l| l.local_addr().is_ok_and(|a| a.port() == port))?;
             Some(tcp.swap_remove(at))
         };
-        let tcp_on =
-            |tcp: &mut Vec<StdTcpListener>, port: u16| -> io::Result<Option<StdTcpListener>> {
-                match port {
-                    0 => Ok(None),
-                    port => match take(tcp, port) {
-                        Some(listener) => Ok(Some(listener)),
-                        None => StdTcpListener::bind(SocketAddr::new(config.bind, port))
-                            .map(Some)
-                            .map_err(|e| io::Error::new(e.kind(), format!("port {port}: {e}"))),
-                    },
-                }
-            };
+        // `flag` names the door in an error, so a port two doors share, or one in use, says
+        // which flag to change.
+        let tcp_on = |tcp: &mut Vec<StdTcpListener>,
+                      flag: &str,
+                      port: u16|
+         -> io::Result<Option<StdTcpListener>> {
+            match port {
+                0 => Ok(None),
+                port => match take(tcp, port) {
+                    Some(listener) => Ok(Some(listener)),
+                    None => StdTcpListener::bind(SocketAddr::new(config.bind, port))
+                        .map(Some)
+                        .map_err(|e| io::Error::new(e.kind(), format!("{flag} {port}: {e}"))),
+                },
+            }
+        };
         let (unix, unix_inherited) = match unix {
             Some((listener, path)) => {
                 if let Some(flag) = config.unix_path().filter(|flag| *flag != path) {
@@ -123,10 +127,10 @@ impl Listeners {
         };
         let listeners =
             Listeners {
-                tcp: tcp_on(&mut tcp, config.port)?,
-                ws: tcp_on(&mut tcp, config.ws)?,
-                tls: tcp_on(&mut tcp, config.tls_port)?,
-                tls_ws: tcp_on(&mut tcp, config.tls_ws)?,
+                tcp: tcp_on(&mut tcp, "-port", config.port)?,
+                ws: tcp_on(&mut tcp, "-ws", config.ws)?,
+                tls: tcp_on(&mut tcp, "-tls-port", config.tls_port)?,
+                tls_ws: tcp_on(&mut tcp, "-tls-ws", config.tls_ws)?,
                 unix,
                 unix_inherited,
                 metrics: match config.metrics_addr() {
@@ -148,7 +152,8 @@ impl Listeners {
                                     format!("-shard-port {base}: port {base} + {k} is past 65535"),
                                 )
                             })?;
-                            tcp_on(&mut tcp, port)?.ok_or_else(|| io::Error::other("port 0"))
+                            tcp_on(&mut tcp, "-shard-port", port)?
+                                .ok_or_else(|| io::Error::other("port 0"))
                         })
                         .collect::<io::Result<_>>()?,
                 },

@@ -303,7 +303,11 @@ fn an_address_in_use_is_a_startup_error() {
         .output()
         .expect("run");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot start"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("cannot start: -port {port}: ")),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -255,7 +255,14 @@ pub(crate) fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 
 /// Reads the private key in a PEM file; an error names the file.
 pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| format!("{}: {e}", path.display()))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| match e {
+        rustls_pki_types::pem::Error::NoItemsFound => format!(
+            "{}: no unencrypted private key in the file (PKCS#8, PKCS#1 or SEC1 PEM; decrypt an \
+             encrypted one with `openssl pkey -in KEY -out PLAIN`)",
+            path.display()
+        ),
+        e => format!("{}: {e}", path.display()),
+    })
 }
 
 /// A root store of every certificate in a PEM file.

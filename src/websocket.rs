@@ -521,6 +521,11 @@ fn ended_by(error: &WsError) -> Disconnect {
     match error {
         WsError::Io(e) => Disconnect::from_io(e),
         WsError::ConnectionClosed | WsError::AlreadyClosed => Disconnect::Eof,
+        // The client closed its TCP connection without a close frame: an end like any other
+        // (a script that exits), not a broken rule.
+        WsError::Protocol(
+            tokio_tungstenite::tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => Disconnect::Eof,
         // A protocol violation, bad UTF-8 in a text message…: the client broke the rules.
         _ => Disconnect::Error(std::io::ErrorKind::InvalidData),
     }
@@ -564,4 +569,18 @@ async fn offer(ws: &mut Ws, bytes: &'static [u8]) {
 async fn send(ws: &mut Ws, message: Message, limit: Option<Duration>) -> Result<(), Disconnect> {
     ws.feed(message).await.map_err(|e| ended_by(&e))?;
     flush(ws, limit).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_tungstenite::tungstenite::error::ProtocolError;
+
+    #[test]
+    fn a_tcp_close_without_a_close_frame_is_an_end_not_an_error() {
+        let closed = WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake);
+        assert_eq!(ended_by(&closed).as_str(), "eof");
+        let broken = WsError::Protocol(ProtocolError::NonZeroReservedBits);
+        assert_eq!(ended_by(&broken).as_str(), "error");
+    }
 }

@@ -770,3 +770,41 @@ fn a_draining_server_leaves_the_socket_its_successor_bound() {
     assert!(!socket.exists());
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// A mistyped Go-style flag is named whole in the one line, with the flag meant when there is
+/// one; a negative number is that flag's invalid value, not an unknown flag.
+#[test]
+fn a_mistyped_flag_is_named_whole() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["-pidfle", "x"], "'--pidfle'"),
+        (&["-verbos"], "'--verbos'"),
+        (&["-max-conections", "5"], "'--max-conections'"),
+        (&["-bogus"], "'--bogus'"),
+        (&["-bogus=1"], "'--bogus'"),
+    ];
+    for (args, named) in cases {
+        let (code, stderr) = run_refused(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("glockd: ") && stderr.contains(named),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (_, stderr) = run_refused(&["-pidfle", "x"]);
+    assert!(stderr.contains("'--pidfile'"), "no suggestion: {stderr}");
+
+    for args in [
+        &["-max-connections-per-ip", "-1"][..],
+        &["--max-connections-per-ip", "-1"][..],
+        &["-max-connections-per-ip=-1"][..],
+    ] {
+        let (code, stderr) = run_refused(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("invalid value '-1'") && stderr.contains("--max-connections-per-ip"),
+            "{args:?}: {stderr}"
+        );
+    }
+}

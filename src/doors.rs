@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::config::Config;
-use crate::files::FileId;
+use crate::files::{FileId, Pinned};
 use crate::lifecycle::{Admission, ConnMsg, Incoming, Refusal};
 use crate::protocol;
 use crate::shard::{ShardCore, ShardMsg};
@@ -39,7 +39,7 @@ pub struct Listeners {
     /// The socket file as bound, so that exit removes it only if the path still names it (a
     /// server started on the same path after it was removed keeps its own). None when the
     /// caller bound the socket itself: the server then looks at the path when it starts.
-    pub unix_file: Option<FileId>,
+    pub unix_file: Option<Pinned>,
     /// The unix socket came from systemd (socket activation), which owns its file: the file
     /// stays at exit, for the next start to be handed the same socket.
     pub unix_inherited: bool,
@@ -121,7 +121,7 @@ impl Listeners {
             None => match config.unix_path() {
                 Some(path) => {
                     let listener = bind_unix(path, config.unix_mode)?;
-                    let file = FileId::of_path(path).map_err(|e| {
+                    let file = Pinned::open(path).map_err(|e| {
                         io::Error::new(e.kind(), format!("{}: {e}", path.display()))
                     })?;
                     (Some((listener, path.to_owned())), false, Some(file))

@@ -33,10 +33,42 @@ impl FileId {
     }
 
     /// Removes `path` if it still names this file; another file that took its place stays.
-    /// Whatever replaces the file between the look and the removal is not seen: the window is
+    /// The file must be held open (or [`Pinned`]) meanwhile, or its inode number may have gone
+    /// to the file now there. Whatever replaces the file between the look and the removal is not seen: the window is
     /// one `lstat` wide, and closing it would need an unlink-if-inode the kernel does not have.
     pub fn remove_if_same(self, path: &Path) -> bool {
         FileId::of_path(path).is_ok_and(|now| now == self) && std::fs::remove_file(path).is_ok()
+    }
+}
+
+/// A file this server made, known by its device and inode, and kept from giving them up: a
+/// descriptor opened with `O_PATH` (which reads nothing, and opens a socket file too) holds the
+/// inode, so no other file can be given the same inode number while this is held. Without it,
+/// a socket file another server unlinked once this one had closed its listener is freed, and a
+/// filesystem such as ext4 hands its inode number straight to the next file made, which may be
+/// that other server's socket on the same path.
+#[derive(Debug)]
+pub struct Pinned {
+    id: FileId,
+    _fd: File,
+}
+
+impl Pinned {
+    /// Pins the file `path` names now (a symbolic link is not followed).
+    pub fn open(path: &Path) -> io::Result<Pinned> {
+        let fd = OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_PATH | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(path)?;
+        Ok(Pinned {
+            id: FileId::of(&fd.metadata()?),
+            _fd: fd,
+        })
+    }
+
+    /// Which file it is.
+    pub fn id(&self) -> FileId {
+        self.id
     }
 }
 

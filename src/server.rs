@@ -19,7 +19,7 @@ use tokio::task::LocalSet;
 
 use crate::config::Config;
 use crate::doors::{Door, Listeners};
-use crate::files::FileId;
+use crate::files::{FileId, Pinned};
 use crate::lifecycle::ConnMsg;
 use crate::routing::{Flow, Inbox, Mailboxes};
 use crate::shard::{ServerState, ShardCore, ShardMsg};
@@ -34,9 +34,10 @@ pub struct ServerHandle {
     tls_addr: Option<SocketAddr>,
     tls_ws_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
-    /// The unix socket file the server removes at exit, if the path still names it: None when
-    /// systemd passed the socket (its file is systemd's).
-    unix_file: Option<FileId>,
+    /// The unix socket file the server removes at exit, if the path still names it, pinned so
+    /// its inode number cannot pass to another file meanwhile: None when systemd passed the
+    /// socket (its file is systemd's).
+    unix_file: Option<Pinned>,
     metrics_addr: Option<SocketAddr>,
     /// Each shard's own port, in shard order (`-shard-port`).
     shard_addrs: Vec<SocketAddr>,
@@ -87,7 +88,9 @@ impl ServerHandle {
     /// The unix socket file the server removes when it stops, and which file that is: its own,
     /// not one systemd passed, and only while the path still names it.
     pub fn owned_unix_file(&self) -> Option<(&Path, FileId)> {
-        self.unix_path.as_deref().zip(self.unix_file)
+        self.unix_path
+            .as_deref()
+            .zip(self.unix_file.as_ref().map(Pinned::id))
     }
 
     /// Each shard's own port (`-shard-port`), in shard order; empty when off.
@@ -253,11 +256,15 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .map(|l| l.local_addr())
         .transpose()?;
     let unix_path = listeners.unix.as_ref().map(|(_, path)| path.clone());
-    let unix_file = match (&unix_path, listeners.unix_inherited, listeners.unix_file) {
+    let unix_file = match (
+        &unix_path,
+        listeners.unix_inherited,
+        listeners.unix_file.take(),
+    ) {
         (None, _, _) | (Some(_), true, _) => None,
         (Some(_), false, Some(file)) => Some(file),
         // Bound by the caller: the file the path names now is the one just bound.
-        (Some(path), false, None) => Some(FileId::of_path(path)?),
+        (Some(path), false, None) => Some(Pinned::open(path)?),
     };
     let shard_addrs = listeners
         .shard_ports

@@ -612,16 +612,34 @@ fn exit_on(e: clap::Error) -> ! {
     std::process::exit(e.exit_code());
 }
 
-/// The first line of clap's message for `e`, without its `error: ` prefix (the rest is usage
-/// and tips, several lines).
+/// clap's message for `e` on one line: its first line without the `error: ` prefix, and its
+/// tips (`a similar argument exists: '--pidfile'`) after it; the usage lines are left out.
 fn one_line(e: &clap::Error) -> String {
     let text = e.render().to_string();
-    let first = text.lines().next().unwrap_or_default();
-    first
+    let mut lines = text.lines();
+    let first = lines.next().unwrap_or_default();
+    let mut line = first
         .strip_prefix("error: ")
         .unwrap_or(first)
         .trim()
-        .to_owned()
+        .to_owned();
+    // A negative number for a count fails in the integer parser, whose own words ("invalid
+    // digit found in string") do not say what is wrong with `-1`.
+    let negative = matches!(
+        e.get(clap::error::ContextKind::InvalidValue),
+        Some(clap::error::ContextValue::String(value))
+            if value.strip_prefix('-').is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+    );
+    if negative {
+        if let Some(head) = line.strip_suffix("invalid digit found in string") {
+            line = format!("{head}a negative number is not allowed");
+        }
+    }
+    for tip in lines.filter_map(|l| l.trim().strip_prefix("tip: ")) {
+        line.push_str("; ");
+        line.push_str(tip);
+    }
+    line
 }
 
 /// How log lines are written (see [`crate::logging`]).
@@ -710,46 +728,64 @@ fn go_bool(s: &str) -> Result<bool, String> {
 }
 
 /// Rewrites Go-style single-dash long flags (`-port`, `-dump=false`) to clap's `--port`.
-/// Only names of real long flags are rewritten, so values such as `-1` pass through; `--`
-/// ends flag processing as in both conventions.
+///
+/// Every single-dash word of more than one letter is taken for a long flag, known or not: Go
+/// has no clusters of one-letter flags, and clap would report a mistyped `-pidfle` by its
+/// first letter (`-p`), as if it were one; as `--pidfle` it is named whole, with clap's
+/// suggestion of the flag meant. Only a negative number (a dash and a digit) is left as it is,
+/// and joined to a flag before it that takes a value (`--max-connections-per-ip=-1`), so clap
+/// reports it as that flag's invalid value, not as an unexpected argument. `--` ends flag
+/// processing as in both conventions.
 pub fn go_style_args<I, T>(args: I) -> Vec<OsString>
 where
     I: IntoIterator<Item = T>,
     T: Into<OsString>,
 {
     let command = Config::command();
-    let longs: Vec<String> = command
+    // Flags that take a separate value: booleans take theirs only after `=`.
+    let valued: Vec<String> = command
         .get_arguments()
+        .filter(|a| a.get_action().takes_values() && !a.is_require_equals_set())
         .filter_map(|a| a.get_long().map(str::to_owned))
-        .chain(["help", "version"].map(String::from))
         .collect();
+    let negative = |text: &str| {
+        text.strip_prefix('-')
+            .is_some_and(|rest| rest.starts_with(|c: char| c.is_ascii_digit()))
+    };
+    let mut out: Vec<OsString> = Vec::new();
     let mut done = false;
-    args.into_iter()
-        .map(Into::into)
-        .map(|arg| {
-            if done {
-                return arg;
+    for arg in args.into_iter().map(Into::into) {
+        let Some(text) = arg.to_str().filter(|_| !done) else {
+            out.push(arg);
+            continue;
+        };
+        if text == "--" {
+            done = true;
+            out.push(arg);
+            continue;
+        }
+        if negative(text) {
+            let flag = out.last().and_then(|last| last.to_str()).and_then(|last| {
+                let name = last.strip_prefix("--")?;
+                (!name.contains('=') && valued.iter().any(|v| v == name)).then_some(last)
+            });
+            if let Some(flag) = flag {
+                let joined = OsString::from(format!("{flag}={text}"));
+                out.pop();
+                out.push(joined);
+            } else {
+                out.push(arg);
             }
-            let Some(text) = arg.to_str() else {
-                return arg;
-            };
-            if text == "--" {
-                done = true;
-                return arg;
+            continue;
+        }
+        match text.strip_prefix('-') {
+            Some(rest) if !rest.starts_with('-') && rest.chars().count() > 1 => {
+                out.push(OsString::from(format!("-{text}")));
             }
-            match text.strip_prefix('-') {
-                Some(rest) if !rest.starts_with('-') => {
-                    let name = rest.split('=').next().unwrap_or(rest);
-                    if longs.iter().any(|l| l == name) {
-                        OsString::from(format!("-{text}"))
-                    } else {
-                        arg
-                    }
-                }
-                _ => arg,
-            }
-        })
-        .collect()
+            _ => out.push(arg),
+        }
+    }
+    out
 }
 
 #[cfg(test)]

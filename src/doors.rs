@@ -15,6 +15,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 
 use crate::config::Config;
+use crate::files::{FileId, Pinned};
 use crate::lifecycle::{Admission, ConnMsg, Incoming, Refusal};
 use crate::protocol;
 use crate::shard::{ShardCore, ShardMsg};
@@ -35,6 +36,10 @@ pub struct Listeners {
     /// The line protocol over a unix socket, and the socket file's path (removed at exit,
     /// unless `unix_inherited`).
     pub unix: Option<(StdUnixListener, PathBuf)>,
+    /// The socket file as bound, so that exit removes it only if the path still names it (a
+    /// server started on the same path after it was removed keeps its own). None when the
+    /// caller bound the socket itself: the server then looks at the path when it starts.
+    pub unix_file: Option<Pinned>,
     /// The unix socket came from systemd (socket activation), which owns its file: the file
     /// stays at exit, for the next start to be handed the same socket.
     pub unix_inherited: bool,
@@ -103,7 +108,7 @@ impl Listeners {
                 },
             }
         };
-        let (unix, unix_inherited) = match unix {
+        let (unix, unix_inherited, unix_file) = match unix {
             Some((listener, path)) => {
                 if let Some(flag) = config.unix_path().filter(|flag| *flag != path) {
                     return Err(io::Error::new(
@@ -115,15 +120,18 @@ impl Listeners {
                         ),
                     ));
                 }
-                (Some((listener, path)), true)
+                (Some((listener, path)), true, None)
             }
-            None => (
-                config
-                    .unix_path()
-                    .map(|path| bind_unix(path, config.unix_mode).map(|l| (l, path.to_owned())))
-                    .transpose()?,
-                false,
-            ),
+            None => match config.unix_path() {
+                Some(path) => {
+                    let listener = bind_unix(path, config.unix_mode)?;
+                    let file = Pinned::open(path).map_err(|e| {
+                        io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+                    })?;
+                    (Some((listener, path.to_owned())), false, Some(file))
+                }
+                None => (None, false, None),
+            },
         };
         let listeners =
             Listeners {
@@ -133,6 +141,7 @@ impl Listeners {
                 tls_ws: tcp_on(&mut tcp, "-tls-ws", config.tls_ws)?,
                 unix,
                 unix_inherited,
+                unix_file,
                 metrics: match config.metrics_addr() {
                     None => None,
                     Some(addr) => match take(&mut tcp, addr.port()) {
@@ -272,11 +281,13 @@ pub fn bind_unix(path: &Path, mode: u32) -> io::Result<StdUnixListener> {
     Ok(listener)
 }
 
-/// Removes the unix socket file at exit, if it is still a socket (never another file that took
-/// its place).
-pub fn remove_unix(path: &Path) {
+/// Removes the unix socket file at exit, if the path still names the socket this server bound
+/// (`file`): never another file that took its place, nor the socket of a server started on the
+/// same path since (after an operator removed ours, or while ours drained after closing its
+/// doors, when the new server found nobody answering and replaced it).
+pub fn remove_unix(path: &Path, file: FileId) {
     if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
-        let _ = std::fs::remove_file(path);
+        file.remove_if_same(path);
     }
 }
 

@@ -37,6 +37,8 @@
 //! - [`stats`]: the lock-free per-shard counters behind `q` and the latency histograms.
 //! - [`exporter`]: the Prometheus `/metrics` endpoint and the `/healthz` check.
 //! - [`pidfile`]: the flock'ed pidfile.
+//! - [`files`]: files known by device and inode, so exit removes only what this server made,
+//!   and the exclusive locks behind the pidfile and the state file.
 //! - [`logging`]: log lines through a bounded queue and a writer thread of their own, so a
 //!   stuck stderr costs lines (counted), never service.
 //! - [`signals`]: what each signal does to a running server.
@@ -52,6 +54,7 @@ pub mod descriptors;
 pub mod doors;
 pub mod exporter;
 pub mod fencing;
+pub mod files;
 pub mod framer;
 pub mod lifecycle;
 pub mod logging;

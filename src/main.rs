@@ -10,11 +10,16 @@ use std::process::ExitCode;
 
 use glockd::config::{COMMIT, VERSION};
 use glockd::descriptors::{self, Budget};
+use glockd::files::{FileId, Held};
 use glockd::logging;
 use glockd::pidfile::Pidfile;
 use glockd::signals::{Action, Signals};
 use glockd::{Config, Listeners, ServerHandle};
 use tracing::{info, warn};
+
+/// Exit status when a file this server must hold alone (the pidfile, the state file) cannot be
+/// had: another server holds it, or it is not a regular file.
+const HELD: u8 = 4;
 
 /// Exit status after SIGQUIT, or a second stopping signal during shutdown (128 + SIGINT, as a
 /// shell reports an interrupted program).
@@ -42,7 +47,7 @@ fn main() -> ExitCode {
     }
     let pidfile = match config.pidfile.as_deref().map(Pidfile::acquire).transpose() {
         Ok(pidfile) => pidfile,
-        Err(e) => return fail(4, &e),
+        Err(e) => return fail(HELD, &e),
     };
     if let Err(e) = logging::start(config.log_format, config.log_file_path()) {
         return fail(1, &e);
@@ -99,6 +104,8 @@ fn main() -> ExitCode {
     let settings = config.clone();
     let server = match glockd::start_with_listeners(config, listeners) {
         Ok(server) => server,
+        // Another server holds the state file: refused as a held pidfile is.
+        Err(e) if Held::is(&e) => return fail(HELD, &e),
         Err(e) => return fail(1, &format!("cannot start: {e}")),
     };
     if settings.state_file_path().is_none() {
@@ -126,7 +133,9 @@ fn main() -> ExitCode {
 
     let exit = Exit {
         pidfile,
-        unix: server.owned_unix_path().map(|p| p.to_owned()),
+        unix: server
+            .owned_unix_file()
+            .map(|(path, file)| (path.to_owned(), file)),
     };
     runtime.block_on(serve_until_signalled(server, &mut signals, exit))
 }
@@ -221,17 +230,18 @@ fn announce(server: &ServerHandle, config: &Config, budget: &Budget) {
     );
 }
 
-/// What must not be left behind however the process ends: the pidfile and the unix socket.
+/// What must not be left behind however the process ends: the pidfile and the unix socket
+/// (each only while its path still names the file this server made).
 struct Exit {
     pidfile: Option<Pidfile>,
-    unix: Option<PathBuf>,
+    unix: Option<(PathBuf, FileId)>,
 }
 
 impl Exit {
     /// Ends the process now, without waiting for connections (their locks go with it).
     fn now(self, status: i32) -> ! {
-        if let Some(path) = &self.unix {
-            glockd::doors::remove_unix(path);
+        if let Some((path, file)) = &self.unix {
+            glockd::doors::remove_unix(path, *file);
         }
         drop(self.pidfile);
         logging::finish(logging::FINISH_WITHIN);

@@ -19,6 +19,7 @@ use tokio::task::LocalSet;
 
 use crate::config::Config;
 use crate::doors::{Door, Listeners};
+use crate::files::{FileId, Pinned};
 use crate::lifecycle::ConnMsg;
 use crate::routing::{Flow, Inbox, Mailboxes};
 use crate::shard::{ServerState, ShardCore, ShardMsg};
@@ -33,9 +34,10 @@ pub struct ServerHandle {
     tls_addr: Option<SocketAddr>,
     tls_ws_addr: Option<SocketAddr>,
     unix_path: Option<PathBuf>,
-    /// Whether the unix socket file is the server's to remove at exit (not when systemd passed
-    /// the socket).
-    owns_unix_file: bool,
+    /// The unix socket file the server removes at exit, if the path still names it, pinned so
+    /// its inode number cannot pass to another file meanwhile: None when systemd passed the
+    /// socket (its file is systemd's).
+    unix_file: Option<Pinned>,
     metrics_addr: Option<SocketAddr>,
     /// Each shard's own port, in shard order (`-shard-port`).
     shard_addrs: Vec<SocketAddr>,
@@ -83,9 +85,12 @@ impl ServerHandle {
         self.unix_path.as_deref()
     }
 
-    /// The unix socket file the server removes when it stops: its own, not one systemd passed.
-    pub fn owned_unix_path(&self) -> Option<&Path> {
-        self.unix_path.as_deref().filter(|_| self.owns_unix_file)
+    /// The unix socket file the server removes when it stops, and which file that is: its own,
+    /// not one systemd passed, and only while the path still names it.
+    pub fn owned_unix_file(&self) -> Option<(&Path, FileId)> {
+        self.unix_path
+            .as_deref()
+            .zip(self.unix_file.as_ref().map(Pinned::id))
     }
 
     /// Each shard's own port (`-shard-port`), in shard order; empty when off.
@@ -193,8 +198,8 @@ impl ServerHandle {
         if let Some(mut renewer) = self.renewer.take() {
             renewer.stop();
         }
-        if let Some(path) = self.owned_unix_path() {
-            crate::doors::remove_unix(path);
+        if let Some((path, file)) = self.owned_unix_file() {
+            crate::doors::remove_unix(path, file);
         }
     }
 }
@@ -257,7 +262,16 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .map(|l| l.local_addr())
         .transpose()?;
     let unix_path = listeners.unix.as_ref().map(|(_, path)| path.clone());
-    let owns_unix_file = !listeners.unix_inherited;
+    let unix_file = match (
+        &unix_path,
+        listeners.unix_inherited,
+        listeners.unix_file.take(),
+    ) {
+        (None, _, _) | (Some(_), true, _) => None,
+        (Some(_), false, Some(file)) => Some(file),
+        // Bound by the caller: the file the path names now is the one just bound.
+        (Some(path), false, None) => Some(Pinned::open(path)?),
+    };
     let shard_addrs = listeners
         .shard_ports
         .iter()
@@ -307,7 +321,7 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         tls_addr,
         tls_ws_addr,
         unix_path,
-        owns_unix_file,
+        unix_file,
         metrics_addr,
         shard_addrs,
         threads,

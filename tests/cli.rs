@@ -56,8 +56,19 @@ impl Glockd {
     }
 
     /// Sends `signal` and waits (bounded) for the exit code.
-    fn stop_with(mut self, signal: Signal) -> Option<i32> {
+    fn stop_with(self, signal: Signal) -> Option<i32> {
         kill(self.pid(), signal).expect("signal");
+        self.exit_code()
+    }
+
+    /// Whether the process is still running.
+    fn running(&mut self) -> bool {
+        let child = self.child.as_mut().expect("started");
+        child.try_wait().expect("wait").is_none()
+    }
+
+    /// Waits (bounded) for the process to end, and returns its exit code.
+    fn exit_code(mut self) -> Option<i32> {
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -654,4 +665,150 @@ fn a_small_max_unsent_bytes_serves_websockets() {
     assert!(replies.iter().all(|r| r == "1 Got Lock\n"), "{replies:?}");
     assert_eq!(ask(port, "i x\n"), "0 Not Locked\n", "x was orphaned");
     assert_eq!(server.stop_with(Signal::SIGTERM), Some(0));
+}
+
+/// Sends `command` over the unix socket at `path` and reads until the server closes.
+fn ask_unix(path: &Path, command: &str) -> String {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect unix");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream.write_all(command.as_bytes()).expect("write");
+    stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).expect("read");
+    reply
+}
+
+/// An operator removed a running server's unix socket and pidfile, and a second server made its
+/// own on the same paths: the first one's clean exit leaves them to the second, which keeps its
+/// unix door and its pidfile lock (a third server on the pidfile is still refused).
+#[test]
+fn a_clean_exit_leaves_files_that_now_belong_to_another_server() {
+    let dir = temp_dir("cli", "successor");
+    let (socket, pidfile) = (dir.join("glockd.sock"), dir.join("glockd.pid"));
+    let (s, f) = (socket.to_str().unwrap(), pidfile.to_str().unwrap());
+    let first = Glockd::start(&["-unix", s, "-pidfile", f, "-port", &free_port().to_string()]);
+    std::fs::remove_file(&socket).expect("socket removed");
+    std::fs::remove_file(&pidfile).expect("pidfile removed");
+    let second = Glockd::start(&["-unix", s, "-pidfile", f, "-port", &free_port().to_string()]);
+    assert_eq!(first.stop_with(Signal::SIGTERM), Some(0));
+
+    assert!(socket.exists(), "the second server's socket was removed");
+    assert_eq!(ask_unix(&socket, "i x\n"), "0 Not Locked\n");
+    assert_eq!(
+        std::fs::read_to_string(&pidfile).expect("the second server's pidfile"),
+        second.pid().to_string()
+    );
+    let (code, stderr) = run_refused(&["-pidfile", f]);
+    assert_eq!(code, Some(4), "{stderr}");
+    assert!(stderr.contains("pidfile"), "{stderr}");
+
+    // The second server's own exit removes both.
+    assert_eq!(second.stop_with(Signal::SIGTERM), Some(0));
+    assert!(!socket.exists() && !pidfile.exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A rolling restart on one unix socket: the old server, still draining a client that does not
+/// read its replies, has closed its doors; the new one finds nobody answering on the socket,
+/// replaces it and serves there. The old server's exit leaves the new one's socket in place.
+#[test]
+fn a_draining_server_leaves_the_socket_its_successor_bound() {
+    use std::io::Write;
+    let dir = temp_dir("cli", "rolling");
+    let socket = dir.join("glockd.sock");
+    let s = socket.to_str().unwrap();
+    let port = free_port();
+    let mut first = Glockd::start(&[
+        "-unix",
+        s,
+        "-shutdown-timeout",
+        "4",
+        "-port",
+        &port.to_string(),
+    ]);
+
+    // A client whose listing (64 locks with 200 KB names, about 13 MB) far outgrows what the
+    // kernel's socket buffers take: unread, it holds the drain for the whole shutdown timeout.
+    let mut slow = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    slow.set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut batch = Vec::new();
+    for k in 0..64 {
+        batch.extend_from_slice(format!("g {k:03}").as_bytes());
+        batch.extend(std::iter::repeat_n(b'n', 200_000));
+        batch.push(b'\n');
+    }
+    slow.write_all(&batch).expect("write locks");
+    let mut granted = vec![0u8; 64 * "1 Got Lock\n".len()];
+    slow.read_exact(&mut granted).expect("grants");
+    assert!(String::from_utf8_lossy(&granted)
+        .lines()
+        .all(|l| l == "1 Got Lock"));
+    slow.write_all(b"d\n").expect("ask for the listing");
+
+    kill(first.pid(), Signal::SIGTERM).expect("signal");
+    // The doors close at once; the drain goes on.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_ok() {
+        assert!(Instant::now() < deadline, "the unix door stayed open");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let second = Glockd::start(&["-unix", s, "-port", &free_port().to_string()]);
+    assert_eq!(ask_unix(&socket, "i x\n"), "0 Not Locked\n");
+    assert!(
+        first.running(),
+        "the old server did not wait for its slow client"
+    );
+    // Out of time for the slow client, the old server closes it and exits.
+    assert_eq!(first.exit_code(), Some(0));
+    drop(slow);
+
+    assert!(socket.exists(), "the new server's socket was removed");
+    assert_eq!(ask_unix(&socket, "i x\n"), "0 Not Locked\n");
+    assert_eq!(second.stop_with(Signal::SIGTERM), Some(0));
+    assert!(!socket.exists());
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A mistyped Go-style flag is named whole in the one line, with the flag meant when there is
+/// one; a negative number is that flag's invalid value, not an unknown flag.
+#[test]
+fn a_mistyped_flag_is_named_whole() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["-pidfle", "x"], "'--pidfle'"),
+        (&["-verbos"], "'--verbos'"),
+        (&["-max-conections", "5"], "'--max-conections'"),
+        (&["-bogus"], "'--bogus'"),
+        (&["-bogus=1"], "'--bogus'"),
+    ];
+    for (args, named) in cases {
+        let (code, stderr) = run_refused(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.starts_with("glockd: ") && stderr.contains(named),
+            "{args:?}: {stderr}"
+        );
+    }
+    let (_, stderr) = run_refused(&["-pidfle", "x"]);
+    assert!(stderr.contains("'--pidfile'"), "no suggestion: {stderr}");
+
+    for args in [
+        &["-max-connections-per-ip", "-1"][..],
+        &["--max-connections-per-ip", "-1"][..],
+        &["-max-connections-per-ip=-1"][..],
+    ] {
+        let (code, stderr) = run_refused(args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("invalid value '-1'") && stderr.contains("--max-connections-per-ip"),
+            "{args:?}: {stderr}"
+        );
+    }
 }

@@ -326,7 +326,8 @@ fn unusable_state_files_are_start_up_errors() {
         (&empty, "empty"),
         (&unreadable, "cannot read"),
         (&unwritable, "cannot write"),
-        (&not_a_directory, "cannot read"),
+        // Its lock file, beside it, is taken first.
+        (&not_a_directory, "cannot write"),
     ] {
         let (code, stderr) = refused(&["-state-file".as_ref(), path.as_os_str()]);
         assert_eq!(code, Some(1), "{}: {stderr}", path.display());
@@ -357,6 +358,41 @@ fn unusable_state_files_are_start_up_errors() {
     let (code, stderr) = refused(&["-token-reserve-ms".as_ref(), "0".as_ref()]);
     assert_ne!(code, Some(0));
     assert!(stderr.contains("token-reserve-ms"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Two servers on one state file would each keep tokens above their own ceiling only: the
+/// second one refuses to start, with one line naming the file, and the first serves on. Once
+/// the first has gone, a server on the file starts above every token it handed out.
+#[test]
+fn a_second_server_on_the_same_state_file_refuses_to_start() {
+    let dir = temp_dir("fencing", "shared");
+    let state = dir.join("state");
+    let first = Glockd::start(Launch {
+        state_file: Some(&state),
+        ..Launch::default()
+    });
+    let before = first.token("invoice-42");
+    let (code, stderr) = refused(&["-state-file".as_ref(), state.as_os_str()]);
+    assert_eq!(code, Some(4), "exit status as for a held pidfile: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(
+        stderr.starts_with("glockd: state file ")
+            && stderr.contains(&*state.to_string_lossy())
+            && stderr.contains("another running glockd"),
+        "{stderr}"
+    );
+    let during = first.token("invoice-42");
+    assert!(during > before, "{during} after {before}");
+    assert!(first.stop_with(Signal::SIGTERM).success());
+
+    let second = Glockd::start(Launch {
+        state_file: Some(&state),
+        ..Launch::default()
+    });
+    let after = second.token("invoice-42");
+    assert!(after > during, "{after} after {during}");
+    assert!(second.stop_with(Signal::SIGTERM).success());
     let _ = std::fs::remove_dir_all(dir);
 }
 

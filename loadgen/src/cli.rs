@@ -1,6 +1,6 @@
 //! The command line of `loadgen`, and the checks that turn it into a run's settings.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -63,8 +63,9 @@ pub struct Args {
     #[arg(long, conflicts_with = "target")]
     pub redis: bool,
 
-    /// Server address (default 127.0.0.1:9999, or 127.0.0.1:6379 for Redis).
-    #[arg(long)]
+    /// Server address, HOST:PORT with a host name or an IP address (default 127.0.0.1:9999, or
+    /// 127.0.0.1:6379 for Redis). A name is resolved once, at start; its first address is used.
+    #[arg(long, value_parser = parse_addr)]
     pub addr: Option<SocketAddr>,
 
     /// Connect to this unix socket instead of TCP.
@@ -465,6 +466,21 @@ impl Config {
             crate::wait::plan(self)?;
         }
         Ok(())
+    }
+}
+
+/// Parses `HOST:PORT` (`localhost:9999`, `10.0.0.5:9999`, `[::1]:9999`): an address as it is,
+/// a host name resolved to its first address (every connection of a run goes to the same one,
+/// so runs compare). clap names the option in front of the reason.
+pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    match text.to_socket_addrs() {
+        Ok(mut addrs) => addrs
+            .next()
+            .ok_or_else(|| format!("{text} resolves to no address")),
+        Err(e) => Err(format!("cannot resolve {text} (use HOST:PORT): {e}")),
     }
 }
 

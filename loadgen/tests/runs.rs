@@ -466,3 +466,51 @@ fn auth_authenticates_every_connection() {
     assert!(Config::from_args(args).unwrap_err().contains("--auth"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `--addr` takes a host name, as the tester does: the `loadgen` binary runs against a server
+/// found by `localhost:PORT`, and a name that does not resolve (or no port) is refused with a
+/// line naming `--addr`.
+#[test]
+fn addr_takes_a_host_name() {
+    use std::net::ToSocketAddrs;
+    use std::process::Command;
+    // The server listens where `localhost` resolves first (127.0.0.1, or ::1 on a machine
+    // that lists it first), which is the address loadgen picks.
+    let local = ("localhost", 0)
+        .to_socket_addrs()
+        .expect("localhost resolves")
+        .next()
+        .expect("localhost has an address");
+    let config = glockd::Config {
+        shards: Some(1),
+        pin: false,
+        ..glockd::Config::default()
+    };
+    let server = glockd::start_with(config, Some(TcpListener::bind(local).unwrap())).unwrap();
+    let port = server.tcp_addr().unwrap().port();
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["--quiet", "--json", "--addr", &format!("localhost:{port}")])
+        .args(["--conns", "2", "--requests", "2000", "--duration", "30s"])
+        .output()
+        .expect("run loadgen");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["errors"], 0, "{report}");
+    assert!(report["commands"].as_u64().unwrap_or(0) >= 2000, "{report}");
+    drop(server);
+
+    for bad in ["no-such-host.invalid:9999", "localhost", "localhost:port"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+            .args(["--addr", bad, "--duration", "1s"])
+            .output()
+            .expect("run loadgen");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {stderr}");
+        let first = stderr.lines().next().unwrap_or_default();
+        assert!(
+            first.contains("--addr") && first.contains(bad),
+            "{bad}: {stderr}"
+        );
+    }
+}

@@ -149,10 +149,12 @@ impl Fencing {
         }
     }
 
-    /// Reads the ceiling saved at `path` (a missing file is a first start), then writes the
-    /// first ceiling of this run and makes it durable, so it is in place before any grant.
-    /// A file that cannot be read or parsed, or a location that cannot be written, is an error
-    /// whose text names the file and the reason on one line. `slow_write` delays every write
+    /// Takes the state file at `path` for this server alone (an exclusive lock on `PATH.lock`,
+    /// held while the returned `Fencing` lives; a file another server holds is an error for
+    /// which [`crate::files::Held::is`] holds), reads the ceiling saved there (a missing file
+    /// is a first start), then writes the first ceiling of this run and makes it durable, so it
+    /// is in place before any grant. A file that cannot be read or parsed, or a location that
+    /// cannot be written, is an error whose text names the file and the reason on one line. `slow_write` delays every write
     /// between syncing the temporary file and renaming it (for tests only).
     pub fn open(
         path: &Path,
@@ -160,7 +162,7 @@ impl Fencing {
         time: TimeSource,
         slow_write: Option<Duration>,
     ) -> io::Result<Arc<Fencing>> {
-        let file = StateFile::new(path, slow_write);
+        let file = StateFile::open(path, slow_write)?;
         let saved = file.read()?.unwrap_or(0);
         let reserve = u64::try_from(reserve.as_micros())
             .unwrap_or(u64::MAX)

@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::{MAX_CEILING, MAX_STATE_BYTES, STATE_VERSION};
+use crate::files::Held;
 
-/// The file that keeps the ceiling.
+/// The file that keeps the ceiling, held by this server alone.
 pub(super) struct StateFile {
     pub(super) path: PathBuf,
     /// Written first, then renamed over `path`.
@@ -17,22 +18,52 @@ pub(super) struct StateFile {
     /// `path`'s directory, synced after the rename so the new name survives a crash.
     dir: PathBuf,
     slow_write: Option<Duration>,
+    /// `PATH.lock`, open with an exclusive `flock` for as long as this server runs: two servers
+    /// on one state file would each hand out tokens above their own ceiling, not above each
+    /// other's. The lock is on a file beside the state file because every write renames a new
+    /// file over `path`, and a lock on the replaced file would go with it. It is never removed
+    /// (removing it would let a server lock a new file while another still holds the old one).
+    _lock: File,
 }
 
 impl StateFile {
-    pub(super) fn new(path: &Path, slow_write: Option<Duration>) -> Self {
-        let mut temp = path.as_os_str().to_owned();
-        temp.push(".tmp");
+    /// Takes the state file at `path` for this server: locks `PATH.lock` (creating it), or
+    /// fails if another server holds it. The state file itself is not read yet.
+    pub(super) fn open(path: &Path, slow_write: Option<Duration>) -> io::Result<Self> {
+        let with_suffix = |suffix: &str| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
         let dir = match path.parent() {
             Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
             _ => PathBuf::from("."),
         };
-        StateFile {
+        let lock = match crate::files::lock_exclusive(&with_suffix(".lock"), "lock file") {
+            Ok((lock, _)) => lock,
+            Err(e) if Held::is(&e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    Held {
+                        what: "state file",
+                        path: path.to_path_buf(),
+                    },
+                ))
+            }
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("state file {}: cannot write: {e}", path.display()),
+                ))
+            }
+        };
+        Ok(StateFile {
             path: path.to_path_buf(),
-            temp: PathBuf::from(temp),
+            temp: with_suffix(".tmp"),
             dir,
             slow_write,
-        }
+            _lock: lock,
+        })
     }
 
     /// An error naming the file, on one line.

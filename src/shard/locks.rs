@@ -241,11 +241,12 @@ impl ShardCore {
         }
     }
 
-    /// Releases up to one slice of what `conn` held in this shard; true when nothing is left.
-    fn orphan_slice(&self, conn: ConnId, label: Option<&str>) -> bool {
+    /// Releases up to `budget` of the locks `conn` held in this shard. Returns how many it
+    /// released, and whether nothing is left.
+    fn orphan_slice(&self, conn: ConnId, label: Option<&str>, budget: usize) -> (u64, bool) {
         let cell = self.cell();
         let (orphaned, done) = self.with_table(|table| {
-            let (orphaned, done) = table.orphan_some(conn, ORPHAN_SLICE, |name| {
+            let (orphaned, done) = table.orphan_some(conn, budget, |name| {
                 if let Some(label) = label {
                     tracing::info!(
                         event = "orphan",
@@ -265,24 +266,56 @@ impl ShardCore {
                 tracing::info!(event = "orphan", conn = %label, shared = orphaned.shared);
             }
         }
-        done
+        (orphaned.exclusive + orphaned.shared, done)
     }
 
-    /// Releases everything `conn` held in this shard: the first slice now, the rest (if any) in
-    /// a task that yields between slices so other clients keep being served.
-    pub fn orphan(self: &Rc<Self>, conn: ConnId, departure: Arc<Departure>) {
-        if self.orphan_slice(conn, departure.label.as_deref()) {
-            return;
+    /// `conn` is gone: queues the release of everything it held in this shard. The release is
+    /// done by [`Self::release_departed`], one slice per turn for all departed connections
+    /// together: releasing each connection's first slice here, as the orphan messages come,
+    /// cost another client 100 to 460 ms when five hundred connections holding two thousand
+    /// locks each reset at once, since their messages arrive together. Until its release, a
+    /// lock stays held by its departed holder: nobody else is granted it.
+    pub fn orphan(&self, conn: ConnId, departure: Arc<Departure>) {
+        let mut departed = self.departed.borrow_mut();
+        if departed.is_empty() {
+            self.departed_ready.notify_one();
         }
-        let core = self.clone();
-        tokio::task::spawn_local(async move {
+        departed.push_back((conn, departure));
+    }
+
+    /// Releases what departed connections held, for the life of the shard: oldest first, at
+    /// most [`ORPHAN_SLICE`] locks per turn over all of them, letting this thread's clients run
+    /// between turns until none is left.
+    pub async fn release_departed(self: Rc<Self>) {
+        loop {
+            self.departed_ready.notified().await;
             loop {
-                core.pause().await;
-                if core.orphan_slice(conn, departure.label.as_deref()) {
-                    return;
+                let mut budget = ORPHAN_SLICE;
+                while budget > 0 {
+                    let Some((conn, label)) = self
+                        .departed
+                        .borrow()
+                        .front()
+                        .map(|(conn, departure)| (*conn, departure.label.clone()))
+                    else {
+                        break;
+                    };
+                    let (released, done) = self.orphan_slice(conn, label.as_deref(), budget);
+                    // A connection with nothing left here still costs a look-up: count it as
+                    // one, so a crowd of empty ones is bounded per turn too.
+                    let spent = usize::try_from(released).unwrap_or(usize::MAX).max(1);
+                    budget = budget.saturating_sub(spent);
+                    if done {
+                        // Its last shard done, the registry forgets it (see `Departure`).
+                        self.departed.borrow_mut().pop_front();
+                    }
                 }
+                if self.departed.borrow().is_empty() {
+                    break;
+                }
+                self.pause().await;
             }
-        });
+        }
     }
 
     /// A listing of this shard's locks, holders as text, unsorted. The text is looked up here,

@@ -203,8 +203,17 @@ impl ShardCore {
             ms,
             reply,
         } = request;
-        let Some(id) = self.with_table(|table| table.wait(conn, quota, kind, hash, &name, reply))
-        else {
+        // While the server shuts down, a wait that cannot be granted at once times out at once
+        // (see [`Self::expire_waits`]).
+        let closing = self.is_closing();
+        let Some(id) = self.with_table(|table| {
+            let id = table.wait(conn, quota, kind, hash, &name, reply)?;
+            if closing {
+                table.expire(kind.lock_kind(), &name, id);
+                return None;
+            }
+            Some(id)
+        }) else {
             return;
         };
         let core = self.clone();
@@ -216,6 +225,14 @@ impl ShardCore {
         self.table
             .borrow_mut()
             .set_wait_timer(kind, &name, id, timer.abort_handle());
+    }
+
+    /// Shutdown: every waiter queued on this shard is answered `0 Timed Out` now, wherever its
+    /// connection lives, instead of being dropped unanswered, so that it and the commands it
+    /// pipelined behind the wait are answered before its connection closes. Waits that come
+    /// later are timed out as they come (see [`Self::start_wait`]).
+    pub fn expire_waits(&self) {
+        self.with_table(|table| table.expire_all());
     }
 
     /// Forgets rate limiters that are back to full capacity, for the life of the shard: once

@@ -156,6 +156,10 @@ pub struct ShardCore {
     departed: RefCell<std::collections::VecDeque<(ConnId, Arc<Departure>)>>,
     /// Wakes the task that releases them.
     departed_ready: Notify,
+    /// Locks that may still be released before this thread next lets its other tasks run:
+    /// shared by the releasing task and the releases done at once (see [`ShardCore::orphan`]),
+    /// so that together they never release more than a slice between two turns.
+    orphan_budget: std::cell::Cell<usize>,
     /// `-poll-us`: how long to keep polling after work before parking (None: park at once).
     poll: Option<std::time::Duration>,
     /// When this thread last had work, while polling busily.
@@ -178,6 +182,7 @@ impl ShardCore {
             outbox_ready: Notify::new(),
             departed: RefCell::default(),
             departed_ready: Notify::new(),
+            orphan_budget: std::cell::Cell::new(ORPHAN_SLICE),
             poll: (server.config.poll_us > 0)
                 .then(|| std::time::Duration::from_micros(server.config.poll_us)),
             last_work: std::cell::Cell::new(std::time::Instant::now()),

@@ -307,6 +307,9 @@ pub fn adopt(core: &Rc<ShardCore>, incoming: Incoming) {
 fn close(core: &Rc<ShardCore>, drained: std::sync::mpsc::Sender<()>) {
     let conns = &core.conns;
     conns.closing.set(true);
+    // Waiters are answered (timed out) before their connections are told to finish up, so a
+    // connection on this thread finds its answer as soon as it looks.
+    core.expire_waits();
     conns.closing_notify.notify_waiters();
     let core = core.clone();
     tokio::task::spawn_local(async move {

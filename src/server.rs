@@ -410,6 +410,7 @@ fn run_shard(
         let _ = ready.send(Ok(()));
         tokio::task::spawn_local(core.clone().evict_rate_limits());
         tokio::task::spawn_local(core.clone().flush_outbox());
+        tokio::task::spawn_local(core.clone().release_departed());
         tokio::task::spawn_local(core.clone().busy_poll());
         crate::routing::drain(inbox, |msg| {
             core.note_work();

@@ -381,14 +381,14 @@ impl Session {
         } else {
             core.server.post_locks(shard, LockMsg::Wait(request))?;
         }
-        let mut closing = std::pin::pin!(core.conns.closing());
+        // A server shutting down does not keep waiters waiting, nor leave them unanswered: the
+        // owning shard answers every waiter `0 Timed Out` when shutdown begins (and any wait
+        // that comes later, unless it can be granted at once), so the wait ends with an answer
+        // and the commands behind it still run. Should the owning shard's thread stop first
+        // (the shutdown grace is over), the answer's channel closes.
         let decided = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = Pin::new(&mut answer).poll(cx) {
                 return Poll::Ready(result.ok());
-            }
-            // A server shutting down does not keep waiters waiting.
-            if core.is_closing() || closing.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(None);
             }
             match watch.poll_gone(cx) {
                 Poll::Ready(()) => Poll::Ready(None),
@@ -402,8 +402,8 @@ impl Session {
                 reply.write_to(out);
                 Ok(())
             }
-            // The client left (dropping `answer` takes it out of the queue), or the server is
-            // shutting down.
+            // The client left (dropping `answer` takes it out of the queue), or the owning
+            // shard stopped at the end of shutdown's grace.
             None => Err(Gone),
         }
     }

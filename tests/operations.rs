@@ -119,6 +119,21 @@ impl Glockd {
     /// Sends `signal` and waits (bounded) for the exit status; then the rest of stderr.
     fn stop_with(mut self, signal: Signal) -> (Option<i32>, Vec<String>) {
         kill(self.pid(), signal).expect("signal");
+        let status = self.wait_for_exit();
+        let rest = match &self.lines {
+            Some(lines) => lines.iter().collect(),
+            None => Vec::new(),
+        };
+        (status, rest)
+    }
+
+    /// Waits (bounded) for the server to exit on its own (a signal already sent), and returns
+    /// its exit status.
+    fn exit_status(mut self) -> Option<i32> {
+        self.wait_for_exit()
+    }
+
+    fn wait_for_exit(&mut self) -> Option<i32> {
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
@@ -128,11 +143,7 @@ impl Glockd {
             assert!(Instant::now() < deadline, "glockd did not exit");
             std::thread::sleep(Duration::from_millis(10));
         };
-        let rest = match &self.lines {
-            Some(lines) => lines.iter().collect(),
-            None => Vec::new(),
-        };
-        (status.code(), rest)
+        status.code()
     }
 }
 
@@ -594,6 +605,75 @@ fn sighup_reopens_the_log_file_and_sigterm_still_cleans_up() {
     assert!(!socket.exists(), "socket left behind");
     wait_for_file_line(&log, "event=shutdown");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sigterm_answers_waiters_as_timed_out_and_runs_what_they_sent_behind() {
+    let port = free_port();
+    let mut args = base_args(port, None);
+    // One shard: the holder's lock stays held until the waiters have been answered.
+    args[8] = "1".into();
+    args.extend(["-shutdown-timeout".into(), "3".into()]);
+    let server = Glockd::start(&args, true);
+    let mut holder = Client::connect(port);
+    assert_eq!(
+        holder.ask(
+            b"g held
+"
+        ),
+        "1 Got Lock"
+    );
+    assert_eq!(
+        holder.ask(
+            b"sg pool
+"
+        ),
+        "1 Got Shared Lock"
+    );
+    let mut waiter = Client::connect(port);
+    waiter
+        .0
+        .write_all(b"gw 60000 held\ng mine\ni mine\n")
+        .expect("write");
+    let mut shared_waiter = Client::connect(port);
+    shared_waiter
+        .0
+        .write_all(b"sgw 60000 1 pool\nsg other\n")
+        .expect("write");
+    // Both wait before the signal comes.
+    let mut asking = Client::connect(port);
+    let mut queued = false;
+    for _ in 0..2000 {
+        asking.0.write_all(b"q\n").expect("write");
+        let mut waiters = None;
+        loop {
+            let line = asking.line();
+            if let Some(n) = line.strip_prefix("lock_waiters: ") {
+                waiters = n.parse::<u64>().ok();
+            }
+            if line.starts_with("shared_orphans: ") {
+                break;
+            }
+        }
+        if waiters == Some(2) {
+            queued = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(queued, "the waiters never queued");
+
+    server.signal(Signal::SIGTERM);
+    // Each waiter is answered as timed out, then what it sent behind the wait runs, then its
+    // connection closes.
+    assert_eq!(waiter.line(), "0 Timed Out");
+    assert_eq!(waiter.line(), "1 Got Lock");
+    assert_eq!(waiter.line(), "1 Locked");
+    assert_eq!(waiter.line(), "", "closed after its replies");
+    assert_eq!(shared_waiter.line(), "0 Timed Out");
+    assert_eq!(shared_waiter.line(), "1 Got Shared Lock");
+    assert_eq!(shared_waiter.line(), "", "closed after its replies");
+    assert_eq!(server.exit_status(), Some(0));
 }
 
 #[test]

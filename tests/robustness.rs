@@ -281,6 +281,127 @@ async fn a_million_lock_disconnect_does_not_stall_other_clients(shards: u16) {
     assert!(answered >= 1);
 }
 
+async fn many_holders_resetting_at_once_release_everything_exactly_once(shards: u16) {
+    // A hundred holders vanish at once while another client keeps working. Every lock they
+    // held is released once, the waiters behind their locks are served in order, and the
+    // counters add up; no timing is asserted.
+    const HOLDERS: usize = 100;
+    const OWN: usize = 300;
+    const SHARED: usize = 50;
+    const CONTESTED: usize = 20;
+    let server = TestServer::start(shards);
+    let mut holders = Vec::new();
+    for c in 0..HOLDERS {
+        let mut holder = server.connect().await;
+        let mut batch: String = (0..OWN).map(|i| format!("g h{c}-{i}\n")).collect();
+        let mut replies = "1 Got Lock\n".repeat(OWN);
+        for j in 0..SHARED {
+            batch.push_str(&format!("sg common-{j}\n"));
+            replies.push_str(&format!("{} Got Shared Lock\n", c + 1));
+        }
+        if c < CONTESTED {
+            batch.push_str(&format!("g contested-{c}\n"));
+            replies.push_str("1 Got Lock\n");
+        }
+        holder.check(&batch, &replies).await;
+        holders.push(holder);
+    }
+    // Queued first for each contested lock: a holder that is about to vanish too.
+    for (k, holder) in holders[CONTESTED..2 * CONTESTED].iter_mut().enumerate() {
+        holder.send(format!("gw 60000 contested-{k}\n")).await;
+    }
+    let queued = |n: u64| move |s: &std::collections::BTreeMap<String, u64>| s["lock_waiters"] == n;
+    server
+        .wait_for_stats("the vanishing waiters queued", queued(CONTESTED as u64))
+        .await;
+    // Waits for a slot of a shared lock every holder holds.
+    let mut shared_waiter = server.connect().await;
+    shared_waiter
+        .send(format!("sgw 60000 {HOLDERS} common-0\n"))
+        .await;
+    server
+        .wait_for_stats("the shared waiter queued", queued(CONTESTED as u64 + 1))
+        .await;
+    // Then two live waiters per contested lock, the first queued before the second.
+    let mut firsts = Vec::new();
+    let mut seconds = Vec::new();
+    for (round, waiters) in [&mut firsts, &mut seconds].into_iter().enumerate() {
+        for k in 0..CONTESTED {
+            let mut waiter = server.connect().await;
+            waiter.send(format!("gw 60000 contested-{k}\n")).await;
+            waiters.push(waiter);
+        }
+        let n = ((round + 2) * CONTESTED + 1) as u64;
+        server
+            .wait_for_stats("live waiters queued", queued(n))
+            .await;
+    }
+    let mut other = server.connect().await;
+    other.check("g mine\n", "1 Got Lock\n").await;
+
+    for holder in holders {
+        holder.reset();
+    }
+    // Meanwhile the other client is served, and a lock of a departed holder stays held until
+    // its release has happened; then it can be taken again.
+    let mut retaken = false;
+    for _ in 0..100_000 {
+        other.send("i mine\ng h5-7\n").await;
+        other.expect("1 Locked\n").await;
+        match other.line().await.as_str() {
+            "1 Got Lock\n" => {
+                retaken = true;
+                break;
+            }
+            "0 Cannot Get Lock\n" => tokio::task::yield_now().await,
+            reply => panic!("unexpected reply {reply:?}"),
+        }
+    }
+    assert!(retaken, "h5-7 was never released");
+    let id = other.id();
+    other.check("d h5-7\n", &format!("h5-7: {id}\n")).await;
+
+    for waiter in &mut firsts {
+        waiter.expect("1 Got Lock\n").await;
+    }
+    let granted = shared_waiter.line().await;
+    assert!(granted.ends_with(" Got Shared Lock\n"), "{granted:?}");
+    server
+        .wait_for_stats("every departed lock released", |s| {
+            s["shared_orphans"] == (HOLDERS * SHARED) as u64
+                && s["locks"] == CONTESTED as u64 + 2
+                && s["shared_locks"] == 1
+                && s["connections"] == 2 * CONTESTED as u64 + 3
+        })
+        .await;
+    let stats = other.stats().await;
+    // A contested lock granted to a waiter that was vanishing too is orphaned once more: each
+    // such grant adds exactly one orphan.
+    let to_departed = stats["lock_waits_granted"] - (CONTESTED as u64 + 1);
+    assert_eq!(
+        stats["orphans"],
+        (HOLDERS * OWN + CONTESTED) as u64 + to_departed,
+        "{stats:?}"
+    );
+    assert_eq!(stats["lock_waits_started"], 3 * CONTESTED as u64 + 1);
+    assert_eq!(stats["lock_waits_timed_out"], 0);
+    assert_eq!(stats["lock_waiters"], CONTESTED as u64);
+    // The second waiter of each contested lock is next in line.
+    for (k, (first, second)) in firsts.iter_mut().zip(&mut seconds).enumerate() {
+        first
+            .check(&format!("r contested-{k}\n"), "1 Released Lock\n")
+            .await;
+        second.expect("1 Got Lock\n").await;
+    }
+    let stats = other.stats().await;
+    assert_eq!(stats["lock_waiters"], 0);
+    assert_eq!(stats["locks"], CONTESTED as u64 + 2);
+    assert_eq!(
+        stats["lock_waits_granted"],
+        2 * CONTESTED as u64 + 1 + to_departed
+    );
+}
+
 async fn shutdown_answers_what_was_read_and_closes_cleanly(shards: u16) {
     let server = TestServer::start(shards);
     let mut a = server.connect().await;
@@ -341,5 +462,6 @@ for_each_shard_count!(
     a_half_closed_client_still_gets_every_reply,
     a_panicking_connection_is_closed_and_its_locks_orphaned,
     a_million_lock_disconnect_does_not_stall_other_clients,
+    many_holders_resetting_at_once_release_everything_exactly_once,
     shutdown_answers_what_was_read_and_closes_cleanly,
 );

@@ -27,8 +27,9 @@ pub use locks::{
     BatchDone, ConnBatch, Departure, Listing, LockMsg, Outgoing, Replies, RoutedOp, WaitRequest,
 };
 
-/// Locks released per slice when orphaning: a connection that held a million locks is released
-/// a slice at a time, with the shard serving everyone else in between.
+/// Locks released per slice when orphaning: what departed connections held is released a slice
+/// at a time, with the shard serving everyone else in between, whether one connection held a
+/// million locks or five hundred connections held two thousand each and left together.
 pub const ORPHAN_SLICE: usize = 4096;
 
 /// What a shard's mailbox carries.
@@ -150,6 +151,15 @@ pub struct ShardCore {
     outbox: RefCell<Vec<Vec<Outgoing>>>,
     /// Wakes the task that flushes `outbox`.
     outbox_ready: Notify,
+    /// Connections gone whose locks this shard has still to release, in the order their
+    /// orphan messages came (see [`ShardCore::orphan`]).
+    departed: RefCell<std::collections::VecDeque<(ConnId, Arc<Departure>)>>,
+    /// Wakes the task that releases them.
+    departed_ready: Notify,
+    /// Locks that may still be released before this thread next lets its other tasks run:
+    /// shared by the releasing task and the releases done at once (see [`ShardCore::orphan`]),
+    /// so that together they never release more than a slice between two turns.
+    orphan_budget: std::cell::Cell<usize>,
     /// `-poll-us`: how long to keep polling after work before parking (None: park at once).
     poll: Option<std::time::Duration>,
     /// When this thread last had work, while polling busily.
@@ -170,6 +180,9 @@ impl ShardCore {
             )),
             outbox: RefCell::new((0..server.router.shards()).map(|_| Vec::new()).collect()),
             outbox_ready: Notify::new(),
+            departed: RefCell::default(),
+            departed_ready: Notify::new(),
+            orphan_budget: std::cell::Cell::new(ORPHAN_SLICE),
             poll: (server.config.poll_us > 0)
                 .then(|| std::time::Duration::from_micros(server.config.poll_us)),
             last_work: std::cell::Cell::new(std::time::Instant::now()),

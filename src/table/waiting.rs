@@ -114,6 +114,22 @@ impl ShardTable {
         }
     }
 
+    /// Shutdown: answers every waiter queued here `0 Timed Out`, as if its time were up, so
+    /// that its connection goes on to answer the commands it sent behind the wait before it
+    /// closes.
+    pub fn expire_all(&mut self) {
+        for kind in [LockKind::Exclusive, LockKind::Shared] {
+            let queued: Vec<(LockName, u64)> = self
+                .waits
+                .iter(kind, None)
+                .map(|(name, waiter)| (name.clone(), waiter.id))
+                .collect();
+            for (name, id) in queued {
+                self.expire(kind, &name, id);
+            }
+        }
+    }
+
     /// Queues a waiter's answer, sent by [`Self::take_announcements`]'s caller once the
     /// change that decided it is complete and published, so a client that reads the answer and
     /// then asks `q` sees the change counted.

@@ -353,7 +353,8 @@ fn assert_rfc3339_utc(timestamp: &str) {
 /// with a space and one that is not UTF-8, one client that closes and one that resets.
 fn verbose_session(port: u16) {
     let mut closes = Client::connect(port);
-    assert_eq!(closes.ask(b"iam bad\x1bname\n"), "1 ok");
+    assert_eq!(closes.ask(b"iam bad name\n"), "1 ok");
+    assert_eq!(closes.ask(b"g bad\x1bname\n"), "1 Got Lock");
     assert_eq!(closes.ask(b"g build  42\n"), "1 Got Lock");
     assert_eq!(closes.ask(b"g bin\xff\n"), "1 Got Lock");
     closes.0.shutdown(std::net::Shutdown::Write).expect("FIN");
@@ -397,7 +398,7 @@ fn text_log_lines_have_the_documented_shape() {
             .find(|l| l.field("event") == Some(event) && l.field(key) == Some(value))
             .unwrap_or_else(|| panic!("no {event} with {key}={value} in {rest:#?}"))
     };
-    let iam = find("iam", "name", "bad\u{1b}name");
+    let iam = find("iam", "name", "bad name");
     assert_eq!(iam.level, "INFO");
     let conn = iam.field("conn").expect("conn").to_owned();
     assert!(conn.starts_with("127.0.0.1:"), "{conn}");
@@ -407,6 +408,10 @@ fn text_log_lines_have_the_documented_shape() {
     );
     assert_eq!(
         find("orphan", "name", "build 42").field("conn"),
+        Some(&*conn)
+    );
+    assert_eq!(
+        find("orphan", "name", "bad\u{1b}name").field("conn"),
         Some(&*conn)
     );
     assert_eq!(
@@ -492,7 +497,8 @@ fn json_log_lines_are_one_object_each() {
             .iter()
             .any(|o| o["event"] == event && o[key] == value)
     };
-    assert!(has("iam", "name", "bad\u{1b}name"), "{objects:#?}");
+    assert!(has("iam", "name", "bad name"), "{objects:#?}");
+    assert!(has("orphan", "name", "bad\u{1b}name"), "{objects:#?}");
     assert!(has("orphan", "name", "build 42"), "{objects:#?}");
     assert!(has("orphan", "name", "bin\\xff"), "{objects:#?}");
     assert!(has("disconnect", "reason", "eof"), "{objects:#?}");

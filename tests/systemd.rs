@@ -79,6 +79,18 @@ fn the_shipped_units_verify() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A started program, killed if the test ends (or fails) before it exits.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Reads one line from `stream` (a reply).
 fn line(stream: &mut impl Read) -> String {
     let mut reply = Vec::new();
@@ -120,7 +132,8 @@ fn socket_activation_serves_the_passed_sockets_and_leaves_their_file() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start systemd-socket-activate");
-    let stderr = child.stderr.take().expect("stderr");
+    let mut child = Running(child);
+    let stderr = child.0.stderr.take().expect("stderr");
     let (lines_tx, lines_rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
@@ -152,9 +165,9 @@ fn socket_activation_serves_the_passed_sockets_and_leaves_their_file() {
         "{start}"
     );
     // The exec'd server has the activator's pid: SIGTERM stops it cleanly.
-    let pid = Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    let pid = Pid::from_raw(i32::try_from(child.0.id()).expect("pid"));
     kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let status = child.wait().expect("exit");
+    let status = child.0.wait().expect("exit");
     assert!(status.success(), "{status}");
     // systemd owns the socket file, for the next start: the server leaves it.
     assert!(socket.exists(), "the passed unix socket's file was removed");

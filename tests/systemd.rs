@@ -113,7 +113,7 @@ fn socket_activation_serves_the_passed_sockets_and_leaves_their_file() {
     let port = free_port();
     let socket = dir.join("glockd.sock");
     let tcp = format!("127.0.0.1:{port}");
-    let mut child = Command::new(activate)
+    let child = Command::new(activate)
         .args(["-l", &tcp, "-l"])
         .arg(&socket)
         .arg(BIN)

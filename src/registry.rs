@@ -186,8 +186,12 @@ pub fn looks_like_conn_id(name: &[u8]) -> bool {
     let Ok(name) = std::str::from_utf8(name) else {
         return false; // every id is ASCII
     };
-    // A verified client certificate's name (see `tls::identity::display_name`).
-    if name.starts_with(crate::tls::identity::CERT_PREFIX) {
+    // A verified client certificate's name (see `tls::identity::display_name`), in any case.
+    let prefix = crate::tls::identity::CERT_PREFIX;
+    if name
+        .get(..prefix.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    {
         return true;
     }
     let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
@@ -210,11 +214,43 @@ pub fn looks_like_conn_id(name: &[u8]) -> bool {
     host.parse::<IpAddr>().is_ok()
 }
 
-/// Whether `name` holds a control byte (below 0x20, or DEL). `iam` refuses such names: a
-/// listing shows names raw, and control bytes (a NUL a C reader stops at, a terminal's escape
-/// sequences) could make a name read as another connection's id.
-pub fn has_control_bytes(name: &[u8]) -> bool {
-    name.iter().any(|&b| b < 0x20 || b == 0x7f)
+/// Whether `name` is fit to show in a listing: UTF-8 with no control character (C0, DEL, C1)
+/// and no invisible formatting character (zero-width spaces and joiners, bidirectional
+/// overrides and isolates, the byte-order mark, soft hyphens…). `iam` refuses other names: a
+/// listing shows names raw, and such characters (a NUL a C reader stops at, a terminal's escape
+/// sequence, an invisible character before `cert:`, a right-to-left override) could make a
+/// name read as another connection's id or a certificate's identity. Lookalike letters from
+/// other scripts are not caught: `dump` shows the raw connection ids that cannot be forged.
+pub fn is_printable_name(name: &[u8]) -> bool {
+    let Ok(text) = std::str::from_utf8(name) else {
+        return false;
+    };
+    !text
+        .chars()
+        .any(|c| c.is_control() || is_invisible_format(c))
+}
+
+/// Unicode's invisible formatting characters (general category Cf) that could hide in a name.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
 
 #[cfg(test)]
@@ -256,6 +292,7 @@ mod tests {
             assert!(!looks_like_conn_id(name.as_bytes()), "{name}");
         }
         assert!(!looks_like_conn_id(b"\xff127.0.0.1:1"));
+        assert!(looks_like_conn_id(b"cert:alice") && looks_like_conn_id(b"CeRt:alice"));
     }
 
     #[test]
@@ -310,5 +347,26 @@ mod tests {
         // A connection the registry does not know stores nothing.
         assert!(registry.set_name(9, b"nobody"));
         assert_eq!(budget.used(), 0);
+    }
+
+    #[test]
+    fn names_that_could_pass_for_another_are_not_printable() {
+        for name in ["alice", "billing worker", "Zoë 工作", "", "a:b"] {
+            assert!(is_printable_name(name.as_bytes()), "{name:?}");
+        }
+        for name in [
+            &b"127.0.0.1:1\0"[..],
+            b"\x1b[0m127.0.0.1:1",
+            b"a\x7f",
+            b"\xff",
+            b"a\x9b",
+            "127.0.0.1:1\u{85}".as_bytes(),
+            "\u{200b}cert:alice".as_bytes(),
+            "\u{202e}1:1.0.0.721".as_bytes(),
+            "a\u{2066}b".as_bytes(),
+            "\u{feff}a".as_bytes(),
+        ] {
+            assert!(!is_printable_name(name), "{name:?}");
+        }
     }
 }

@@ -555,8 +555,8 @@ impl Session {
             Request::Iam(name) if name.len() as u64 > server.config.max_name_bytes => {
                 Reply::NameTooLong.write_to(out)
             }
-            Request::Iam(name) if crate::registry::has_control_bytes(name.as_bytes()) => {
-                Reply::NameHasControlCharacters.write_to(out)
+            Request::Iam(name) if !crate::registry::is_printable_name(name.as_bytes()) => {
+                Reply::NameNotPrintable.write_to(out)
             }
             Request::Iam(name) if crate::registry::looks_like_conn_id(name.as_bytes()) => {
                 Reply::NameLooksLikeId.write_to(out)

@@ -169,8 +169,23 @@ async fn a_client_certificate_names_its_connection_and_iam_cannot_change_it() {
     );
     assert_eq!(
         plain.command(b"iam alice\x1b[0m").await.expect("iam"),
-        b"0 Name Has Control Characters"
+        b"0 Name Not Printable"
     );
+    for forged in [
+        &b"iam CERT:alice"[..],
+        "iam \u{200b}cert:alice".as_bytes(),
+        "iam \u{202e}ecila:trec".as_bytes(),
+        "iam 127.0.0.1:1\u{85}".as_bytes(),
+        b"iam alice\x9b",
+    ] {
+        let reply = plain.command(forged).await.expect("iam");
+        assert!(
+            reply == b"0 Name Not Printable" || reply == b"0 Name Looks Like An Id",
+            "{forged:?}: {reply:?}"
+        );
+    }
+    // Names in other scripts are names.
+    assert!(plain.iam("Zoë 工作").await.expect("iam"));
 
     // Without a common name, the first subject alternative name is the identity.
     let svc = pki.client(ClientCert {

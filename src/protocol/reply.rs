@@ -44,9 +44,10 @@ pub enum Reply {
     NameLooksLikeId,
     /// `iam` on a connection named by its client certificate, which no command may change.
     NameFromCertificate,
-    /// `iam` with a control byte in the name (a NUL, an escape sequence…), which could make it
-    /// read as another connection's id in a listing.
-    NameHasControlCharacters,
+    /// `iam` with a name that is not UTF-8, or holds a control or invisible formatting
+    /// character (a NUL, an escape sequence, a zero-width space…), which could make it read as
+    /// another connection's id in a listing.
+    NameNotPrintable,
     /// `framed`: multi-line replies are counted from now on.
     Framed,
     /// `g`, `sg`, `gw`, `rl`, `iam`…: what the command would store does not fit in the memory
@@ -89,7 +90,7 @@ impl Reply {
             Reply::NameTooLong => b"0 Name Too Long\n",
             Reply::NameLooksLikeId => b"0 Name Looks Like An Id\n",
             Reply::NameFromCertificate => b"0 Name Set By Certificate\n",
-            Reply::NameHasControlCharacters => b"0 Name Has Control Characters\n",
+            Reply::NameNotPrintable => b"0 Name Not Printable\n",
             Reply::Framed => b"1 Framed\n",
             Reply::OutOfMemory => b"0 Out Of Memory\n",
             Reply::LockNameTooLong => b"0 Name Too Long\n",

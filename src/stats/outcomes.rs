@@ -105,7 +105,7 @@ impl LockResult {
             | Reply::NameTooLong
             | Reply::NameLooksLikeId
             | Reply::NameFromCertificate
-            | Reply::NameHasControlCharacters
+            | Reply::NameNotPrintable
             | Reply::Framed
             | Reply::AuthRequired
             | Reply::PermissionDenied

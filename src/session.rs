@@ -199,7 +199,13 @@ impl Session {
         }
         match request {
             Request::Usage(verb) => {
-                self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out)
+                // An `rl` of the right form whose limiter would refill too slowly says so.
+                let reply = if verb == Verb::RateLimit && protocol::refill_too_long(line) {
+                    Reply::UsageLimit(verb, protocol::MAX_RATE_LIMIT_WINDOW_MS)
+                } else {
+                    Reply::Usage(verb)
+                };
+                self.reply(self.core().cell().counted(verb, reply), out)
             }
             Request::Lock { ref name, .. }
             | Request::Wait { ref name, .. }
@@ -358,7 +364,9 @@ impl Session {
                 WaitKind::Exclusive => Verb::GetWait,
                 WaitKind::Shared { .. } => Verb::SharedGetWait,
             };
-            self.reply(self.core().cell().counted(verb, Reply::Usage(verb)), out);
+            let max = self.core().server.config.max_wait_ms;
+            let reply = Reply::UsageLimit(verb, max);
+            self.reply(self.core().cell().counted(verb, reply), out);
             return Ok(());
         }
         self.flush(out).await?;

@@ -183,6 +183,15 @@ async fn rate_limits_allow_bursts_then_refuse(setup: Setup) {
     assert_eq!(d.retry_after_ms, -1);
     let mut raw = server.connect().await;
     raw.check("rl nope\nrl n 1 0 1000\n", "0 Usage: rl NAME BURST COUNT PERIOD_MS [QUANTITY]\n0 Usage: rl NAME BURST COUNT PERIOD_MS [QUANTITY]\n").await;
+    // Well formed, but past a limit: the usage line says which.
+    raw.check(
+        "rl day 0 1 86400001\ngw 3600001 x\nsgw 3600001 2 y\n",
+        "0 Usage: rl NAME BURST COUNT PERIOD_MS [QUANTITY] (a full refill, PERIOD_MS x \
+         (BURST + 1) / COUNT, at most 86400000 ms)\n\
+         0 Usage: gw MS NAME (MS at most 3600000, -max-wait-ms)\n\
+         0 Usage: sgw MS LIMIT NAME (MS at most 3600000, -max-wait-ms)\n",
+    )
+    .await;
     let stats = c.stats().await.unwrap();
     assert_eq!(stats["rate_limit_allowed"], 3);
     assert_eq!(stats["rate_limit_limited"], 2);

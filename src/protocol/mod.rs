@@ -22,8 +22,8 @@ pub use reply::{
     TOO_MANY_CONNECTIONS,
 };
 pub use request::{
-    parse, parse_rate_limit, split_number, ListKind, LockKind, LockOp, RateParams, Request, Secret,
-    WaitKind, MAX_RATE_LIMIT_WINDOW_MS,
+    parse, parse_rate_limit, refill_too_long, split_number, ListKind, LockKind, LockOp, RateParams,
+    Request, Secret, WaitKind, MAX_RATE_LIMIT_WINDOW_MS,
 };
 pub use verb::{Class, Facts, Gate, Shape, Verb};
 

@@ -36,6 +36,10 @@ pub enum Reply {
     RateLimit(crate::ratelimit::Decision),
     /// Arguments that do not fit the command.
     Usage(Verb),
+    /// Arguments of the right form past a limit: a wait longer than `--max-wait-ms` (`gw`,
+    /// `sgw`), or a limiter that would take longer than a day to refill (`rl`). The usage line,
+    /// then which limit and its value.
+    UsageLimit(Verb, u64),
     /// `iam`: a name longer than `--max-name-bytes`.
     NameTooLong,
     /// `iam`: a name in the form of a connection id (`ip:port`, `unix:N`) or of a certificate
@@ -130,6 +134,21 @@ impl Reply {
             Reply::Usage(verb) => {
                 out.extend_from_slice(b"0 Usage: ");
                 out.extend_from_slice(verb.usage().as_bytes());
+                out.push(b'\n');
+                return;
+            }
+            Reply::UsageLimit(verb, limit) => {
+                out.extend_from_slice(b"0 Usage: ");
+                out.extend_from_slice(verb.usage().as_bytes());
+                let why = match verb {
+                    Verb::RateLimit => {
+                        format!(
+                            " (a full refill, PERIOD_MS x (BURST + 1) / COUNT, at most {limit} ms)"
+                        )
+                    }
+                    _ => format!(" (MS at most {limit}, -max-wait-ms)"),
+                };
+                out.extend_from_slice(why.as_bytes());
                 out.push(b'\n');
                 return;
             }
@@ -260,6 +279,8 @@ mod tests {
         Reply::Invalid.write_to(&mut out);
         Reply::GotToken(1234).write_to(&mut out);
         Reply::Usage(Verb::GetWait).write_to(&mut out);
+        Reply::UsageLimit(Verb::GetWait, 3_600_000).write_to(&mut out);
+        Reply::UsageLimit(Verb::RateLimit, 86_400_000).write_to(&mut out);
         Reply::RateLimit(crate::ratelimit::Decision {
             allowed: false,
             limit: 16,
@@ -271,7 +292,10 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "1 Got Lock\n12 Got Shared Lock\n0 Not Shared Locked\n0 Invalid Command\n\
-             1 1234 Got Lock\n0 Usage: gw MS NAME\n0 16 0 -1 3000\n"
+             1 1234 Got Lock\n0 Usage: gw MS NAME\n\
+             0 Usage: gw MS NAME (MS at most 3600000, -max-wait-ms)\n\
+             0 Usage: rl NAME BURST COUNT PERIOD_MS [QUANTITY] (a full refill, PERIOD_MS x \
+             (BURST + 1) / COUNT, at most 86400000 ms)\n0 16 0 -1 3000\n"
         );
     }
 

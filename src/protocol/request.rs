@@ -445,6 +445,31 @@ pub const MAX_RATE_LIMIT_WINDOW_MS: u64 = 86_400_000;
 /// contain spaces): the last four words are BURST COUNT PERIOD_MS QUANTITY when all four are
 /// numbers and a name remains before them, else the last three are BURST COUNT PERIOD_MS.
 pub fn parse_rate_limit(arg: &[u8]) -> Option<(LockName, RateParams)> {
+    let (name_len, params) = rate_limit_parts(arg)?;
+    if refill_ms(&params) > MAX_RATE_LIMIT_WINDOW_MS {
+        return None;
+    }
+    Some((LockName::new(&arg[..name_len]), params))
+}
+
+/// Whether `line` is an `rl` command of the right form whose limiter would take longer than
+/// [`MAX_RATE_LIMIT_WINDOW_MS`] to refill: the one reason a well-formed `rl` is refused.
+pub fn refill_too_long(line: &[u8]) -> bool {
+    let line = normalise(line);
+    let Some(arg) = line.as_bytes().strip_prefix(b"rl ") else {
+        return false;
+    };
+    rate_limit_parts(arg).is_some_and(|(_, params)| refill_ms(&params) > MAX_RATE_LIMIT_WINDOW_MS)
+}
+
+/// The time a limiter takes to refill completely: `PERIOD_MS x (BURST + 1) / COUNT`.
+fn refill_ms(params: &RateParams) -> u64 {
+    u64::from(params.period_ms) * (u64::from(params.burst) + 1) / u64::from(params.count.max(1))
+}
+
+/// `rl`'s argument split into the name's length and the numbers, checked for form (COUNT and
+/// PERIOD_MS above zero) but not for the refill bound.
+fn rate_limit_parts(arg: &[u8]) -> Option<(usize, RateParams)> {
     let words: Vec<&[u8]> = arg.split(|&b| b == b' ').collect();
     let numbers = |from: usize| -> Option<Vec<u32>> {
         words[from..]
@@ -463,15 +488,11 @@ pub fn parse_rate_limit(arg: &[u8]) -> Option<(LockName, RateParams)> {
         period_ms: numbers[2],
         quantity: numbers.get(3).copied().unwrap_or(1),
     };
-    // A limiter's state lives until it is back to full capacity: bound that time (a day), so
-    // no request can pin memory for longer.
-    let refill_ms = u64::from(params.period_ms) * (u64::from(params.burst) + 1)
-        / u64::from(params.count.max(1));
-    if params.count == 0 || params.period_ms == 0 || refill_ms > MAX_RATE_LIMIT_WINDOW_MS {
+    if params.count == 0 || params.period_ms == 0 {
         return None;
     }
     let name_len = words[..name_words].iter().map(|w| w.len()).sum::<usize>() + name_words - 1;
-    Some((LockName::new(&arg[..name_len]), params))
+    Some((name_len, params))
 }
 
 #[cfg(test)]

@@ -98,7 +98,7 @@ impl LockResult {
             Reply::RateLimit(d) if d.allowed => LockResult::Allowed,
             Reply::RateLimit(_) => LockResult::Limited,
             Reply::OutOfMemory => LockResult::OutOfMemory,
-            Reply::Usage(_) | Reply::LockNameTooLong => LockResult::Usage,
+            Reply::Usage(_) | Reply::UsageLimit(..) | Reply::LockNameTooLong => LockResult::Usage,
             Reply::Invalid
             | Reply::Disabled
             | Reply::RegisteredName

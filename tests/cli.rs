@@ -2,7 +2,7 @@
 
 mod process;
 
-use process::{free_port, temp_dir};
+use process::{ask, ask_unix, free_port, temp_dir};
 
 use std::io::Read;
 use std::net::TcpListener;
@@ -88,21 +88,6 @@ impl Drop for Glockd {
             let _ = child.wait();
         }
     }
-}
-
-fn ask(port: u16, command: &str) -> String {
-    use std::io::Write;
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    stream.write_all(command.as_bytes()).expect("write");
-    stream
-        .shutdown(std::net::Shutdown::Write)
-        .expect("half-close");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).expect("read");
-    reply
 }
 
 #[test]
@@ -665,22 +650,6 @@ fn a_small_max_unsent_bytes_serves_websockets() {
     assert!(replies.iter().all(|r| r == "1 Got Lock\n"), "{replies:?}");
     assert_eq!(ask(port, "i x\n"), "0 Not Locked\n", "x was orphaned");
     assert_eq!(server.stop_with(Signal::SIGTERM), Some(0));
-}
-
-/// Sends `command` over the unix socket at `path` and reads until the server closes.
-fn ask_unix(path: &Path, command: &str) -> String {
-    use std::io::Write;
-    let mut stream = std::os::unix::net::UnixStream::connect(path).expect("connect unix");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(20)))
-        .expect("timeout");
-    stream.write_all(command.as_bytes()).expect("write");
-    stream
-        .shutdown(std::net::Shutdown::Write)
-        .expect("half-close");
-    let mut reply = String::new();
-    stream.read_to_string(&mut reply).expect("read");
-    reply
 }
 
 /// An operator removed a running server's unix socket and pidfile, and a second server made its

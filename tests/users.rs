@@ -716,19 +716,7 @@ fn sighup_reloads_the_users_file_and_keeps_the_old_one_when_the_new_is_bad() {
     };
     wait_for("listening on tcp");
     let pid = Pid::from_raw(child.id() as i32);
-    let ask = |command: &str| -> String {
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        stream
-            .set_read_timeout(Some(common::REPLY_TIMEOUT))
-            .expect("timeout");
-        stream.write_all(command.as_bytes()).expect("write");
-        stream
-            .shutdown(std::net::Shutdown::Write)
-            .expect("half-close");
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply).expect("read");
-        reply
-    };
+    let ask = |command: &str| process::ask(port, command);
     let newcomer = "auth newcomer new-token\n";
     let admin = "auth admin admin-token\n";
     assert_eq!(ask(newcomer), "0 Auth Failed\n");

@@ -407,7 +407,7 @@ async fn secure_websockets_carry_the_certificate_name_too() {
         .expect("tls");
     let (ws, _) = tokio_tungstenite::client_async(
         format!("wss://localhost:{}/", addr.port()),
-        common::transport::WsUnder::Tls(Box::new(tls)),
+        tokio_util::either::Either::Right(Box::new(tls)),
     )
     .await
     .expect("websocket handshake");

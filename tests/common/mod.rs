@@ -154,7 +154,7 @@ impl TestServer {
                 let tcp = TcpStream::connect(addr).await.expect("connect ws");
                 let (ws, _) = tokio_tungstenite::client_async(
                     format!("ws://{addr}/"),
-                    transport::WsUnder::Plain(tcp),
+                    tokio_util::either::Either::Left(tcp),
                 )
                 .await
                 .expect("websocket handshake");
@@ -188,7 +188,7 @@ impl TestServer {
                     .connect(tcp)
                     .await
                     .expect("tls handshake");
-                let under = transport::WsUnder::Tls(Box::new(tls));
+                let under = tokio_util::either::Either::Right(Box::new(tls));
                 let (ws, _) = tokio_tungstenite::client_async(
                     format!("wss://localhost:{}/", addr.port()),
                     under,

@@ -48,11 +48,8 @@ impl Stream {
     }
 }
 
-/// What a test websocket runs over: plain TCP or TLS.
-pub enum WsUnder {
-    Plain(TcpStream),
-    Tls(Box<TlsStream>),
-}
+/// What a test websocket runs over: plain TCP (`Left`) or TLS (`Right`).
+pub type WsUnder = tokio_util::either::Either<TcpStream, Box<TlsStream>>;
 
 /// A websocket client seen as a byte stream.
 pub struct WsBytes {
@@ -72,48 +69,8 @@ impl WsBytes {
     /// The TCP connection under the websocket.
     pub fn tcp(&self) -> &TcpStream {
         match self.ws.get_ref() {
-            WsUnder::Plain(tcp) => tcp,
-            WsUnder::Tls(tls) => tls.get_ref().0,
-        }
-    }
-}
-
-impl AsyncRead for WsUnder {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WsUnder::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            WsUnder::Tls(s) => Pin::new(s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for WsUnder {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            WsUnder::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            WsUnder::Tls(s) => Pin::new(s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WsUnder::Plain(s) => Pin::new(s).poll_flush(cx),
-            WsUnder::Tls(s) => Pin::new(s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            WsUnder::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            WsUnder::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            tokio_util::either::Either::Left(tcp) => tcp,
+            tokio_util::either::Either::Right(tls) => tls.get_ref().0,
         }
     }
 }

@@ -242,11 +242,6 @@ impl Inherited {
         }
         Ok(inherited)
     }
-
-    /// Whether systemd passed any socket.
-    pub fn is_empty(&self) -> bool {
-        self.tcp.is_empty() && self.unix.is_none()
-    }
 }
 
 /// Binds a unix socket at `path`. A socket file left by a server that is gone is replaced; a

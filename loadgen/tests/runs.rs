@@ -20,6 +20,23 @@ fn glockd(shards: u16) -> (glockd::ServerHandle, SocketAddr) {
 }
 
 /// The no-op server on a loopback TCP port, with one thread.
+/// An in-process server of two unpinned shards (else as `config` says) on a TCP port and a
+/// port per shard (`-shard-port`), for shard-aware runs.
+fn with_shard_ports(config: glockd::Config) -> glockd::ServerHandle {
+    let bind = || Some(TcpListener::bind("127.0.0.1:0").unwrap());
+    let config = glockd::Config {
+        shards: Some(2),
+        pin: false,
+        ..config
+    };
+    let listeners = glockd::Listeners {
+        tcp: bind(),
+        shard_ports: vec![bind().unwrap(), bind().unwrap()],
+        ..glockd::Listeners::default()
+    };
+    glockd::start_with_listeners(config, listeners).unwrap()
+}
+
 fn noop_server() -> (noop::NoopServer, SocketAddr) {
     let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
     let server = noop::start(Some(tcp), None, 1).unwrap();
@@ -285,18 +302,7 @@ fn a_server_that_grants_everything_is_caught() {
 
 #[test]
 fn shard_aware_churn_crosses_no_thread() {
-    let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = glockd::Config {
-        shards: Some(2),
-        pin: false,
-        ..glockd::Config::default()
-    };
-    let listeners = glockd::Listeners {
-        tcp: Some(bind()),
-        shard_ports: vec![bind(), bind()],
-        ..glockd::Listeners::default()
-    };
-    let server = glockd::start_with_listeners(config, listeners).unwrap();
+    let server = with_shard_ports(glockd::Config::default());
     let addr = server.tcp_addr().unwrap();
     let report = loadgen(&format!(
         "--addr {addr} --workload churn --conns 8 --pipeline 4 --requests 20000 --duration 30s \
@@ -429,20 +435,11 @@ fn auth_authenticates_every_connection() {
         format!("[[user]]\nname = \"bench\"\n{line}\nprefixes = ['*']\nclasses = [\"all\"]\n"),
     )
     .unwrap();
-    let bind = || TcpListener::bind("127.0.0.1:0").unwrap();
-    let config = glockd::Config {
-        shards: Some(2),
-        pin: false,
+    let server = with_shard_ports(glockd::Config {
         users: Some(path.clone().into()),
         auth_fail_delay_ms: 0,
         ..glockd::Config::default()
-    };
-    let listeners = glockd::Listeners {
-        tcp: Some(bind()),
-        shard_ports: vec![bind(), bind()],
-        ..glockd::Listeners::default()
-    };
-    let server = glockd::start_with_listeners(config, listeners).unwrap();
+    });
     let addr = server.tcp_addr().unwrap();
     for extra in ["", "--shard-aware"] {
         let report = loadgen(&format!(

@@ -216,6 +216,7 @@ impl ShardCore {
         }) else {
             return;
         };
+        let deadline = crate::table::deadline_in(ms);
         let core = self.clone();
         let timed = name.clone();
         let timer = tokio::task::spawn_local(async move {
@@ -224,7 +225,7 @@ impl ShardCore {
         });
         self.table
             .borrow_mut()
-            .set_wait_timer(kind, &name, id, timer.abort_handle());
+            .set_wait_timer(kind, &name, id, timer.abort_handle(), deadline);
     }
 
     /// Shutdown: every waiter queued on this shard is answered `0 Timed Out` now, wherever its

@@ -45,7 +45,7 @@ use crate::{ConnId, NameHasher};
 use holders::Holders;
 pub use holders::Quota;
 pub use listing::{HolderRow, Role};
-pub use waiters::{WaitQueues, Waiter};
+pub use waiters::{deadline_in, WaitQueues, Waiter};
 
 /// "No slot": the end of a list.
 const NIL: u32 = u32::MAX;

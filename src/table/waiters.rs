@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -28,9 +29,25 @@ pub struct Waiter {
     pub since: u64,
     /// Where the grant (or the timeout) is answered.
     pub reply: oneshot::Sender<Reply>,
+    /// When it times out (set with its timer), so the time it has left can be carried over
+    /// a live upgrade.
+    pub deadline: Option<Instant>,
     /// The task that times this waiter out; cancelled when the waiter leaves the queue any
     /// other way, so a granted wait does not leave a sleeping task behind for its whole MS.
     pub timer: Option<TimerGuard>,
+}
+
+/// `ms` milliseconds from now, or as far ahead as the monotonic clock can count if that is
+/// past its end.
+pub fn deadline_in(ms: u64) -> Instant {
+    let now = Instant::now();
+    let mut ahead = Duration::from_millis(ms);
+    loop {
+        if let Some(deadline) = now.checked_add(ahead) {
+            return deadline;
+        }
+        ahead /= 2;
+    }
 }
 
 /// Cancels a waiter's timeout task when the waiter is dropped.
@@ -196,20 +213,25 @@ impl WaitQueues {
         waiter
     }
 
-    /// Gives waiter `id` the task that will time it out (if it is still queued).
+    /// Gives waiter `id` the task that will time it out at `deadline` (if it is still
+    /// queued).
     pub fn set_timer(
         &mut self,
         kind: LockKind,
         name: &[u8],
         id: u64,
         timer: tokio::task::AbortHandle,
+        deadline: Instant,
     ) {
         match self
             .queues_mut(kind)
             .get_mut(name)
             .and_then(|q| q.iter_mut().find(|w| w.id == id))
         {
-            Some(waiter) => waiter.timer = Some(TimerGuard(timer)),
+            Some(waiter) => {
+                waiter.timer = Some(TimerGuard(timer));
+                waiter.deadline = Some(deadline);
+            }
             None => timer.abort(),
         }
     }

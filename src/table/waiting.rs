@@ -80,6 +80,7 @@ impl ShardTable {
                 quota,
                 since: unix_micros(),
                 reply,
+                deadline: None,
                 timer: None,
             },
         );
@@ -90,16 +91,18 @@ impl ShardTable {
         Some(id)
     }
 
-    /// Attaches the timeout task of waiter `id`, so it is cancelled if the waiter is served.
+    /// Attaches the timeout task of waiter `id`, which fires at `deadline`, so it is
+    /// cancelled if the waiter is served.
     pub fn set_wait_timer(
         &mut self,
         kind: WaitKind,
         name: &LockName,
         id: u64,
         timer: tokio::task::AbortHandle,
+        deadline: std::time::Instant,
     ) {
         self.waits
-            .set_timer(kind.lock_kind(), name.as_bytes(), id, timer);
+            .set_timer(kind.lock_kind(), name.as_bytes(), id, timer, deadline);
     }
 
     /// The waiter `id` ran out of time: if it is still queued, answers it `0 Timed Out`.

@@ -457,6 +457,17 @@ impl TokenClock {
         token
     }
 
+    /// The last token issued (0 before the first).
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Every token from now on is above `last` as well: a live upgrade hands the tokens the
+    /// old process issued to the new one, whose clock may read earlier.
+    pub fn advance_past(&mut self, last: u64) {
+        self.last = self.last.max(last);
+    }
+
     #[cold]
     #[inline(never)]
     fn near_ceiling(&mut self, token: u64) -> u64 {

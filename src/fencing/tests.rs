@@ -307,3 +307,21 @@ fn a_slow_write_is_not_visible_until_it_is_durable() {
     assert_eq!(fencing.ceiling(), Some(T0 + 5_000_000));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_clock_advanced_past_another_clocks_tokens_issues_above_them() {
+    let clock = ManualClock::new(T0);
+    let mut old = TokenClock::unbounded(clock.source());
+    clock.set(T0 + HOUR);
+    let last = old.issue();
+    assert_eq!(old.last(), last);
+    // The new process's clock reads an hour earlier.
+    clock.set(T0);
+    let mut new = TokenClock::unbounded(clock.source());
+    new.advance_past(last);
+    assert_eq!(new.last(), last);
+    assert_eq!(new.issue(), last + 1);
+    // Advancing to an older token changes nothing.
+    new.advance_past(T0);
+    assert_eq!(new.issue(), last + 2);
+}

@@ -330,6 +330,50 @@ impl RateLimits {
             .is_some_and(|&Reverse((due, _))| due <= now)
     }
 
+    /// Takes every limiter not yet back to full capacity at `now`, as (name, nanoseconds its
+    /// TAT is ahead of `now`), and leaves no limiter stored: what a live upgrade hands to the
+    /// new process, whose clock has another origin. Limiters already back to full capacity
+    /// are left out: a name with no state decides exactly as they would.
+    pub fn take_all(&mut self, now: u128) -> Vec<(LockName, u64)> {
+        let now = stored_tat(now);
+        let fresh = RateLimits {
+            evicted: self.evicted,
+            ..RateLimits::new(self.hasher.clone())
+        };
+        std::mem::replace(self, fresh)
+            .slots
+            .into_iter()
+            .flatten()
+            .filter(|l| l.tat > now)
+            .map(|l| (l.name, l.tat - now))
+            .collect()
+    }
+
+    /// Stores `name`'s limiter with TAT `tat` (as taken by [`Self::take_all`] in another
+    /// process, moved to this clock), outside the memory budget: the state already existed.
+    /// A name already stored keeps the later of the two TATs. A TAT not after `now` needs no
+    /// state and is not stored.
+    pub fn restore(&mut self, name: &LockName, tat: u64, now: u128) {
+        if u128::from(tat) <= now {
+            return;
+        }
+        let hash = self.hasher.hash_one(name.as_bytes());
+        match self.find(hash, name.as_bytes()) {
+            Some(at) => {
+                if let Some(limiter) = self.slots[at as usize].as_mut() {
+                    // Its heap entry is due no later than its old TAT: still valid (lazy).
+                    limiter.tat = limiter.tat.max(tat);
+                }
+            }
+            None => self.insert(hash, name, tat),
+        }
+    }
+
+    /// Counts `evicted` more limiters evicted (by another process, before an upgrade).
+    pub fn add_evicted(&mut self, evicted: u64) {
+        self.evicted = self.evicted.saturating_add(evicted);
+    }
+
     /// Names with state.
     pub fn len(&self) -> usize {
         self.index.len()
@@ -611,6 +655,65 @@ mod tests {
         assert!(limits
             .apply(&LockName::from("f"), 20 * S, l, |_| false)
             .is_some());
+    }
+
+    #[test]
+    fn limiters_taken_and_restored_on_another_clock_decide_as_before() {
+        let mut original = RateLimits::new(crate::name_hasher());
+        let l = limit(2, 1, 10_000, 1);
+        // "busy" is exhausted, "half" has room for one more, "done" is back to full.
+        for _ in 0..3 {
+            put(&mut original, "busy", 0, l);
+        }
+        put(&mut original, "half", 5 * S, l);
+        put(&mut original, "half", 5 * S, l);
+        put(&mut original, "done", 0, limit(0, 1, 1_000, 1));
+        original.evicted = 7;
+        // A reference that never moves: what the limiters would have decided.
+        let mut reference = RateLimits::new(crate::name_hasher());
+        for _ in 0..3 {
+            put(&mut reference, "busy", 0, l);
+        }
+        put(&mut reference, "half", 5 * S, l);
+        put(&mut reference, "half", 5 * S, l);
+        let taken_at = 6 * S;
+        let mut taken = original.take_all(taken_at);
+        taken.sort_by(|a, b| a.0.cmp(&b.0));
+        assert_eq!(
+            taken,
+            vec![
+                (LockName::from("busy"), 24 * S as u64),
+                (LockName::from("half"), 19 * S as u64)
+            ]
+        );
+        assert!(original.is_empty());
+        assert_eq!(original.bytes(), 0);
+        assert_eq!(original.evicted(), 7, "a running total");
+        check(&original);
+        // The new clock's origin is 1000 s later.
+        let offset = 1000 * S;
+        let mut restored = RateLimits::new(crate::name_hasher());
+        for (name, ahead) in &taken {
+            restored.restore(
+                name,
+                stored_tat(offset + taken_at) + ahead,
+                offset + taken_at,
+            );
+        }
+        check(&restored);
+        assert_eq!(restored.len(), 2);
+        for step in 0..40u128 {
+            let at = taken_at + step * S / 2;
+            for name in ["busy", "half", "done"] {
+                assert_eq!(
+                    put(&mut restored, name, offset + at, l),
+                    put(&mut reference, name, at, l),
+                    "{name} at {} ms",
+                    at / MS
+                );
+            }
+        }
+        check(&restored);
     }
 
     #[test]

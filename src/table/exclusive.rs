@@ -1,13 +1,17 @@
 //! Exclusive locks: one slot per held lock in a slab, found by name through the index, and
 //! linked into its holder's list so release and orphaning need no second copy of the name.
 
+use std::collections::HashMap;
+
 use hashbrown::hash_table::Entry;
 
-use super::{holdings_of, GetOutcome, Quota, ShardTable, Slot, EXCLUSIVE_BYTES, FREE, NIL};
+use super::{
+    holdings_of, GetOutcome, Holdings, Quota, ShardTable, Slot, EXCLUSIVE_BYTES, FREE, NIL,
+};
 use crate::memory::name_heap;
 use crate::name::LockName;
 use crate::protocol::LockKind;
-use crate::ConnId;
+use crate::{ConnId, NameHasher};
 
 impl ShardTable {
     /// The fencing token of the current grant of `name`.
@@ -78,31 +82,44 @@ impl ShardTable {
         }
         // Taken before anything changes: at the ceiling this waits for a durable new one.
         let token = self.tokens.issue();
-        self.bytes += cost;
-        let holdings = holdings_of(&mut self.holdings, &mut self.bytes, conn);
-        let head = holdings.exclusive_head;
-        let slot = Slot {
-            name: name.clone(),
-            holder: conn,
+        let at = place(
+            &mut self.slots,
+            &mut self.free_head,
+            &mut self.holdings,
+            &mut self.bytes,
+            conn,
+            name,
             token,
-            prev: NIL,
-            next: head,
-        };
-        let at = if self.free_head != NIL {
-            let at = self.free_head;
-            self.free_head = self.slots[at as usize].next;
-            self.slots[at as usize] = slot;
-            at
-        } else {
-            self.slots.push(slot);
-            u32::try_from(self.slots.len() - 1).expect("more than 4 billion locks in one shard")
-        };
+        );
         vacant.insert(at);
-        if head != NIL {
-            self.slots[head as usize].prev = at;
-        }
-        holdings.exclusive_head = at;
         GetOutcome::Granted
+    }
+
+    /// Makes `conn` the holder of the exclusive lock `name` with fencing token `token`, as
+    /// granted by another process before a live upgrade: counted like any grant, but not
+    /// checked against the memory budget (the state already existed) nor any quota (the
+    /// caller carries those over). Tokens issued from now on are above `token`. False, and
+    /// nothing changed, if `name` is held already.
+    pub fn restore_exclusive(&mut self, conn: ConnId, name: &LockName, token: u64) -> bool {
+        let hash = self.hash(name.as_bytes());
+        if self.find(hash, name.as_bytes()).is_some() {
+            return false;
+        }
+        self.tokens.advance_past(token);
+        let at = place(
+            &mut self.slots,
+            &mut self.free_head,
+            &mut self.holdings,
+            &mut self.bytes,
+            conn,
+            name,
+            token,
+        );
+        let (slots, hasher) = (&self.slots, &self.hasher);
+        self.index.insert_unique(hash, at, |&other| {
+            hasher.hash_one(slots[other as usize].name.as_bytes())
+        });
+        true
     }
 
     /// Releases the exclusive lock if `conn` holds it, and hands it to the first waiter.
@@ -160,4 +177,42 @@ impl ShardTable {
         slot.next = self.free_head;
         self.free_head = at;
     }
+}
+
+/// Stores a new held lock in a free slot (or a new one) at the head of its holder's list and
+/// counts its bytes; returns the slot, for the caller to enter in the index. (Fields, not
+/// `self`: a grant holds the index's vacant entry meanwhile.)
+fn place(
+    slots: &mut Vec<Slot>,
+    free_head: &mut u32,
+    holdings: &mut HashMap<ConnId, Holdings, NameHasher>,
+    bytes: &mut u64,
+    conn: ConnId,
+    name: &LockName,
+    token: u64,
+) -> u32 {
+    *bytes += EXCLUSIVE_BYTES + name_heap(name);
+    let holdings = holdings_of(holdings, bytes, conn);
+    let head = holdings.exclusive_head;
+    let slot = Slot {
+        name: name.clone(),
+        holder: conn,
+        token,
+        prev: NIL,
+        next: head,
+    };
+    let at = if *free_head != NIL {
+        let at = *free_head;
+        *free_head = slots[at as usize].next;
+        slots[at as usize] = slot;
+        at
+    } else {
+        slots.push(slot);
+        u32::try_from(slots.len() - 1).expect("more than 4 billion locks in one shard")
+    };
+    if head != NIL {
+        slots[head as usize].prev = at;
+    }
+    holdings.exclusive_head = at;
+    at
 }

@@ -45,18 +45,42 @@ impl ShardTable {
         if quota.is_some_and(|q| !q.try_take()) {
             return Err(Reply::LimitReached);
         }
-        self.bytes += cost;
-        let since = unix_micros();
+        Ok(self.add_shared_holder(conn, name, unix_micros()))
+    }
+
+    /// Makes `conn` a holder of the shared lock `name` since `since` (Unix microseconds), as
+    /// it was in another process before a live upgrade: counted like any grant, but not
+    /// checked against the memory budget (the state already existed) nor any quota (the
+    /// caller carries those over). False, and nothing changed, if it holds it already.
+    pub fn restore_shared(&mut self, conn: ConnId, name: &LockName, since: u64) -> bool {
+        if self
+            .shared
+            .get(name.as_bytes())
+            .is_some_and(|holders| holders.contains(conn))
+        {
+            return false;
+        }
+        self.add_shared_holder(conn, name, since);
+        true
+    }
+
+    /// Adds `conn`, not a holder yet, to `name`'s holders and counts its bytes; returns the
+    /// holder count.
+    fn add_shared_holder(&mut self, conn: ConnId, name: &LockName, since: u64) -> u64 {
+        self.bytes += SHARED_HOLDER_BYTES + name_heap(name);
         let holders = match self.shared.get_mut(name.as_bytes()) {
             Some(holders) => holders,
-            None => self.shared.entry(name.clone()).or_insert_with(Holders::new),
+            None => {
+                self.bytes += SHARED_NAME_BYTES + name_heap(name);
+                self.shared.entry(name.clone()).or_insert_with(Holders::new)
+            }
         };
         holders.insert(conn, since);
         let count = holders.len() as u64;
         holdings_of(&mut self.holdings, &mut self.bytes, conn)
             .shared
             .insert(name.clone());
-        Ok(count)
+        count
     }
 
     /// Releases a shared lock if `conn` holds it, and lets waiters in while there is room.

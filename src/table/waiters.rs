@@ -236,6 +236,22 @@ impl WaitQueues {
         }
     }
 
+    /// Takes every waiter out, each queue's in order (first to be served first), leaving no
+    /// queue. Waiter ids go on counting, so a timeout still in flight for a waiter taken
+    /// can never match a later one.
+    pub fn take_all(&mut self) -> Vec<(LockName, Waiter)> {
+        let fresh = WaitQueues {
+            next_id: self.next_id,
+            ..WaitQueues::new(self.exclusive.hasher().clone())
+        };
+        let old = std::mem::replace(self, fresh);
+        old.exclusive
+            .into_iter()
+            .chain(old.shared)
+            .flat_map(|(name, queue)| queue.into_iter().map(move |w| (name.clone(), w)))
+            .collect()
+    }
+
     /// Waiters queued now.
     pub fn depth(&self) -> usize {
         self.depth

@@ -70,6 +70,36 @@ impl ShardTable {
             self.announce(reply, answer);
             return None;
         }
+        Some(self.queue(conn, quota, kind, name, unix_micros(), reply))
+    }
+
+    /// Queues `conn` at the back of `name`'s queue, as it waited in another process before a
+    /// live upgrade (since `since`, Unix microseconds), and returns its new waiter id; the
+    /// caller arms its timeout with [`Self::set_wait_timer`]. Counted like any queued waiter,
+    /// but not checked against the memory budget (the state already existed), not counted as
+    /// a wait started, and never granted here: restored holders and waiters were consistent.
+    pub fn restore_waiter(
+        &mut self,
+        conn: ConnId,
+        kind: WaitKind,
+        name: &LockName,
+        since: u64,
+        quota: Option<Arc<Quota>>,
+        reply: oneshot::Sender<Reply>,
+    ) -> u64 {
+        self.queue(conn, quota, kind, name, since, reply)
+    }
+
+    /// Queues a waiter behind everyone waiting for `name` and counts its bytes; returns its id.
+    fn queue(
+        &mut self,
+        conn: ConnId,
+        quota: Option<Arc<Quota>>,
+        kind: WaitKind,
+        name: &LockName,
+        since: u64,
+        reply: oneshot::Sender<Reply>,
+    ) -> u64 {
         let id = self.waits.next_id();
         self.waits.push(
             name,
@@ -78,7 +108,7 @@ impl ShardTable {
                 conn,
                 kind,
                 quota,
-                since: unix_micros(),
+                since,
                 reply,
                 deadline: None,
                 timer: None,
@@ -88,7 +118,7 @@ impl ShardTable {
         holdings_of(&mut self.holdings, &mut self.bytes, conn)
             .waits
             .push((kind.lock_kind(), name.clone(), id));
-        Some(id)
+        id
     }
 
     /// Attaches the timeout task of waiter `id`, which fires at `deadline`, so it is

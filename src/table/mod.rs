@@ -19,6 +19,7 @@
 
 mod exclusive;
 mod holders;
+mod image;
 mod listing;
 mod orphaning;
 mod shared;
@@ -44,6 +45,9 @@ use crate::{ConnId, NameHasher};
 
 use holders::Holders;
 pub use holders::Quota;
+pub use image::{
+    CountsImage, HeldImage, LimiterImage, RestoredWaiter, SharedImage, TableImage, WaiterImage,
+};
 pub use listing::{HolderRow, Role};
 pub use waiters::{deadline_in, WaitQueues, Waiter};
 

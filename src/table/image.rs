@@ -257,3 +257,6 @@ impl ShardTable {
         restored
     }
 }
+
+#[cfg(test)]
+mod tests;

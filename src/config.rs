@@ -90,6 +90,9 @@ pub const MAX_LOCK_NAME_BYTES: u64 = MAX_LINE_BYTES;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "glockd",
+    // A flag given twice takes its last value: a live upgrade adds flags to the running
+    // server's command line (`glockd upgrade -pidfile F -shards 4`).
+    args_override_self = true,
     version = VERSION_LINE,
     about = "A lock server: exclusive and counted shared locks that live exactly as long as the connection holding them.",
     after_help = "`glockd hash-token` reads a token on standard input and prints the line for a -users file."
@@ -380,6 +383,21 @@ pub struct Config {
     #[arg(long, default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_AUTH_FAILURES)))]
     pub auth_max_failures: u32,
+
+    /// Most time a live upgrade may take, in seconds, from starting the new binary to its
+    /// confirming it serves everything; past it the upgrade is called off and this server
+    /// carries on (connections stopped meanwhile run again).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub upgrade_timeout: u64,
+
+    /// For tests of live upgrades only: the new process fails at this step of the hand-over
+    /// (ready, listeners, image, adopt, refuse, hang).
+    #[arg(long, hide = true)]
+    pub upgrade_fail_at: Option<String>,
+
+    /// A live upgrade's successor starts with its accept loops paused (not a flag).
+    #[arg(skip)]
+    pub start_paused: bool,
 
     /// Fault injection for tests only (not a flag): a connection that sends exactly this line
     /// panics while handling it.

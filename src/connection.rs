@@ -34,6 +34,7 @@ use crate::routing::Gone;
 use crate::session::{NoWatch, PeerWatch, Session, Step};
 use crate::shard::ShardCore;
 use crate::stats::CloseReason;
+use crate::upgrade::{ConnDoor, ConnImage};
 
 /// Most lines run per turn before their replies are written and the connection lets the other
 /// tasks of its thread have theirs: bounds the work between two writes, and lets a client that
@@ -102,6 +103,8 @@ pub(crate) enum Disconnect {
     AuthFailures,
     /// The server is shutting down.
     Shutdown,
+    /// Carried by a live upgrade: the successor serves it now.
+    HandedOver,
     /// Serving it panicked (a bug; logged with the panic).
     Panic,
 }
@@ -155,6 +158,7 @@ impl Disconnect {
             Disconnect::WaitReadAhead => "wait_read_ahead",
             Disconnect::AuthFailures => "auth_failures",
             Disconnect::Shutdown => "shutdown",
+            Disconnect::HandedOver => "handed_over",
             Disconnect::Panic => "panic",
         }
     }
@@ -239,6 +243,8 @@ enum Stop {
     Gone,
     /// A reply could not be written: timed out, or an I/O error.
     Ended(Disconnect),
+    /// A live upgrade stopped the connection in a wait: it is handed over.
+    Frozen,
 }
 
 impl From<Gone> for Stop {
@@ -359,6 +365,9 @@ impl Buffers {
                 }
                 if let (Err(_), Some(reason)) = (&ran_line, ended) {
                     return Err(Stop::Ended(reason));
+                }
+                if ran_line.is_err() && session.is_parked() {
+                    return Err(Stop::Frozen);
                 }
                 ran_line?;
             }
@@ -586,6 +595,58 @@ fn deadline_at(start: Instant, d: std::time::Duration) -> Instant {
     start.checked_add(d).unwrap_or_else(|| start + far)
 }
 
+/// A connection's stream as a live upgrade sees it: plain TCP and unix sockets can be handed
+/// to the successor (their state is the server's own); TLS streams cannot (their session keys
+/// live in the library), so they close at an upgrade as at shutdown.
+pub(crate) trait Carry: Sized {
+    /// Whether this kind of stream is carried.
+    const CARRIED: bool = false;
+
+    /// The socket, and its door, to hand over.
+    fn carry(self) -> Option<(std::os::fd::OwnedFd, ConnDoor)> {
+        None
+    }
+}
+
+impl Carry for tokio::net::TcpStream {
+    const CARRIED: bool = true;
+
+    fn carry(self) -> Option<(std::os::fd::OwnedFd, ConnDoor)> {
+        let stream = self.into_std().ok()?;
+        Some((stream.into(), ConnDoor::Tcp))
+    }
+}
+
+impl Carry for tokio::net::UnixStream {
+    const CARRIED: bool = true;
+
+    fn carry(self) -> Option<(std::os::fd::OwnedFd, ConnDoor)> {
+        let stream = self.into_std().ok()?;
+        Some((stream.into(), ConnDoor::Unix))
+    }
+}
+
+impl<S> Carry for tokio_rustls::server::TlsStream<S> {}
+
+/// Where a connection's I/O starts: a new connection's empty buffers, or what a carried one
+/// had when it was stopped.
+#[derive(Default)]
+struct Start {
+    input: Vec<u8>,
+    output: Vec<u8>,
+    eof: bool,
+    pipelining: bool,
+    answer: Option<tokio::sync::oneshot::Receiver<crate::protocol::Reply>>,
+}
+
+/// What a connection stopped for a live upgrade leaves: its unread input and unsent replies.
+struct Left {
+    input: Vec<u8>,
+    output: Vec<u8>,
+    eof: bool,
+    pipelining: bool,
+}
+
 /// Serves one connection until it closes. `id_text` is its protocol id (`ip:port`).
 pub async fn serve<S>(
     core: Rc<ShardCore>,
@@ -594,12 +655,58 @@ pub async fn serve<S>(
     admission: Admission,
     peer: Peer,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Carry,
+{
+    if core.conns.is_freezing() && !S::CARRIED {
+        // Came to a thread a live upgrade is stopping, and cannot be carried: closed.
+        return;
+    }
+    let session = Session::new(core.clone(), id_text.clone(), admission, peer);
+    serve_session(core, stream, id_text, session, Start::default()).await;
+}
+
+/// Serves a connection carried by a live upgrade, from where it was stopped.
+pub async fn resume<S>(
+    core: Rc<ShardCore>,
+    stream: S,
+    image: ConnImage,
+    answer: Option<tokio::sync::oneshot::Receiver<crate::protocol::Reply>>,
+    quota: Option<std::sync::Arc<crate::table::Quota>>,
+    admission: Admission,
+    peer: Peer,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Carry,
+{
+    let session = Session::resume(core.clone(), &image, quota, admission, peer);
+    let start = Start {
+        input: image.input,
+        output: image.output,
+        eof: image.eof,
+        pipelining: image.pipelining,
+        answer,
+    };
+    serve_session(core, stream, image.id_text, session, start).await;
+}
+
+async fn serve_session<S>(
+    core: Rc<ShardCore>,
+    stream: S,
+    id_text: String,
+    mut session: Session,
+    start: Start,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Carry,
 {
     let farewell = Farewell::new(&core, &id_text);
-    let mut session = Session::new(core.clone(), id_text, admission, peer);
+    session.set_carriable(S::CARRIED);
     let mut stream = stream;
-    let reason = run(&core, &mut stream, &mut session).await;
+    let mut left = None;
+    let reason = run(&core, &mut stream, &mut session, start, &mut left).await;
+    if let (Disconnect::HandedOver, Some(left)) = (reason, left) {
+        farewell.say(reason);
+        hand_over(&core, stream, id_text, session, left);
+        return;
+    }
     if let Some(why) = reason.close_reason() {
         core.cell().closed_because(why);
     }
@@ -623,31 +730,112 @@ pub async fn serve<S>(
     }
 }
 
+/// Hands a stopped connection to the live upgrade in progress on this thread.
+fn hand_over<S: Carry>(
+    core: &Rc<ShardCore>,
+    stream: S,
+    id_text: String,
+    session: Session,
+    left: Left,
+) {
+    let handed = session.hand_over();
+    let (Some((fd, door)), Some(admission)) = (stream.carry(), handed.admission) else {
+        // Cannot happen for the streams that are carried; were it to, the connection's locks
+        // stay with its id until the upgrade ends, and the client sees its connection close.
+        tracing::warn!(event = "carry_failed", conn = %id_text, "could not carry a connection");
+        return;
+    };
+    core.conns.hand_over(crate::lifecycle::Frozen {
+        image: ConnImage {
+            conn: handed.conn,
+            door,
+            id_text,
+            input: left.input,
+            output: left.output,
+            eof: left.eof,
+            framed: handed.framed,
+            pipelining: left.pipelining,
+            user: handed.user,
+            waiting: handed.answer.is_some(),
+        },
+        fd,
+        answer: handed.answer,
+        quota: handed.quota,
+        admission,
+    });
+}
+
 /// Runs a connection's I/O until it ends, and says why.
-async fn run<S>(core: &Rc<ShardCore>, stream: &mut S, session: &mut Session) -> Disconnect
+async fn run<S>(
+    core: &Rc<ShardCore>,
+    stream: &mut S,
+    session: &mut Session,
+    start: Start,
+    left: &mut Option<Left>,
+) -> Disconnect
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Carry,
 {
     let limits = core.server.config.conn_limits();
     let read_ahead = limits.max_line.max(MIN_READ_AHEAD);
+    let mut input = LineFramer::new(limits.max_line);
+    input.extend(&start.input);
     let mut buffers = Buffers {
-        input: LineFramer::new(limits.max_line),
+        input,
         side: BytesMut::new(),
         side_eof: false,
-        out: Vec::new(),
+        out: start.output,
         written: 0,
-        pipelining: false,
+        pipelining: start.pipelining,
         lines_taken: 0,
         meter: core.server.client_buffers.meter(core.id),
         busy: false,
     };
+    // Stops the connection for a live upgrade: what it read and has not run, and what it
+    // has not written, go with it.
+    let stop_for_upgrade = |buffers: &mut Buffers, eof: bool, left: &mut Option<Left>| {
+        buffers.input.extend(&buffers.side);
+        *left = Some(Left {
+            input: buffers.input.take_rest().to_vec(),
+            output: buffers.out[buffers.written..].to_vec(),
+            eof: eof || buffers.side_eof,
+            pipelining: buffers.pipelining,
+        });
+        buffers.release();
+        Disconnect::HandedOver
+    };
+    let mut eof = start.eof;
+    if let Some(answer) = start.answer {
+        // Carried while it waited: its answer comes first, then what it sent behind it.
+        let mut watch = StreamWatch {
+            stream: &mut *stream,
+            side: &mut buffers.side,
+            eof: &mut buffers.side_eof,
+            meter: &buffers.meter,
+            ended: None,
+        };
+        let waited = session
+            .resume_wait(answer, &mut buffers.out, &mut watch)
+            .await;
+        let ended = watch.ended;
+        if waited.is_err() {
+            if session.is_parked() {
+                return stop_for_upgrade(&mut buffers, eof, left);
+            }
+            return ended.unwrap_or_else(|| Disconnect::gone(core));
+        }
+        if !buffers.side.is_empty() {
+            let side = std::mem::take(&mut buffers.side);
+            buffers.input.extend(&side);
+        }
+        eof |= buffers.side_eof;
+    }
     let mut unfinished = UnfinishedLine::new(limits.line_timeout);
     let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
     // Armed while replies wait for a reader that does not read.
     let mut stall: Option<Pin<Box<Sleep>>> = None;
-    let mut eof = false;
-    // Input may hold complete lines not yet run.
-    let mut more = false;
+    // Input may hold complete lines not yet run (a carried connection's may).
+    let mut more = buffers.input.has_line();
     loop {
         // Replies piled up past the unread-reply limit are written, at the client's pace,
         // before any more lines run.
@@ -685,6 +873,7 @@ where
                     return Disconnect::AuthFailures;
                 }
                 Err(Stop::Gone) => return Disconnect::gone(core),
+                Err(Stop::Frozen) => return stop_for_upgrade(&mut buffers, eof, left),
                 Err(Stop::Ended(reason)) => return reason,
             };
             unfinished.after_batch(&buffers);
@@ -700,6 +889,16 @@ where
         let backlogged = buffers.unsent() > limits.max_unsent;
         if backlogged && buffers.input.pending() > read_ahead {
             return Disconnect::UnsentLimit;
+        }
+        if core.conns.is_freezing() {
+            if S::CARRIED && !session.closed_by_auth() {
+                return stop_for_upgrade(&mut buffers, eof, left);
+            }
+            // Not carried: it ends as at shutdown, once it has answered what it read.
+            if !more {
+                finish(stream, &mut buffers, &limits).await;
+                return Disconnect::Shutdown;
+            }
         }
         if !more && (eof || core.is_closing()) {
             if eof && buffers.input.pending() > 0 {
@@ -730,6 +929,7 @@ where
         // client keeps sending; otherwise only once the lines read so far have run.
         let want_read = !eof && (backlogged || !more) && buffers.input.pending() <= read_ahead;
         let mut closing = pin!(core.conns.closing());
+        let mut freezing = pin!(core.conns.freezing());
         let event = std::future::poll_fn(|cx| {
             let mut event = Event::default();
             match buffers.poll_write_out(stream, cx) {
@@ -770,7 +970,8 @@ where
                     Poll::Pending => {}
                 }
             }
-            event.closing = closing.as_mut().poll(cx).is_ready();
+            event.closing =
+                closing.as_mut().poll(cx).is_ready() || freezing.as_mut().poll(cx).is_ready();
             event.idle = poll_timer(&mut idle, cx);
             event.stalled = poll_timer(&mut stall, cx);
             event.unfinished = poll_timer(&mut unfinished.timer, cx);

@@ -372,9 +372,19 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
         if core.is_closing() {
             return;
         }
+        if core.conns.accept_paused() {
+            // A live upgrade: new clients wait in the listen queue, for whichever process
+            // serves next.
+            tokio::select! {
+                _ = core.conns.accept_changed() => continue,
+                _ = core.conns.closing() => return,
+            }
+        }
         let accepted = tokio::select! {
-            accepted = door.accept() => accepted,
+            biased;
+            _ = core.conns.accept_changed() => continue,
             _ = core.conns.closing() => return,
+            accepted = door.accept() => accepted,
         };
         let accepted = match accepted {
             Ok(accepted) => {

@@ -101,6 +101,26 @@ impl Held {
     }
 }
 
+/// Locked files a live upgrade's predecessor handed over (its pidfile, the state file's lock),
+/// by path: their `flock` belongs to the open file they share, so they are held already.
+static INHERITED: std::sync::Mutex<Vec<(std::path::PathBuf, File)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Records a locked file handed over by a live upgrade's predecessor, for [`lock_exclusive`]
+/// to take instead of locking `path` anew (which the predecessor's lock would refuse).
+pub fn inherit_locked(path: std::path::PathBuf, file: File) {
+    INHERITED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push((path, file));
+}
+
+fn take_inherited(path: &Path) -> Option<File> {
+    let mut inherited = INHERITED.lock().unwrap_or_else(|e| e.into_inner());
+    let at = inherited.iter().position(|(p, _)| p == path)?;
+    Some(inherited.swap_remove(at).1)
+}
+
 /// Opens (creating if needed) the regular file at `path` and takes an exclusive `flock` on it
 /// without waiting; the lock lasts as long as the returned file is open. A symbolic link at
 /// `path` is never followed, nor anything but a regular file opened: a server started as root
@@ -111,6 +131,10 @@ impl Held {
 /// exiting) between the open and the lock is let go and the new one opened instead, so two
 /// servers never each hold a lock on a different file of the same name.
 pub fn lock_exclusive(path: &Path, what: &'static str) -> io::Result<(File, FileId)> {
+    if let Some(file) = take_inherited(path) {
+        let id = FileId::of(&file.metadata()?);
+        return Ok((file, id));
+    }
     let not_followed = || {
         io::Error::new(
             io::ErrorKind::InvalidInput,

@@ -73,6 +73,7 @@ pub mod signals;
 pub mod stats;
 pub mod table;
 pub mod tls;
+pub mod upgrade;
 pub mod users;
 mod websocket;
 

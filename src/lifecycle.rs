@@ -79,6 +79,25 @@ impl Admission {
     }
 }
 
+impl Admission {
+    /// A place for a connection carried by a live upgrade: counted, never refused (the
+    /// connection exists already).
+    pub fn carried(server: &Arc<ServerState>, peer: Option<IpAddr>) -> Admission {
+        server.live_connections.fetch_add(1, Ordering::AcqRel);
+        let config = &server.config;
+        let counted = peer
+            .and_then(|ip| PerIp::key(ip, config.per_ip_exempt_loopback))
+            .filter(|_| config.max_connections_per_ip > 0);
+        if let Some(key) = counted {
+            server.per_ip.try_add(key, u64::MAX);
+        }
+        Admission {
+            server: server.clone(),
+            counted,
+        }
+    }
+}
+
 impl Drop for Admission {
     fn drop(&mut self) {
         if let Some(key) = self.counted {
@@ -187,10 +206,39 @@ pub enum Incoming {
     ),
 }
 
+/// A connection stopped for a live upgrade: what it is handed over as, and what it is served
+/// again from.
+pub type Frozen = Resumed;
+
+/// A carried connection to serve again (after a live upgrade, or when one is called off).
+pub struct Resumed {
+    pub image: crate::upgrade::ConnImage,
+    pub fd: std::os::fd::OwnedFd,
+    /// The answer of the wait it is in (its waiter queued again in the tables).
+    pub answer: Option<tokio::sync::oneshot::Receiver<crate::protocol::Reply>>,
+    /// Its lock allowance, counting the locks it holds.
+    pub quota: Option<Arc<crate::table::Quota>>,
+    pub admission: Admission,
+}
+
 /// Life-cycle messages for a shard thread's connections.
 pub enum ConnMsg {
     /// Serve a new connection on this thread.
     Adopt(Incoming),
+    /// Live upgrade, first step: stop accepting (the accept loops of this thread pause); say
+    /// so on `done`.
+    PauseAccepting { done: std::sync::mpsc::Sender<()> },
+    /// Live upgrade, second step: every connection on this thread stops at its next command
+    /// boundary (or in its wait) and is handed over; connections that cannot be carried (TLS,
+    /// websockets) close as at shutdown. Reports the stopped connections on `done` once none
+    /// is left.
+    Freeze {
+        done: std::sync::mpsc::Sender<Vec<Frozen>>,
+    },
+    /// The upgrade is over (called off, or never begun): accept again.
+    Thaw,
+    /// Serve a carried connection on this thread.
+    Resume(Box<Resumed>),
     /// Shutdown, first step: stop accepting, let every connection on this thread answer what
     /// it already read and close; report on `drained` when none is left. Mailboxes keep
     /// running meanwhile, since a closing connection may still wait on another shard.
@@ -210,6 +258,16 @@ pub struct ThreadConns {
     live: Cell<usize>,
     /// Wakes the shutdown drain when `live` drops to zero.
     drained_notify: Notify,
+    /// A live upgrade stops this thread's connections (see [`ConnMsg::Freeze`]).
+    freezing: Cell<bool>,
+    /// Wakes connections when `freezing` is set.
+    freezing_notify: Notify,
+    /// The accept loops wait while this is set (see [`ConnMsg::PauseAccepting`]).
+    accept_paused: Cell<bool>,
+    /// Wakes the accept loops when `accept_paused` changes.
+    accept_notify: Notify,
+    /// Connections stopped so far by the freeze in progress.
+    frozen: std::cell::RefCell<Vec<Frozen>>,
 }
 
 impl ThreadConns {
@@ -222,6 +280,37 @@ impl ThreadConns {
     /// start of shutdown if it happens after the call).
     pub fn closing(&self) -> tokio::sync::futures::Notified<'_> {
         self.closing_notify.notified()
+    }
+
+    /// Whether a live upgrade is stopping this thread's connections.
+    pub fn is_freezing(&self) -> bool {
+        self.freezing.get()
+    }
+
+    /// Completes when a freeze begins (check [`Self::is_freezing`] first).
+    pub fn freezing(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freezing_notify.notified()
+    }
+
+    /// Whether the accept loops are paused for a live upgrade.
+    pub fn accept_paused(&self) -> bool {
+        self.accept_paused.get()
+    }
+
+    /// Completes when accepting is paused or resumed (check [`Self::accept_paused`] first).
+    pub fn accept_changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.accept_notify.notified()
+    }
+
+    /// Pauses (or resumes) the accept loops.
+    pub fn set_accept_paused(&self, paused: bool) {
+        self.accept_paused.set(paused);
+        self.accept_notify.notify_waiters();
+    }
+
+    /// A connection stopped for the upgrade hands itself over.
+    pub fn hand_over(&self, frozen: Frozen) {
+        self.frozen.borrow_mut().push(frozen);
     }
 
     fn opened(&self) {
@@ -241,6 +330,105 @@ pub fn handle(core: &Rc<ShardCore>, msg: ConnMsg) {
     match msg {
         ConnMsg::Adopt(incoming) => adopt(core, incoming),
         ConnMsg::Close { drained } => close(core, drained),
+        ConnMsg::PauseAccepting { done } => {
+            core.conns.accept_paused.set(true);
+            core.conns.accept_notify.notify_waiters();
+            let _ = done.send(());
+        }
+        ConnMsg::Freeze { done } => freeze(core, done),
+        ConnMsg::Thaw => {
+            core.conns.freezing.set(false);
+            core.conns.accept_paused.set(false);
+            core.conns.accept_notify.notify_waiters();
+        }
+        ConnMsg::Resume(resumed) => resume(core, *resumed),
+    }
+}
+
+/// Stops every connection on this thread for a live upgrade, and reports them once the last
+/// is stopped (or closed). Their replies to other shards' commands have all come back by then
+/// (a connection stops only between batches), and what the departed ones left to release is
+/// posted before the report, so the tables the upgrade takes next are complete.
+fn freeze(core: &Rc<ShardCore>, done: std::sync::mpsc::Sender<Vec<Frozen>>) {
+    let conns = &core.conns;
+    conns.freezing.set(true);
+    conns.freezing_notify.notify_waiters();
+    let live = conns.live.get();
+    let core = core.clone();
+    tokio::task::spawn_local(async move {
+        let conns = &core.conns;
+        while conns.live.get() > 0 && conns.freezing.get() {
+            let drained = conns.drained_notify.notified();
+            let thawed = conns.accept_notify.notified();
+            if conns.live.get() == 0 || !conns.freezing.get() {
+                break;
+            }
+            tokio::select! {
+                _ = drained => {}
+                _ = thawed => {}
+            }
+        }
+        let frozen = std::mem::take(&mut *conns.frozen.borrow_mut());
+        if !conns.freezing.get() {
+            // Called off before every connection stopped: those that did run again here.
+            for resumed in frozen {
+                resume(&core, resumed);
+            }
+            let _ = done.send(Vec::new());
+            return;
+        }
+        core.flush_outbox_now();
+        let closed = live.saturating_sub(frozen.len()) as u64;
+        core.server
+            .upgrades
+            .closed_connections
+            .fetch_add(closed, Ordering::Relaxed);
+        let _ = done.send(frozen);
+    });
+}
+
+/// Serves a carried connection on this thread.
+fn resume(core: &Rc<ShardCore>, resumed: Resumed) {
+    let door = resumed.image.door;
+    let result = match door {
+        crate::upgrade::ConnDoor::Tcp => {
+            let stream = std::net::TcpStream::from(resumed.fd);
+            stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+                .map(|stream| {
+                    tokio::task::spawn_local(crate::connection::resume(
+                        core.clone(),
+                        stream,
+                        resumed.image,
+                        resumed.answer,
+                        resumed.quota,
+                        resumed.admission,
+                        Peer::anonymous(),
+                    ));
+                })
+        }
+        crate::upgrade::ConnDoor::Unix => {
+            let stream = std::os::unix::net::UnixStream::from(resumed.fd);
+            stream
+                .set_nonblocking(true)
+                .and_then(|()| UnixStream::from_std(stream))
+                .map(|stream| {
+                    let peer = Peer::unix(&stream);
+                    tokio::task::spawn_local(crate::connection::resume(
+                        core.clone(),
+                        stream,
+                        resumed.image,
+                        resumed.answer,
+                        resumed.quota,
+                        resumed.admission,
+                        peer,
+                    ));
+                })
+        }
+    };
+    if let Err(e) = result {
+        tracing::warn!(event = "resume_failed", error = %e, "could not serve a carried connection");
     }
 }
 
@@ -355,8 +543,10 @@ pub struct Presence {
     pub label: Option<Arc<str>>,
     /// Shards this connection sent a lock command to: only they can hold its locks.
     pub touched: ShardSet,
-    /// Its place under `--max-connections`, given back when it ends.
-    _admission: Admission,
+    /// Its place under `--max-connections`, given back when it ends (or handed over).
+    admission: Option<Admission>,
+    /// Handed over to a live upgrade's successor: its locks and registry record stay.
+    pub handed_over: bool,
 }
 
 impl Presence {
@@ -379,13 +569,45 @@ impl Presence {
             core,
             label,
             touched,
-            _admission: admission,
+            admission: Some(admission),
+            handed_over: false,
         }
+    }
+
+    /// A connection carried by a live upgrade, under its old id (its registry record came with
+    /// the tables). It may hold locks on any shard.
+    pub fn resume(core: Rc<ShardCore>, conn: ConnId, id_text: &str, admission: Admission) -> Self {
+        let server = &core.server;
+        let label = server.config.verbose.then(|| Arc::<str>::from(id_text));
+        core.conns.opened();
+        let mut touched = ShardSet::new(server.router.shards());
+        for shard in 0..server.router.shards() {
+            touched.insert(shard);
+        }
+        Presence {
+            conn,
+            core,
+            label,
+            touched,
+            admission: Some(admission),
+            handed_over: false,
+        }
+    }
+}
+
+impl Presence {
+    /// Its place under `--max-connections`, for a live upgrade to hand on.
+    pub fn take_admission(&mut self) -> Option<Admission> {
+        self.admission.take()
     }
 }
 
 impl Drop for Presence {
     fn drop(&mut self) {
+        if self.handed_over {
+            self.core.conns.closed();
+            return;
+        }
         let server = &self.core.server;
         // Counted closed before its orphans are posted: a `q` that shows them shows it gone.
         self.core.cell().connections_closed.add(1);

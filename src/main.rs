@@ -17,6 +17,9 @@ use glockd::signals::{Action, Signals};
 use glockd::{Config, Listeners, ServerHandle};
 use tracing::{info, warn};
 
+#[path = "main/upgrade.rs"]
+mod upgrade;
+
 /// Exit status when a file this server must hold alone (the pidfile, the state file) cannot be
 /// had: another server holds it, or it is not a regular file.
 const HELD: u8 = 4;
@@ -34,8 +37,23 @@ fn main() -> ExitCode {
     }
     // Sockets systemd passed (socket activation) are taken first, while the process has one
     // thread: taking them clears LISTEN_FDS and LISTEN_PID from the environment.
+    if std::env::args_os()
+        .nth(1)
+        .is_some_and(|arg| arg == "upgrade")
+    {
+        return upgrade::command();
+    }
+    // Captured before anything can replace the binary: a live upgrade starts the binary at
+    // this path (the new one, once the package manager has put it there) with these flags.
+    let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("glockd"));
+    let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    let handover = upgrade::Handover::from_env();
     let inherited = glockd::doors::Inherited::from_env();
     let mut config = Config::from_args();
+    let mut handover = match handover.map(|h| h.ready(&config)).transpose() {
+        Ok(handover) => handover,
+        Err(e) => return fail(1, &format!("cannot take over: {e}")),
+    };
     // Debug builds only: the binary's tests make ceiling writes slow to show that grants wait
     // for them. A release build never reads this variable.
     #[cfg(debug_assertions)]
@@ -45,7 +63,14 @@ fn main() -> ExitCode {
     {
         config.slow_ceiling_write = Some(std::time::Duration::from_millis(ms));
     }
-    let pidfile = match config.pidfile.as_deref().map(Pidfile::acquire).transpose() {
+    // A live upgrade's successor takes the pidfile once the upgrade commits.
+    let pidfile = match config
+        .pidfile
+        .as_deref()
+        .filter(|_| handover.is_none())
+        .map(Pidfile::acquire)
+        .transpose()
+    {
         Ok(pidfile) => pidfile,
         Err(e) => return fail(HELD, &e),
     };
@@ -68,9 +93,18 @@ fn main() -> ExitCode {
         Err(e) => return fail(1, &format!("cannot install signal handlers: {e}")),
     };
 
+    let inherited = match handover.as_mut() {
+        Some(handover) => handover.listeners(),
+        None => inherited,
+    };
     let listeners = match inherited.and_then(|inherited| Listeners::bind_with(&config, inherited)) {
-        Ok(listeners) => listeners,
-        Err(e) => return fail(1, &format!("cannot start: {e}")),
+        Ok(mut listeners) => {
+            if let Some(handover) = &handover {
+                handover.own_unix(&mut listeners);
+            }
+            listeners
+        }
+        Err(e) => return refuse(handover.as_mut(), &format!("cannot start: {e}")),
     };
     let budget = Budget::measure(fd_limit, &config);
     if budget.connections == 0 {
@@ -101,13 +135,26 @@ fn main() -> ExitCode {
     // The memory budget is worked out once, here, so the start-up line shows the one in force.
     config.max_memory = Some(config.memory_budget());
 
+    config.start_paused = handover.is_some();
     let settings = config.clone();
-    let server = match glockd::start_with_listeners(config, listeners) {
+    let mut server = match glockd::start_with_listeners(config, listeners) {
         Ok(server) => server,
         // Another server holds the state file: refused as a held pidfile is.
         Err(e) if Held::is(&e) => return fail(HELD, &e),
-        Err(e) => return fail(1, &format!("cannot start: {e}")),
+        Err(e) => return refuse(handover.as_mut(), &format!("cannot start: {e}")),
     };
+    let mut pidfile = pidfile;
+    if let Some(handover) = handover.take() {
+        match handover.take_over(&mut server, &settings) {
+            Ok(held) => pidfile = held,
+            Err(e) => {
+                // Nothing of the predecessor's is served here: it carries on (or has gone).
+                // Its sockets must not be shut down from here, so the server is not stopped.
+                std::mem::forget(server);
+                return fail(1, &format!("cannot take over: {e}"));
+            }
+        }
+    }
     if settings.state_file_path().is_none() {
         warn!(
             event = "fencing",
@@ -137,11 +184,26 @@ fn main() -> ExitCode {
             .owned_unix_file()
             .map(|(path, file)| (path.to_owned(), file)),
     };
-    runtime.block_on(serve_until_signalled(server, &mut signals, exit))
+    let upgrade = upgrade::Upgrader {
+        exe,
+        args,
+        pidfile: settings.pidfile.clone(),
+        timeout: std::time::Duration::from_secs(settings.upgrade_timeout),
+    };
+    runtime.block_on(serve_until_signalled(server, &mut signals, exit, upgrade))
 }
 
 /// The exit after a start-up error: the logger's lines first (bounded), then one line straight
 /// to stderr.
+/// A successor that cannot take over says why to its predecessor (which carries on), then
+/// fails as any start does.
+fn refuse(handover: Option<&mut upgrade::Handover>, error: &str) -> ExitCode {
+    if let Some(handover) = handover {
+        handover.refuse(error);
+    }
+    fail(1, &error)
+}
+
 fn fail(status: u8, error: &dyn std::fmt::Display) -> ExitCode {
     logging::finish(logging::FINISH_WITHIN);
     eprintln!("glockd: {error}");
@@ -249,6 +311,16 @@ impl Exit {
     }
 
     /// Ends the process after a clean shutdown (the server already removed its socket).
+    /// A live upgrade committed: the successor serves everything, holds the pidfile and the
+    /// unix socket; this process leaves them all as they are.
+    fn handed_over(self) -> ! {
+        if let Some(pidfile) = self.pidfile {
+            pidfile.keep();
+        }
+        logging::finish(logging::FINISH_WITHIN);
+        std::process::exit(0)
+    }
+
     fn clean(self) -> ExitCode {
         drop(self.pidfile);
         logging::finish(logging::FINISH_WITHIN);
@@ -259,9 +331,10 @@ impl Exit {
 /// Serves until a signal says stop (see [`glockd::signals`]), then shuts down gracefully, or at
 /// once on SIGQUIT or a second stopping signal.
 async fn serve_until_signalled(
-    server: ServerHandle,
+    mut server: ServerHandle,
     signals: &mut Signals,
     exit: Exit,
+    upgrade: upgrade::Upgrader,
 ) -> ExitCode {
     let stopped_by = loop {
         let (name, action) = signals.recv().await;
@@ -276,6 +349,12 @@ async fn serve_until_signalled(
                 exit.now(AT_ONCE);
             }
             Action::Status => log_status(name, Some(&server)),
+            Action::Upgrade => {
+                let held: Vec<_> = exit.pidfile.iter().map(Pidfile::handed).collect();
+                if upgrade.run(&mut server, held) {
+                    exit.handed_over();
+                }
+            }
             Action::Reload => {
                 on_signal(name, Action::Reload, Some(&server));
                 reload_users(&server);
@@ -322,6 +401,11 @@ fn on_signal(name: &'static str, action: Action, server: Option<&ServerHandle>) 
             }
         }
         Action::Ignore => info!(event = "signal", signal = %name, "ignored"),
+        Action::Upgrade => warn!(
+            event = "upgrade_refused",
+            signal = %name,
+            "live upgrade refused: the server is shutting down"
+        ),
         _ => {}
     }
 }

@@ -21,6 +21,18 @@ pub struct Pidfile {
 }
 
 impl Pidfile {
+    /// The pidfile's path and its locked descriptor, to hand a live upgrade's successor.
+    pub fn handed(&self) -> (PathBuf, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        (self.path.clone(), self._file.as_raw_fd())
+    }
+
+    /// Leaves the pidfile in place (a live upgrade's successor holds and rewrites it).
+    /// Called only as the process exits: the descriptor it leaves open goes with the process.
+    pub fn keep(self) {
+        std::mem::forget(self);
+    }
+
     /// Opens (creating if needed) and locks `path`, then writes this process's id into it. A
     /// symbolic link, or anything but a regular file, at `path` is refused and left untouched;
     /// a pidfile locked by another server is an error for which [`crate::files::Held::is`]

@@ -79,6 +79,40 @@ impl Registry {
         );
     }
 
+    /// Every record, for a live upgrade's successor.
+    pub fn export(&self) -> Vec<crate::upgrade::image::RecordImage> {
+        let mut records = Vec::new();
+        for part in self.parts.iter() {
+            let part = part.read().unwrap_or_else(|e| e.into_inner());
+            records.extend(
+                part.iter()
+                    .map(|(&conn, record)| crate::upgrade::image::RecordImage {
+                        conn,
+                        id: record.id.to_vec(),
+                        name: record.name.as_ref().map(|n| n.to_vec()),
+                    }),
+            );
+        }
+        records
+    }
+
+    /// Takes the records a live upgrade's predecessor had (names counted in the budget as
+    /// far as it has room: a name that does not fit is dropped, the connection kept).
+    pub fn import(&self, records: &[crate::upgrade::image::RecordImage]) {
+        for record in records {
+            self.write(record.conn).insert(
+                record.conn,
+                Record {
+                    id: record.id.as_slice().into(),
+                    name: None,
+                },
+            );
+            if let Some(name) = &record.name {
+                self.set_name(record.conn, name);
+            }
+        }
+    }
+
     /// A connection closed.
     pub fn remove(&self, conn: ConnId) {
         let removed = self.write(conn).remove(&conn);

@@ -46,6 +46,10 @@ pub struct ServerHandle {
     metrics: Option<crate::exporter::Endpoint>,
     /// The thread keeping the fencing ceiling ahead of the tokens, with `-state-file`.
     renewer: Option<crate::fencing::Renewer>,
+    /// Duplicates of the listening sockets, to hand a live upgrade's successor.
+    listener_copies: Vec<crate::upgrade::ListenerCopy>,
+    /// When the server started (Unix seconds; a live upgrade's successor keeps it).
+    started_unix: u64,
 }
 
 impl ServerHandle {
@@ -147,6 +151,198 @@ impl ServerHandle {
     /// reason), summed over the shards.
     pub fn outcomes(&self) -> crate::stats::Outcomes {
         self.server.stats.outcomes()
+    }
+
+    /// Live upgrade, the running server's side: starts the successor, stops everything, hands
+    /// it over, and returns once the successor has taken it (the caller then exits without
+    /// releasing anything). On failure everything runs again here, and the error says why.
+    pub fn upgrade(
+        &mut self,
+        request: &crate::upgrade::Request,
+    ) -> Result<crate::upgrade::Summary, String> {
+        use crate::upgrade::{self, wire::Kind};
+        let server = self.server.clone();
+        let stats = &server.upgrades;
+        stats
+            .started
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let started = std::time::Instant::now();
+        let deadline = started + request.timeout;
+        let mut successor = upgrade::spawn(request, deadline)?;
+        let pid = successor.child.id();
+        let closed_before = stats
+            .closed_connections
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // From here no command is answered until the successor (or this server, if it is called
+        // off) serves again.
+        let paused = std::time::Instant::now();
+        let frozen = upgrade::freeze(&server, deadline)?;
+        let taken = match upgrade::take(&server, frozen, deadline, self.started_unix) {
+            Ok(taken) => taken,
+            Err((why, frozen)) => {
+                upgrade::serve_frozen(&server, frozen);
+                return Err(why);
+            }
+        };
+        // The successor renews the fencing ceiling from now on: two renewers would each write
+        // their own.
+        if let Some(mut renewer) = self.renewer.take() {
+            renewer.stop();
+        }
+        let connections = taken.image.conns.len() as u64;
+        let locks: u64 = taken
+            .image
+            .tables
+            .iter()
+            .map(|t| t.exclusive.len() as u64)
+            .sum();
+        let sent = self.send_state(&mut successor, request, &taken, deadline);
+        let outcome = sent.and_then(|()| {
+            successor
+                .channel
+                .expect(Kind::Adopted)
+                .map_err(|e| format!("the new process did not take over: {e}"))?;
+            successor
+                .channel
+                .send(Kind::Commit, b"", &[])
+                .map_err(|e| format!("cannot commit: {e}"))
+        });
+        match outcome {
+            Ok(()) => {
+                successor.committed = true;
+                let pause = paused.elapsed();
+                let total = started.elapsed();
+                Ok(crate::upgrade::Summary {
+                    pid,
+                    pause,
+                    total,
+                    connections,
+                    locks,
+                    closed: stats
+                        .closed_connections
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .saturating_sub(closed_before),
+                })
+            }
+            Err(why) => {
+                // Called off: the successor dies (its copies of the sockets with it) before
+                // anything runs here again.
+                drop(successor);
+                self.take_back(taken);
+                Err(why)
+            }
+        }
+    }
+
+    /// Sends the listeners, the held files, the image and the connections' sockets.
+    fn send_state(
+        &self,
+        successor: &mut crate::upgrade::Successor,
+        request: &crate::upgrade::Request,
+        taken: &crate::upgrade::Taken,
+        deadline: std::time::Instant,
+    ) -> Result<(), String> {
+        use crate::upgrade::{wire::Kind, ListenerCopy, ListenersImage};
+        use std::os::fd::AsRawFd;
+        let channel = &mut successor.channel;
+        channel.set_deadline(deadline).map_err(|e| e.to_string())?;
+        let mut description = ListenersImage::default();
+        let mut fds = Vec::new();
+        for copy in &self.listener_copies {
+            if let ListenerCopy::Tcp(fd) = copy {
+                description.tcp += 1;
+                fds.push(fd.as_raw_fd());
+            }
+        }
+        for copy in &self.listener_copies {
+            if let ListenerCopy::Unix(fd, path, owned) = copy {
+                description.unix = Some((path.clone(), *owned));
+                fds.push(fd.as_raw_fd());
+            }
+        }
+        let held = request
+            .held
+            .iter()
+            .cloned()
+            .chain(self.server.fencing.lock_file());
+        for (path, fd) in held {
+            description.held.push(path);
+            fds.push(fd);
+        }
+        let stats = &self.server.upgrades;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        description.stats = [
+            load(&stats.started),
+            load(&stats.completed) + 1,
+            load(&stats.rolled_back),
+            load(&stats.closed_connections),
+        ];
+        let body = postcard::to_stdvec(&description).map_err(|e| e.to_string())?;
+        let fail = |e: io::Error| format!("the hand-over broke off: {e}");
+        channel.send(Kind::Listeners, &body, &fds).map_err(fail)?;
+        let image = crate::upgrade::image::encode(&taken.image).map_err(fail)?;
+        channel.send(Kind::Image, &image, &[]).map_err(fail)?;
+        for chunk in taken.fds.chunks(crate::upgrade::wire::FDS_PER_MESSAGE) {
+            let raw: Vec<_> = chunk.iter().map(AsRawFd::as_raw_fd).collect();
+            channel.send(Kind::Fds, b"", &raw).map_err(fail)?;
+        }
+        Ok(())
+    }
+
+    /// An upgrade called off after the tables were taken: this server takes its own image back
+    /// and serves on.
+    fn take_back(&mut self, taken: crate::upgrade::Taken) {
+        let server = self.server.clone();
+        server
+            .upgrades
+            .rolled_back
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        match crate::upgrade::restore(&server, taken.image, taken.fds, Some(taken.departures)) {
+            Ok(prepared) => crate::upgrade::serve(&server, prepared),
+            Err(e) => {
+                tracing::error!(event = "upgrade_restore_failed", error = %e, "could not take the state back");
+                crate::upgrade::thaw(&server);
+            }
+        }
+        match server.fencing.start_renewer() {
+            Ok(renewer) => self.renewer = renewer,
+            Err(e) => {
+                tracing::error!(event = "fencing", error = %e, "could not restart the fencing renewer")
+            }
+        }
+    }
+
+    /// Live upgrade, the successor's side: takes the predecessor's image into the tables, and
+    /// prepares its connections (served by [`Self::serve_carried`] once the upgrade commits).
+    pub fn adopt(
+        &self,
+        image: crate::upgrade::ServerImage,
+        fds: Vec<std::os::fd::OwnedFd>,
+    ) -> Result<crate::upgrade::Prepared, String> {
+        crate::upgrade::restore(&self.server, image, fds, None)
+    }
+
+    /// The upgrade committed: serve the carried connections, and accept.
+    pub fn serve_carried(
+        &mut self,
+        prepared: crate::upgrade::Prepared,
+        started_unix: u64,
+        stats: [u64; 4],
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let upgrades = &self.server.upgrades;
+        upgrades.started.store(stats[0], Relaxed);
+        upgrades.completed.store(stats[1], Relaxed);
+        upgrades.rolled_back.store(stats[2], Relaxed);
+        upgrades.closed_connections.store(stats[3], Relaxed);
+        upgrades.carried_locks.store(prepared.locks, Relaxed);
+        upgrades
+            .carried_connections
+            .store(prepared.connections() as u64, Relaxed);
+        if started_unix > 0 {
+            self.started_unix = started_unix;
+        }
+        crate::upgrade::serve(&self.server, prepared);
     }
 
     /// Stops accepting, closes every connection (their locks are released), and waits for the
@@ -278,6 +474,8 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         .map(|l| l.local_addr())
         .collect::<io::Result<Vec<_>>>()?;
 
+    let listener_copies = copy_listeners(&listeners, metrics_listener.as_ref())?;
+
     let (mailboxes, inboxes) = Mailboxes::new(shards);
     let mut state = ServerState::new(
         config,
@@ -327,6 +525,10 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         threads,
         metrics: None,
         renewer,
+        listener_copies,
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
     };
     for _ in 0..shards {
         match ready_rx.recv() {
@@ -345,6 +547,37 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         handle.metrics = Some(crate::exporter::Endpoint::start(server, listener)?);
     }
     Ok(handle)
+}
+
+/// Duplicates every listening socket (they share the socket: the successor of a live upgrade
+/// accepts on the very queue the server did, so no client is refused meanwhile).
+fn copy_listeners(
+    listeners: &Listeners,
+    metrics: Option<&StdTcpListener>,
+) -> io::Result<Vec<crate::upgrade::ListenerCopy>> {
+    use crate::upgrade::ListenerCopy;
+    let mut copies = Vec::new();
+    let tcp = [
+        &listeners.tcp,
+        &listeners.ws,
+        &listeners.tls,
+        &listeners.tls_ws,
+    ]
+    .into_iter()
+    .flatten()
+    .chain(metrics)
+    .chain(listeners.shard_ports.iter());
+    for listener in tcp {
+        copies.push(ListenerCopy::Tcp(listener.try_clone()?.into()));
+    }
+    if let Some((listener, path)) = &listeners.unix {
+        copies.push(ListenerCopy::Unix(
+            listener.try_clone()?.into(),
+            path.clone(),
+            !listeners.unix_inherited,
+        ));
+    }
+    Ok(copies)
 }
 
 /// A shard thread's whole life.
@@ -425,6 +658,15 @@ fn run_shard(
                 }
                 ShardMsg::Conns(msg) => {
                     crate::lifecycle::handle(&core, msg);
+                    Flow::Continue
+                }
+                ShardMsg::Export(done) => {
+                    let _ = done.send(core.export());
+                    Flow::Continue
+                }
+                ShardMsg::Restore(part, done) => {
+                    core.restore(*part);
+                    let _ = done.send(());
                     Flow::Continue
                 }
                 ShardMsg::Stop => Flow::Stop,

@@ -99,6 +99,21 @@ pub struct Session {
     /// Closed for `--auth-max-failures` failed `auth`s: its last reply is in the output, and
     /// the connection ends once that is written.
     auth_closed: bool,
+    /// Its connection can be carried by a live upgrade (plain TCP and unix sockets).
+    carriable: bool,
+    /// Stopped for a live upgrade while it waited: where the wait's answer will come.
+    parked: Option<oneshot::Receiver<Reply>>,
+}
+
+/// What a session hands a live upgrade when its connection is carried.
+pub struct HandedOver {
+    pub conn: crate::ConnId,
+    pub framed: bool,
+    pub user: Option<String>,
+    /// The answer of the wait it was in, if it was in one.
+    pub answer: Option<oneshot::Receiver<Reply>>,
+    pub quota: Option<Arc<Quota>>,
+    pub admission: Option<Admission>,
 }
 
 impl Session {
@@ -136,6 +151,72 @@ impl Session {
             peer,
             users,
             auth_closed: false,
+            carriable: false,
+            parked: None,
+        }
+    }
+
+    /// A session carried by a live upgrade: the same connection id, name and user, and the
+    /// lock allowance counting what it holds.
+    pub fn resume(
+        core: Rc<ShardCore>,
+        image: &crate::upgrade::ConnImage,
+        quota: Option<Arc<Quota>>,
+        admission: Admission,
+        peer: Peer,
+    ) -> Self {
+        let shards = core.server.router.shards();
+        let measure = core.server.measure_latency;
+        let users = core.server.users.as_ref().map(|directory| {
+            let mut gate = Box::new(Gate::new(directory.clone(), &peer));
+            if let Some(user) = &image.user {
+                gate.resume(user);
+            }
+            gate
+        });
+        let limit = core.server.config.max_locks_per_conn;
+        let quota = quota.or_else(|| (limit > 0).then(|| Arc::new(Quota::new(limit))));
+        let presence = Presence::resume(core, image.conn, &image.id_text, admission);
+        Session {
+            quota,
+            presence,
+            slots: Vec::new(),
+            outgoing: (0..shards).map(|_| PendingBatch::default()).collect(),
+            results: vec![Vec::new(); shards],
+            batch_verbs: measure.then_some([0; Verb::COUNT]),
+            framed: image.framed,
+            waited: std::time::Duration::ZERO,
+            peer,
+            users,
+            auth_closed: false,
+            carriable: true,
+            parked: None,
+        }
+    }
+
+    /// Its connection can be carried by a live upgrade: a wait it is in stops for the upgrade
+    /// instead of ending the connection.
+    pub fn set_carriable(&mut self, carriable: bool) {
+        self.carriable = carriable;
+    }
+
+    /// Whether a live upgrade stopped it in a wait.
+    pub fn is_parked(&self) -> bool {
+        self.parked.is_some()
+    }
+
+    /// Hands the session to a live upgrade: its locks and registry record stay (nothing is
+    /// orphaned), for the successor to take over.
+    pub fn hand_over(mut self) -> HandedOver {
+        self.presence.handed_over = true;
+        let user = self.users.as_mut().and_then(|gate| gate.authenticated());
+        HandedOver {
+            conn: self.presence.conn,
+            framed: self.framed,
+            user,
+            answer: self.parked.take(),
+            quota: self.quota.take(),
+            admission: self.presence.take_admission(),
         }
     }
 
@@ -372,7 +453,7 @@ impl Session {
         self.flush(out).await?;
         let (shard, hash) = self.core().server.router.route(name.as_bytes());
         self.presence.touched.insert(shard);
-        let (reply, mut answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let request = WaitRequest {
             conn: self.presence.conn,
             quota: self.quota.clone(),
@@ -394,17 +475,7 @@ impl Session {
         // that comes later, unless it can be granted at once), so the wait ends with an answer
         // and the commands behind it still run. Should the owning shard's thread stop first
         // (the shutdown grace is over), the answer's channel closes.
-        let decided = std::future::poll_fn(|cx| {
-            if let Poll::Ready(result) = Pin::new(&mut answer).poll(cx) {
-                return Poll::Ready(result.ok());
-            }
-            match watch.poll_gone(cx) {
-                Poll::Ready(()) => Poll::Ready(None),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await;
-        match decided {
+        match self.answer_of(answer, watch).await {
             Some(reply) => {
                 self.waited += core.cell().waited(kind, reply, asked);
                 reply.write_to(out);
@@ -412,6 +483,54 @@ impl Session {
             }
             // The client left (dropping `answer` takes it out of the queue), or the owning
             // shard stopped at the end of shutdown's grace.
+            None => Err(Gone),
+        }
+    }
+
+    /// Waits for a wait's answer while `watch` tells whether the client is still there. None:
+    /// the client left, or a live upgrade stopped the wait: a carried connection keeps the
+    /// answer's channel for its successor (see [`Self::is_parked`]); another one ends.
+    async fn answer_of(
+        &mut self,
+        mut answer: oneshot::Receiver<Reply>,
+        watch: &mut dyn PeerWatch,
+    ) -> Option<Reply> {
+        let core = self.presence.core.clone();
+        let mut freezing = std::pin::pin!(core.conns.freezing());
+        let mut frozen = false;
+        let decided = std::future::poll_fn(|cx| {
+            if let Poll::Ready(result) = Pin::new(&mut answer).poll(cx) {
+                return Poll::Ready(result.ok());
+            }
+            if core.conns.is_freezing() || freezing.as_mut().poll(cx).is_ready() {
+                frozen = true;
+                return Poll::Ready(None);
+            }
+            match watch.poll_gone(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            }
+        })
+        .await;
+        if frozen && self.carriable {
+            self.parked = Some(answer);
+        }
+        decided
+    }
+
+    /// A carried connection that was in a wait: waits for its answer (its waiter was queued
+    /// again in the same place) and writes it.
+    pub async fn resume_wait(
+        &mut self,
+        answer: oneshot::Receiver<Reply>,
+        out: &mut Vec<u8>,
+        watch: &mut dyn PeerWatch,
+    ) -> Result<(), Gone> {
+        match self.answer_of(answer, watch).await {
+            Some(reply) => {
+                reply.write_to(out);
+                Ok(())
+            }
             None => Err(Gone),
         }
     }

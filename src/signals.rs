@@ -29,6 +29,7 @@ pub enum Action {
     Status,
     /// Log that it came, and go on.
     Ignore,
+    Upgrade,
     /// Go on without a word: SIGXFSZ comes from a write past the file-size limit (the log file,
     /// say), which then fails instead of killing the server; logging it would only try another
     /// write to that file.
@@ -42,8 +43,8 @@ pub const TABLE: &[(&str, libc::c_int, Action)] = &[
     ("SIGQUIT", libc::SIGQUIT, Action::Quit),
     ("SIGHUP", libc::SIGHUP, Action::Reload),
     ("SIGUSR1", libc::SIGUSR1, Action::Status),
-    // Reserved for a live upgrade (nginx's convention); until then it must not kill the server.
-    ("SIGUSR2", libc::SIGUSR2, Action::Ignore),
+    // A live upgrade (nginx's convention): the binary on disk takes over every connection.
+    ("SIGUSR2", libc::SIGUSR2, Action::Upgrade),
     // The system's ways of saying "stop now, cleanly": a UPS daemon, the soft CPU limit before
     // the hard one kills, an alarm someone set.
     ("SIGPWR", libc::SIGPWR, Action::Shutdown),
@@ -115,7 +116,7 @@ mod tests {
         assert_eq!(action("SIGQUIT"), Some(Action::Quit));
         assert_eq!(action("SIGHUP"), Some(Action::Reload));
         assert_eq!(action("SIGUSR1"), Some(Action::Status));
-        assert_eq!(action("SIGUSR2"), Some(Action::Ignore));
+        assert_eq!(action("SIGUSR2"), Some(Action::Upgrade));
         // Ignored by Rust's runtime; a handler would only add wake-ups.
         assert_eq!(action("SIGPIPE"), None);
     }

@@ -283,6 +283,9 @@ where
     };
     // The handshake's bytes were no message.
     ws.get_ref().took_message();
+    if core.conns.is_freezing() {
+        return; // a live upgrade is stopping this thread: not carried, closed
+    }
     let farewell = Farewell::new(&core, &id);
     let mut session = Session::new(core.clone(), id, admission, peer);
     let reason = run(&core, &mut ws, &mut session).await;
@@ -323,7 +326,7 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
     let mut turn_lines = 0usize;
     let mut turn_bytes = 0usize;
     loop {
-        if core.is_closing() {
+        if core.is_closing() || core.conns.is_freezing() {
             return Disconnect::Shutdown;
         }
         // What the connection's own buffers hold; `next_message` adds what the library holds
@@ -355,6 +358,8 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
         let message = tokio::select! {
             message = next => message,
             _ = core.conns.closing() => return Disconnect::Shutdown,
+            // Websockets are not carried by a live upgrade: they close as at shutdown.
+            _ = core.conns.freezing() => return Disconnect::Shutdown,
         };
         let data = match message {
             Err(Disconnect::ClientBuffers) => {

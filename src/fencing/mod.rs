@@ -29,7 +29,7 @@
 //! file included, is refused at start: guessing would risk handing out a token twice.
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -211,6 +211,11 @@ impl Fencing {
         }
     }
 
+    /// The state file's lock (`PATH.lock`) and its path, to hand a live upgrade's successor.
+    pub fn lock_file(&self) -> Option<(PathBuf, std::os::fd::RawFd)> {
+        self.file.as_ref().map(StateFile::lock_file)
+    }
+
     /// The durable ceiling, if there is a state file.
     pub fn ceiling(&self) -> Option<u64> {
         self.file
@@ -325,6 +330,8 @@ impl Fencing {
         if self.file.is_none() {
             return Ok(None);
         }
+        // A renewer stopped for a live upgrade that was called off starts again.
+        self.signals().stopping = false;
         let fencing = self.clone();
         let thread = std::thread::Builder::new()
             .name("glockd-fencing".into())

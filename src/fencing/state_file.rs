@@ -27,6 +27,14 @@ pub(super) struct StateFile {
 }
 
 impl StateFile {
+    /// `PATH.lock`'s path and descriptor.
+    pub(super) fn lock_file(&self) -> (PathBuf, std::os::fd::RawFd) {
+        use std::os::fd::AsRawFd;
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".lock");
+        (PathBuf::from(name), self._lock.as_raw_fd())
+    }
+
     /// Takes the state file at `path` for this server: locks `PATH.lock` (creating it), or
     /// fails if another server holds it. The state file itself is not read yet.
     pub(super) fn open(path: &Path, slow_write: Option<Duration>) -> io::Result<Self> {

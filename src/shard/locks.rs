@@ -129,7 +129,7 @@ impl ShardCore {
     /// stats cell after every change, so `q` never waits on a mailbox, and only then are the
     /// waiters the change answered told, so what they read next (`q`) includes it.
     #[inline]
-    fn with_table<R>(&self, change: impl FnOnce(&mut ShardTable) -> R) -> R {
+    pub(super) fn with_table<R>(&self, change: impl FnOnce(&mut ShardTable) -> R) -> R {
         let mut table = self.table.borrow_mut();
         let guard = AbortOnPanic;
         let result = change(&mut table);
@@ -467,6 +467,24 @@ impl ShardCore {
                 };
                 // A stopped shard is a server shutting down; the connections waiting on it see
                 // their reply channels close.
+                let _ = self.server.post_locks(shard, msg);
+            }
+        }
+    }
+
+    /// Sends what this thread's connections queued for other shards now, without waiting for
+    /// the task that usually does (a live upgrade wants it posted before it goes on).
+    pub fn flush_outbox_now(&self) {
+        let queued: Vec<Vec<Outgoing>> = {
+            let mut outbox = self.outbox.borrow_mut();
+            outbox.iter_mut().map(std::mem::take).collect()
+        };
+        for (shard, batches) in queued.into_iter().enumerate() {
+            if !batches.is_empty() {
+                let msg = LockMsg::Batches {
+                    origin: self.id,
+                    batches,
+                };
                 let _ = self.server.post_locks(shard, msg);
             }
         }

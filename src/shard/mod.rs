@@ -7,6 +7,7 @@
 //! [`crate::lifecycle`]. The thread's loop that hands each message to one or the other is in
 //! [`crate::server`], so this module never calls into the doors that feed it.
 
+pub mod handover;
 pub mod locks;
 
 use std::cell::RefCell;
@@ -40,6 +41,10 @@ pub enum ShardMsg {
     Replies(Replies),
     /// A connection's life on this thread: adopt a new one, or close them all.
     Conns(ConnMsg),
+    /// Live upgrade: give up this shard's table (its connections are stopped already).
+    Export(std::sync::mpsc::Sender<handover::Exported>),
+    /// Live upgrade: take in this part of the state; say so on the channel when done.
+    Restore(Box<handover::TablePart>, std::sync::mpsc::Sender<()>),
     /// Shutdown, last step: leave the mailbox loop.
     Stop,
 }
@@ -74,6 +79,8 @@ pub struct ServerState {
     pub tls: Option<Arc<crate::tls::Tls>>,
     /// The users file in force (`-users`); None: no users, every client may do anything.
     pub users: Option<Arc<crate::users::Directory>>,
+    /// Live upgrades so far (continued from the predecessor's).
+    pub upgrades: crate::upgrade::UpgradeStats,
 }
 
 impl ServerState {
@@ -110,7 +117,40 @@ impl ServerState {
             shard_ports,
             tls: None,
             users: None,
+            upgrades: Default::default(),
         }
+    }
+
+    /// The id the next connection will get (a live upgrade's successor goes on from it).
+    pub fn peek_next_conn(&self) -> ConnId {
+        self.next_conn.load(Ordering::Relaxed)
+    }
+
+    /// Unix socket connections so far.
+    pub fn unix_connections(&self) -> u64 {
+        self.unix_connections.load(Ordering::Relaxed)
+    }
+
+    /// A live upgrade's successor: goes on from the predecessor's connection ids and counters,
+    /// so `q` continues where it was.
+    pub fn continue_counters(
+        &self,
+        counters: &crate::upgrade::image::CountersImage,
+        next_conn: ConnId,
+        unix_connections: u64,
+    ) {
+        self.next_conn.fetch_max(next_conn, Ordering::Relaxed);
+        self.unix_connections
+            .fetch_max(unix_connections, Ordering::Relaxed);
+        let cell = self.stats.cell(0);
+        for (counter, n) in cell.commands.iter().zip(&counters.commands) {
+            counter.add(*n);
+        }
+        cell.invalid_commands.add(counters.invalid_commands);
+        cell.connections_opened.add(counters.connections_opened);
+        cell.connections_closed.add(counters.connections_closed);
+        cell.orphans.add(counters.orphans);
+        cell.shared_orphans.add(counters.shared_orphans);
     }
 
     /// The same state, serving the TLS doors with `tls`.
@@ -170,6 +210,11 @@ pub struct ShardCore {
 
 impl ShardCore {
     pub fn new(id: usize, server: Arc<ServerState>) -> Self {
+        let conns = ThreadConns::default();
+        if server.config.start_paused {
+            // A live upgrade's successor accepts only once the upgrade commits.
+            conns.set_accept_paused(true);
+        }
         ShardCore {
             id,
             table: RefCell::new(ShardTable::with_budget(
@@ -188,7 +233,7 @@ impl ShardCore {
             last_work: std::cell::Cell::new(std::time::Instant::now()),
             working: Notify::new(),
             server,
-            conns: ThreadConns::default(),
+            conns,
         }
     }
 

@@ -120,6 +120,11 @@ impl Quota {
         self.held().saturating_add(pending as u64) >= self.limit
     }
 
+    /// A live upgrade's successor: the connection holds `held` locks already.
+    pub fn restore_held(&self, held: u64) {
+        self.held.store(held, Ordering::Release);
+    }
+
     /// Locks held now.
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Acquire)

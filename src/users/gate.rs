@@ -136,6 +136,25 @@ impl Gate {
     /// Runs `auth USER TOKEN`: on success the connection is that user from now on and the
     /// failure count starts again; on failure the connection stays who it was, and the count
     /// of failures in a row (returned in the error) goes up.
+    /// The user this connection authenticated as with `auth` (not one its door mapped, which
+    /// the successor of a live upgrade maps again), to carry across the upgrade.
+    pub fn authenticated(&mut self) -> Option<String> {
+        if self.by_peer {
+            return None;
+        }
+        self.user().map(|user| user.name.to_string())
+    }
+
+    /// After a live upgrade: the connection is `name` again, as it was before, if the users
+    /// file in force still has that user.
+    pub fn resume(&mut self, name: &str) {
+        if let Some(user) = self.directory.current().by_name(name.as_bytes()) {
+            self.seen = self.directory.generation();
+            self.user = Some(user);
+            self.by_peer = false;
+        }
+    }
+
     pub fn authenticate(&mut self, user: &[u8], token: &[u8]) -> Result<Arc<str>, u32> {
         // The generation before the users: a reload in between is seen at the next command.
         let generation = self.directory.generation();

@@ -1,0 +1,337 @@
+//! Live upgrades, end to end: the built binary, copied to a scratch directory and replaced
+//! there as a package manager would, is asked for an upgrade (`glockd upgrade`, SIGUSR2) while
+//! clients hold locks on TCP and the unix socket, wait in queues, pipeline, and use a rate
+//! limiter; after it every connection is still open with the same locks and tokens, and the
+//! waiters are served in order. Each step of the hand-over is also made to fail in turn: the
+//! running server then carries on with everything.
+
+mod process;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use process::{ask, free_port, temp_dir, wait_until_listening};
+
+/// A line-protocol client that keeps its connection.
+struct Client<S: Read + Write> {
+    reader: BufReader<S>,
+}
+
+impl Client<TcpStream> {
+    fn tcp(port: u16) -> Self {
+        let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+}
+
+impl Client<UnixStream> {
+    fn unix(path: &Path) -> Self {
+        let stream = UnixStream::connect(path).expect("connect unix");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        Client {
+            reader: BufReader::new(stream),
+        }
+    }
+}
+
+impl<S: Read + Write> Client<S> {
+    fn send(&mut self, line: &str) {
+        let stream = self.reader.get_mut();
+        stream.write_all(line.as_bytes()).expect("write");
+        stream.write_all(b"\n").expect("write");
+    }
+
+    fn line(&mut self) -> String {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("read a reply");
+        assert!(line.ends_with('\n'), "connection closed: {line:?}");
+        line.trim_end().to_owned()
+    }
+
+    fn ask(&mut self, line: &str) -> String {
+        self.send(line);
+        self.line()
+    }
+}
+
+/// A server started from a copy of the binary that the test can replace.
+struct Server {
+    dir: PathBuf,
+    exe: PathBuf,
+    port: u16,
+    child: Child,
+}
+
+impl Server {
+    fn start(tag: &str, extra: &[&str]) -> Server {
+        let dir = temp_dir("upgrade", tag);
+        let exe = dir.join("glockd");
+        std::fs::copy(env!("CARGO_BIN_EXE_glockd"), &exe).expect("copy the binary");
+        let port = free_port();
+        let mut child = Command::new(&exe)
+            .args([
+                "-bind",
+                "127.0.0.1",
+                "-ws",
+                "0",
+                "-metrics",
+                "off",
+                "-shards",
+                "2",
+            ])
+            .args(["-port", &port.to_string()])
+            .arg("-unix")
+            .arg(dir.join("glockd.sock"))
+            .arg("-pidfile")
+            .arg(dir.join("glockd.pid"))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start glockd");
+        wait_until_listening(&mut child);
+        Server {
+            dir,
+            exe,
+            port,
+            child,
+        }
+    }
+
+    fn pidfile(&self) -> PathBuf {
+        self.dir.join("glockd.pid")
+    }
+
+    fn pid(&self) -> u32 {
+        std::fs::read_to_string(self.pidfile())
+            .expect("pidfile")
+            .trim()
+            .parse()
+            .expect("a pid")
+    }
+
+    /// Puts a new copy of the binary in place of the old one (a new file, as a package
+    /// manager's rename does).
+    fn replace_binary(&self) {
+        let next = self.dir.join("glockd.next");
+        std::fs::copy(env!("CARGO_BIN_EXE_glockd"), &next).expect("copy");
+        std::fs::rename(&next, &self.exe).expect("replace the binary");
+    }
+
+    /// `glockd upgrade -pidfile F FLAGS…`: its exit success and what it printed.
+    fn upgrade(&self, flags: &[&str]) -> (bool, String) {
+        let out = Command::new(&self.exe)
+            .arg("upgrade")
+            .arg("-pidfile")
+            .arg(self.pidfile())
+            .args(flags)
+            .output()
+            .expect("run glockd upgrade");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+
+    fn unix_path(&self) -> PathBuf {
+        self.dir.join("glockd.sock")
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // The process serving now may be a successor (not our child): stop whichever it is.
+        if let Ok(text) = std::fs::read_to_string(self.pidfile()) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// What every test holds across an upgrade: a named holder of exclusive and shared locks on
+/// TCP with a fencing token, a unix socket holder, a waiter queued behind the first holder, and
+/// a rate limiter used up.
+struct Holdings {
+    alice: Client<TcpStream>,
+    unix: Client<UnixStream>,
+    waiter: Client<TcpStream>,
+    token: String,
+    tag: String,
+}
+
+impl Holdings {
+    fn take(server: &Server, tag: &str) -> Holdings {
+        let mut alice = Client::tcp(server.port);
+        assert_eq!(alice.ask("iam alice"), "1 ok");
+        assert_eq!(alice.ask(&format!("g a{tag}")), "1 Got Lock");
+        let token = alice.ask(&format!("gt b{tag}"));
+        assert!(token.starts_with("1 "), "{token}");
+        assert!(alice.ask(&format!("sg s{tag}")).starts_with("1"));
+        for _ in 0..3 {
+            assert!(alice
+                .ask(&format!("rl r{tag} 3 1 3600000"))
+                .starts_with("1"));
+        }
+        assert!(alice
+            .ask(&format!("rl r{tag} 3 1 3600000"))
+            .starts_with("0"));
+        let mut unix = Client::unix(&server.unix_path());
+        assert_eq!(unix.ask(&format!("g u{tag}")), "1 Got Lock");
+        let mut waiter = Client::tcp(server.port);
+        waiter.send(&format!("gw 600000 a{tag}"));
+        waiter.send(&format!("i u{tag}"));
+        // The wait is queued once another client sees it in the listing.
+        let until = Instant::now() + Duration::from_secs(10);
+        while !ask(server.port, "q\n").contains("lock_waiters: 1") {
+            assert!(Instant::now() < until, "the waiter never queued");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Holdings {
+            alice,
+            unix,
+            waiter,
+            token,
+            tag: tag.to_owned(),
+        }
+    }
+
+    /// Everything is as it was: the same locks with the same token, the same name, the waiter
+    /// still waiting (and served when the lock is released), the limiter still used up.
+    fn check(mut self, server: &Server) {
+        let tag = self.tag.clone();
+        let token = self.token.trim_start_matches("1 ").to_owned();
+        assert_eq!(self.alice.ask(&format!("t b{tag}")), format!("1 {token}"));
+        assert_eq!(self.alice.ask("me"), "alice");
+        assert!(
+            self.alice
+                .ask(&format!("rl r{tag} 3 1 3600000"))
+                .starts_with("0"),
+            "limiter reset"
+        );
+        assert_eq!(self.unix.ask(&format!("i u{tag}")), "1 Locked");
+        assert_eq!(
+            ask(server.port, &format!("g u{tag}\n")),
+            "0 Cannot Get Lock\n"
+        );
+        // The waiter is still queued: releasing the lock serves it.
+        assert_eq!(self.alice.ask(&format!("r a{tag}")), "1 Released Lock");
+        assert_eq!(self.waiter.line(), "1 Got Lock");
+        assert_eq!(self.waiter.line(), "1 Locked");
+    }
+}
+
+/// A client pipelining numbered commands through the upgrade: every reply comes, once, in
+/// order.
+fn pipeline_through(port: u16, rounds: usize) -> std::thread::JoinHandle<()> {
+    let mut client = Client::tcp(port);
+    std::thread::spawn(move || {
+        for round in 0..rounds {
+            let mut batch = String::new();
+            for k in 0..50 {
+                batch.push_str(&format!("g p{round}-{k}\nr p{round}-{k}\n"));
+            }
+            client
+                .reader
+                .get_mut()
+                .write_all(batch.as_bytes())
+                .expect("write");
+            for k in 0..50 {
+                assert_eq!(client.line(), "1 Got Lock", "round {round} command {k}");
+                assert_eq!(
+                    client.line(),
+                    "1 Released Lock",
+                    "round {round} command {k}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    })
+}
+
+#[test]
+fn an_upgrade_keeps_every_connection_lock_and_waiter_and_may_change_the_shard_count() {
+    let mut server = Server::start("carry", &[]);
+    let old_pid = server.pid();
+    let holdings = Holdings::take(&server, "1");
+    let before = ask(server.port, "q\n");
+    let pipeline = pipeline_through(server.port, 200);
+    std::thread::sleep(Duration::from_millis(50));
+    server.replace_binary();
+    let (ok, said) = server.upgrade(&["-shards", "3"]);
+    assert!(ok, "{said}");
+    assert!(said.starts_with("upgraded: pid"), "{said}");
+    pipeline.join().expect("pipelined replies in order");
+    // The old process is gone (cleanly), a new one serves, with three shards now.
+    let status = server.child.wait().expect("the old process exits");
+    assert!(status.success(), "{status:?}");
+    assert_ne!(server.pid(), old_pid);
+    assert!(ask(server.port, "shards\n").starts_with("3"), "shards");
+    holdings.check(&server);
+    // `q` went on from where it was.
+    let after = ask(server.port, "q\n");
+    let total = |q: &str| -> u64 {
+        q.lines()
+            .find_map(|l| l.strip_prefix("connections_total: "))
+            .and_then(|n| n.trim().parse().ok())
+            .expect("connections_total")
+    };
+    assert!(total(&after) >= total(&before), "{before}\n{after}");
+    // And a second upgrade in a row works too, back to two shards.
+    let holdings = Holdings::take(&server, "2");
+    let (ok, said) = server.upgrade(&["-shards", "2"]);
+    assert!(ok, "{said}");
+    holdings.check(&server);
+}
+
+#[test]
+fn a_failed_upgrade_at_any_step_leaves_the_running_server_with_everything() {
+    let server = Server::start("fail", &["-upgrade-timeout", "3"]);
+    let pid = server.pid();
+    for step in ["ready", "listeners", "image", "adopt", "refuse", "hang"] {
+        let holdings = Holdings::take(&server, step);
+        let (ok, said) = server.upgrade(&["-upgrade-fail-at", step]);
+        assert!(!ok, "{step}: {said}");
+        assert!(said.contains("called off"), "{step}: {said}");
+        assert_eq!(server.pid(), pid, "{step}");
+        holdings.check(&server);
+        assert_eq!(
+            ask(server.port, &format!("g new-{step}\n")),
+            "1 Got Lock\n",
+            "{step}"
+        );
+    }
+    // A later upgrade succeeds.
+    let holdings = Holdings::take(&server, "last");
+    let (ok, said) = server.upgrade(&[]);
+    assert!(ok, "{said}");
+    holdings.check(&server);
+}
+
+#[test]
+fn an_upgrade_asked_while_one_is_in_progress_is_refused() {
+    let server = Server::start("busy", &[]);
+    std::fs::write(server.dir.join("glockd.pid.upgrade"), b"").expect("marker");
+    let (ok, said) = server.upgrade(&[]);
+    assert!(!ok);
+    assert!(said.contains("already in progress"), "{said}");
+}

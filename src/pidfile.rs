@@ -6,7 +6,7 @@
 //! writing its pid over whatever file a planted link points at (see [`crate::files`]).
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 
 use crate::files::FileId;
@@ -40,6 +40,9 @@ impl Pidfile {
     pub fn acquire(path: &Path) -> io::Result<Pidfile> {
         let (mut file, id) = crate::files::lock_exclusive(path, "pidfile")?;
         file.set_len(0)?;
+        // From the start: a file handed over by a live upgrade shares its offset with the
+        // predecessor's writes.
+        file.seek(std::io::SeekFrom::Start(0))?;
         write!(file, "{}", std::process::id())?;
         file.flush()?;
         Ok(Pidfile {

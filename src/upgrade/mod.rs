@@ -498,12 +498,16 @@ impl Prepared {
 /// Connections stopped by an upgrade called off before the tables were taken: they run again
 /// where they stopped, and the server accepts again.
 pub fn serve_frozen(server: &Arc<ServerState>, frozen: Vec<Frozen>) {
-    resume_locally(server, frozen);
+    // Thawed first: a connection served on a thread still freezing would stop at once.
     thaw(server);
+    resume_locally(server, frozen);
 }
 
 /// Serves the prepared connections (dealt to the shards in turn) and accepts again.
 pub fn serve(server: &Arc<ServerState>, prepared: Prepared) {
+    // Thawed first: a connection served on a thread still freezing would stop at once. (The
+    // tables are in place, so a new client cannot take a carried connection's lock.)
+    thaw(server);
     let shards = server.mailboxes.len();
     for (k, resumed) in prepared.conns.into_iter().enumerate() {
         let _ = server.mailboxes.post(

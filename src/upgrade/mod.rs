@@ -244,12 +244,15 @@ pub fn thaw(server: &ServerState) {
     }
 }
 
+/// Per shard, the connections gone whose locks it had still to release.
+pub type Departures = Vec<Vec<(ConnId, Arc<Departure>)>>;
+
 /// What the running server holds once everything is stopped and taken: the image to send, the
 /// connections' sockets in the image's order, and the departures kept alive meanwhile.
 pub struct Taken {
     pub image: ServerImage,
     pub fds: Vec<OwnedFd>,
-    pub departures: Vec<Vec<(ConnId, Arc<Departure>)>>,
+    pub departures: Departures,
 }
 
 /// Takes every shard's table and builds the image, once every connection is stopped.
@@ -349,7 +352,7 @@ pub fn restore(
     server: &Arc<ServerState>,
     image: ServerImage,
     fds: Vec<OwnedFd>,
-    own: Option<Vec<Vec<(ConnId, Arc<Departure>)>>>,
+    own: Option<Departures>,
 ) -> Result<Prepared, String> {
     if fds.len() != image.conns.len() {
         return Err(format!(

@@ -352,6 +352,9 @@ impl ServerHandle {
     }
 
     fn stop(&mut self) {
+        // The duplicates kept for a live upgrade would keep the doors open once the accept
+        // loops let theirs go: shutdown closes the doors at once.
+        self.listener_copies.clear();
         if let Some(metrics) = &mut self.metrics {
             metrics.stop();
         }

@@ -202,9 +202,13 @@ impl ServerHandle {
                 .channel
                 .expect(Kind::Adopted)
                 .map_err(|e| format!("the new process did not take over: {e}"))?;
+            // The commit carries the pause and the whole time, for the successor's metrics.
+            let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+            let times = [micros(paused.elapsed()), micros(started.elapsed())];
+            let body = postcard::to_stdvec(&times).unwrap_or_default();
             successor
                 .channel
-                .send(Kind::Commit, b"", &[])
+                .send(Kind::Commit, &body, &[])
                 .map_err(|e| format!("cannot commit: {e}"))
         });
         match outcome {
@@ -328,9 +332,12 @@ impl ServerHandle {
         prepared: crate::upgrade::Prepared,
         started_unix: u64,
         stats: [u64; 4],
+        times_us: [u64; 2],
     ) {
         use std::sync::atomic::Ordering::Relaxed;
         let upgrades = &self.server.upgrades;
+        upgrades.last_pause_us.store(times_us[0], Relaxed);
+        upgrades.last_total_us.store(times_us[1], Relaxed);
         upgrades.started.store(stats[0], Relaxed);
         upgrades.completed.store(stats[1], Relaxed);
         upgrades.rolled_back.store(stats[2], Relaxed);

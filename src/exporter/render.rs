@@ -214,6 +214,30 @@ impl Exporter {
                  -state-file)."
             );
             describe_counter!(
+                "glockd_upgrades_total",
+                "Live upgrades by result: started, completed (counted by the new process, which \
+                 goes on from the old one's figures) and rolled_back (called off: the running \
+                 server carried on)."
+            );
+            describe_gauge!(
+                "glockd_upgrade_last_pause_seconds",
+                "The last completed live upgrade's pause: from stopping the connections to the \
+                 new process's commit."
+            );
+            describe_gauge!(
+                "glockd_upgrade_last_seconds",
+                "The last completed live upgrade's whole hand-over, from starting the new binary."
+            );
+            describe_gauge!(
+                "glockd_upgrade_carried",
+                "What the last completed live upgrade carried: connections and exclusive locks."
+            );
+            describe_counter!(
+                "glockd_upgrade_closed_connections_total",
+                "TLS and websocket connections closed by live upgrades (not carried; their locks \
+                 released)."
+            );
+            describe_counter!(
                 "glockd_fencing_ceiling_writes_total",
                 "Fencing token ceilings written and synced to the state file."
             );
@@ -353,6 +377,24 @@ impl Exporter {
             gauge!("glockd_fencing_ceiling").set(fencing.ceiling().unwrap_or(0) as f64);
             counter!("glockd_fencing_ceiling_writes_total").absolute(fencing.writes());
             counter!("glockd_fencing_ceiling_write_errors_total").absolute(fencing.write_errors());
+            let upgrades = &self.server.upgrades;
+            let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+            for (result, count) in [
+                ("started", load(&upgrades.started)),
+                ("completed", load(&upgrades.completed)),
+                ("rolled_back", load(&upgrades.rolled_back)),
+            ] {
+                counter!("glockd_upgrades_total", "result" => result).absolute(count);
+            }
+            gauge!("glockd_upgrade_last_pause_seconds")
+                .set(load(&upgrades.last_pause_us) as f64 / 1e6);
+            gauge!("glockd_upgrade_last_seconds").set(load(&upgrades.last_total_us) as f64 / 1e6);
+            gauge!("glockd_upgrade_carried", "what" => "connections")
+                .set(load(&upgrades.carried_connections) as f64);
+            gauge!("glockd_upgrade_carried", "what" => "locks")
+                .set(load(&upgrades.carried_locks) as f64);
+            counter!("glockd_upgrade_closed_connections_total")
+                .absolute(load(&upgrades.closed_connections));
             counter!("glockd_log_dropped_total").absolute(crate::logging::dropped_lines());
             counter!("glockd_metrics_connections_refused_total")
                 .absolute(self.refused.load(Ordering::Relaxed));

@@ -271,9 +271,11 @@ impl Handover {
             .send(Kind::Adopted, b"", &[])
             .map_err(|e| e.to_string())?;
         // The predecessor may still call it off (it then kills this process).
-        self.channel
+        let commit = self
+            .channel
             .expect(Kind::Commit)
             .map_err(|e| format!("the running server did not commit: {e}"))?;
+        let times: [u64; 2] = postcard::from_bytes(&commit.body).unwrap_or_default();
         let pidfile = config
             .pidfile
             .as_deref()
@@ -282,7 +284,7 @@ impl Handover {
             .map_err(|e| e.to_string())?;
         let connections = prepared.connections();
         let locks = prepared.locks;
-        server.serve_carried(prepared, started_unix, self.stats);
+        server.serve_carried(prepared, started_unix, self.stats, times);
         info!(
             event = "upgraded",
             connections,

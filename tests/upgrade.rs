@@ -346,3 +346,19 @@ fn an_upgrade_asked_while_one_is_in_progress_is_refused() {
     assert!(!ok);
     assert!(said.contains("already in progress"), "{said}");
 }
+
+#[test]
+fn sigusr2_upgrades_as_the_command_does() {
+    let mut server = Server::start("signal", &[]);
+    let old_pid = server.pid();
+    let holdings = Holdings::take(&server, "sig");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_pid as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .expect("signal");
+    let status = server.child.wait().expect("the old process exits");
+    assert!(status.success(), "{status:?}");
+    assert_ne!(server.pid(), old_pid);
+    holdings.check(&server);
+}

@@ -928,8 +928,7 @@ where
         // While replies pile up, input is still read (up to the read-ahead) to see whether the
         // client keeps sending; otherwise only once the lines read so far have run.
         let want_read = !eof && (backlogged || !more) && buffers.input.pending() <= read_ahead;
-        let mut closing = pin!(core.conns.closing());
-        let mut freezing = pin!(core.conns.freezing());
+        let mut stopping = pin!(core.conns.stopping());
         let event = std::future::poll_fn(|cx| {
             let mut event = Event::default();
             match buffers.poll_write_out(stream, cx) {
@@ -970,8 +969,7 @@ where
                     Poll::Pending => {}
                 }
             }
-            event.closing =
-                closing.as_mut().poll(cx).is_ready() || freezing.as_mut().poll(cx).is_ready();
+            event.closing = stopping.as_mut().poll(cx).is_ready();
             event.idle = poll_timer(&mut idle, cx);
             event.stalled = poll_timer(&mut stall, cx);
             event.unfinished = poll_timer(&mut unfinished.timer, cx);

@@ -377,13 +377,14 @@ pub async fn accept_loop(core: Rc<ShardCore>, door: Door) {
             // serves next.
             tokio::select! {
                 _ = core.conns.accept_changed() => continue,
-                _ = core.conns.closing() => return,
+                // Shutdown (checked above), or a freeze (the pause goes on).
+                _ = core.conns.stopping() => continue,
             }
         }
         let accepted = tokio::select! {
             biased;
             _ = core.conns.accept_changed() => continue,
-            _ = core.conns.closing() => return,
+            _ = core.conns.stopping() => continue,
             accepted = door.accept() => accepted,
         };
         let accepted = match accepted {

@@ -252,16 +252,15 @@ pub enum ConnMsg {
 pub struct ThreadConns {
     /// Set once shutdown begins: connections answer what they read, then close.
     closing: Cell<bool>,
-    /// Wakes connections (and the accept loop) when `closing` is set.
-    closing_notify: Notify,
+    /// Wakes connections (and the accept loops) when `closing` or `freezing` is set: one
+    /// wake-up for both, so a connection waiting for I/O registers one waiter, not two.
+    stopping_notify: Notify,
     /// Connections living on this thread.
     live: Cell<usize>,
     /// Wakes the shutdown drain when `live` drops to zero.
     drained_notify: Notify,
     /// A live upgrade stops this thread's connections (see [`ConnMsg::Freeze`]).
     freezing: Cell<bool>,
-    /// Wakes connections when `freezing` is set.
-    freezing_notify: Notify,
     /// The accept loops wait while this is set (see [`ConnMsg::PauseAccepting`]).
     accept_paused: Cell<bool>,
     /// Wakes the accept loops when `accept_paused` changes.
@@ -276,20 +275,16 @@ impl ThreadConns {
         self.closing.get()
     }
 
-    /// Completes when shutdown begins (check [`Self::is_closing`] first: this only sees the
-    /// start of shutdown if it happens after the call).
-    pub fn closing(&self) -> tokio::sync::futures::Notified<'_> {
-        self.closing_notify.notified()
+    /// Completes when shutdown or a live upgrade's freeze begins (check [`Self::is_closing`]
+    /// and [`Self::is_freezing`] first: this only sees a start that happens after the call,
+    /// and says neither which one it was).
+    pub fn stopping(&self) -> tokio::sync::futures::Notified<'_> {
+        self.stopping_notify.notified()
     }
 
     /// Whether a live upgrade is stopping this thread's connections.
     pub fn is_freezing(&self) -> bool {
         self.freezing.get()
-    }
-
-    /// Completes when a freeze begins (check [`Self::is_freezing`] first).
-    pub fn freezing(&self) -> tokio::sync::futures::Notified<'_> {
-        self.freezing_notify.notified()
     }
 
     /// Whether the accept loops are paused for a live upgrade.
@@ -352,7 +347,7 @@ pub fn handle(core: &Rc<ShardCore>, msg: ConnMsg) {
 fn freeze(core: &Rc<ShardCore>, done: std::sync::mpsc::Sender<Vec<Frozen>>) {
     let conns = &core.conns;
     conns.freezing.set(true);
-    conns.freezing_notify.notify_waiters();
+    conns.stopping_notify.notify_waiters();
     let live = conns.live.get();
     let core = core.clone();
     tokio::task::spawn_local(async move {
@@ -498,7 +493,7 @@ fn close(core: &Rc<ShardCore>, drained: std::sync::mpsc::Sender<()>) {
     // Waiters are answered (timed out) before their connections are told to finish up, so a
     // connection on this thread finds its answer as soon as it looks.
     core.expire_waits();
-    conns.closing_notify.notify_waiters();
+    conns.stopping_notify.notify_waiters();
     let core = core.clone();
     tokio::task::spawn_local(async move {
         let conns = &core.conns;

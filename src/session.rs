@@ -376,10 +376,14 @@ impl Session {
                 let delay = std::time::Duration::from_millis(config.auth_fail_delay_ms);
                 if !delay.is_zero() && !core.is_closing() {
                     let started = std::time::Instant::now();
-                    let closing = core.conns.closing();
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = closing => {}
+                    // Cut short by shutdown only: a live upgrade does not shorten the penalty.
+                    let penalty = tokio::time::sleep(delay);
+                    tokio::pin!(penalty);
+                    loop {
+                        tokio::select! {
+                            _ = &mut penalty => break,
+                            _ = core.conns.stopping() => if core.is_closing() { break },
+                        }
                     }
                     // The delay is a penalty, not the command's latency: left out of it, as
                     // lock waits are.
@@ -496,13 +500,15 @@ impl Session {
         watch: &mut dyn PeerWatch,
     ) -> Option<Reply> {
         let core = self.presence.core.clone();
-        let mut freezing = std::pin::pin!(core.conns.freezing());
+        let mut stopping = std::pin::pin!(core.conns.stopping());
         let mut frozen = false;
         let decided = std::future::poll_fn(|cx| {
             if let Poll::Ready(result) = Pin::new(&mut answer).poll(cx) {
                 return Poll::Ready(result.ok());
             }
-            if core.conns.is_freezing() || freezing.as_mut().poll(cx).is_ready() {
+            // Registers for the wake-up; shutdown itself answers the waiter (timed out).
+            let _ = stopping.as_mut().poll(cx);
+            if core.conns.is_freezing() {
                 frozen = true;
                 return Poll::Ready(None);
             }

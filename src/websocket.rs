@@ -357,9 +357,8 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
         };
         let message = tokio::select! {
             message = next => message,
-            _ = core.conns.closing() => return Disconnect::Shutdown,
             // Websockets are not carried by a live upgrade: they close as at shutdown.
-            _ = core.conns.freezing() => return Disconnect::Shutdown,
+            _ = core.conns.stopping() => return Disconnect::Shutdown,
         };
         let data = match message {
             Err(Disconnect::ClientBuffers) => {

@@ -323,8 +323,9 @@ pub async fn serve(
     let accept = tls.acceptor().accept(stream);
     let outcome = tokio::select! {
         outcome = tokio::time::timeout(tls.timeout, accept) => outcome,
-        // Shutting down: the half-made connection just closes.
-        _ = core.conns.closing() => return,
+        // Shutting down, or a live upgrade (TLS is not carried): the half-made connection
+        // just closes.
+        _ = core.conns.stopping() => return,
     };
     let stream = match outcome {
         Ok(Ok(stream)) => stream,

@@ -28,7 +28,7 @@ use tokio::time::{Instant, Sleep};
 use crate::client_buffers::BufferMeter;
 use crate::config::ConnLimits;
 use crate::framer::{LineFramer, LineTooLong};
-use crate::lifecycle::Admission;
+use crate::lifecycle::{Admission, Carried};
 use crate::protocol::{self, Request};
 use crate::routing::Gone;
 use crate::session::{NoWatch, PeerWatch, Session, Step};
@@ -312,6 +312,14 @@ impl Buffers {
         self.meter.report(bytes);
     }
 
+    /// Input read while a command waited comes after everything already buffered.
+    fn merge_side(&mut self) {
+        if !self.side.is_empty() {
+            self.input.extend(&self.side);
+            self.side = BytesMut::new();
+        }
+    }
+
     /// Gives every buffer's memory back (the connection is closing for the budget).
     fn release(&mut self) {
         self.input.clear();
@@ -358,11 +366,7 @@ impl Buffers {
                     .run_later_boxed(request, &mut self.out, &mut watch)
                     .await;
                 let ended = watch.ended;
-                if !self.side.is_empty() {
-                    // Read while the line waited: it comes after everything already buffered.
-                    self.input.extend(&self.side);
-                    self.side = BytesMut::new();
-                }
+                self.merge_side();
                 if let (Err(_), Some(reason)) = (&ran_line, ended) {
                     return Err(Stop::Ended(reason));
                 }
@@ -666,17 +670,16 @@ pub async fn serve<S>(
 }
 
 /// Serves a connection carried by a live upgrade, from where it was stopped.
-pub async fn resume<S>(
-    core: Rc<ShardCore>,
-    stream: S,
-    image: ConnImage,
-    answer: Option<tokio::sync::oneshot::Receiver<crate::protocol::Reply>>,
-    quota: Option<std::sync::Arc<crate::table::Quota>>,
-    admission: Admission,
-    peer: Peer,
-) where
+pub async fn resume<S>(core: Rc<ShardCore>, stream: S, peer: Peer, carried: Carried)
+where
     S: AsyncRead + AsyncWrite + Unpin + Carry,
 {
+    let Carried {
+        image,
+        answer,
+        quota,
+        admission,
+    } = carried;
     let session = Session::resume(core.clone(), &image, quota, admission, peer);
     let start = Start {
         input: image.input,
@@ -746,22 +749,24 @@ fn hand_over<S: Carry>(
         return;
     };
     core.conns.hand_over(crate::lifecycle::Frozen {
-        image: ConnImage {
-            conn: handed.conn,
-            door,
-            id_text,
-            input: left.input,
-            output: left.output,
-            eof: left.eof,
-            framed: handed.framed,
-            pipelining: left.pipelining,
-            user: handed.user,
-            waiting: handed.answer.is_some(),
-        },
         fd,
-        answer: handed.answer,
-        quota: handed.quota,
-        admission,
+        conn: Carried {
+            image: ConnImage {
+                conn: handed.conn,
+                door,
+                id_text,
+                input: left.input,
+                output: left.output,
+                eof: left.eof,
+                framed: handed.framed,
+                pipelining: left.pipelining,
+                user: handed.user,
+                waiting: handed.answer.is_some(),
+            },
+            answer: handed.answer,
+            quota: handed.quota,
+            admission,
+        },
     });
 }
 
@@ -794,7 +799,7 @@ where
     // Stops the connection for a live upgrade: what it read and has not run, and what it
     // has not written, go with it.
     let stop_for_upgrade = |buffers: &mut Buffers, eof: bool, left: &mut Option<Left>| {
-        buffers.input.extend(&buffers.side);
+        buffers.merge_side();
         *left = Some(Left {
             input: buffers.input.take_rest().to_vec(),
             output: buffers.out[buffers.written..].to_vec(),
@@ -824,10 +829,7 @@ where
             }
             return ended.unwrap_or_else(|| Disconnect::gone(core));
         }
-        if !buffers.side.is_empty() {
-            let side = std::mem::take(&mut buffers.side);
-            buffers.input.extend(&side);
-        }
+        buffers.merge_side();
         eof |= buffers.side_eof;
     }
     let mut unfinished = UnfinishedLine::new(limits.line_timeout);

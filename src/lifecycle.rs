@@ -66,28 +66,31 @@ impl Admission {
             server: server.clone(),
             counted: None,
         };
-        let config = &server.config;
-        if let Some(key) = peer.and_then(|ip| PerIp::key(ip, config.per_ip_exempt_loopback)) {
-            if config.max_connections_per_ip > 0 {
-                if !server.per_ip.try_add(key, config.max_connections_per_ip) {
-                    return Err(Refusal::PerIp);
-                }
-                admission.counted = Some(key);
+        if let Some(key) = Admission::per_ip_key(server, peer) {
+            if !server
+                .per_ip
+                .try_add(key, server.config.max_connections_per_ip)
+            {
+                return Err(Refusal::PerIp);
             }
+            admission.counted = Some(key);
         }
         Ok(admission)
     }
-}
 
-impl Admission {
+    /// The address a client at `peer` counts under for `--max-connections-per-ip`, if that
+    /// limit is on and the address is counted.
+    fn per_ip_key(server: &ServerState, peer: Option<IpAddr>) -> Option<IpAddr> {
+        let config = &server.config;
+        peer.and_then(|ip| PerIp::key(ip, config.per_ip_exempt_loopback))
+            .filter(|_| config.max_connections_per_ip > 0)
+    }
+
     /// A place for a connection carried by a live upgrade: counted, never refused (the
     /// connection exists already).
     pub fn carried(server: &Arc<ServerState>, peer: Option<IpAddr>) -> Admission {
         server.live_connections.fetch_add(1, Ordering::AcqRel);
-        let config = &server.config;
-        let counted = peer
-            .and_then(|ip| PerIp::key(ip, config.per_ip_exempt_loopback))
-            .filter(|_| config.max_connections_per_ip > 0);
+        let counted = Admission::per_ip_key(server, peer);
         if let Some(key) = counted {
             server.per_ip.try_add(key, u64::MAX);
         }
@@ -210,10 +213,16 @@ pub enum Incoming {
 /// again from.
 pub type Frozen = Resumed;
 
-/// A carried connection to serve again (after a live upgrade, or when one is called off).
+/// A carried connection to serve again (after a live upgrade, or when one is called off):
+/// its socket, and the rest of it.
 pub struct Resumed {
-    pub image: crate::upgrade::ConnImage,
     pub fd: std::os::fd::OwnedFd,
+    pub conn: Carried,
+}
+
+/// A carried connection's state besides its socket.
+pub struct Carried {
+    pub image: crate::upgrade::ConnImage,
     /// The answer of the wait it is in (its waiter queued again in the tables).
     pub answer: Option<tokio::sync::oneshot::Receiver<crate::protocol::Reply>>,
     /// Its lock allowance, counting the locks it holds.
@@ -384,27 +393,21 @@ fn freeze(core: &Rc<ShardCore>, done: std::sync::mpsc::Sender<Vec<Frozen>>) {
 
 /// Serves a carried connection on this thread.
 fn resume(core: &Rc<ShardCore>, resumed: Resumed) {
-    let door = resumed.image.door;
-    let result = match door {
+    let Resumed { fd, conn } = resumed;
+    let result = match conn.image.door {
         crate::upgrade::ConnDoor::Tcp => {
-            let stream = std::net::TcpStream::from(resumed.fd);
+            let stream = std::net::TcpStream::from(fd);
             stream
                 .set_nonblocking(true)
                 .and_then(|()| TcpStream::from_std(stream))
                 .map(|stream| {
-                    tokio::task::spawn_local(crate::connection::resume(
-                        core.clone(),
-                        stream,
-                        resumed.image,
-                        resumed.answer,
-                        resumed.quota,
-                        resumed.admission,
-                        Peer::anonymous(),
-                    ));
+                    let serve =
+                        crate::connection::resume(core.clone(), stream, Peer::anonymous(), conn);
+                    tokio::task::spawn_local(serve);
                 })
         }
         crate::upgrade::ConnDoor::Unix => {
-            let stream = std::os::unix::net::UnixStream::from(resumed.fd);
+            let stream = std::os::unix::net::UnixStream::from(fd);
             stream
                 .set_nonblocking(true)
                 .and_then(|()| UnixStream::from_std(stream))
@@ -413,11 +416,8 @@ fn resume(core: &Rc<ShardCore>, resumed: Resumed) {
                     tokio::task::spawn_local(crate::connection::resume(
                         core.clone(),
                         stream,
-                        resumed.image,
-                        resumed.answer,
-                        resumed.quota,
-                        resumed.admission,
                         peer,
+                        conn,
                     ));
                 })
         }
@@ -588,9 +588,7 @@ impl Presence {
             handed_over: false,
         }
     }
-}
 
-impl Presence {
     /// Its place under `--max-connections`, for a live upgrade to hand on.
     pub fn take_admission(&mut self) -> Option<Admission> {
         self.admission.take()

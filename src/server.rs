@@ -48,8 +48,6 @@ pub struct ServerHandle {
     renewer: Option<crate::fencing::Renewer>,
     /// Duplicates of the listening sockets, to hand a live upgrade's successor.
     listener_copies: Vec<crate::upgrade::ListenerCopy>,
-    /// When the server started (Unix seconds; a live upgrade's successor keeps it).
-    started_unix: u64,
 }
 
 impl ServerHandle {
@@ -177,7 +175,7 @@ impl ServerHandle {
         // off) serves again.
         let paused = std::time::Instant::now();
         let frozen = upgrade::freeze(&server, deadline)?;
-        let taken = match upgrade::take(&server, frozen, deadline, self.started_unix) {
+        let taken = match upgrade::take(&server, frozen, deadline) {
             Ok(taken) => taken,
             Err((why, frozen)) => {
                 upgrade::serve_frozen(&server, frozen);
@@ -330,7 +328,6 @@ impl ServerHandle {
     pub fn serve_carried(
         &mut self,
         prepared: crate::upgrade::Prepared,
-        started_unix: u64,
         stats: [u64; 4],
         times_us: [u64; 2],
     ) {
@@ -346,9 +343,6 @@ impl ServerHandle {
         upgrades
             .carried_connections
             .store(prepared.connections() as u64, Relaxed);
-        if started_unix > 0 {
-            self.started_unix = started_unix;
-        }
         crate::upgrade::serve(&self.server, prepared);
     }
 
@@ -536,9 +530,6 @@ pub fn start_with_listeners(config: Config, mut listeners: Listeners) -> io::Res
         metrics: None,
         renewer,
         listener_copies,
-        started_unix: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
     };
     for _ in 0..shards {
         match ready_rx.recv() {

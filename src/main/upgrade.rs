@@ -177,7 +177,10 @@ impl Handover {
                 eprintln!("glockd: failing the upgrade at step {step} (-upgrade-fail-at)");
                 std::process::exit(3);
             }
-            Some("refuse") if step == "adopt" => self.refuse("refused by -upgrade-fail-at"),
+            Some("refuse") if step == "adopt" => {
+                self.refuse("refused by -upgrade-fail-at");
+                std::process::exit(3);
+            }
             Some("hang") if step == "adopt" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
@@ -258,7 +261,6 @@ impl Handover {
             let msg = self.channel.expect(Kind::Fds).map_err(|e| e.to_string())?;
             fds.extend(msg.fds);
         }
-        let started_unix = state.started_unix;
         let prepared = match server.adopt(state, fds) {
             Ok(prepared) => prepared,
             Err(why) => {
@@ -284,7 +286,7 @@ impl Handover {
             .map_err(|e| e.to_string())?;
         let connections = prepared.connections();
         let locks = prepared.locks;
-        server.serve_carried(prepared, started_unix, self.stats, times);
+        server.serve_carried(prepared, self.stats, times);
         info!(
             event = "upgraded",
             connections,

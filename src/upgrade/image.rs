@@ -62,7 +62,6 @@ pub struct CountersImage {
 /// The whole hand-over.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServerImage {
-    pub version: u32,
     /// The carried connections, in the order of their descriptors.
     pub conns: Vec<ConnImage>,
     /// One per shard of the running server (the successor may have another number).
@@ -74,8 +73,6 @@ pub struct ServerImage {
     /// The next connection id, and unix connections so far.
     pub next_conn: u64,
     pub unix_connections: u64,
-    /// Server start, Unix seconds (uptime goes on).
-    pub started_unix: u64,
 }
 
 /// Encodes an image: its version first, so a successor of another version says so instead of

@@ -29,7 +29,7 @@ use tokio::sync::oneshot;
 
 pub use image::{ConnDoor, ConnImage, ServerImage};
 
-use crate::lifecycle::{Admission, ConnMsg, Frozen, Resumed};
+use crate::lifecycle::{Admission, Carried, ConnMsg, Frozen, Resumed};
 use crate::protocol::Reply;
 use crate::shard::handover::TablePart;
 use crate::shard::{Departure, ServerState, ShardMsg};
@@ -260,7 +260,6 @@ pub fn take(
     server: &Arc<ServerState>,
     frozen: Vec<Frozen>,
     deadline: Instant,
-    started_unix: u64,
 ) -> Result<Taken, (String, Vec<Frozen>)> {
     let exported = match ask_every_shard(server, deadline, ShardMsg::Export) {
         Ok(exported) => exported,
@@ -283,7 +282,7 @@ pub fn take(
     departed_ids.dedup();
     let mut conns = Vec::with_capacity(frozen.len());
     let mut fds = Vec::with_capacity(frozen.len());
-    for mut f in frozen {
+    for Resumed { fd, conn: mut f } in frozen {
         if let Some(mut answer) = f.answer.take() {
             match answer.try_recv() {
                 // Decided before the tables were taken: the answer is the next reply.
@@ -299,11 +298,10 @@ pub fn take(
         // image back, gives it a new one).
         drop(f.admission);
         conns.push(f.image);
-        fds.push(f.fd);
+        fds.push(fd);
     }
     let counters = counters_of(server);
     let image = ServerImage {
-        version: image::VERSION,
         conns,
         tables,
         departed: departed_ids,
@@ -311,7 +309,6 @@ pub fn take(
         counters,
         next_conn: server.peek_next_conn(),
         unix_connections: server.unix_connections(),
-        started_unix,
     };
     Ok(Taken {
         image,
@@ -466,10 +463,13 @@ pub fn restore(
     }
     let mut conns = Vec::with_capacity(image.conns.len());
     for (conn, fd) in image.conns.into_iter().zip(fds) {
+        // Counted under its address for --max-connections-per-ip (read off the socket as it
+        // is, without a second descriptor).
         let peer = match conn.door {
-            ConnDoor::Tcp => std::net::TcpStream::from(fd.try_clone().map_err(|e| e.to_string())?)
+            ConnDoor::Tcp => socket2::SockRef::from(&fd)
                 .peer_addr()
                 .ok()
+                .and_then(|a| a.as_socket())
                 .map(|a| a.ip()),
             ConnDoor::Unix => None,
         };
@@ -482,11 +482,13 @@ pub fn restore(
             conn.waiting = false;
         }
         conns.push(Resumed {
-            quota: quotas.get(&conn.conn).cloned(),
-            admission: Admission::carried(server, peer),
-            image: conn,
             fd,
-            answer,
+            conn: Carried {
+                quota: quotas.get(&conn.conn).cloned(),
+                admission: Admission::carried(server, peer),
+                image: conn,
+                answer,
+            },
         });
     }
     Ok(Prepared { conns, locks })

@@ -65,6 +65,15 @@ impl<S: Read + Write> Client<S> {
     }
 }
 
+/// Held while a copy of the binary is open for writing and while a process is started: a
+/// process forked (by another test) while a copy is being written inherits the writing
+/// descriptor until it execs, and executing that copy meanwhile fails with "text file busy".
+static FORKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn forking() -> std::sync::MutexGuard<'static, ()> {
+    FORKING.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A server started from a copy of the binary that the test can replace.
 struct Server {
     dir: PathBuf,
@@ -77,6 +86,7 @@ impl Server {
     fn start(tag: &str, extra: &[&str]) -> Server {
         let dir = temp_dir("upgrade", tag);
         let exe = dir.join("glockd");
+        let forking = forking();
         std::fs::copy(env!("CARGO_BIN_EXE_glockd"), &exe).expect("copy the binary");
         let port = free_port();
         let mut child = Command::new(&exe)
@@ -100,6 +110,7 @@ impl Server {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start glockd");
+        drop(forking);
         wait_until_listening(&mut child);
         Server {
             dir,
@@ -125,19 +136,25 @@ impl Server {
     /// manager's rename does).
     fn replace_binary(&self) {
         let next = self.dir.join("glockd.next");
+        let _forking = forking();
         std::fs::copy(env!("CARGO_BIN_EXE_glockd"), &next).expect("copy");
         std::fs::rename(&next, &self.exe).expect("replace the binary");
     }
 
     /// `glockd upgrade -pidfile F FLAGS…`: its exit success and what it printed.
     fn upgrade(&self, flags: &[&str]) -> (bool, String) {
-        let out = Command::new(&self.exe)
+        let forking = forking();
+        let child = Command::new(&self.exe)
             .arg("upgrade")
             .arg("-pidfile")
             .arg(self.pidfile())
             .args(flags)
-            .output()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .expect("run glockd upgrade");
+        drop(forking);
+        let out = child.wait_with_output().expect("glockd upgrade's outcome");
         let text = format!(
             "{}{}",
             String::from_utf8_lossy(&out.stdout),

@@ -312,6 +312,36 @@ impl Buffers {
         self.meter.report(bytes);
     }
 
+    /// A carried connection that was in a wait: waits for its answer (reading what the client
+    /// sends meanwhile, as any wait does), then what it sent behind it comes next. Err(None):
+    /// a live upgrade stopped it again; Err(Some(reason)): the connection ends.
+    async fn resume_wait<S: AsyncRead + Unpin>(
+        &mut self,
+        session: &mut Session,
+        stream: &mut S,
+        answer: tokio::sync::oneshot::Receiver<crate::protocol::Reply>,
+    ) -> Result<(), Option<Disconnect>> {
+        let mut watch = StreamWatch {
+            stream,
+            side: &mut self.side,
+            eof: &mut self.side_eof,
+            meter: &self.meter,
+            ended: None,
+        };
+        let waited = session.resume_wait(answer, &mut self.out, &mut watch).await;
+        let ended = watch.ended;
+        if waited.is_err() {
+            if session.is_parked() {
+                return Err(None);
+            }
+            return Err(Some(
+                ended.unwrap_or_else(|| Disconnect::gone(session.core())),
+            ));
+        }
+        self.merge_side();
+        Ok(())
+    }
+
     /// Input read while a command waited comes after everything already buffered.
     fn merge_side(&mut self) {
         if !self.side.is_empty() {
@@ -632,9 +662,7 @@ impl Carry for tokio::net::UnixStream {
 
 impl<S> Carry for tokio_rustls::server::TlsStream<S> {}
 
-/// Where a connection's I/O starts: a new connection's empty buffers, or what a carried one
-/// had when it was stopped.
-#[derive(Default)]
+/// Where a carried connection's I/O starts again: what it had when it was stopped.
 struct Start {
     input: Vec<u8>,
     output: Vec<u8>,
@@ -651,63 +679,84 @@ struct Left {
     pipelining: bool,
 }
 
+/// How serving a connection begins.
+enum Begin {
+    /// A new connection, with its protocol id (`ip:port`, `unix:N`).
+    New(String, Admission, Peer),
+    /// One carried by a live upgrade, from where it was stopped (boxed: every connection's
+    /// future keeps its first arguments for its whole life).
+    Carried(Box<Carried>, Peer),
+}
+
 /// Serves one connection until it closes. `id_text` is its protocol id (`ip:port`).
-pub async fn serve<S>(
+pub fn serve<S>(
     core: Rc<ShardCore>,
     stream: S,
     id_text: String,
     admission: Admission,
     peer: Peer,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Carry,
-{
-    if core.conns.is_freezing() && !S::CARRIED {
-        // Came to a thread a live upgrade is stopping, and cannot be carried: closed.
-        return;
-    }
-    let session = Session::new(core.clone(), id_text.clone(), admission, peer);
-    serve_session(core, stream, id_text, session, Start::default()).await;
-}
-
-/// Serves a connection carried by a live upgrade, from where it was stopped.
-pub async fn resume<S>(core: Rc<ShardCore>, stream: S, peer: Peer, carried: Carried)
+) -> impl Future<Output = ()>
 where
     S: AsyncRead + AsyncWrite + Unpin + Carry,
 {
-    let Carried {
-        image,
-        answer,
-        quota,
-        admission,
-    } = carried;
-    let session = Session::resume(core.clone(), &image, quota, admission, peer);
-    let start = Start {
-        input: image.input,
-        output: image.output,
-        eof: image.eof,
-        pipelining: image.pipelining,
-        answer,
-    };
-    serve_session(core, stream, image.id_text, session, start).await;
+    serve_session(core, stream, Begin::New(id_text, admission, peer))
 }
 
-async fn serve_session<S>(
+/// Serves a connection carried by a live upgrade, from where it was stopped.
+pub fn resume<S>(
     core: Rc<ShardCore>,
     stream: S,
-    id_text: String,
-    mut session: Session,
-    start: Start,
-) where
+    peer: Peer,
+    carried: Carried,
+) -> impl Future<Output = ()>
+where
     S: AsyncRead + AsyncWrite + Unpin + Carry,
 {
-    let farewell = Farewell::new(&core, &id_text);
+    serve_session(core, stream, Begin::Carried(Box::new(carried), peer))
+}
+
+// One future for both (not one wrapping the other), so an idle connection's task is no
+// bigger than it must be.
+async fn serve_session<S>(core: Rc<ShardCore>, stream: S, begin: Begin)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Carry,
+{
+    let (farewell, mut session, start) = match begin {
+        Begin::New(id_text, admission, peer) => {
+            if core.conns.is_freezing() && !S::CARRIED {
+                // Came to a thread a live upgrade is stopping, and cannot be carried: closed.
+                return;
+            }
+            let farewell = Farewell::new(&core, &id_text);
+            let session = Session::new(core.clone(), id_text, admission, peer);
+            (farewell, session, None)
+        }
+        Begin::Carried(carried, peer) => {
+            let Carried {
+                image,
+                answer,
+                quota,
+                admission,
+            } = *carried;
+            let farewell = Farewell::new(&core, &image.id_text);
+            let session = Session::resume(core.clone(), &image, quota, admission, peer);
+            let start = Start {
+                input: image.input,
+                output: image.output,
+                eof: image.eof,
+                pipelining: image.pipelining,
+                answer,
+            };
+            (farewell, session, Some(Box::new(start)))
+        }
+    };
     session.set_carriable(S::CARRIED);
     let mut stream = stream;
     let mut left = None;
     let reason = run(&core, &mut stream, &mut session, start, &mut left).await;
     if let (Disconnect::HandedOver, Some(left)) = (reason, left) {
         farewell.say(reason);
-        hand_over(&core, stream, id_text, session, left);
+        hand_over(&core, stream, session, *left);
         return;
     }
     if let Some(why) = reason.close_reason() {
@@ -734,14 +783,11 @@ async fn serve_session<S>(
 }
 
 /// Hands a stopped connection to the live upgrade in progress on this thread.
-fn hand_over<S: Carry>(
-    core: &Rc<ShardCore>,
-    stream: S,
-    id_text: String,
-    session: Session,
-    left: Left,
-) {
+fn hand_over<S: Carry>(core: &Rc<ShardCore>, stream: S, session: Session, left: Left) {
     let handed = session.hand_over();
+    // The protocol id, as the registry (which the successor gets too) has it.
+    let raw = core.server.registry.holder_text(handed.conn, true);
+    let id_text = String::from_utf8_lossy(&raw).into_owned();
     let (Some((fd, door)), Some(admission)) = (stream.carry(), handed.admission) else {
         // Cannot happen for the streams that are carried; were it to, the connection's locks
         // stay with its id until the upgrade ends, and the client sees its connection close.
@@ -775,8 +821,8 @@ async fn run<S>(
     core: &Rc<ShardCore>,
     stream: &mut S,
     session: &mut Session,
-    start: Start,
-    left: &mut Option<Left>,
+    start: Option<Box<Start>>,
+    left: &mut Option<Box<Left>>,
 ) -> Disconnect
 where
     S: AsyncRead + AsyncWrite + Unpin + Carry,
@@ -784,53 +830,45 @@ where
     let limits = core.server.config.conn_limits();
     let read_ahead = limits.max_line.max(MIN_READ_AHEAD);
     let mut input = LineFramer::new(limits.max_line);
-    input.extend(&start.input);
+    let (output, mut eof, pipelining, answer) = match start.map(|start| *start) {
+        None => (Vec::new(), false, false, None),
+        Some(start) => {
+            input.extend(&start.input);
+            (start.output, start.eof, start.pipelining, start.answer)
+        }
+    };
     let mut buffers = Buffers {
         input,
         side: BytesMut::new(),
         side_eof: false,
-        out: start.output,
+        out: output,
         written: 0,
-        pipelining: start.pipelining,
+        pipelining,
         lines_taken: 0,
         meter: core.server.client_buffers.meter(core.id),
         busy: false,
     };
     // Stops the connection for a live upgrade: what it read and has not run, and what it
     // has not written, go with it.
-    let stop_for_upgrade = |buffers: &mut Buffers, eof: bool, left: &mut Option<Left>| {
+    let stop_for_upgrade = |buffers: &mut Buffers, eof: bool, left: &mut Option<Box<Left>>| {
         buffers.merge_side();
-        *left = Some(Left {
+        *left = Some(Box::new(Left {
             input: buffers.input.take_rest().to_vec(),
             output: buffers.out[buffers.written..].to_vec(),
             eof: eof || buffers.side_eof,
             pipelining: buffers.pipelining,
-        });
+        }));
         buffers.release();
         Disconnect::HandedOver
     };
-    let mut eof = start.eof;
-    if let Some(answer) = start.answer {
-        // Carried while it waited: its answer comes first, then what it sent behind it.
-        let mut watch = StreamWatch {
-            stream: &mut *stream,
-            side: &mut buffers.side,
-            eof: &mut buffers.side_eof,
-            meter: &buffers.meter,
-            ended: None,
-        };
-        let waited = session
-            .resume_wait(answer, &mut buffers.out, &mut watch)
-            .await;
-        let ended = watch.ended;
-        if waited.is_err() {
-            if session.is_parked() {
-                return stop_for_upgrade(&mut buffers, eof, left);
-            }
-            return ended.unwrap_or_else(|| Disconnect::gone(core));
+    if let Some(answer) = answer {
+        // Boxed: only carried connections wait here, and every connection's future would
+        // otherwise keep room for this wait's state.
+        match Box::pin(buffers.resume_wait(session, stream, answer)).await {
+            Ok(()) => eof |= buffers.side_eof,
+            Err(None) => return stop_for_upgrade(&mut buffers, eof, left),
+            Err(Some(reason)) => return reason,
         }
-        buffers.merge_side();
-        eof |= buffers.side_eof;
     }
     let mut unfinished = UnfinishedLine::new(limits.line_timeout);
     let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
@@ -892,17 +930,13 @@ where
         if backlogged && buffers.input.pending() > read_ahead {
             return Disconnect::UnsentLimit;
         }
-        if core.conns.is_freezing() {
-            if S::CARRIED && !session.closed_by_auth() {
-                return stop_for_upgrade(&mut buffers, eof, left);
-            }
-            // Not carried: it ends as at shutdown, once it has answered what it read.
-            if !more {
-                finish(stream, &mut buffers, &limits).await;
-                return Disconnect::Shutdown;
-            }
+        let freezing = core.conns.is_freezing();
+        if freezing && S::CARRIED && !session.closed_by_auth() {
+            return stop_for_upgrade(&mut buffers, eof, left);
         }
-        if !more && (eof || core.is_closing()) {
+        // A connection a live upgrade does not carry ends as at shutdown, once it has answered
+        // what it read.
+        if !more && (eof || core.is_closing() || freezing) {
             if eof && buffers.input.pending() > 0 {
                 // A last line without a newline still counts (the original answered it too).
                 let last = buffers.input.take_rest();

@@ -35,8 +35,6 @@ fn main() -> ExitCode {
     {
         return hash_token();
     }
-    // Sockets systemd passed (socket activation) are taken first, while the process has one
-    // thread: taking them clears LISTEN_FDS and LISTEN_PID from the environment.
     if std::env::args_os()
         .nth(1)
         .is_some_and(|arg| arg == "upgrade")
@@ -48,6 +46,8 @@ fn main() -> ExitCode {
     let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("glockd"));
     let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
     let handover = upgrade::Handover::from_env();
+    // Sockets systemd passed (socket activation) are taken first, while the process has one
+    // thread: taking them clears LISTEN_FDS and LISTEN_PID from the environment.
     let inherited = glockd::doors::Inherited::from_env();
     let mut config = Config::from_args();
     let mut handover = match handover.map(|h| h.ready(&config)).transpose() {
@@ -193,8 +193,6 @@ fn main() -> ExitCode {
     runtime.block_on(serve_until_signalled(server, &mut signals, exit, upgrade))
 }
 
-/// The exit after a start-up error: the logger's lines first (bounded), then one line straight
-/// to stderr.
 /// A successor that cannot take over says why to its predecessor (which carries on), then
 /// fails as any start does.
 fn refuse(handover: Option<&mut upgrade::Handover>, error: &str) -> ExitCode {
@@ -204,6 +202,8 @@ fn refuse(handover: Option<&mut upgrade::Handover>, error: &str) -> ExitCode {
     fail(1, &error)
 }
 
+/// The exit after a start-up error: the logger's lines first (bounded), then one line straight
+/// to stderr.
 fn fail(status: u8, error: &dyn std::fmt::Display) -> ExitCode {
     logging::finish(logging::FINISH_WITHIN);
     eprintln!("glockd: {error}");
@@ -310,7 +310,6 @@ impl Exit {
         std::process::exit(status)
     }
 
-    /// Ends the process after a clean shutdown (the server already removed its socket).
     /// A live upgrade committed: the successor serves everything, holds the pidfile and the
     /// unix socket; this process leaves them all as they are.
     fn handed_over(self) -> ! {
@@ -321,6 +320,7 @@ impl Exit {
         std::process::exit(0)
     }
 
+    /// Ends the process after a clean shutdown (the server already removed its socket).
     fn clean(self) -> ExitCode {
         drop(self.pidfile);
         logging::finish(logging::FINISH_WITHIN);

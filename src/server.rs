@@ -187,6 +187,11 @@ impl ServerHandle {
         if let Some(mut renewer) = self.renewer.take() {
             renewer.stop();
         }
+        if taken.late {
+            drop(successor);
+            self.take_back(taken);
+            return Err("the shards did not give up their tables in time".into());
+        }
         let connections = taken.image.conns.len() as u64;
         let locks: u64 = taken
             .image

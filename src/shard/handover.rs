@@ -17,6 +17,8 @@ use crate::ConnId;
 /// What a shard gives up: its table, and the connections gone whose locks it had still to
 /// release (their departures kept alive, so their registry records stay meanwhile).
 pub struct Exported {
+    /// The shard it came from (answers arrive in any order).
+    pub shard: usize,
     pub table: TableImage,
     pub departed: Vec<(ConnId, Arc<Departure>)>,
 }
@@ -42,7 +44,11 @@ impl ShardCore {
     pub fn export(&self) -> Exported {
         let table = self.with_table(|table| table.take_image());
         let departed = self.departed.borrow_mut().drain(..).collect();
-        Exported { table, departed }
+        Exported {
+            shard: self.id,
+            table,
+            departed,
+        }
     }
 
     /// Takes `part` into this shard's table: holders first, then waiters in their queues'

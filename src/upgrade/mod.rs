@@ -158,18 +158,21 @@ pub fn spawn(request: &Request, deadline: Instant) -> Result<Successor, String> 
     Ok(successor)
 }
 
+/// The answers some shards gave before the deadline, and the channel the others' will come on.
+type Late<T> = (Vec<T>, std::sync::mpsc::Receiver<T>);
+
 /// Posts `msg(k)` to every shard and waits (until `deadline`) for each one's answer on the
 /// channel the messages share.
 fn ask_every_shard<T>(
     server: &ServerState,
     deadline: Instant,
     msg: impl Fn(std::sync::mpsc::Sender<T>) -> ShardMsg,
-) -> Result<Vec<T>, Vec<T>> {
+) -> Result<Vec<T>, Late<T>> {
     let (tx, rx) = std::sync::mpsc::channel();
     let shards = server.mailboxes.len();
     for shard in 0..shards {
         if server.mailboxes.post(shard, msg(tx.clone())).is_err() {
-            return Err(Vec::new());
+            return Err((Vec::new(), rx));
         }
     }
     drop(tx);
@@ -178,7 +181,7 @@ fn ask_every_shard<T>(
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
             Ok(answer) => answers.push(answer),
-            Err(_) => return Err(answers),
+            Err(_) => return Err((answers, rx)),
         }
     }
     Ok(answers)
@@ -194,46 +197,35 @@ pub fn freeze(server: &Arc<ServerState>, deadline: Instant) -> Result<Vec<Frozen
         thaw(server);
         return Err("the shards did not stop accepting in time".into());
     }
-    let (tx, rx) = std::sync::mpsc::channel();
-    let shards = server.mailboxes.len();
-    for shard in 0..shards {
-        let _ = server
-            .mailboxes
-            .post(shard, ShardMsg::Conns(ConnMsg::Freeze { done: tx.clone() }));
-    }
-    drop(tx);
-    let mut frozen = Vec::new();
-    for reported in 0..shards {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(conns) => frozen.extend(conns),
-            Err(_) => {
-                // Some connection did not come to a stop in time (a write to a client that
-                // does not read, a long listing): everything runs again. A shard that had not
-                // reported yet resumes its own stopped connections and reports none; each
-                // shard reports exactly once.
-                thaw(server);
-                for _ in reported..shards {
-                    match rx.recv_timeout(Duration::from_secs(10)) {
-                        Ok(conns) => frozen.extend(conns),
-                        Err(_) => break,
-                    }
+    let freeze = |done| ShardMsg::Conns(ConnMsg::Freeze { done });
+    match ask_every_shard(server, deadline, freeze) {
+        Ok(reports) => Ok(reports.into_iter().flatten().collect()),
+        Err((reports, late)) => {
+            // Some connection did not come to a stop in time (a write to a client that does
+            // not read, a long listing): everything runs again. A shard that had not reported
+            // yet resumes its own stopped connections and reports none; each shard reports
+            // exactly once, so the reports still to come are awaited.
+            let missing = server.mailboxes.len() - reports.len();
+            let mut frozen: Vec<Frozen> = reports.into_iter().flatten().collect();
+            thaw(server);
+            for _ in 0..missing {
+                match late.recv_timeout(Duration::from_secs(10)) {
+                    Ok(conns) => frozen.extend(conns),
+                    Err(_) => break,
                 }
-                resume_locally(server, frozen);
-                return Err("the connections did not stop in time".into());
             }
+            deal(server, frozen);
+            Err("the connections did not stop in time".into())
         }
     }
-    Ok(frozen)
 }
 
-/// Gives stopped connections back to the shards they stopped on (the tables were not taken).
-fn resume_locally(server: &Arc<ServerState>, frozen: Vec<Frozen>) {
-    for (k, resumed) in frozen.into_iter().enumerate() {
-        let shard = k % server.mailboxes.len();
-        let _ = server
-            .mailboxes
-            .post(shard, ShardMsg::Conns(ConnMsg::Resume(Box::new(resumed))));
+/// Serves carried connections, dealt to the shards in turn.
+fn deal(server: &ServerState, conns: Vec<Resumed>) {
+    let shards = server.mailboxes.len();
+    for (k, resumed) in conns.into_iter().enumerate() {
+        let resume = ShardMsg::Conns(ConnMsg::Resume(Box::new(resumed)));
+        let _ = server.mailboxes.post(k % shards, resume);
     }
 }
 
@@ -253,6 +245,9 @@ pub struct Taken {
     pub image: ServerImage,
     pub fds: Vec<OwnedFd>,
     pub departures: Departures,
+    /// Some shard gave its table up after the deadline: the upgrade is to be called off
+    /// (every table is taken all the same, to be taken back whole).
+    pub late: bool,
 }
 
 /// Takes every shard's table and builds the image, once every connection is stopped.
@@ -261,15 +256,23 @@ pub fn take(
     frozen: Vec<Frozen>,
     deadline: Instant,
 ) -> Result<Taken, (String, Vec<Frozen>)> {
-    let exported = match ask_every_shard(server, deadline, ShardMsg::Export) {
-        Ok(exported) => exported,
-        Err(_) => {
-            return Err((
-                "the shards did not give up their tables in time".into(),
-                frozen,
-            ))
+    let shards = server.mailboxes.len();
+    let (mut exported, late) = match ask_every_shard(server, deadline, ShardMsg::Export) {
+        Ok(exported) => (exported, false),
+        // A shard gives its table up in one step: one that is late is busy, not stuck, and
+        // every table is needed whole, to send or to take back.
+        Err((mut exported, rest)) => {
+            let missing = shards - exported.len();
+            exported.extend(rest.iter().take(missing));
+            (exported, true)
         }
     };
+    if exported.len() < shards {
+        // A shard thread is gone (the server is stopping): nothing to hand over.
+        return Err(("a shard stopped while giving up its table".into(), frozen));
+    }
+    // In shard order: a departed connection's release goes back to the shard it came from.
+    exported.sort_unstable_by_key(|e| e.shard);
     let mut tables = Vec::with_capacity(exported.len());
     let mut departed_ids = Vec::new();
     let mut departures = Vec::with_capacity(exported.len());
@@ -314,6 +317,7 @@ pub fn take(
         image,
         fds,
         departures,
+        late,
     })
 }
 
@@ -505,7 +509,7 @@ impl Prepared {
 pub fn serve_frozen(server: &Arc<ServerState>, frozen: Vec<Frozen>) {
     // Thawed first: a connection served on a thread still freezing would stop at once.
     thaw(server);
-    resume_locally(server, frozen);
+    deal(server, frozen);
 }
 
 /// Serves the prepared connections (dealt to the shards in turn) and accepts again.
@@ -513,14 +517,7 @@ pub fn serve(server: &Arc<ServerState>, prepared: Prepared) {
     // Thawed first: a connection served on a thread still freezing would stop at once. (The
     // tables are in place, so a new client cannot take a carried connection's lock.)
     thaw(server);
-    let shards = server.mailboxes.len();
-    for (k, resumed) in prepared.conns.into_iter().enumerate() {
-        let _ = server.mailboxes.post(
-            k % shards,
-            ShardMsg::Conns(ConnMsg::Resume(Box::new(resumed))),
-        );
-    }
-    thaw(server);
+    deal(server, prepared.conns);
 }
 
 fn add_counts(into: &mut crate::table::CountsImage, from: &crate::table::CountsImage) {

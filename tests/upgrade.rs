@@ -379,3 +379,39 @@ fn sigusr2_upgrades_as_the_command_does() {
     assert_ne!(server.pid(), old_pid);
     holdings.check(&server);
 }
+
+#[test]
+fn an_upgrade_while_a_departed_clients_locks_are_being_released_releases_them_all() {
+    const LOCKS: usize = 200_000;
+    let server = Server::start("orphans", &[]);
+    let mut holder = Client::tcp(server.port);
+    let mut batch = String::new();
+    for k in 0..LOCKS {
+        batch.push_str(&format!("g o{k}\n"));
+    }
+    holder
+        .reader
+        .get_mut()
+        .write_all(batch.as_bytes())
+        .expect("write");
+    for _ in 0..LOCKS {
+        assert_eq!(holder.line(), "1 Got Lock");
+    }
+    // The holder leaves; its locks are released a slice at a time, and the upgrade comes
+    // meanwhile: what the old process had still to release, the new one releases.
+    drop(holder);
+    let (ok, said) = server.upgrade(&["-shards", "3"]);
+    assert!(ok, "{said}");
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        let q = ask(server.port, "q\n");
+        if q.contains("\nlocks: 0\n") {
+            break;
+        }
+        assert!(Instant::now() < until, "locks left behind: {q}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for k in [0, LOCKS / 2, LOCKS - 1] {
+        assert_eq!(ask(server.port, &format!("g o{k}\n")), "1 Got Lock\n");
+    }
+}

@@ -144,6 +144,7 @@ fn main() -> ExitCode {
         Err(e) => return refuse(handover.as_mut(), &format!("cannot start: {e}")),
     };
     let mut pidfile = pidfile;
+    let took_over = handover.is_some();
     if let Some(handover) = handover.take() {
         match handover.take_over(&mut server, &settings) {
             Ok(held) => pidfile = held,
@@ -163,6 +164,15 @@ fn main() -> ExitCode {
         );
     }
     announce(&server, &settings, &budget);
+    // Under systemd (`Type=notify`): serving now; after a live upgrade this process is the
+    // service's main process from here on (`NotifyAccess=all` lets it say so).
+    let mut ready = vec![sd_notify::NotifyState::Ready];
+    if took_over {
+        ready.insert(0, sd_notify::NotifyState::MainPid(std::process::id()));
+    }
+    if let Err(e) = sd_notify::notify(&ready) {
+        warn!(event = "sd_notify", error = %e, "could not tell systemd the server is ready");
+    }
     let plain: Vec<(&str, std::net::SocketAddr)> =
         [("tcp", server.tcp_addr()), ("ws", server.ws_addr())]
             .into_iter()

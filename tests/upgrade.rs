@@ -84,6 +84,10 @@ struct Server {
 
 impl Server {
     fn start(tag: &str, extra: &[&str]) -> Server {
+        Server::start_with_env(tag, extra, &[])
+    }
+
+    fn start_with_env(tag: &str, extra: &[&str], env: &[(&str, &Path)]) -> Server {
         let dir = temp_dir("upgrade", tag);
         let exe = dir.join("glockd");
         let forking = forking();
@@ -106,6 +110,7 @@ impl Server {
             .arg("-pidfile")
             .arg(dir.join("glockd.pid"))
             .args(extra)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -414,4 +419,34 @@ fn an_upgrade_while_a_departed_clients_locks_are_being_released_releases_them_al
     for k in [0, LOCKS / 2, LOCKS - 1] {
         assert_eq!(ask(server.port, &format!("g o{k}\n")), "1 Got Lock\n");
     }
+}
+
+#[test]
+fn under_systemd_the_new_process_is_announced_as_the_main_one() {
+    let dir = temp_dir("upgrade", "notify-socket");
+    let path = dir.join("notify");
+    let systemd = std::os::unix::net::UnixDatagram::bind(&path).expect("notify socket");
+    systemd
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let mut server = Server::start_with_env("notify", &[], &[("NOTIFY_SOCKET", &path)]);
+    let mut said = String::new();
+    let mut buf = [0u8; 512];
+    let mut hear = |said: &mut String| {
+        let n = systemd.recv(&mut buf).expect("a notification");
+        said.push_str(&String::from_utf8_lossy(&buf[..n]));
+    };
+    hear(&mut said);
+    assert_eq!(said, "READY=1\n");
+    let (ok, out) = server.upgrade(&[]);
+    assert!(ok, "{out}");
+    let new_pid = server.pid();
+    // The old process names its successor before it exits; the successor says it serves.
+    said.clear();
+    while !said.contains("READY=1") {
+        hear(&mut said);
+    }
+    assert!(said.contains(&format!("MAINPID={new_pid}\n")), "{said:?}");
+    assert!(server.child.wait().expect("old process").success());
+    let _ = std::fs::remove_dir_all(&dir);
 }

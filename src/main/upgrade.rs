@@ -95,6 +95,12 @@ impl Upgrader {
                 format!("upgrade called off, the running server carries on: {why}")
             }
         };
+        if let Ok(summary) = &outcome {
+            // Under systemd, the successor is the service's main process now: said before this
+            // one exits (systemd reads notifications before exits), so the service is not
+            // taken for stopped. The successor says so too once it serves.
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(summary.pid)]);
+        }
         self.report(&line);
         outcome.is_ok()
     }

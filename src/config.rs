@@ -390,6 +390,13 @@ pub struct Config {
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub upgrade_timeout: u64,
 
+    /// Longest a live upgrade may keep clients waiting, in milliseconds: from stopping the
+    /// connections to the new process taking them over; past it the upgrade is called off and
+    /// this server serves on.
+    #[arg(long, default_value_t = 5000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub upgrade_max_pause_ms: u64,
+
     /// For tests of live upgrades only: the new process fails at this step of the hand-over
     /// (ready, listeners, image, adopt, refuse, hang).
     #[arg(long, hide = true)]
@@ -422,9 +429,23 @@ impl Config {
     /// with clap's status (2) and one line on stderr naming the flag, so that a service
     /// manager's log shows the reason in one entry.
     pub fn from_args() -> Self {
+        Config::from_args_or(|_| {})
+    }
+
+    /// [`Self::from_args`], telling `refused` the one-line reason before exiting on a bad
+    /// command line (a live upgrade's successor passes it on to the running server).
+    pub fn from_args_or(refused: impl FnOnce(&str)) -> Self {
         match Config::try_from_args(std::env::args_os()) {
             Ok(config) => config,
-            Err(e) => exit_on(e),
+            Err(e) => {
+                if !matches!(
+                    e.kind(),
+                    clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion
+                ) {
+                    refused(&one_line(&e));
+                }
+                exit_on(e)
+            }
         }
     }
 

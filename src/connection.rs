@@ -575,6 +575,18 @@ impl UnfinishedLine {
         }
     }
 
+    /// A carried connection's unfinished line, which has waited `waited` already: its clock
+    /// goes on from there.
+    fn resume(&mut self, waited: std::time::Duration) {
+        let Some(limit) = self.limit else { return };
+        let now = Instant::now();
+        self.since = now.checked_sub(waited).unwrap_or(now);
+        self.taken = 0;
+        self.timer = Some(Box::pin(tokio::time::sleep_until(deadline_at(
+            self.since, limit,
+        ))));
+    }
+
     /// After a batch: arms, moves or disarms the timer for what the input holds now. Cheap when
     /// nothing is pending (a test and a branch).
     fn after_batch(&mut self, buffers: &Buffers) {
@@ -668,6 +680,7 @@ struct Start {
     output: Vec<u8>,
     eof: bool,
     pipelining: bool,
+    timers: Timers,
     answer: Option<tokio::sync::oneshot::Receiver<crate::protocol::Reply>>,
 }
 
@@ -677,6 +690,29 @@ struct Left {
     output: Vec<u8>,
     eof: bool,
     pipelining: bool,
+    timers: Timers,
+}
+
+/// Where a connection's `--idle-timeout` and `--line-timeout` clocks stood, carried across a
+/// live upgrade so that it does not buy a client more time.
+#[derive(Clone, Copy, Default)]
+struct Timers {
+    idle_left: Option<std::time::Duration>,
+    unfinished_for: Option<std::time::Duration>,
+}
+
+impl Timers {
+    fn of(idle: &Option<Pin<Box<Sleep>>>, unfinished: &UnfinishedLine) -> Timers {
+        Timers {
+            idle_left: idle
+                .as_ref()
+                .map(|t| t.deadline().saturating_duration_since(Instant::now())),
+            unfinished_for: unfinished
+                .timer
+                .is_some()
+                .then(|| unfinished.since.elapsed()),
+        }
+    }
 }
 
 /// How serving a connection begins.
@@ -740,11 +776,16 @@ where
             } = *carried;
             let farewell = Farewell::new(&core, &image.id_text);
             let session = Session::resume(core.clone(), &image, quota, admission, peer);
+            let ms = std::time::Duration::from_millis;
             let start = Start {
                 input: image.input,
                 output: image.output,
                 eof: image.eof,
                 pipelining: image.pipelining,
+                timers: Timers {
+                    idle_left: image.idle_left_ms.map(ms),
+                    unfinished_for: image.unfinished_ms.map(ms),
+                },
                 answer,
             };
             (farewell, session, Some(Box::new(start)))
@@ -808,12 +849,19 @@ fn hand_over<S: Carry>(core: &Rc<ShardCore>, stream: S, session: Session, left: 
                 pipelining: left.pipelining,
                 user: handed.user,
                 waiting: handed.answer.is_some(),
+                idle_left_ms: left.timers.idle_left.map(millis),
+                unfinished_ms: left.timers.unfinished_for.map(millis),
+                auth_failures: handed.auth_failures,
             },
             answer: handed.answer,
             quota: handed.quota,
             admission,
         },
     });
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Runs a connection's I/O until it ends, and says why.
@@ -830,11 +878,18 @@ where
     let limits = core.server.config.conn_limits();
     let read_ahead = limits.max_line.max(MIN_READ_AHEAD);
     let mut input = LineFramer::new(limits.max_line);
-    let (output, mut eof, pipelining, answer) = match start.map(|start| *start) {
-        None => (Vec::new(), false, false, None),
+    let (output, mut eof, pipelining, answer, timers) = match start.map(|start| *start) {
+        None => (Vec::new(), false, false, None, None),
         Some(start) => {
             input.extend(&start.input);
-            (start.output, start.eof, start.pipelining, start.answer)
+            let timers = Some(start.timers);
+            (
+                start.output,
+                start.eof,
+                start.pipelining,
+                start.answer,
+                timers,
+            )
         }
     };
     let mut buffers = Buffers {
@@ -850,28 +905,42 @@ where
     };
     // Stops the connection for a live upgrade: what it read and has not run, and what it
     // has not written, go with it.
-    let stop_for_upgrade = |buffers: &mut Buffers, eof: bool, left: &mut Option<Box<Left>>| {
-        buffers.merge_side();
-        *left = Some(Box::new(Left {
-            input: buffers.input.take_rest().to_vec(),
-            output: buffers.out[buffers.written..].to_vec(),
-            eof: eof || buffers.side_eof,
-            pipelining: buffers.pipelining,
-        }));
-        buffers.release();
-        Disconnect::HandedOver
-    };
+    let mut unfinished = UnfinishedLine::new(limits.line_timeout);
+    let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
+    if let Some(timers) = timers {
+        // Carried: its clocks go on where they stood.
+        if let (Some(timer), Some(left)) = (idle.as_mut(), timers.idle_left) {
+            timer.as_mut().reset(deadline_in(left));
+        }
+        if let Some(waited) = timers.unfinished_for {
+            unfinished.resume(waited);
+        }
+    }
+    let stop_for_upgrade =
+        |buffers: &mut Buffers, eof: bool, timers: Timers, left: &mut Option<Box<Left>>| {
+            buffers.merge_side();
+            *left = Some(Box::new(Left {
+                input: buffers.input.take_rest().to_vec(),
+                output: buffers.out[buffers.written..].to_vec(),
+                eof: eof || buffers.side_eof,
+                pipelining: buffers.pipelining,
+                timers,
+            }));
+            buffers.release();
+            Disconnect::HandedOver
+        };
     if let Some(answer) = answer {
         // Boxed: only carried connections wait here, and every connection's future would
         // otherwise keep room for this wait's state.
         match Box::pin(buffers.resume_wait(session, stream, answer)).await {
             Ok(()) => eof |= buffers.side_eof,
-            Err(None) => return stop_for_upgrade(&mut buffers, eof, left),
+            Err(None) => {
+                let timers = Timers::of(&idle, &unfinished);
+                return stop_for_upgrade(&mut buffers, eof, timers, left);
+            }
             Err(Some(reason)) => return reason,
         }
     }
-    let mut unfinished = UnfinishedLine::new(limits.line_timeout);
-    let mut idle = limits.idle_timeout.map(|d| Box::pin(tokio::time::sleep(d)));
     // Armed while replies wait for a reader that does not read.
     let mut stall: Option<Pin<Box<Sleep>>> = None;
     // Input may hold complete lines not yet run (a carried connection's may).
@@ -881,14 +950,18 @@ where
         // before any more lines run.
         if buffers.unsent() <= limits.max_unsent {
             let started = session.measures_latency().then(std::time::Instant::now);
+            let taken = buffers.lines_taken;
             let ran = buffers.run_lines(session, &limits, stream).await;
             if let Some(started) = started {
                 session.record_latency(started.elapsed());
             }
             core.check_mail();
-            // Time spent running commands (a `gw` may wait minutes) is not idleness.
-            if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
-                timer.as_mut().reset(deadline_in(d));
+            // Time spent running commands (a `gw` may wait minutes) is not idleness; a turn
+            // that ran nothing leaves the clock alone (a carried connection's goes on).
+            if buffers.lines_taken != taken {
+                if let (Some(timer), Some(d)) = (idle.as_mut(), limits.idle_timeout) {
+                    timer.as_mut().reset(deadline_in(d));
+                }
             }
             eof |= buffers.side_eof;
             buffers.report();
@@ -913,7 +986,10 @@ where
                     return Disconnect::AuthFailures;
                 }
                 Err(Stop::Gone) => return Disconnect::gone(core),
-                Err(Stop::Frozen) => return stop_for_upgrade(&mut buffers, eof, left),
+                Err(Stop::Frozen) => {
+                    let timers = Timers::of(&idle, &unfinished);
+                    return stop_for_upgrade(&mut buffers, eof, timers, left);
+                }
                 Err(Stop::Ended(reason)) => return reason,
             };
             unfinished.after_batch(&buffers);
@@ -932,7 +1008,8 @@ where
         }
         let freezing = core.conns.is_freezing();
         if freezing && S::CARRIED && !session.closed_by_auth() {
-            return stop_for_upgrade(&mut buffers, eof, left);
+            let timers = Timers::of(&idle, &unfinished);
+            return stop_for_upgrade(&mut buffers, eof, timers, left);
         }
         // A connection a live upgrade does not carry ends as at shutdown, once it has answered
         // what it read.

@@ -63,7 +63,8 @@ impl Listeners {
     /// passed socket no door claims is an error, so a unit file and a command line that
     /// disagree are found at start, not by the clients.
     pub fn bind_with(config: &Config, inherited: Inherited) -> io::Result<Listeners> {
-        let Inherited { mut tcp, unix } = inherited;
+        let origin = inherited.origin();
+        let Inherited { mut tcp, unix, .. } = inherited;
         let shard_ports = (0..config.shard_count())
             .filter(|_| config.shard_port != 0)
             .filter_map(|k| u16::try_from(usize::from(config.shard_port) + k).ok());
@@ -79,7 +80,7 @@ impl Listeners {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
                     format!(
-                        "socket activation passed a socket on {addr} that no door of this \
+                        "{origin} passed a socket on {addr} that no door of this \
                          command line serves (-port, -ws, -tls-port, -tls-ws, -metrics, \
                          -shard-port)"
                     ),
@@ -114,7 +115,7 @@ impl Listeners {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidInput,
                         format!(
-                            "socket activation passed the unix socket {} but -unix names {}",
+                            "{origin} passed the unix socket {} but -unix names {}",
                             path.display(),
                             flag.display()
                         ),
@@ -171,7 +172,7 @@ impl Listeners {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "socket activation passed a second socket on port {}; each door takes one",
+                    "{origin} passed a second socket on port {}; each door takes one",
                     extra.local_addr()?.port()
                 ),
             ));
@@ -188,6 +189,15 @@ pub struct Inherited {
     pub tcp: Vec<StdTcpListener>,
     /// The unix socket listener and its path (systemd owns the file: it is not removed at exit).
     pub unix: Option<(StdUnixListener, PathBuf)>,
+    /// Who passed them, as errors name it: socket activation (None), or the running server a
+    /// live upgrade takes over from, whose doors keep their ports.
+    pub from: Option<&'static str>,
+}
+
+impl Inherited {
+    fn origin(&self) -> &'static str {
+        self.from.unwrap_or("socket activation")
+    }
 }
 
 impl Inherited {

@@ -49,7 +49,13 @@ fn main() -> ExitCode {
     // Sockets systemd passed (socket activation) are taken first, while the process has one
     // thread: taking them clears LISTEN_FDS and LISTEN_PID from the environment.
     let inherited = glockd::doors::Inherited::from_env();
-    let mut config = Config::from_args();
+    let mut handover = handover;
+    // A successor whose flags do not parse tells the running server why (which carries on).
+    let mut config = Config::from_args_or(|why| {
+        if let Some(handover) = handover.as_mut() {
+            handover.refuse(why);
+        }
+    });
     let mut handover = match handover.map(|h| h.ready(&config)).transpose() {
         Ok(handover) => handover,
         Err(e) => return fail(1, &format!("cannot take over: {e}")),
@@ -199,6 +205,7 @@ fn main() -> ExitCode {
         args,
         pidfile: settings.pidfile.clone(),
         timeout: std::time::Duration::from_secs(settings.upgrade_timeout),
+        max_pause: std::time::Duration::from_millis(settings.upgrade_max_pause_ms),
     };
     runtime.block_on(serve_until_signalled(server, &mut signals, exit, upgrade))
 }
@@ -346,6 +353,7 @@ async fn serve_until_signalled(
     exit: Exit,
     upgrade: upgrade::Upgrader,
 ) -> ExitCode {
+    let upgrade = std::sync::Arc::new(upgrade);
     let stopped_by = loop {
         let (name, action) = signals.recv().await;
         match action {
@@ -361,8 +369,16 @@ async fn serve_until_signalled(
             Action::Status => log_status(name, Some(&server)),
             Action::Upgrade => {
                 let held: Vec<_> = exit.pidfile.iter().map(Pidfile::handed).collect();
-                if upgrade.run(&mut server, held) {
-                    exit.handed_over();
+                let (back, then) = upgrading(server, held, &upgrade, signals).await;
+                server = back;
+                match then {
+                    AfterUpgrade::HandedOver => exit.handed_over(),
+                    AfterUpgrade::Serve => {}
+                    AfterUpgrade::Shutdown(name) => break name,
+                    AfterUpgrade::Quit(name) => {
+                        warn!(event = "quit", signal = %name, "exiting at once, without draining connections");
+                        exit.now(AT_ONCE);
+                    }
                 }
             }
             Action::Reload => {
@@ -386,10 +402,99 @@ async fn serve_until_signalled(
                     exit.now(AT_ONCE);
                 }
                 Action::Status => log_status(name, None),
+                Action::Upgrade => upgrade.refuse(name, "the server is shutting down"),
                 action => on_signal(name, action, None),
             }
         }
     }
+}
+
+/// What comes after a live upgrade.
+enum AfterUpgrade {
+    /// The successor serves everything: this process exits.
+    HandedOver,
+    /// Called off: serve on.
+    Serve,
+    /// A stopping signal came meanwhile (the upgrade was called off for it): shut down.
+    Shutdown(&'static str),
+    /// SIGQUIT came meanwhile: exit at once.
+    Quit(&'static str),
+}
+
+/// Runs a live upgrade off the signal loop, so that signals meanwhile are answered: a stopping
+/// signal calls the upgrade off (or, once it committed, is passed on to the new process) and
+/// then stops this server; another SIGUSR2 is refused; the rest wait for the upgrade's end.
+async fn upgrading(
+    server: ServerHandle,
+    held: Vec<(PathBuf, std::os::fd::RawFd)>,
+    upgrade: &std::sync::Arc<upgrade::Upgrader>,
+    signals: &mut Signals,
+) -> (ServerHandle, AfterUpgrade) {
+    let abort = glockd::upgrade::Abort::new();
+    let task = {
+        let (upgrade, abort) = (upgrade.clone(), abort.clone());
+        let mut server = server;
+        tokio::task::spawn_blocking(move || {
+            let handed = upgrade.run(&mut server, held, abort);
+            (server, handed)
+        })
+    };
+    tokio::pin!(task);
+    let mut stop: Option<(&'static str, bool)> = None;
+    let mut reload = None;
+    let (server, handed) = loop {
+        tokio::select! {
+            done = &mut task => match done {
+                Ok(done) => break done,
+                // The upgrade panicked on the blocking pool: the server is gone with it.
+                Err(e) => {
+                    warn!(event = "upgrade_failed", error = %e, "the live upgrade failed; exiting");
+                    logging::finish(logging::FINISH_WITHIN);
+                    std::process::exit(1);
+                }
+            },
+            (name, action) = signals.recv() => match action {
+                Action::Shutdown | Action::Quit => {
+                    info!(event = "upgrade_interrupted", signal = %name, "a stopping signal during a live upgrade: calling it off");
+                    // A second stopping signal means "now", as it does during shutdown.
+                    let now = action == Action::Quit || stop.is_some();
+                    stop = Some((name, now));
+                    let then = if now { "exits at once" } else { "shuts down" };
+                    abort.call_off(&format!("{name} came: the server {then}"));
+                }
+                Action::Upgrade => warn!(
+                    event = "upgrade_refused",
+                    signal = %name,
+                    "live upgrade refused: one is in progress"
+                ),
+                Action::Status => log_status(name, None),
+                Action::Reload => reload = Some(name),
+                action => on_signal(name, action, None),
+            }
+        }
+    };
+    if handed {
+        if let Some((name, _)) = stop {
+            // It committed before the signal could call it off: the new process gets it.
+            info!(event = "signal_passed_on", signal = %name, "passing the signal on to the new process");
+            abort.pass_on(if stop.is_some_and(|(_, quit)| quit) {
+                nix::sys::signal::Signal::SIGQUIT
+            } else {
+                nix::sys::signal::Signal::SIGTERM
+            });
+        }
+        return (server, AfterUpgrade::HandedOver);
+    }
+    if let Some(name) = reload {
+        on_signal(name, Action::Reload, Some(&server));
+        reload_users(&server);
+    }
+    let then = match stop {
+        None => AfterUpgrade::Serve,
+        Some((name, false)) => AfterUpgrade::Shutdown(name),
+        Some((name, true)) => AfterUpgrade::Quit(name),
+    };
+    (server, then)
 }
 
 /// The signals that neither stop the server nor ask for its status. A reload reopens the log
@@ -411,11 +516,6 @@ fn on_signal(name: &'static str, action: Action, server: Option<&ServerHandle>) 
             }
         }
         Action::Ignore => info!(event = "signal", signal = %name, "ignored"),
-        Action::Upgrade => warn!(
-            event = "upgrade_refused",
-            signal = %name,
-            "live upgrade refused: the server is shutting down"
-        ),
         _ => {}
     }
 }

@@ -158,24 +158,36 @@ impl ServerHandle {
         &mut self,
         request: &crate::upgrade::Request,
     ) -> Result<crate::upgrade::Summary, String> {
-        use crate::upgrade::{self, wire::Kind};
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = &self.server.upgrades;
+        stats.started.fetch_add(1, Relaxed);
+        let outcome = self.hand_over(request);
+        let stats = &self.server.upgrades;
+        match &outcome {
+            Ok(_) => stats.completed.fetch_add(1, Relaxed),
+            Err(_) => stats.rolled_back.fetch_add(1, Relaxed),
+        };
+        outcome
+    }
+
+    fn hand_over(
+        &mut self,
+        request: &crate::upgrade::Request,
+    ) -> Result<crate::upgrade::Summary, String> {
+        use crate::upgrade::{self, broke_off, wire::Kind};
+        use std::sync::atomic::Ordering::Relaxed;
         let server = self.server.clone();
-        let stats = &server.upgrades;
-        stats
-            .started
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let started = std::time::Instant::now();
         let deadline = started + request.timeout;
         let mut successor = upgrade::spawn(request, deadline)?;
         let pid = successor.child.id();
-        let closed_before = stats
-            .closed_connections
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let closed_before = server.upgrades.closed_connections.load(Relaxed);
         // From here no command is answered until the successor (or this server, if it is called
-        // off) serves again.
+        // off) serves again: -upgrade-max-pause-ms bounds how long.
         let paused = std::time::Instant::now();
-        let frozen = upgrade::freeze(&server, deadline)?;
-        let taken = match upgrade::take(&server, frozen, deadline) {
+        let pause_deadline = deadline.min(paused + request.max_pause);
+        let frozen = upgrade::freeze(&server, pause_deadline)?;
+        let taken = match upgrade::take(&server, frozen, pause_deadline) {
             Ok(taken) => taken,
             Err((why, frozen)) => {
                 upgrade::serve_frozen(&server, frozen);
@@ -193,18 +205,22 @@ impl ServerHandle {
             return Err("the shards did not give up their tables in time".into());
         }
         let connections = taken.image.conns.len() as u64;
-        let locks: u64 = taken
-            .image
-            .tables
-            .iter()
-            .map(|t| t.exclusive.len() as u64)
-            .sum();
-        let sent = self.send_state(&mut successor, request, &taken, deadline);
+        let (locks, shared) = taken.image.tables.iter().fold((0, 0), |(x, s), t| {
+            let holders: usize = t.shared.iter().map(|l| l.holders.len()).sum();
+            (x + t.exclusive.len() as u64, s + holders as u64)
+        });
+        let sent = self.send_state(&mut successor, request, &taken, pause_deadline);
         let outcome = sent.and_then(|()| {
             successor
                 .channel
                 .expect(Kind::Adopted)
-                .map_err(|e| format!("the new process did not take over: {e}"))?;
+                .map_err(|e| match e.kind() {
+                    io::ErrorKind::Other => e.to_string(),
+                    _ => broke_off("the new process did not take over", &e),
+                })?;
+            if !request.abort.commit() {
+                return Err("called off by a signal".to_owned());
+            }
             // The commit carries the pause and the whole time, for the successor's metrics.
             let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
             let times = [micros(paused.elapsed()), micros(started.elapsed())];
@@ -217,17 +233,17 @@ impl ServerHandle {
         match outcome {
             Ok(()) => {
                 successor.committed = true;
-                let pause = paused.elapsed();
-                let total = started.elapsed();
                 Ok(crate::upgrade::Summary {
                     pid,
-                    pause,
-                    total,
+                    pause: paused.elapsed(),
+                    total: started.elapsed(),
                     connections,
                     locks,
-                    closed: stats
+                    shared,
+                    closed: server
+                        .upgrades
                         .closed_connections
-                        .load(std::sync::atomic::Ordering::Relaxed)
+                        .load(Relaxed)
                         .saturating_sub(closed_before),
                 })
             }
@@ -278,6 +294,7 @@ impl ServerHandle {
         }
         let stats = &self.server.upgrades;
         let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        // As they will be once this upgrade completes (counted here only after the commit).
         description.stats = [
             load(&stats.started),
             load(&stats.completed) + 1,
@@ -300,10 +317,6 @@ impl ServerHandle {
     /// and serves on.
     fn take_back(&mut self, taken: crate::upgrade::Taken) {
         let server = self.server.clone();
-        server
-            .upgrades
-            .rolled_back
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match crate::upgrade::restore(&server, taken.image, taken.fds, Some(taken.departures)) {
             Ok(prepared) => crate::upgrade::serve(&server, prepared),
             Err(e) => {

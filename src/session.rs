@@ -110,6 +110,7 @@ pub struct HandedOver {
     pub conn: crate::ConnId,
     pub framed: bool,
     pub user: Option<String>,
+    pub auth_failures: u32,
     /// The answer of the wait it was in, if it was in one.
     pub answer: Option<oneshot::Receiver<Reply>>,
     pub quota: Option<Arc<Quota>>,
@@ -169,9 +170,7 @@ impl Session {
         let measure = core.server.measure_latency;
         let users = core.server.users.as_ref().map(|directory| {
             let mut gate = Box::new(Gate::new(directory.clone(), &peer));
-            if let Some(user) = &image.user {
-                gate.resume(user);
-            }
+            gate.resume(image.user.as_deref(), image.auth_failures);
             gate
         });
         let limit = core.server.config.max_locks_per_conn;
@@ -210,10 +209,12 @@ impl Session {
     pub fn hand_over(mut self) -> HandedOver {
         self.presence.handed_over = true;
         let user = self.users.as_mut().and_then(|gate| gate.authenticated());
+        let auth_failures = self.users.as_ref().map_or(0, |gate| gate.failures());
         HandedOver {
             conn: self.presence.conn,
             framed: self.framed,
             user,
+            auth_failures,
             answer: self.parked.take(),
             quota: self.quota.take(),
             admission: self.presence.take_admission(),
@@ -520,6 +521,10 @@ impl Session {
         .await;
         if frozen && self.carriable {
             self.parked = Some(answer);
+        } else if frozen {
+            // Not carried: answered as at shutdown, so the commands behind the wait still
+            // run before the connection closes (leaving, it leaves the queue too).
+            return Some(Reply::TimedOut);
         }
         decided
     }

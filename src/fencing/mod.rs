@@ -475,6 +475,15 @@ impl TokenClock {
         self.last = self.last.max(last);
     }
 
+    /// A live upgrade: tokens go on from `last`, the last one the old process issued, even if
+    /// this clock started higher (at the saved ceiling, which lies a reserve ahead of it).
+    /// Safe because the old process is stopped and `last` is its last token; starting at the
+    /// ceiling instead would move tokens, and the lock ages they give, a reserve ahead of the
+    /// clock at every upgrade.
+    pub fn continue_from(&mut self, last: u64) {
+        self.last = last;
+    }
+
     #[cold]
     #[inline(never)]
     fn near_ceiling(&mut self, token: u64) -> u64 {

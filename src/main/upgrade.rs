@@ -42,13 +42,21 @@ pub struct Upgrader {
     pub args: Vec<OsString>,
     pub pidfile: Option<PathBuf>,
     pub timeout: Duration,
+    pub max_pause: Duration,
 }
 
 impl Upgrader {
     /// Runs one upgrade; true once the successor serves everything (this process then exits
     /// without releasing anything), false if it was called off (everything runs here again).
-    pub fn run(&self, server: &mut ServerHandle, held: Vec<(PathBuf, RawFd)>) -> bool {
-        let extra = self.extra_flags();
+    pub fn run(
+        &self,
+        server: &mut ServerHandle,
+        held: Vec<(PathBuf, RawFd)>,
+        abort: std::sync::Arc<glockd::upgrade::Abort>,
+    ) -> bool {
+        // Asked by `glockd upgrade` (which waits for the outcome), or by a bare SIGUSR2.
+        let asked = self.request();
+        let extra = asked.clone().unwrap_or_default();
         let mut args = self.args.clone();
         args.extend(extra.iter().cloned());
         info!(
@@ -62,6 +70,8 @@ impl Upgrader {
             args,
             held,
             timeout: self.timeout,
+            max_pause: self.max_pause,
+            abort: abort.clone(),
         };
         let outcome = server.upgrade(&request);
         let line = match &outcome {
@@ -73,27 +83,36 @@ impl Upgrader {
                     total_ms = summary.total.as_secs_f64() * 1e3,
                     connections = summary.connections,
                     locks = summary.locks,
+                    shared_locks = summary.shared,
                     closed = summary.closed,
                     "live upgrade done: the new process serves every connection; exiting"
                 );
                 format!(
-                    "upgraded: pid {} serves {} connections and {} locks (paused {:.1} ms, {} \
-                     TLS/websocket connections closed)",
+                    "upgraded: pid {} serves {} connections, {} locks and {} shared lock \
+                     holders (paused {:.1} ms, {} TLS/websocket connections closed)",
                     summary.pid,
                     summary.connections,
                     summary.locks,
+                    summary.shared,
                     summary.pause.as_secs_f64() * 1e3,
                     summary.closed
                 )
             }
-            Err(why) => {
-                warn!(
-                    event = "upgrade_rolled_back",
-                    reason = %why,
-                    "live upgrade called off; this server carries on with every connection"
-                );
-                format!("upgrade called off, the running server carries on: {why}")
-            }
+            Err(why) => match abort.why() {
+                // Called off by a stopping signal: the server does not carry on.
+                Some(signalled) => {
+                    warn!(event = "upgrade_rolled_back", reason = %signalled, "live upgrade called off");
+                    format!("upgrade called off: {signalled}")
+                }
+                None => {
+                    warn!(
+                        event = "upgrade_rolled_back",
+                        reason = %why,
+                        "live upgrade called off; this server carries on with every connection"
+                    );
+                    format!("upgrade called off, the running server carries on: {why}")
+                }
+            },
         };
         if let Ok(summary) = &outcome {
             // Under systemd, the successor is the service's main process now: said before this
@@ -101,23 +120,50 @@ impl Upgrader {
             // taken for stopped. The successor says so too once it serves.
             let _ = sd_notify::notify(&[sd_notify::NotifyState::MainPid(summary.pid)]);
         }
-        self.report(&line);
+        if asked.is_some() {
+            self.report(&line);
+        }
         outcome.is_ok()
     }
 
-    /// The flags `glockd upgrade` added, if it asked.
-    fn extra_flags(&self) -> Vec<OsString> {
-        let Some(pidfile) = &self.pidfile else {
-            return Vec::new();
-        };
-        match std::fs::read(request_path(pidfile)) {
-            Ok(bytes) => bytes
+    /// A request that cannot be taken now (`signal` came during shutdown): logged, and
+    /// `glockd upgrade`, if it asked, told why at once.
+    pub fn refuse(&self, signal: &str, why: &str) {
+        warn!(event = "upgrade_refused", signal = %signal, "live upgrade refused: {why}");
+        if self.request().is_some() {
+            self.report(&format!("upgrade refused: {why}"));
+        }
+    }
+
+    /// The flags `glockd upgrade` added, if it asked: `PIDFILE.upgrade`, a regular file of
+    /// this process's user (one anybody else left beside the pidfile is not obeyed).
+    fn request(&self) -> Option<Vec<OsString>> {
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let pidfile = self.pidfile.as_ref()?;
+        let path = request_path(pidfile);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+            .open(&path)
+            .ok()?;
+        let meta = file.metadata().ok()?;
+        if !meta.is_file() || meta.uid() != nix::unistd::geteuid().as_raw() {
+            warn!(
+                event = "upgrade_request_ignored",
+                path = %path.display(),
+                "not a regular file of this server's user: its flags are not used"
+            );
+            return None;
+        }
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut file, &mut bytes).ok()?;
+        Some(
+            bytes
                 .split(|b| *b == 0)
                 .filter(|arg| !arg.is_empty())
                 .map(|arg| OsString::from_vec(arg.to_vec()))
                 .collect(),
-            Err(_) => Vec::new(),
-        }
+        )
     }
 
     /// Leaves the outcome for `glockd upgrade`, and ends the request.
@@ -215,7 +261,13 @@ impl Handover {
             )));
         }
         let mut fds = msg.fds.into_iter();
-        let mut inherited = Inherited::default();
+        let mut inherited = Inherited {
+            from: Some(
+                "the running server (a live upgrade keeps its doors; changing a port or \
+                 -metrics needs a restart)",
+            ),
+            ..Inherited::default()
+        };
         for fd in fds.by_ref().take(description.tcp) {
             inherited.tcp.push(std::net::TcpListener::from(fd));
         }
@@ -363,6 +415,19 @@ pub fn command() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // The server holds the pidfile locked while it runs: a pidfile nobody holds is a stale one,
+    // and its pid may be another process's by now.
+    if let Ok(file) = std::fs::File::open(&pidfile) {
+        use nix::fcntl::{Flock, FlockArg};
+        if Flock::lock(file, FlockArg::LockSharedNonblock).is_ok() {
+            eprintln!(
+                "glockd upgrade: no server holds {} (pid {pid} is not a glockd serving on it); \
+                 nothing signalled",
+                pidfile.display()
+            );
+            return ExitCode::from(1);
+        }
+    }
     let request = request_path(&pidfile);
     let result = result_path(&pidfile);
     let _ = std::fs::remove_file(&result);

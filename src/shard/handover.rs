@@ -66,7 +66,7 @@ impl ShardCore {
             departed,
         } = part;
         let armed = self.with_table(|table| {
-            table.restore_tokens(last_token);
+            table.continue_tokens(last_token);
             for held in &exclusive {
                 table.restore_exclusive(held.holder, &LockName::from(&held.name[..]), held.token);
             }

@@ -200,6 +200,13 @@ impl ShardTable {
         self.tokens.advance_past(last_token);
     }
 
+    /// Tokens go on from `last_token`, the last one a stopped process issued (see
+    /// [`crate::fencing::TokenClock::continue_from`]); restoring its locks afterwards keeps the
+    /// clock above each of their tokens.
+    pub fn continue_tokens(&mut self, last_token: u64) {
+        self.tokens.continue_from(last_token);
+    }
+
     /// Adds another table's running totals to this one's.
     pub fn add_counts(&mut self, counts: &CountsImage) {
         let own = &mut self.counts;

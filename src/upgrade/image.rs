@@ -37,6 +37,12 @@ pub struct ConnImage {
     pub user: Option<String>,
     /// It waits in a queue (`gw`, `sgw`); the queue is in the tables' image.
     pub waiting: bool,
+    /// Time left before `--idle-timeout` closes it, if that is on.
+    pub idle_left_ms: Option<u64>,
+    /// How long the unfinished line at the end of `input` has waited (`--line-timeout`).
+    pub unfinished_ms: Option<u64>,
+    /// Failed `auth`s in a row (`--auth-max-failures`).
+    pub auth_failures: u32,
 }
 
 /// What the registry knows of one connection (live, or gone with locks still to release).

@@ -68,6 +68,97 @@ pub struct Request {
     pub held: Vec<(PathBuf, RawFd)>,
     /// The whole hand-over's time limit.
     pub timeout: Duration,
+    /// The longest the clients may be kept waiting (from stopping the connections to the
+    /// successor's taking them over).
+    pub max_pause: Duration,
+    /// Lets the signal loop call the upgrade off.
+    pub abort: Arc<Abort>,
+}
+
+/// Calls a live upgrade off from outside it (a stopping signal meanwhile): the successor is
+/// killed, so every step waiting on it fails at once and the server takes everything back;
+/// once the upgrade has committed, nothing is called off any more.
+#[derive(Default)]
+pub struct Abort {
+    state: std::sync::Mutex<AbortState>,
+}
+
+#[derive(Default)]
+struct AbortState {
+    called_off: bool,
+    /// Why, as the outcome should say.
+    why: Option<String>,
+    committed: bool,
+    successor: Option<u32>,
+}
+
+impl Abort {
+    pub fn new() -> Arc<Abort> {
+        Arc::new(Abort::default())
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, AbortState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Calls the upgrade off, unless it has committed; `why` is what the outcome says.
+    pub fn call_off(&self, why: &str) {
+        let mut state = self.state();
+        state.called_off = true;
+        state.why.get_or_insert_with(|| why.to_owned());
+        if let (false, Some(pid)) = (state.committed, state.successor) {
+            kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    /// The successor started; false (and it is killed) if the upgrade was called off already.
+    fn started(&self, pid: u32) -> bool {
+        let mut state = self.state();
+        state.successor = Some(pid);
+        if state.called_off {
+            kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        !state.called_off
+    }
+
+    /// The point of no return: false if the upgrade was called off before it.
+    pub(crate) fn commit(&self) -> bool {
+        let mut state = self.state();
+        state.committed = !state.called_off;
+        state.committed
+    }
+
+    /// Why the upgrade was called off from outside, if it was.
+    pub fn why(&self) -> Option<String> {
+        self.state().why.clone()
+    }
+
+    /// Sends the committed successor a signal meant for this server (it serves now).
+    pub fn pass_on(&self, signal: nix::sys::signal::Signal) {
+        let state = self.state();
+        if let (true, Some(pid)) = (state.committed, state.successor) {
+            kill(pid, signal);
+        }
+    }
+}
+
+fn kill(pid: u32, signal: nix::sys::signal::Signal) {
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal);
+    }
+}
+
+/// What a failed receive from the other process means, for the operator.
+pub fn broke_off(step: &str, e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            format!("{step}: no answer in time (-upgrade-timeout, -upgrade-max-pause-ms)")
+        }
+        std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset => {
+            format!("{step}: the new process exited (its log says why)")
+        }
+        _ => format!("{step}: {e}"),
+    }
 }
 
 /// What an upgrade did.
@@ -77,7 +168,9 @@ pub struct Summary {
     pub pause: Duration,
     pub total: Duration,
     pub connections: u64,
+    /// Exclusive locks, and holders of shared locks.
     pub locks: u64,
+    pub shared: u64,
     pub closed: u64,
 }
 
@@ -135,19 +228,26 @@ pub fn spawn(request: &Request, deadline: Instant) -> Result<Successor, String> 
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", request.exe.display()))?;
     drop(theirs);
+    let started = request.abort.started(child.id());
     let mut successor = Successor {
         child,
         channel: wire::Channel::new(ours),
         committed: false,
     };
+    if !started {
+        return Err("called off".into());
+    }
     successor
         .channel
         .set_deadline(deadline)
         .map_err(|e| e.to_string())?;
-    let ready = successor
-        .channel
-        .expect(wire::Kind::Ready)
-        .map_err(|e| format!("the new process did not start: {e}"))?;
+    let ready = successor.channel.expect(wire::Kind::Ready).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::Other {
+            e.to_string()
+        } else {
+            broke_off("the new process did not start", &e)
+        }
+    })?;
     let version = String::from_utf8_lossy(&ready.body).into_owned();
     if version != image::VERSION.to_string() {
         return Err(format!(

@@ -145,9 +145,16 @@ impl Gate {
         self.user().map(|user| user.name.to_string())
     }
 
+    /// Failed `auth`s in a row, to carry across a live upgrade.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
     /// After a live upgrade: the connection is `name` again, as it was before, if the users
-    /// file in force still has that user.
-    pub fn resume(&mut self, name: &str) {
+    /// file in force still has that user, with its failed `auth`s in a row so far.
+    pub fn resume(&mut self, name: Option<&str>, failures: u32) {
+        self.failures = failures;
+        let Some(name) = name else { return };
         if let Some(user) = self.directory.current().by_name(name.as_bytes()) {
             self.seen = self.directory.generation();
             self.user = Some(user);

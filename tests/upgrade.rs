@@ -450,3 +450,83 @@ fn under_systemd_the_new_process_is_announced_as_the_main_one() {
     assert!(server.child.wait().expect("old process").success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_new_process_that_hangs_is_given_up_after_the_pause_limit() {
+    let server = Server::start("pause", &["-upgrade-max-pause-ms", "300"]);
+    let holdings = Holdings::take(&server, "pause");
+    let (ok, said) = server.upgrade(&["-upgrade-fail-at", "hang"]);
+    assert!(!ok, "{said}");
+    assert!(said.contains("no answer in time"), "{said}");
+    holdings.check(&server);
+}
+
+#[test]
+fn a_stopping_signal_during_an_upgrade_calls_it_off_and_stops_the_server() {
+    let mut server = Server::start("term", &[]);
+    let pid = nix::unistd::Pid::from_raw(server.pid() as i32);
+    let asked = {
+        let exe = server.exe.clone();
+        let pidfile = server.pidfile();
+        std::thread::spawn(move || {
+            let _forking = forking();
+            Command::new(exe)
+                .arg("upgrade")
+                .arg("-pidfile")
+                .arg(pidfile)
+                .args(["-upgrade-fail-at", "hang"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("glockd upgrade")
+        })
+        .join()
+        .expect("spawned")
+    };
+    // Once the upgrade is under way (the new process, a child of the server, exists), SIGTERM.
+    let until = Instant::now() + Duration::from_secs(20);
+    while !has_child(pid.as_raw()) {
+        assert!(Instant::now() < until, "the upgrade never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let out = asked.wait_with_output().expect("outcome");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("called off: SIGTERM came"), "{said}");
+    assert!(server.child.wait().expect("exits").success());
+}
+
+#[test]
+fn upgrade_signals_no_process_whose_pidfile_no_server_holds() {
+    let dir = temp_dir("upgrade", "stale");
+    let pidfile = dir.join("stale.pid");
+    // A pid that is alive but is no server: this test's own.
+    std::fs::write(&pidfile, std::process::id().to_string()).expect("pidfile");
+    let out = Command::new(env!("CARGO_BIN_EXE_glockd"))
+        .arg("upgrade")
+        .arg("-pidfile")
+        .arg(&pidfile)
+        .output()
+        .expect("glockd upgrade");
+    assert_eq!(out.status.code(), Some(1));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("no server holds"), "{said}");
+    assert!(!dir.join("stale.pid.upgrade").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether process `pid` has a child now.
+fn has_child(pid: i32) -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    entries.flatten().any(|entry| {
+        std::fs::read_to_string(entry.path().join("stat")).is_ok_and(|stat| {
+            // `pid (comm) state ppid …`: the fields after the last ')'.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|ppid| ppid.parse::<i32>().ok())
+                == Some(pid)
+        })
+    })
+}

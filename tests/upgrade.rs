@@ -5,6 +5,7 @@
 //! waiters are served in order. Each step of the hand-over is also made to fail in turn: the
 //! running server then carries on with everything.
 
+mod common;
 mod process;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -529,4 +530,39 @@ fn has_child(pid: i32) -> bool {
                 == Some(pid)
         })
     })
+}
+
+#[test]
+fn tls_connections_are_closed_at_an_upgrade_and_their_locks_released() {
+    let (pki, certs) = common::pki::shared();
+    let tls_port = free_port().to_string();
+    let cert = certs.cert.to_string_lossy().into_owned();
+    let key = certs.key.to_string_lossy().into_owned();
+    let server = Server::start(
+        "tls",
+        &["-tls-port", &tls_port, "-tls-cert", &cert, "-tls-key", &key],
+    );
+    let tls = common::pki::client(&pki.ca, None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let addr = format!("127.0.0.1:{tls_port}");
+    let mut client = runtime
+        .block_on(glockd::client::Client::connect_tls(addr.as_str(), &tls))
+        .expect("TLS connects");
+    assert!(runtime.block_on(client.get("over-tls")).expect("g"));
+    let (ok, said) = server.upgrade(&[]);
+    assert!(ok, "{said}");
+    assert!(
+        said.contains(", 1 TLS/websocket connections closed"),
+        "{said}"
+    );
+    // Closed as at shutdown, its lock released; a new TLS connection is served.
+    assert!(runtime.block_on(client.command(b"i over-tls")).is_err());
+    assert_eq!(ask(server.port, "g over-tls\n"), "1 Got Lock\n");
+    let mut again = runtime
+        .block_on(glockd::client::Client::connect_tls(addr.as_str(), &tls))
+        .expect("TLS connects after the upgrade");
+    assert!(runtime.block_on(again.get("after")).expect("g"));
 }

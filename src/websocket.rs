@@ -326,7 +326,9 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
     let mut turn_lines = 0usize;
     let mut turn_bytes = 0usize;
     loop {
-        if core.is_closing() || core.conns.is_freezing() {
+        // Shutting down (or a live upgrade, which does not carry websockets): what the client
+        // sent already, messages read while a command waited included, is answered first.
+        if (core.is_closing() || core.conns.is_freezing()) && stash.is_empty() {
             return Disconnect::Shutdown;
         }
         // What the connection's own buffers hold; `next_message` adds what the library holds
@@ -356,6 +358,7 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             }
         };
         let message = tokio::select! {
+            biased;
             message = next => message,
             // Websockets are not carried by a live upgrade: they close as at shutdown.
             _ = core.conns.stopping() => return Disconnect::Shutdown,

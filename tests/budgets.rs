@@ -188,6 +188,37 @@ async fn sixty_four_kib_behind_a_wait_is_kept(setup: Setup) {
     waiter.expect("1 Got Lock\n1 Locked\n").await;
 }
 
+/// At shutdown a waiter is answered `0 Timed Out`, and what it sent behind its wait (read
+/// meanwhile) is answered too before its connection closes, on every door.
+async fn shutdown_answers_a_waiter_and_what_it_sent_behind(setup: Setup) {
+    let server = TestServer::start_with(setup, |_| {});
+    let mut holder = Raw::connect(server.addr).await;
+    holder.check("g L\n", "1 Got Lock\n").await;
+    let mut waiter = server.connect().await;
+    waiter.send("gw 3600000 L\n").await;
+    server
+        .wait_for_stats("the waiter to queue", |stats| stats["lock_waiters"] == 1)
+        .await;
+    waiter.send("si S\n").await;
+    // Read by the server while the wait goes on (it keeps reading to see the client leave).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopper = std::thread::spawn(move || drop(server));
+    // Timed out, or granted if the holder's thread closed it first.
+    let answer = waiter.line().await;
+    assert!(
+        answer == "0 Timed Out\n" || answer == "1 Got Lock\n",
+        "{answer:?}"
+    );
+    waiter.expect("0 Not Shared Locked\n").await;
+    waiter.expect_closed_or_reset().await;
+    stopper.join().expect("stopped");
+}
+
+mod shutdown {
+    use super::*;
+    crate::for_each_transport!(shutdown_answers_a_waiter_and_what_it_sent_behind);
+}
+
 mod exact_read_ahead {
     use super::*;
     crate::for_each_byte_stream!(sixty_four_kib_behind_a_wait_is_kept);

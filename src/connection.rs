@@ -685,20 +685,20 @@ struct Start {
 }
 
 /// What a connection stopped for a live upgrade leaves: its unread input and unsent replies.
-struct Left {
-    input: Vec<u8>,
-    output: Vec<u8>,
-    eof: bool,
-    pipelining: bool,
-    timers: Timers,
+pub(crate) struct Left {
+    pub(crate) input: Vec<u8>,
+    pub(crate) output: Vec<u8>,
+    pub(crate) eof: bool,
+    pub(crate) pipelining: bool,
+    pub(crate) timers: Timers,
 }
 
 /// Where a connection's `--idle-timeout` and `--line-timeout` clocks stood, carried across a
 /// live upgrade so that it does not buy a client more time.
 #[derive(Clone, Copy, Default)]
-struct Timers {
-    idle_left: Option<std::time::Duration>,
-    unfinished_for: Option<std::time::Duration>,
+pub(crate) struct Timers {
+    pub(crate) idle_left: Option<std::time::Duration>,
+    pub(crate) unfinished_for: Option<std::time::Duration>,
 }
 
 impl Timers {
@@ -797,7 +797,14 @@ where
     let reason = run(&core, &mut stream, &mut session, start, &mut left).await;
     if let (Disconnect::HandedOver, Some(left)) = (reason, left) {
         farewell.say(reason);
-        hand_over(&core, stream, session, *left);
+        match stream.carry() {
+            Some((fd, door)) => hand_over(&core, fd, door, session, *left),
+            // Cannot happen for the streams that are carried; were it to, the connection's
+            // locks stay with its id until the upgrade ends, and the client sees it close.
+            None => {
+                tracing::warn!(event = "carry_failed", "could not carry a connection");
+            }
+        }
         return;
     }
     if let Some(why) = reason.close_reason() {
@@ -823,15 +830,21 @@ where
     }
 }
 
-/// Hands a stopped connection to the live upgrade in progress on this thread.
-fn hand_over<S: Carry>(core: &Rc<ShardCore>, stream: S, session: Session, left: Left) {
+/// Hands a stopped connection (its socket, by the door it came in) to the live upgrade in
+/// progress on this thread.
+pub(crate) fn hand_over(
+    core: &Rc<ShardCore>,
+    fd: std::os::fd::OwnedFd,
+    door: ConnDoor,
+    session: Session,
+    left: Left,
+) {
     let handed = session.hand_over();
     // The protocol id, as the registry (which the successor gets too) has it.
     let raw = core.server.registry.holder_text(handed.conn, true);
     let id_text = String::from_utf8_lossy(&raw).into_owned();
-    let (Some((fd, door)), Some(admission)) = (stream.carry(), handed.admission) else {
-        // Cannot happen for the streams that are carried; were it to, the connection's locks
-        // stay with its id until the upgrade ends, and the client sees its connection close.
+    let Some(admission) = handed.admission else {
+        // Cannot happen: a session keeps its place until it is handed over.
         tracing::warn!(event = "carry_failed", conn = %id_text, "could not carry a connection");
         return;
     };

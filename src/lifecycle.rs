@@ -395,6 +395,16 @@ fn freeze(core: &Rc<ShardCore>, done: std::sync::mpsc::Sender<Vec<Frozen>>) {
 fn resume(core: &Rc<ShardCore>, resumed: Resumed) {
     let Resumed { fd, conn } = resumed;
     let result = match conn.image.door {
+        crate::upgrade::ConnDoor::Ws => {
+            let stream = std::net::TcpStream::from(fd);
+            stream
+                .set_nonblocking(true)
+                .and_then(|()| TcpStream::from_std(stream))
+                .map(|stream| {
+                    let serve = crate::websocket::resume(core.clone(), stream, conn);
+                    tokio::task::spawn_local(serve);
+                })
+        }
         crate::upgrade::ConnDoor::Tcp => {
             let stream = std::net::TcpStream::from(fd);
             stream

@@ -13,7 +13,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -21,32 +21,48 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::WebSocketStream;
 
 use crate::client_buffers::BufferMeter;
-use crate::connection::{Disconnect, Farewell, MAX_BATCH, TURN_REPLY_BYTES, WAIT_READ_AHEAD};
+use crate::connection::{
+    Carry, Disconnect, Farewell, MAX_BATCH, TURN_REPLY_BYTES, WAIT_READ_AHEAD,
+};
 use crate::framer::{LineFramer, LineTooLong};
-use crate::lifecycle::Admission;
+use crate::lifecycle::{Admission, Carried};
 use crate::protocol;
 use crate::session::{PeerWatch, Session, Step};
 use crate::shard::ShardCore;
+use crate::upgrade::ConnDoor;
+
+mod frames;
+
+use frames::Unread;
 
 /// The websocket over a client's stream that notes when bytes of a message not yet complete
-/// began to arrive, for `--line-timeout`.
+/// began to arrive, for `--line-timeout`, and keeps what the library has not handed out, for
+/// a live upgrade.
 type Ws = WebSocketStream<Marked>;
 
 /// A client's byte stream, plain TCP or TLS.
-trait ByteStream: AsyncRead + AsyncWrite + Unpin {}
+trait ByteStream: AsyncRead + AsyncWrite + Unpin {
+    /// The socket, for a live upgrade to carry (None for a TLS stream, which is not carried).
+    fn into_fd(self: Box<Self>) -> Option<std::os::fd::OwnedFd>;
+}
 
-impl<S: AsyncRead + AsyncWrite + Unpin> ByteStream for S {}
+impl<S: AsyncRead + AsyncWrite + Unpin + Carry> ByteStream for S {
+    fn into_fd(self: Box<Self>) -> Option<std::os::fd::OwnedFd> {
+        (*self).carry().map(|(fd, _)| fd)
+    }
+}
 
 /// A client's stream that remembers when it was first read from since the last complete
 /// message (the caller clears [`Marked::since`] after each one), so that a message left
-/// unfinished can be timed without a timer per message; and how much was read, so that what
-/// the library holds of messages not yet complete is counted against `--max-client-buffers`,
-/// and what is read behind a waiting command is bounded.
+/// unfinished can be timed without a timer per message; how much was read, so that what is
+/// read behind a waiting command is bounded; and, for a connection a live upgrade carries,
+/// the bytes the library holds of messages not yet handed out (also what is counted against
+/// `--max-client-buffers`), and the replies written while the upgrade stops the connection.
 struct Marked {
     /// The client's connection. Boxed rather than generic, so the websocket code exists once
     /// whatever the stream: one call through a pointer per read or write is nothing beside the
@@ -56,20 +72,65 @@ struct Marked {
     since: Cell<Option<Instant>>,
     /// Bytes read so far.
     read: Cell<u64>,
-    /// `read` when the last complete message was taken.
-    taken: Cell<u64>,
+    /// What the client sent that the library has not handed out as messages yet.
+    unread: Unread,
+    /// Set for a connection a live upgrade carries: while the upgrade stops this thread's
+    /// connections, what the library writes is kept in `held` instead of waiting for a client
+    /// that may not read, so that it is carried with the connection.
+    carried: Option<Rc<ShardCore>>,
+    /// Reply bytes kept for a live upgrade, or carried by one: written before anything else.
+    held: Vec<u8>,
+    /// How much of `held` is written.
+    held_written: usize,
 }
 
 impl Marked {
+    fn new(stream: Box<dyn ByteStream>, carried: Option<Rc<ShardCore>>, unread: Unread) -> Self {
+        Marked {
+            stream,
+            since: Cell::new(None),
+            read: Cell::new(0),
+            unread,
+            carried,
+            held: Vec::new(),
+            held_written: 0,
+        }
+    }
+
     /// Bytes read and not yet handed out as a complete message: what the library buffers.
     fn unfinished(&self) -> usize {
-        usize::try_from(self.read.get() - self.taken.get()).unwrap_or(usize::MAX)
+        self.unread.len()
     }
 
     /// A complete message was handed out: its bytes are no longer the library's.
-    fn took_message(&self) {
+    fn took_message(&mut self) {
         self.since.set(None);
-        self.taken.set(self.read.get());
+        self.unread.handed_out();
+    }
+
+    /// Whether writes are kept for a live upgrade now.
+    fn keeps_writes(&self) -> bool {
+        self.carried
+            .as_ref()
+            .is_some_and(|core| core.conns.is_freezing())
+    }
+
+    /// Writes what was kept back, before anything newer.
+    fn poll_write_held(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.held_written < self.held.len() {
+            let rest = &self.held[self.held_written..];
+            match Pin::new(&mut self.stream).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => self.held_written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        if !self.held.is_empty() {
+            self.held = Vec::new();
+            self.held_written = 0;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -82,11 +143,14 @@ impl AsyncRead for Marked {
         let this = self.get_mut();
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        let got = buf.filled().len() - before;
-        if got > 0 {
-            this.read.set(this.read.get() + got as u64);
+        let got = &buf.filled()[before..];
+        if !got.is_empty() {
+            this.read.set(this.read.get() + got.len() as u64);
             if this.since.get().is_none() {
                 this.since.set(Some(Instant::now()));
+            }
+            if this.carried.is_some() {
+                this.unread.record(got);
             }
         }
         read
@@ -99,15 +163,34 @@ impl AsyncWrite for Marked {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+        let this = self.get_mut();
+        if this.keeps_writes() {
+            this.held.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        if let Err(e) = ready!(this.poll_write_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.stream).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+        let this = self.get_mut();
+        if this.keeps_writes() {
+            return Poll::Ready(Ok(()));
+        }
+        if let Err(e) = ready!(this.poll_write_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+        let this = self.get_mut();
+        if let Err(e) = ready!(this.poll_write_held(cx)) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut this.stream).poll_shutdown(cx)
     }
 }
 
@@ -126,12 +209,14 @@ enum NoMessage {
 async fn next_message(
     ws: &mut Ws,
     limit: Option<Duration>,
+    since: Option<Instant>,
     meter: &mut BufferMeter,
     held: usize,
 ) -> Result<Option<Result<Message, WsError>>, NoMessage> {
     // Bytes read before this call (while a command waited, into the stash) start no clock:
-    // timing restarts with the next read, which errs on the client's side.
-    ws.get_ref().since.set(None);
+    // timing restarts with the next read, which errs on the client's side. (A connection
+    // carried by a live upgrade goes on with the clock of the message it was receiving.)
+    ws.get_ref().since.set(since);
     let mut timer: Option<Pin<Box<Sleep>>> = None;
     let next = std::future::poll_fn(|cx| {
         if let Poll::Ready(message) = ws.poll_next_unpin(cx) {
@@ -156,7 +241,11 @@ async fn next_message(
     let message = next.await;
     // Complete: the next message's time starts with its first bytes. (Bytes of it already
     // read along with this one are at most one read, and are timed from the next read.)
-    ws.get_ref().took_message();
+    if let Ok(Some(Ok(_))) = &message {
+        ws.get_mut().took_message();
+    } else {
+        ws.get_ref().since.set(None);
+    }
     message
 }
 
@@ -210,7 +299,7 @@ impl PeerWatch for WsWatch<'_> {
                     return Poll::Ready(());
                 }
                 Poll::Ready(Some(Ok(message))) => {
-                    self.ws.get_ref().took_message();
+                    self.ws.get_mut().took_message();
                     self.stash.push_back(message);
                 }
                 Poll::Pending => return Poll::Pending,
@@ -219,30 +308,39 @@ impl PeerWatch for WsWatch<'_> {
     }
 }
 
-/// Serves one websocket connection, over plain TCP or TLS, until it closes.
-pub async fn serve<S>(core: Rc<ShardCore>, stream: S, id: String, admission: Admission, peer: Peer)
-where
-    S: AsyncRead + AsyncWrite + Unpin + 'static,
-{
-    let config = &core.server.config;
-    let limits = config.conn_limits();
+/// The library's settings for a connection.
+fn ws_config(limits: &crate::config::ConnLimits) -> WebSocketConfig {
     // Replies are flushed, at the client's pace, whenever more than --max-unsent-bytes of them
     // are buffered (and after every message), so the library's own cap on its write buffer
     // would only refuse a listing bigger than that: leave it unbounded. (It must also exceed
     // the library's write buffer size, or every connection panics.) A message may carry many
     // commands, each line bounded by --max-line-bytes as over TCP; the message as a whole by
     // the larger of that and --max-unsent-bytes.
-    let max_message = limits.max_line.max(limits.max_unsent);
+    let max_message = max_message(limits);
     // The library's read buffer starts (and reads) at WS_READ_BUFFER bytes and grows only for a
     // bigger message; replies are written once WS_WRITE_BUFFER bytes of them are queued, or at
     // every flush. Its defaults (128 KiB each) made an idle websocket cost forty times an idle
     // TCP connection.
-    let ws_config = WebSocketConfig::default()
+    WebSocketConfig::default()
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
-        .max_write_buffer_size(usize::MAX);
+        .max_write_buffer_size(usize::MAX)
+}
+
+/// The largest message (and frame) a client may send.
+fn max_message(limits: &crate::config::ConnLimits) -> usize {
+    limits.max_line.max(limits.max_unsent)
+}
+
+/// Serves one websocket connection, over plain TCP or TLS, until it closes.
+pub async fn serve<S>(core: Rc<ShardCore>, stream: S, id: String, admission: Admission, peer: Peer)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Carry + 'static,
+{
+    let config = &core.server.config;
+    let limits = config.conn_limits();
     let allowed: Vec<String> = config.allowed_origins().map(str::to_owned).collect();
     // The error type is the handshake library's own HTTP response; its size is not ours to
     // choose, and it is built at most once per connection.
@@ -252,14 +350,16 @@ where
             .then_some(response)
             .ok_or_else(forbidden)
     };
-    let stream = Marked {
-        stream: Box::new(stream),
-        since: Cell::new(None),
-        read: Cell::new(0),
-        taken: Cell::new(0),
-    };
-    let handshake =
-        tokio_tungstenite::accept_hdr_async_with_config(stream, check_origin, Some(ws_config));
+    // Only a plain TCP websocket is carried by a live upgrade (a TLS one is closed, as TLS
+    // connections are): only its bytes are followed.
+    let carried = S::CARRIED.then(|| core.clone());
+    let unread = Unread::new(max_message(&limits));
+    let stream = Marked::new(Box::new(stream), carried, unread);
+    let handshake = tokio_tungstenite::accept_hdr_async_with_config(
+        stream,
+        check_origin,
+        Some(ws_config(&limits)),
+    );
     // Until the handshake is done the client holds a connection place without being one:
     // --ws-handshake-timeout bounds how long.
     let mut ws = match tokio::time::timeout(limits.ws_handshake_timeout, handshake).await {
@@ -281,14 +381,92 @@ where
             return;
         }
     };
-    // The handshake's bytes were no message.
-    ws.get_ref().took_message();
+    // The handshake's bytes were no message; frames sent right behind them are.
+    let marked = ws.get_mut();
+    marked.since.set(None);
+    marked.unread.handshake_done();
     if core.conns.is_freezing() {
-        return; // a live upgrade is stopping this thread: not carried, closed
+        // A live upgrade is stopping this thread, and has counted the connections it waits
+        // for: one that only now became one is closed.
+        return;
     }
     let farewell = Farewell::new(&core, &id);
     let mut session = Session::new(core.clone(), id, admission, peer);
-    let reason = run(&core, &mut ws, &mut session).await;
+    session.set_carriable(S::CARRIED);
+    serve_session(&core, ws, session, farewell, None).await;
+}
+
+/// Serves a websocket connection carried by a live upgrade, from where it was stopped.
+pub async fn resume(core: Rc<ShardCore>, stream: tokio::net::TcpStream, carried: Carried) {
+    let limits = core.server.config.conn_limits();
+    let Carried {
+        image,
+        answer,
+        quota,
+        admission,
+    } = carried;
+    let farewell = Farewell::new(&core, &image.id_text);
+    let session = Session::resume(core.clone(), &image, quota, admission, Peer::websocket());
+    // What the library had not handed out goes to the new one as if just read; the replies
+    // that were not written go out first.
+    let unread = Unread::carried(max_message(&limits), &image.input);
+    let mut marked = Marked::new(Box::new(stream), Some(core.clone()), unread);
+    marked.held = image.output;
+    let ws = WebSocketStream::from_partially_read(
+        marked,
+        image.input,
+        Role::Server,
+        Some(ws_config(&limits)),
+    )
+    .await;
+    let ms = |ms: u64| Duration::from_millis(ms);
+    let start = Start {
+        answer,
+        idle_left: image.idle_left_ms.map(ms),
+        unfinished_for: image.unfinished_ms.map(ms),
+    };
+    serve_session(&core, ws, session, farewell, Some(Box::new(start))).await;
+}
+
+/// Where a carried connection starts again.
+struct Start {
+    /// The answer of the wait it was in.
+    answer: Option<tokio::sync::oneshot::Receiver<protocol::Reply>>,
+    /// Time left of its `--idle-timeout` when it was waiting for a message.
+    idle_left: Option<Duration>,
+    /// How long the message it was receiving had been on its way (`--line-timeout`).
+    unfinished_for: Option<Duration>,
+}
+
+/// What a connection stopped for a live upgrade leaves besides its stream: the lines of a
+/// message not run yet, the messages read while a command waited, and its clocks.
+#[derive(Default)]
+struct Left {
+    lines: Vec<u8>,
+    stash: VecDeque<Message>,
+    idle_left: Option<Duration>,
+    unfinished_for: Option<Duration>,
+}
+
+async fn serve_session(
+    core: &Rc<ShardCore>,
+    mut ws: Ws,
+    mut session: Session,
+    farewell: Farewell,
+    start: Option<Box<Start>>,
+) {
+    let limits = core.server.config.conn_limits();
+    let mut left = Left::default();
+    let reason = run(core, &mut ws, &mut session, start, &mut left).await;
+    if reason == Disconnect::HandedOver {
+        farewell.say(reason);
+        hand_over(core, ws, session, left);
+        return;
+    }
+    // Not carried after all: what was kept back for a live upgrade is the client's last words.
+    let marked = ws.get_mut();
+    marked.carried = None;
+    let kept = marked.held.len() > marked.held_written;
     if let Some(why) = reason.close_reason() {
         core.cell().closed_because(why);
     }
@@ -297,6 +475,10 @@ where
     farewell.say(reason);
     // Counted closed before the client can see the close (see `connection::serve`).
     drop(session);
+    if kept && !reason.is_clean() {
+        // Offered if the socket takes it now (a clean ending writes it before its close frame).
+        let _ = futures_util::FutureExt::now_or_never(ws.flush());
+    }
     // A clean ending gets a close frame; a broken or stalled connection would not take it.
     if reason.is_clean() {
         // The sink's close: it answers a close frame the client sent (and sends ours otherwise).
@@ -309,11 +491,65 @@ where
     }
 }
 
+/// Hands a connection stopped for a live upgrade to it: its socket; as its input, the lines
+/// and messages it had read but not run (as frames) followed by the bytes the library had
+/// not handed out; as its output, the frames not written.
+fn hand_over(core: &Rc<ShardCore>, mut ws: Ws, session: Session, left: Left) {
+    // Whatever the library still has to write goes into the kept bytes at once (the writes
+    // are kept while the upgrade stops the thread).
+    let flushed = futures_util::FutureExt::now_or_never(ws.flush());
+    let mut marked = ws.into_inner();
+    if !matches!(flushed, Some(Ok(()))) {
+        // Cannot happen while writes are kept; were it to, the connection closes.
+        tracing::warn!(
+            event = "carry_failed",
+            "could not carry a websocket connection"
+        );
+        return;
+    }
+    let mut input = Vec::new();
+    if !left.lines.is_empty() {
+        frames::push_message(&mut input, &left.lines);
+    }
+    for message in &left.stash {
+        if let Message::Text(_) | Message::Binary(_) = message {
+            frames::push_message(&mut input, &message.clone().into_data());
+        }
+    }
+    input.extend_from_slice(&marked.unread.take());
+    let output = marked.held.split_off(marked.held_written);
+    let Some(fd) = marked.stream.into_fd() else {
+        tracing::warn!(
+            event = "carry_failed",
+            "could not carry a websocket connection"
+        );
+        return;
+    };
+    let left = crate::connection::Left {
+        input,
+        output,
+        eof: false,
+        pipelining: false,
+        timers: crate::connection::Timers {
+            idle_left: left.idle_left,
+            unfinished_for: left.unfinished_for,
+        },
+    };
+    crate::connection::hand_over(core, fd, ConnDoor::Ws, session, left);
+}
+
 /// Runs a websocket connection's messages until it ends, and says why.
-async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Disconnect {
+async fn run(
+    core: &Rc<ShardCore>,
+    ws: &mut Ws,
+    session: &mut Session,
+    start: Option<Box<Start>>,
+    left: &mut Left,
+) -> Disconnect {
     let limits = core.server.config.conn_limits();
     let write_timeout = limits.write_timeout;
     let idle_timeout = limits.idle_timeout;
+    let carried = ws.get_ref().carried.is_some();
     // Each line of a message is bounded as over TCP; a message ends its last line as end of
     // input would (one more byte for the newline added then).
     let mut lines = LineFramer::new(limits.max_line.saturating_add(1));
@@ -325,9 +561,48 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
     // Lines run, and reply bytes made, since the connection last let the others have a turn.
     let mut turn_lines = 0usize;
     let mut turn_bytes = 0usize;
+    // A carried connection's clocks go on where they stood.
+    let (mut idle_left, mut unfinished_since) = (None, None);
+    if let Some(start) = start {
+        let Start {
+            answer,
+            idle_left: idle,
+            unfinished_for,
+        } = *start;
+        idle_left = idle;
+        unfinished_since = unfinished_for.and_then(|d| Instant::now().checked_sub(d));
+        if let Some(answer) = answer {
+            let mut watch = WsWatch {
+                read_before: ws.get_ref().read.get(),
+                ws: &mut *ws,
+                stash: &mut stash,
+                meter: &meter,
+                ended: None,
+            };
+            let waited = session.resume_wait(answer, &mut out, &mut watch).await;
+            let ended = watch.ended;
+            if waited.is_err() {
+                if session.is_parked() {
+                    left.stash = stash;
+                    return Disconnect::HandedOver;
+                }
+                return waited_out(core, ws, session, &out, ended, write_timeout).await;
+            }
+            if let Err(reason) = send(ws, reply_message(&out), write_timeout).await {
+                return reason;
+            }
+            out.clear();
+        }
+    }
     loop {
-        // Shutting down (or a live upgrade, which does not carry websockets): what the client
-        // sent already, messages read while a command waited included, is answered first.
+        if carried && core.conns.is_freezing() {
+            // Stopped for a live upgrade, between two messages.
+            left.stash = std::mem::take(&mut stash);
+            return Disconnect::HandedOver;
+        }
+        // Shutting down (or a live upgrade, which does not carry a TLS websocket): what the
+        // client sent already, messages read while a command waited included, is answered
+        // first.
         if (core.is_closing() || core.conns.is_freezing()) && stash.is_empty() {
             return Disconnect::Shutdown;
         }
@@ -340,16 +615,19 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
         meter.report(held);
         let stashed = stash.pop_front();
         let meter = &mut meter;
+        let idle_limit = idle_left.take().or(idle_timeout);
+        let waiting_since = Instant::now();
+        let since = unfinished_since.take();
         let next = async {
             if let Some(message) = stashed {
                 return Ok(Some(Ok(message)));
             }
-            let next = next_message(ws, limits.line_timeout, meter, held);
+            let next = next_message(ws, limits.line_timeout, since, meter, held);
             let why = |no: NoMessage| match no {
                 NoMessage::Unfinished => Disconnect::LineTimeout,
                 NoMessage::OverBudget => Disconnect::ClientBuffers,
             };
-            match idle_timeout {
+            match idle_limit {
                 Some(limit) => tokio::time::timeout(limit, next)
                     .await
                     .map_err(|_| Disconnect::Idle)?
@@ -360,8 +638,17 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
         let message = tokio::select! {
             biased;
             message = next => message,
-            // Websockets are not carried by a live upgrade: they close as at shutdown.
-            _ = core.conns.stopping() => return Disconnect::Shutdown,
+            _ = core.conns.stopping() => {
+                if carried && core.conns.is_freezing() {
+                    // Stopped for a live upgrade while it waited for a message: the clocks
+                    // of that wait go with it.
+                    left.idle_left =
+                        idle_limit.map(|limit| limit.saturating_sub(waiting_since.elapsed()));
+                    left.unfinished_for = ws.get_ref().since.get().map(|since| since.elapsed());
+                    return Disconnect::HandedOver;
+                }
+                return Disconnect::Shutdown;
+            }
         };
         let data = match message {
             Err(Disconnect::ClientBuffers) => {
@@ -394,6 +681,13 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             lines.extend(b"\n");
         }
         loop {
+            if carried && lines.pending() > 0 && core.conns.is_freezing() {
+                // Stopped for a live upgrade between two lines of a message: the rest of
+                // them go with it.
+                left.lines = lines.take_rest().to_vec();
+                left.stash = std::mem::take(&mut stash);
+                return Disconnect::HandedOver;
+            }
             let line = match lines.next_line() {
                 Ok(Some(line)) => line,
                 Ok(None) => break,
@@ -412,7 +706,7 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             if let Step::Later(request) = session.step(line, &mut out) {
                 if matches!(request, protocol::Request::Wait { .. }) {
                     // The replies before a wait go out before it waits, not after.
-                    if let Err(reason) = flush(ws, write_timeout).await {
+                    if let Err(reason) = flush(core, ws, write_timeout).await {
                         return reason;
                     }
                     unflushed = 0;
@@ -428,48 +722,35 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
                 let ran = session.run_later_boxed(request, &mut out, &mut watch).await;
                 let ended = watch.ended;
                 if ran.is_err() {
-                    if session.closed_by_auth() {
-                        let text = String::from_utf8_lossy(&out).into_owned();
-                        let _ = send(ws, Message::text(text), write_timeout).await;
-                        return Disconnect::AuthFailures;
+                    if session.is_parked() {
+                        // Stopped for a live upgrade in its wait: the wait, the lines behind
+                        // it and what the client sent meanwhile go with it.
+                        left.lines = lines.take_rest().to_vec();
+                        left.stash = std::mem::take(&mut stash);
+                        return Disconnect::HandedOver;
                     }
-                    return match ended {
-                        Some(Disconnect::ClientBuffers) => {
-                            offer(ws, protocol::CLIENT_BUFFERS_FULL).await;
-                            Disconnect::ClientBuffers
-                        }
-                        Some(Disconnect::WaitReadAhead) => {
-                            offer(ws, protocol::SENT_WHILE_WAITING).await;
-                            Disconnect::WaitReadAhead
-                        }
-                        Some(reason) if !core.is_closing() => reason,
-                        _ => Disconnect::gone(core),
-                    };
+                    return waited_out(core, ws, session, &out, ended, write_timeout).await;
                 }
             }
             if session.flush(&mut out).await.is_err() {
                 return Disconnect::gone(core);
             }
             unflushed += out.len();
-            let reply = match std::str::from_utf8(&out) {
-                Ok(text) => Message::text(text),
-                // Lock names are bytes: a listing of non-UTF-8 names goes as binary.
-                Err(_) => Message::binary(out.clone()),
-            };
+            let fed = or_freeze(core, ws.feed(reply_message(&out)));
             let fed = match write_timeout {
-                Some(limit) => match tokio::time::timeout(limit, ws.feed(reply)).await {
+                Some(limit) => match tokio::time::timeout(limit, fed).await {
                     Ok(fed) => fed,
                     // A reader stalled for --write-timeout.
                     Err(_) => return Disconnect::WriteTimeout,
                 },
-                None => ws.feed(reply).await,
+                None => fed.await,
             };
             if let Err(e) = fed {
                 return ended_by(&e);
             }
             if unflushed > limits.max_unsent {
                 // Replies piled up: the client gets them at its pace before any more run.
-                if let Err(reason) = flush(ws, write_timeout).await {
+                if let Err(reason) = flush(core, ws, write_timeout).await {
                     return reason;
                 }
                 unflushed = 0;
@@ -489,7 +770,7 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
         if let Some(started) = started {
             session.record_latency(started.elapsed());
         }
-        if let Err(reason) = flush(ws, write_timeout).await {
+        if let Err(reason) = flush(core, ws, write_timeout).await {
             return reason;
         }
         unflushed = 0;
@@ -500,6 +781,56 @@ async fn run(core: &Rc<ShardCore>, ws: &mut Ws, session: &mut Session) -> Discon
             out = Vec::new();
         }
     }
+}
+
+/// Why a connection ends whose wait ended without an answer (the client left, or was cut off
+/// for its buffers, or for its failed `auth`s, or shutdown came), after its last word.
+async fn waited_out(
+    core: &ShardCore,
+    ws: &mut Ws,
+    session: &Session,
+    out: &[u8],
+    ended: Option<Disconnect>,
+    write_timeout: Option<Duration>,
+) -> Disconnect {
+    if session.closed_by_auth() {
+        let text = String::from_utf8_lossy(out).into_owned();
+        let _ = send(ws, Message::text(text), write_timeout).await;
+        return Disconnect::AuthFailures;
+    }
+    match ended {
+        Some(Disconnect::ClientBuffers) => {
+            offer(ws, protocol::CLIENT_BUFFERS_FULL).await;
+            Disconnect::ClientBuffers
+        }
+        Some(Disconnect::WaitReadAhead) => {
+            offer(ws, protocol::SENT_WHILE_WAITING).await;
+            Disconnect::WaitReadAhead
+        }
+        Some(reason) if !core.is_closing() => reason,
+        _ => Disconnect::gone(core),
+    }
+}
+
+/// A reply as one message: text, or binary when it is not UTF-8 (lock names are bytes).
+fn reply_message(out: &[u8]) -> Message {
+    match std::str::from_utf8(out) {
+        Ok(text) => Message::text(text),
+        Err(_) => Message::binary(out.to_vec()),
+    }
+}
+
+/// Runs a write to the client; if a live upgrade starts stopping this thread meanwhile, the
+/// write goes on into the bytes kept for it (see [`Marked`]) instead of waiting for a client
+/// that may not read. (A connection that is not carried keeps waiting, as at shutdown.)
+async fn or_freeze<F: Future>(core: &ShardCore, write: F) -> F::Output {
+    let mut write = std::pin::pin!(write);
+    tokio::select! {
+        biased;
+        done = &mut write => return done,
+        _ = core.conns.stopping() => {}
+    }
+    write.await
 }
 
 /// Whether the request's `Origin` is allowed. Browsers always send one; a request without it
@@ -540,13 +871,26 @@ fn ended_by(error: &WsError) -> Disconnect {
 
 /// Sends what is buffered, within the write timeout; why the connection ends if the peer does
 /// not take it.
-async fn flush(ws: &mut Ws, limit: Option<Duration>) -> Result<(), Disconnect> {
+async fn flush(core: &ShardCore, ws: &mut Ws, limit: Option<Duration>) -> Result<(), Disconnect> {
+    within(limit, or_freeze(core, ws.flush())).await
+}
+
+/// Sends what is buffered, within the write timeout, even while a live upgrade stops the
+/// thread (a last word before the connection closes).
+async fn flush_out(ws: &mut Ws, limit: Option<Duration>) -> Result<(), Disconnect> {
+    within(limit, ws.flush()).await
+}
+
+async fn within<F>(limit: Option<Duration>, flush: F) -> Result<(), Disconnect>
+where
+    F: Future<Output = Result<(), WsError>>,
+{
     let flushed = match limit {
-        Some(limit) => match tokio::time::timeout(limit, ws.flush()).await {
+        Some(limit) => match tokio::time::timeout(limit, flush).await {
             Ok(flushed) => flushed,
             Err(_) => return Err(Disconnect::WriteTimeout),
         },
-        None => ws.flush().await,
+        None => flush.await,
     };
     flushed.map_err(|e| ended_by(&e))
 }
@@ -575,7 +919,7 @@ async fn offer(ws: &mut Ws, bytes: &'static [u8]) {
 
 async fn send(ws: &mut Ws, message: Message, limit: Option<Duration>) -> Result<(), Disconnect> {
     ws.feed(message).await.map_err(|e| ended_by(&e))?;
-    flush(ws, limit).await
+    flush_out(ws, limit).await
 }
 
 #[cfg(test)]

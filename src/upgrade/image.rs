@@ -14,6 +14,12 @@ pub const VERSION: u32 = 1;
 pub enum ConnDoor {
     Tcp,
     Unix,
+    /// A websocket over plain TCP: its input and output are websocket frames (what the client
+    /// sent and the server had not handed out as messages; what the server had not written).
+    /// Added after the first release of the format, at the end, so that images without one
+    /// read as before; a binary that predates it cannot read an image with one, and refuses
+    /// the hand-over (the running server carries on).
+    Ws,
 }
 
 /// One client connection, stopped between two commands (or in a wait).

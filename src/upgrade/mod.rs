@@ -570,7 +570,7 @@ pub fn restore(
         // Counted under its address for --max-connections-per-ip (read off the socket as it
         // is, without a second descriptor).
         let peer = match conn.door {
-            ConnDoor::Tcp => socket2::SockRef::from(&fd)
+            ConnDoor::Tcp | ConnDoor::Ws => socket2::SockRef::from(&fd)
                 .peer_addr()
                 .ok()
                 .and_then(|a| a.as_socket())

@@ -299,4 +299,107 @@ mod tests {
         assert_eq!(out[0], 0x82, "a final binary frame");
         assert_eq!(out[1], 0x80 | 8, "masked, eight bytes");
     }
+
+    /// One message as a client may send it: a data message in `fragments` frames, with a
+    /// ping after each fragment but the last where `pings` says so.
+    #[derive(Debug, Clone)]
+    struct Sent {
+        payload: Vec<u8>,
+        fragments: usize,
+        pings: Vec<bool>,
+        control_only: bool,
+    }
+
+    fn sent() -> impl proptest::strategy::Strategy<Value = Sent> {
+        use proptest::prelude::*;
+        (
+            proptest::collection::vec(any::<u8>(), 0..300),
+            1usize..5,
+            proptest::collection::vec(any::<bool>(), 4),
+            any::<bool>(),
+        )
+            .prop_map(|(payload, fragments, pings, control)| Sent {
+                fragments: fragments.min(payload.len().max(1)),
+                payload,
+                pings,
+                control_only: control,
+            })
+    }
+
+    /// The frames of `sent` and what the library hands out for them, in order.
+    fn wire(sent: &[Sent]) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let mut bytes = Vec::new();
+        let mut handed = Vec::new();
+        for (i, message) in sent.iter().enumerate() {
+            let mask = [i as u8, 3, 5, 7];
+            if message.control_only {
+                let ping: Vec<u8> = message.payload.iter().copied().take(100).collect();
+                bytes.extend(frame(9, true, &ping, mask));
+                handed.push(ping);
+                continue;
+            }
+            let size = message.payload.len().div_ceil(message.fragments).max(1);
+            let parts: Vec<&[u8]> = if message.payload.is_empty() {
+                vec![&[][..]]
+            } else {
+                message.payload.chunks(size).collect()
+            };
+            for (j, part) in parts.iter().enumerate() {
+                let last = j + 1 == parts.len();
+                let opcode = if j == 0 { 2 } else { 0 };
+                bytes.extend(frame(opcode, last, part, mask));
+                if !last && message.pings[j % 4] {
+                    bytes.extend(frame(9, true, b"p", mask));
+                    handed.push(b"p".to_vec());
+                }
+            }
+            handed.push(message.payload.clone());
+        }
+        (bytes, handed)
+    }
+
+    /// What the library hands out from `bytes`, as a server reads them.
+    fn read_back(bytes: Vec<u8>) -> Vec<Vec<u8>> {
+        use tokio_tungstenite::tungstenite::protocol::{Role, WebSocket};
+        let mut ws = WebSocket::from_raw_socket(Cursor::new(bytes), Role::Server, None);
+        let mut got = Vec::new();
+        while let Ok(message) = ws.read() {
+            got.push(message.into_data().to_vec());
+        }
+        got
+    }
+
+    proptest::proptest! {
+        /// Whatever the reads and however many messages were handed out, the bytes kept and
+        /// the bytes still to come read back as exactly the messages not handed out yet.
+        #[test]
+        fn what_is_kept_reads_back_as_the_messages_not_handed_out(
+            sent in proptest::collection::vec(sent(), 1..8),
+            reads in proptest::collection::vec(1usize..200, 1..40),
+            cut in 0usize..4000,
+            handed in 0usize..100,
+        ) {
+            let (bytes, messages) = wire(&sent);
+            let cut = cut.min(bytes.len());
+            let mut unread = Unread::carried(1 << 20, &[]);
+            let mut at = 0;
+            for size in reads.iter().cycle() {
+                if at >= cut {
+                    break;
+                }
+                let end = (at + size).min(cut);
+                unread.record(&bytes[at..end]);
+                at = end;
+            }
+            // What the library could hand out of what arrived, and how much of it it did.
+            let complete = read_back(bytes[..cut].to_vec()).len();
+            let handed = handed.min(complete);
+            for _ in 0..handed {
+                unread.handed_out();
+            }
+            let mut carried = unread.take();
+            carried.extend_from_slice(&bytes[cut..]);
+            proptest::prop_assert_eq!(read_back(carried), messages[handed..].to_vec());
+        }
+    }
 }

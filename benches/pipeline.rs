@@ -11,7 +11,7 @@ mod support;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use support::{churn, split_by_shard, start_glockd, Conn};
+use support::{churn, split_by_shard, start_glockd, start_glockd_ws, ws_churn, Conn};
 
 /// `batch` inspections of names taken round-robin from `names`: `i` is routed exactly like `g`
 /// and `r` but leaves the table as it is, so every iteration does the same work.
@@ -55,12 +55,24 @@ fn pipelined_churn(c: &mut Criterion) {
     group.finish();
 }
 
+fn websocket_churn(c: &mut Criterion) {
+    let mut group = c.benchmark_group("websocket churn over loopback, 4 connections");
+    let (_server, addr) = start_glockd_ws(Some(1));
+    for pipeline in [1usize, 32] {
+        group.throughput(Throughput::Elements(4 * pipeline as u64));
+        group.bench_function(BenchmarkId::new("glockd 1 shard", pipeline), |b| {
+            b.iter_custom(|windows| ws_churn(addr, 4, windows, pipeline))
+        });
+    }
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
         .sample_size(30);
-    targets = local_vs_remote, pipelined_churn
+    targets = local_vs_remote, pipelined_churn, websocket_churn
 }
 criterion_main!(benches);

@@ -124,3 +124,55 @@ pub fn split_by_shard(server: &glockd::ServerHandle, count: usize) -> (Vec<Strin
     }
     (local, remote)
 }
+
+/// A glockd server in this process with its websocket door on an ephemeral loopback port.
+pub fn start_glockd_ws(shards: Option<u16>) -> (glockd::ServerHandle, SocketAddr) {
+    let config = glockd::Config {
+        shards,
+        pin: false,
+        ..glockd::Config::default()
+    };
+    let listeners = glockd::Listeners {
+        ws: Some(TcpListener::bind("127.0.0.1:0").expect("bind loopback")),
+        ..glockd::Listeners::default()
+    };
+    let server = glockd::start_with_listeners(config, listeners).expect("glockd starts");
+    let addr = server.ws_addr().expect("websockets enabled");
+    (server, addr)
+}
+
+/// Like [`churn`], over websockets: each window is one message of `pipeline` commands (one
+/// command per message when `pipeline` is 1), answered by one message per command.
+pub fn ws_churn(addr: SocketAddr, conns: usize, windows: u64, pipeline: usize) -> Duration {
+    use tokio_tungstenite::tungstenite::{client, Message};
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let call = CALLS.fetch_add(1, Ordering::Relaxed);
+    let barrier = std::sync::Barrier::new(conns + 1);
+    std::thread::scope(|scope| {
+        for c in 0..conns {
+            let barrier = &barrier;
+            scope.spawn(move || {
+                let stream = TcpStream::connect(addr).expect("connect");
+                stream.set_nodelay(true).expect("nodelay");
+                let url = format!("ws://{addr}/");
+                let (mut ws, _) = client::client(url.as_str(), stream).expect("handshake");
+                let batch = churn_window(&format!("w{call}-{c:03}"), pipeline);
+                let batch = String::from_utf8(batch).expect("ASCII");
+                let expect = pipeline.max(1);
+                barrier.wait();
+                for _ in 0..windows {
+                    ws.send(Message::text(batch.as_str())).expect("send");
+                    for _ in 0..expect {
+                        let reply = ws.read().expect("reply");
+                        assert!(reply.to_text().is_ok_and(|t| t.starts_with('1')), "{reply}");
+                    }
+                }
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        barrier.wait();
+        start.elapsed()
+    })
+}

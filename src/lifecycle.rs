@@ -238,8 +238,8 @@ pub enum ConnMsg {
     /// so on `done`.
     PauseAccepting { done: std::sync::mpsc::Sender<()> },
     /// Live upgrade, second step: every connection on this thread stops at its next command
-    /// boundary (or in its wait) and is handed over; connections that cannot be carried (TLS,
-    /// websockets) close as at shutdown. Reports the stopped connections on `done` once none
+    /// boundary (or in its wait) and is handed over; connections that cannot be carried (TLS)
+    /// close as at shutdown. Reports the stopped connections on `done` once none
     /// is left.
     Freeze {
         done: std::sync::mpsc::Sender<Vec<Frozen>>,

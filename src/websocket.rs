@@ -385,10 +385,11 @@ where
     let marked = ws.get_mut();
     marked.since.set(None);
     marked.unread.handshake_done();
-    if core.conns.is_freezing() {
-        // A live upgrade is stopping this thread, and has counted the connections it waits
-        // for: one that only now became one is closed.
-        return;
+    while core.conns.is_freezing() {
+        // A live upgrade is stopping this thread, and counted the connections to stop before
+        // this one was one: it waits for the outcome. Called off, it is served here; done, it
+        // closes with this process.
+        core.conns.accept_changed().await;
     }
     let farewell = Farewell::new(&core, &id);
     let mut session = Session::new(core.clone(), id, admission, peer);

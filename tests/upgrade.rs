@@ -555,7 +555,7 @@ fn tls_connections_are_closed_at_an_upgrade_and_their_locks_released() {
     let (ok, said) = server.upgrade(&[]);
     assert!(ok, "{said}");
     assert!(
-        said.contains(", 1 TLS/websocket connections closed"),
+        said.contains(", 1 TLS connections closed"),
         "{said}"
     );
     // Closed as at shutdown, its lock released; a new TLS connection is served.

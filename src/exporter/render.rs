@@ -234,8 +234,7 @@ impl Exporter {
             );
             describe_counter!(
                 "glockd_upgrade_closed_connections_total",
-                "TLS and websocket connections closed by live upgrades (not carried; their locks \
-                 released)."
+                "TLS connections closed by live upgrades (not carried; their locks released)."
             );
             describe_counter!(
                 "glockd_fencing_ceiling_writes_total",

@@ -89,7 +89,7 @@ impl Upgrader {
                 );
                 format!(
                     "upgraded: pid {} serves {} connections, {} locks and {} shared lock \
-                     holders (paused {:.1} ms, {} TLS/websocket connections closed)",
+                     holders (paused {:.1} ms, {} TLS connections closed)",
                     summary.pid,
                     summary.connections,
                     summary.locks,

@@ -10,8 +10,8 @@
 //! ([`image`]) and the connections' sockets; the successor takes the tables in, says it has
 //! adopted everything, and on the server's commit serves the connections and accepts. Until
 //! the commit the server can call it all off: it kills the successor and takes its own image
-//! back. TLS and websocket connections are not carried: they close at the upgrade as at
-//! shutdown (their locks released), counted in the metrics.
+//! back. TLS connections are not carried: they close at the upgrade as at shutdown (their
+//! locks released), counted in the metrics.
 
 pub mod image;
 pub mod wire;
@@ -56,7 +56,7 @@ pub struct UpgradeStats {
     /// What the last completed upgrade carried.
     pub carried_connections: AtomicU64,
     pub carried_locks: AtomicU64,
-    /// Connections closed by upgrades because they cannot be carried (TLS, websockets).
+    /// Connections closed by upgrades because they cannot be carried (TLS).
     pub closed_connections: AtomicU64,
 }
 

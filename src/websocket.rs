@@ -72,6 +72,8 @@ struct Marked {
     since: Cell<Option<Instant>>,
     /// Bytes read so far.
     read: Cell<u64>,
+    /// `read` when the last complete message was taken.
+    taken: Cell<u64>,
     /// What the client sent that the library has not handed out as messages yet.
     unread: Unread,
     /// Set for a connection a live upgrade carries: while the upgrade stops this thread's
@@ -90,6 +92,7 @@ impl Marked {
             stream,
             since: Cell::new(None),
             read: Cell::new(0),
+            taken: Cell::new(0),
             unread,
             carried,
             held: Vec::new(),
@@ -97,14 +100,19 @@ impl Marked {
         }
     }
 
-    /// Bytes read and not yet handed out as a complete message: what the library buffers.
+    /// Bytes read and not yet handed out as a complete message: what the library buffers,
+    /// and, for a connection a live upgrade would carry, the copy kept of them.
     fn unfinished(&self) -> usize {
-        self.unread.len()
+        if self.carried.is_some() {
+            return self.unread.len() * 2;
+        }
+        usize::try_from(self.read.get() - self.taken.get()).unwrap_or(usize::MAX)
     }
 
     /// A complete message was handed out: its bytes are no longer the library's.
     fn took_message(&mut self) {
         self.since.set(None);
+        self.taken.set(self.read.get());
         self.unread.handed_out();
     }
 
@@ -361,8 +369,10 @@ where
         Some(ws_config(&limits)),
     );
     // Until the handshake is done the client holds a connection place without being one:
-    // --ws-handshake-timeout bounds how long.
-    let mut ws = match tokio::time::timeout(limits.ws_handshake_timeout, handshake).await {
+    // --ws-handshake-timeout bounds how long. (Boxed: its state, gone once it is done, would
+    // otherwise size the connection's future for its whole life.)
+    let handshake = Box::pin(tokio::time::timeout(limits.ws_handshake_timeout, handshake));
+    let mut ws = match handshake.await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             if config.verbose {
@@ -384,6 +394,7 @@ where
     // The handshake's bytes were no message; frames sent right behind them are.
     let marked = ws.get_mut();
     marked.since.set(None);
+    marked.taken.set(marked.read.get());
     marked.unread.handshake_done();
     while core.conns.is_freezing() {
         // A live upgrade is stopping this thread, and counted the connections to stop before
@@ -392,13 +403,35 @@ where
         core.conns.accept_changed().await;
     }
     let farewell = Farewell::new(&core, &id);
+    let mut session = Some(new_session(&core, id, admission, peer, S::CARRIED));
+    let mut left = Left::default();
+    if serve_session(&core, &mut ws, &mut session, farewell, None, &mut left).await {
+        if let Some(session) = session {
+            hand_over(&core, ws, session, left);
+        }
+    }
+}
+
+/// A new connection's session (made apart, so that a connection's future does not keep room
+/// for it besides the one in [`serve_session`]).
+fn new_session(
+    core: &Rc<ShardCore>,
+    id: String,
+    admission: Admission,
+    peer: Peer,
+    carriable: bool,
+) -> Session {
     let mut session = Session::new(core.clone(), id, admission, peer);
-    session.set_carriable(S::CARRIED);
-    serve_session(&core, ws, session, farewell, None).await;
+    session.set_carriable(carriable);
+    session
 }
 
 /// Serves a websocket connection carried by a live upgrade, from where it was stopped.
-pub async fn resume(core: Rc<ShardCore>, stream: tokio::net::TcpStream, carried: Carried) {
+pub fn resume(
+    core: Rc<ShardCore>,
+    stream: tokio::net::TcpStream,
+    carried: Carried,
+) -> impl Future<Output = ()> {
     let limits = core.server.config.conn_limits();
     let Carried {
         image,
@@ -413,20 +446,39 @@ pub async fn resume(core: Rc<ShardCore>, stream: tokio::net::TcpStream, carried:
     let unread = Unread::carried(max_message(&limits), &image.input);
     let mut marked = Marked::new(Box::new(stream), Some(core.clone()), unread);
     marked.held = image.output;
-    let ws = WebSocketStream::from_partially_read(
+    // Ready at once: there is no handshake to do.
+    let ws = futures_util::FutureExt::now_or_never(WebSocketStream::from_partially_read(
         marked,
         image.input,
         Role::Server,
         Some(ws_config(&limits)),
-    )
-    .await;
+    ));
     let ms = |ms: u64| Duration::from_millis(ms);
     let start = Start {
         answer,
         idle_left: image.idle_left_ms.map(ms),
         unfinished_for: image.unfinished_ms.map(ms),
     };
-    serve_session(&core, ws, session, farewell, Some(Box::new(start))).await;
+    let start = Some(Box::new(start));
+    let mut session = Some(session);
+    let mut left = Left::default();
+    // A block, not a function: it keeps what it captures once, where a function's arguments
+    // would be kept twice.
+    let mut ws = ws;
+    async move {
+        let Some(stream) = ws.as_mut() else {
+            tracing::warn!(
+                event = "resume_failed",
+                "could not serve a carried websocket"
+            );
+            return;
+        };
+        if serve_session(&core, stream, &mut session, farewell, start, &mut left).await {
+            if let (Some(ws), Some(session)) = (ws, session) {
+                hand_over(&core, ws, session, left);
+            }
+        }
+    }
 }
 
 /// Where a carried connection starts again.
@@ -449,20 +501,24 @@ struct Left {
     unfinished_for: Option<Duration>,
 }
 
+/// Serves a connection until it ends. True if it ended stopped for a live upgrade: its
+/// session is left in `slot` and what it leaves in `left`, for [`hand_over`]. (Everything is
+/// borrowed from the caller, so that a connection's future holds each thing once.)
 async fn serve_session(
     core: &Rc<ShardCore>,
-    mut ws: Ws,
-    mut session: Session,
+    ws: &mut Ws,
+    slot: &mut Option<Session>,
     farewell: Farewell,
     start: Option<Box<Start>>,
-) {
-    let limits = core.server.config.conn_limits();
-    let mut left = Left::default();
-    let reason = run(core, &mut ws, &mut session, start, &mut left).await;
+    left: &mut Left,
+) -> bool {
+    let Some(session) = slot.as_mut() else {
+        return false;
+    };
+    let reason = run(core, ws, session, start, left).await;
     if reason == Disconnect::HandedOver {
         farewell.say(reason);
-        hand_over(core, ws, session, left);
-        return;
+        return true;
     }
     // Not carried after all: what was kept back for a live upgrade is the client's last words.
     let marked = ws.get_mut();
@@ -475,21 +531,23 @@ async fn serve_session(
     // line comes before the orphan lines.
     farewell.say(reason);
     // Counted closed before the client can see the close (see `connection::serve`).
-    drop(session);
+    *slot = None;
     if kept && !reason.is_clean() {
         // Offered if the socket takes it now (a clean ending writes it before its close frame).
         let _ = futures_util::FutureExt::now_or_never(ws.flush());
     }
     // A clean ending gets a close frame; a broken or stalled connection would not take it.
     if reason.is_clean() {
+        let limits = core.server.config.conn_limits();
         // The sink's close: it answers a close frame the client sent (and sends ours otherwise).
-        let close = SinkExt::close(&mut ws);
+        let close = SinkExt::close(ws);
         let _ = tokio::time::timeout(
             limits.write_timeout.unwrap_or(limits.ws_handshake_timeout),
             close,
         )
         .await;
     }
+    false
 }
 
 /// Hands a connection stopped for a live upgrade to it: its socket; as its input, the lines
@@ -563,36 +621,17 @@ async fn run(
     let mut turn_lines = 0usize;
     let mut turn_bytes = 0usize;
     // A carried connection's clocks go on where they stood.
+    // A carried connection's clocks go on where they stood. (Boxed: only carried
+    // connections start so, and every connection's future would otherwise keep room for it.)
     let (mut idle_left, mut unfinished_since) = (None, None);
     if let Some(start) = start {
-        let Start {
-            answer,
-            idle_left: idle,
-            unfinished_for,
-        } = *start;
-        idle_left = idle;
-        unfinished_since = unfinished_for.and_then(|d| Instant::now().checked_sub(d));
-        if let Some(answer) = answer {
-            let mut watch = WsWatch {
-                read_before: ws.get_ref().read.get(),
-                ws: &mut *ws,
-                stash: &mut stash,
-                meter: &meter,
-                ended: None,
-            };
-            let waited = session.resume_wait(answer, &mut out, &mut watch).await;
-            let ended = watch.ended;
-            if waited.is_err() {
-                if session.is_parked() {
-                    left.stash = stash;
-                    return Disconnect::HandedOver;
-                }
-                return waited_out(core, ws, session, &out, ended, write_timeout).await;
-            }
-            if let Err(reason) = send(ws, reply_message(&out), write_timeout).await {
+        let started = Box::pin(resume_start(core, ws, session, *start, &mut stash, &meter));
+        match started.await {
+            Ok((idle, since)) => (idle_left, unfinished_since) = (idle, since),
+            Err(reason) => {
+                left.stash = std::mem::take(&mut stash);
                 return reason;
             }
-            out.clear();
         }
     }
     loop {
@@ -782,6 +821,48 @@ async fn run(
             out = Vec::new();
         }
     }
+}
+
+/// Starts a carried connection again: writes the replies it had not read, then finishes the
+/// wait it was in. Its clocks (the idle time left, when its unfinished message began) if it
+/// goes on; why it ends (or `HandedOver`, stopped again) if not.
+async fn resume_start(
+    core: &Rc<ShardCore>,
+    ws: &mut Ws,
+    session: &mut Session,
+    start: Start,
+    stash: &mut VecDeque<Message>,
+    meter: &BufferMeter,
+) -> Result<(Option<Duration>, Option<Instant>), Disconnect> {
+    let write_timeout = core.server.config.conn_limits().write_timeout;
+    let since = start
+        .unfinished_for
+        .and_then(|d| Instant::now().checked_sub(d));
+    let marked = ws.get_ref();
+    if marked.held.len() > marked.held_written {
+        // The replies it had not read go out first: it may be waiting for them.
+        flush(core, ws, write_timeout).await?;
+    }
+    if let Some(answer) = start.answer {
+        let mut out = Vec::new();
+        let mut watch = WsWatch {
+            read_before: ws.get_ref().read.get(),
+            ws: &mut *ws,
+            stash,
+            meter,
+            ended: None,
+        };
+        let waited = session.resume_wait(answer, &mut out, &mut watch).await;
+        let ended = watch.ended;
+        if waited.is_err() {
+            if session.is_parked() {
+                return Err(Disconnect::HandedOver);
+            }
+            return Err(waited_out(core, ws, session, &out, ended, write_timeout).await);
+        }
+        send(ws, reply_message(&out), write_timeout).await?;
+    }
+    Ok((start.idle_left, since))
 }
 
 /// Why a connection ends whose wait ended without an answer (the client left, or was cut off

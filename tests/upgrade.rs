@@ -554,10 +554,7 @@ fn tls_connections_are_closed_at_an_upgrade_and_their_locks_released() {
     assert!(runtime.block_on(client.get("over-tls")).expect("g"));
     let (ok, said) = server.upgrade(&[]);
     assert!(ok, "{said}");
-    assert!(
-        said.contains(", 1 TLS connections closed"),
-        "{said}"
-    );
+    assert!(said.contains(", 1 TLS connections closed"), "{said}");
     // Closed as at shutdown, its lock released; a new TLS connection is served.
     assert!(runtime.block_on(client.command(b"i over-tls")).is_err());
     assert_eq!(ask(server.port, "g over-tls\n"), "1 Got Lock\n");

@@ -149,7 +149,9 @@ impl Unread {
             self.frames.drain(..=index);
             self.parsed -= before + length;
         }
-        if self.bytes.is_empty() && self.bytes.capacity() > super::KEEP_CAPACITY {
+        if self.bytes.is_empty() {
+            // An idle connection holds nothing here (what a message costs to allocate is
+            // nothing beside its framing).
             self.bytes = Vec::new();
         }
     }

@@ -118,9 +118,13 @@ impl Marked {
 
     /// Whether writes are kept for a live upgrade now.
     fn keeps_writes(&self) -> bool {
-        self.carried
-            .as_ref()
-            .is_some_and(|core| core.conns.is_freezing())
+        // Never during the handshake: its response must reach the client now (a handshake is
+        // not carried; it waits for the upgrade's outcome).
+        !self.unread.in_handshake()
+            && self
+                .carried
+                .as_ref()
+                .is_some_and(|core| core.conns.is_freezing())
     }
 
     /// Writes what was kept back, before anything newer.

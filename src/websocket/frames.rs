@@ -156,6 +156,11 @@ impl Unread {
         }
     }
 
+    /// Whether the handshake is still to be done.
+    pub(super) fn in_handshake(&self) -> bool {
+        self.handshake
+    }
+
     /// Bytes held.
     pub(super) fn len(&self) -> usize {
         self.bytes.len()
